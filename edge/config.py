@@ -1,0 +1,338 @@
+"""One typed, frozen configuration, loaded once: TOML file, then ``EDGE_*`` environment, then CLI.
+
+Every section is a frozen dataclass; the loader walks their fields, so a key
+exists in the file, the environment and the documentation exactly when a field
+exists here.  Unknown keys are errors naming the key.  Nothing else in edge
+reads the environment or configuration files.
+
+Environment names are ``EDGE_`` + the dotted key upper-cased with ``.`` -> ``_``:
+``view.poll_interval`` is ``EDGE_VIEW_POLL_INTERVAL``, ``workers`` is
+``EDGE_WORKERS``.  Lists in the environment are comma separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """``ADDR:PORT`` with an optional ``@NETWORK``: which view network the listener serves."""
+
+    host: str
+    port: int
+    network: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        spec, _, network = text.partition("@")
+        if spec.startswith("["):
+            host, sep, rest = spec[1:].partition("]")
+            port_text = rest[1:] if sep and rest.startswith(":") else ""
+        else:
+            host, _, port_text = spec.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+            raise ConfigError(f"listen address must be ADDR:PORT[@NETWORK] (IPv6 as [ADDR]:PORT), got {text!r}")
+        return cls(host=host, port=int(port_text), network=network)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" + (f"@{self.network}" if self.network else "")
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= exports STATE_DIRECTORY; otherwise a per-user directory.
+    return os.environ.get("STATE_DIRECTORY") or str(Path.home() / ".local" / "state" / "edge")
+
+
+@dataclass(frozen=True, slots=True)
+class ViewConfig:
+    source: str = "demo"
+    """File path, ``http(s)://`` URL, or ``demo`` (the embedded demo view)."""
+    state_dir: str = field(default_factory=_default_state_dir)
+    """Where the last good view is kept (written atomically on every accepted view)."""
+    poll_interval: float = 5.0
+    """Seconds between polls of the source."""
+    poll_jitter: float = 0.2
+    """Random extra delay, as a fraction of the interval, so gateways do not poll in lockstep."""
+    backoff_max: float = 60.0
+    """Cap of the exponential backoff while the source fails (seconds)."""
+    refresh_min_interval: float = 0.5
+    """Minimum seconds between polls triggered by "refresh now" requests."""
+    connect_timeout: float = 3.0
+    """HTTP source: seconds to connect."""
+    read_timeout: float = 10.0
+    """HTTP source: seconds allowed for the whole response."""
+    max_size: int = 256 * 1024 * 1024
+    """Largest view document accepted, in bytes."""
+    ca_file: str = ""
+    """HTTPS source: CA bundle to verify the server with (system CAs when empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 8169),)
+    """Metadata listeners, ``ADDR:PORT[@NETWORK]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 8053),)
+    """DNS listeners (UDP and TCP), ``ADDR:PORT[@NETWORK]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Listen | None = Listen("127.0.0.1", 9169)
+    """Operations listener (health, readiness, metrics); empty string disables it."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    """``debug``, ``info``, ``warning`` or ``error``."""
+    format: str = "kv"
+    """``kv`` (key=value) or ``json``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    workers: int = 1
+    """Worker processes sharing the listeners."""
+    view: ViewConfig = field(default_factory=ViewConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """File, then environment (``EDGE_*``), then ``overrides`` (dotted key -> value, from the CLI)."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        _merge_file(values, document, Config, "")
+    for key, text in _env_items(env if env is not None else os.environ):
+        _set_dotted(values, key, text, source=f"environment variable EDGE_{key.upper().replace('.', '_')}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(values, key, value, source=f"option for {key}")
+    return _build(Config, values, "")
+
+
+def key_table() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every configuration key: the README table."""
+    rows: list[tuple[str, str, str, str]] = []
+    _walk_docs(Config, "", rows)
+    return rows
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(hint: Any) -> bool:
+    return dataclasses.is_dataclass(hint) and hint is not Listen
+
+
+def _merge_file(values: dict[str, Any], document: Mapping[str, Any], cls: type, prefix: str) -> None:
+    hints = _hints(cls)
+    for key, value in document.items():
+        dotted = prefix + key
+        if key not in hints:
+            raise ConfigError(f"unknown configuration key {dotted!r}")
+        if _is_section(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"configuration key {dotted!r} must be a table")
+            _merge_file(values.setdefault(key, {}), value, hints[key], dotted + ".")
+        else:
+            values[key] = (value, f"config key {dotted}")
+
+
+def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Map ``EDGE_VIEW_POLL_INTERVAL`` to ``view.poll_interval`` by walking the sections."""
+    known: dict[str, str] = {}
+
+    def collect(cls: type, prefix: str) -> None:
+        for name, hint in _hints(cls).items():
+            if _is_section(hint):
+                collect(hint, prefix + name + ".")
+            else:
+                known["EDGE_" + (prefix + name).upper().replace(".", "_")] = prefix + name
+
+    collect(Config, "")
+    items = []
+    for name, text in env.items():
+        if not name.startswith("EDGE_"):
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown configuration key in environment variable {name}")
+        items.append((known[name], text))
+    return items
+
+
+def _set_dotted(values: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    cls: type = Config
+    target = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        hint = _hints(cls).get(part)
+        if hint is None or not _is_section(hint):
+            raise ConfigError(f"unknown configuration key {dotted!r}")
+        target = target.setdefault(part, {})
+        cls = hint
+    if parts[-1] not in _hints(cls):
+        raise ConfigError(f"unknown configuration key {dotted!r}")
+    target[parts[-1]] = (value, source)
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        hint = hints[f.name]
+        if _is_section(hint):
+            kwargs[f.name] = _build(hint, values[f.name], prefix + f.name + ".")
+        else:
+            raw, source = values[f.name]
+            kwargs[f.name] = _coerce(hint, raw, f"{source} ({prefix + f.name})")
+    config = cls(**kwargs)
+    _check(config, prefix)
+    return config
+
+
+def _coerce(hint: Any, raw: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    try:
+        if origin is tuple:
+            item = args[0]
+            if isinstance(raw, str):
+                raw = [part.strip() for part in raw.split(",") if part.strip()]
+            if not isinstance(raw, (list, tuple)):
+                raise ValueError("expected a list")
+            return tuple(_coerce(item, element, where) for element in raw)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            inner = next(a for a in args if a is not type(None))
+            if raw in ("", None):
+                return None
+            return _coerce(inner, raw, where)
+        if hint is Listen:
+            if isinstance(raw, Listen):
+                return raw
+            if not isinstance(raw, str):
+                raise ValueError("expected 'ADDR:PORT[@NETWORK]'")
+            return Listen.parse(raw)
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return raw.lower() in ("1", "true", "yes", "on")
+            raise ValueError("expected a boolean")
+        if hint is int:
+            if isinstance(raw, bool) or isinstance(raw, float):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if hint is float:
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, str):
+                raise ValueError("expected a string")
+            return raw
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            raise ValueError("expected a table")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (ValueError, TypeError, StopIteration) as exc:
+        raise ConfigError(f"{where}: invalid value {raw!r}: {exc}") from None
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _check(config: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    if isinstance(config, Config):
+        if config.workers < 1:
+            raise ConfigError("workers must be at least 1")
+    if isinstance(config, ViewConfig):
+        for name in ("poll_interval", "backoff_max", "connect_timeout", "read_timeout"):
+            if getattr(config, name) <= 0:
+                raise ConfigError(f"{prefix}{name} must be positive")
+        if not 0 <= config.poll_jitter <= 1:
+            raise ConfigError(f"{prefix}poll_jitter must be between 0 and 1")
+        if config.max_size < 1024:
+            raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
+    if isinstance(config, LogConfig):
+        if config.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"{prefix}level must be debug, info, warning or error")
+        if config.format not in ("kv", "json"):
+            raise ConfigError(f"{prefix}format must be kv or json")
+
+
+def _walk_docs(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) -> None:
+    docs = _field_docs(cls)
+    hints = _hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if _is_section(hint):
+            _walk_docs(hint, prefix + f.name + ".", rows)
+            continue
+        default = getattr(defaults, f.name)
+        if isinstance(default, tuple):
+            shown = ", ".join(str(d) for d in default)
+        elif default is None:
+            shown = ""
+        else:
+            shown = str(default)
+        rows.append((prefix + f.name, _type_text(hint), shown, docs.get(f.name, "")))
+
+
+def _type_text(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return f"list of {_type_text(typing.get_args(hint)[0])}"
+    if hint is Listen:
+        return "ADDR:PORT[@NETWORK]"
+    if typing.get_args(hint):
+        return _type_text(next(a for a in typing.get_args(hint) if a is not type(None)))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after a field) from the class source."""
+    import ast
+    import inspect
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

@@ -1,0 +1,171 @@
+"""The network view as typed, immutable values (format ``edge-view/1``).
+
+These are the parsed form of the document control planes publish (see
+``view-format.md``).  Everything here is frozen: a snapshot built from a view
+is shared by every request handler and never changes after it is swapped in.
+Addresses are kept as canonical strings (``ipaddress`` ``str()``), which is the
+form sockets report peers in, so handlers can look them up without parsing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORMAT = "edge-view/1"
+
+DEFAULT_NETWORK = ""
+"""Interfaces that name no network belong to the flat network ``""``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """One record of the view's ``dns_records``; ``value`` is presentation text.
+
+    MX values are ``"PREFERENCE EXCHANGE"``, SRV ``"PRIORITY WEIGHT PORT TARGET"``,
+    TXT the text itself, CNAME/PTR/NS a name, A/AAAA an address.
+    """
+
+    name: str
+    type: str
+    value: str
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cloud:
+    region: str = "eucalyptus"
+    partition: str = "aws"
+    services_domain: str = "amazonaws.com"
+    internal_domain: str = "eucalyptus.internal"
+    public_domain: str = "cloud.internal"
+    private_name_template: str = "ip-{ip}"
+    public_name_template: str = "ec2-{ip}"
+    dns_ttl: int = 60
+    negative_ttl: int = 30
+    upstream_resolvers: tuple[str, ...] = ()
+    dns_records: tuple[DnsRecord, ...] = ()
+
+    def private_name(self, address: str) -> str:
+        return _render_name(self.private_name_template, address, self.internal_domain)
+
+    def public_name(self, address: str) -> str:
+        return _render_name(self.public_name_template, address, self.public_domain)
+
+
+def _render_name(template: str, address: str, domain: str) -> str:
+    label = template.replace("{ip}", address.replace(".", "-").replace(":", "-"))
+    return f"{label}.{domain}" if domain else label
+
+
+@dataclass(frozen=True, slots=True)
+class Subnet:
+    id: str
+    cidr: str
+    availability_zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    id: str
+    cidrs: tuple[str, ...] = ()
+    subnets: tuple[Subnet, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityGroup:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    id: str
+    mac: str
+    """Lower-case, colon separated."""
+    device_index: int
+    network: str
+    subnet: str | None
+    private_ips: tuple[str, ...]
+    """The first one is the primary address."""
+    public_ip: str | None = None
+    ipv6s: tuple[str, ...] = ()
+    security_groups: tuple[SecurityGroup, ...] = ()
+    owner_id: str | None = None
+
+    @property
+    def primary_ip(self) -> str:
+        return self.private_ips[0]
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    name: str
+    openssh: str
+
+
+@dataclass(frozen=True, slots=True)
+class IamProfile:
+    instance_profile_arn: str
+    instance_profile_id: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataOptions:
+    http_tokens: str = "optional"
+    """``optional`` or ``required``."""
+    hop_limit: int = 1
+    tags: bool = False
+    endpoint: str = "enabled"
+    """``enabled`` or ``disabled``."""
+
+    @property
+    def tokens_required(self) -> bool:
+        return self.http_tokens == "required"
+
+    @property
+    def endpoint_enabled(self) -> bool:
+        return self.endpoint == "enabled"
+
+
+DEFAULT_METADATA_OPTIONS = MetadataOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    interfaces: tuple[Interface, ...]
+    """Sorted by ``device_index``; the first one is the primary interface."""
+    reservation_id: str | None = None
+    account_id: str | None = None
+    image_id: str | None = None
+    kernel_id: str | None = None
+    ramdisk_id: str | None = None
+    instance_type: str | None = None
+    architecture: str | None = None
+    launch_index: int = 0
+    launch_time: str | None = None
+    availability_zone: str | None = None
+    public_keys: tuple[PublicKey, ...] = ()
+    user_data: bytes | None = None
+    iam: IamProfile | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    block_devices: tuple[tuple[str, str], ...] = ()
+    metadata_options: MetadataOptions = DEFAULT_METADATA_OPTIONS
+    product_codes: tuple[str, ...] = ()
+
+    @property
+    def primary_interface(self) -> Interface:
+        return self.interfaces[0]
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    serial: int
+    generated: str | None
+    cloud: Cloud
+    networks: tuple[Network, ...]
+    instances: tuple[Instance, ...]
+    format: str = FORMAT
+    extensions: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    """Source-specific facts a source format carries beyond ``edge-view/1``."""

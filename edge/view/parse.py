@@ -1,0 +1,545 @@
+"""Parse and validate an ``edge-view/1`` document into a :class:`View`.
+
+A view is accepted whole or rejected whole: every problem found is collected
+(with a JSON-path-like location) and reported together in :class:`ViewInvalid`,
+so an operator fixes a bad producer in one round trip.
+
+Address checks use ``socket.inet_pton`` round trips rather than ``ipaddress``
+objects: a 100k-instance view carries several hundred thousand addresses and
+this is the hot spot of a rebuild.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from edge.errors import ViewInvalid
+from edge.view.model import (
+    DEFAULT_METADATA_OPTIONS,
+    DEFAULT_NETWORK,
+    FORMAT,
+    Cloud,
+    DnsRecord,
+    IamProfile,
+    Instance,
+    Interface,
+    MetadataOptions,
+    Network,
+    PublicKey,
+    SecurityGroup,
+    Subnet,
+    View,
+)
+
+DNS_RECORD_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "PTR", "NS"})
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def canonical_ipv4(text: object) -> str | None:
+    """The address if ``text`` is a canonical dotted-quad IPv4 address, else None."""
+    if type(text) is not str:
+        return None
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return None
+    return text if socket.inet_ntop(socket.AF_INET, packed) == text else None
+
+
+def canonical_ip(text: object) -> str | None:
+    """The canonical form of an IPv4 or IPv6 address, or None if it is not one."""
+    if type(text) is not str:
+        return None
+    if canonical_ipv4(text):
+        return text
+    try:
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+    except (OSError, ValueError):
+        return None
+
+
+def is_hostname(name: str) -> bool:
+    name = name.rstrip(".")
+    if not name or len(name) > 253:
+        return False
+    return all(_LABEL.match(label) for label in name.split("."))
+
+
+class _Problems:
+    """Collects problems; ``at`` names where in the document they were found."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class _Reader:
+    """Typed field access on one JSON object, reporting problems instead of raising."""
+
+    __slots__ = ("obj", "where", "problems")
+
+    def __init__(self, obj: dict[str, Any], where: str, problems: _Problems) -> None:
+        self.obj = obj
+        self.where = where
+        self.problems = problems
+
+    def _get(self, key: str, kinds: tuple[type, ...], kind_name: str, required: bool) -> Any:
+        value = self.obj.get(key)
+        if value is None:
+            if required:
+                self.problems.add(f"{self.where}.{key}", "required field is missing")
+            return None
+        if type(value) not in kinds:
+            self.problems.add(f"{self.where}.{key}", f"expected {kind_name}, got {_type_name(value)}")
+            return None
+        return value
+
+    def str(self, key: str, required: bool = False) -> str | None:
+        return self._get(key, (str,), "string", required)
+
+    def int(self, key: str, required: bool = False) -> int | None:
+        return self._get(key, (int,), "integer", required)
+
+    def bool(self, key: str) -> bool | None:
+        return self._get(key, (bool,), "boolean", False)
+
+    def list(self, key: str, required: bool = False) -> list[Any] | None:
+        return self._get(key, (list,), "array", required)
+
+    def dict(self, key: str, required: bool = False) -> dict[str, Any] | None:
+        return self._get(key, (dict,), "object", required)
+
+    def objects(self, key: str, required: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """The elements of an array of objects, each with its location."""
+        items = self.list(key, required)
+        out: list[tuple[str, dict[str, Any]]] = []
+        for index, item in enumerate(items or ()):
+            where = f"{self.where}.{key}[{index}]"
+            if type(item) is dict:
+                out.append((where, item))
+            else:
+                self.problems.add(where, f"expected object, got {_type_name(item)}")
+        return out
+
+    def strings(self, key: str, required: bool = False) -> list[str]:
+        items = self.list(key, required)
+        out: list[str] = []
+        for index, item in enumerate(items or ()):
+            if type(item) is str:
+                out.append(item)
+            else:
+                self.problems.add(f"{self.where}.{key}[{index}]", f"expected string, got {_type_name(item)}")
+        return out
+
+    def string_map(self, key: str) -> tuple[tuple[str, str], ...]:
+        mapping = self.dict(key)
+        out: list[tuple[str, str]] = []
+        for name, value in (mapping or {}).items():
+            if type(value) is str:
+                out.append((name, value))
+            else:
+                self.problems.add(f"{self.where}.{key}.{name}", f"expected string, got {_type_name(value)}")
+        return tuple(out)
+
+
+# Each network's CIDRs as (network int, mask int, version) so membership is two integer ops.
+_CidrTable = dict[str, list[tuple[int, int, int]]]
+
+
+def _ip_int(address: str) -> tuple[int, int]:
+    if ":" in address:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), 6
+    return int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), 4
+
+
+def _in_cidrs(address: str, cidrs: list[tuple[int, int, int]]) -> bool:
+    value, version = _ip_int(address)
+    return any(v == version and value & mask == net for net, mask, v in cidrs)
+
+
+def _parse_cidr(text: object, where: str, problems: _Problems) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    if type(text) is not str:
+        problems.add(where, f"expected CIDR string, got {_type_name(text)}")
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        problems.add(where, f"invalid CIDR {text!r}: {exc}")
+        return None
+
+
+def parse_view_bytes(data: bytes) -> View:
+    """Decode JSON bytes and validate them; raises :class:`ViewInvalid`."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ViewInvalid([f"not valid JSON: {exc}"]) from None
+    except RecursionError:
+        raise ViewInvalid(["not valid JSON: nested too deeply"]) from None
+    return parse_view(document)
+
+
+def parse_view(document: object) -> View:
+    """Validate a decoded document; raises :class:`ViewInvalid` listing every problem."""
+    problems = _Problems()
+    if type(document) is not dict:
+        raise ViewInvalid([f"$: expected a JSON object, got {_type_name(document)}"])
+    top = _Reader(document, "$", problems)
+    fmt = top.str("format", required=True)
+    if fmt is not None and fmt != FORMAT:
+        # Nothing else can be trusted in a document of another format.
+        raise ViewInvalid([f"$.format: expected {FORMAT!r}, got {fmt!r}"])
+    serial = top.int("serial", required=True)
+    if serial is not None and serial < 0:
+        problems.add("$.serial", "must not be negative")
+    generated = top.str("generated")
+    cloud = _parse_cloud(top.dict("cloud") or {}, problems)
+    networks, cidr_table = _parse_networks(top, problems)
+    instances = _parse_instances(top, cidr_table, problems)
+    if problems.items:
+        raise ViewInvalid(problems.items)
+    assert serial is not None
+    return View(serial=serial, generated=generated, cloud=cloud, networks=networks, instances=instances)
+
+
+def _parse_cloud(obj: dict[str, Any], problems: _Problems) -> Cloud:
+    r = _Reader(obj, "$.cloud", problems)
+    defaults = Cloud()
+    values: dict[str, Any] = {}
+    for key in ("region", "partition", "services_domain", "internal_domain", "public_domain",
+                "private_name_template", "public_name_template"):
+        value = r.str(key)
+        if value is not None:
+            values[key] = value.rstrip(".").lower() if key.endswith("_domain") else value
+    for key in ("internal_domain", "public_domain"):
+        if key in values and not is_hostname(values[key]):
+            problems.add(f"$.cloud.{key}", f"not a valid domain name: {values[key]!r}")
+    for key in ("private_name_template", "public_name_template"):
+        if key in values and "{ip}" not in values[key]:
+            problems.add(f"$.cloud.{key}", "must contain {ip}")
+    for key in ("dns_ttl", "negative_ttl"):
+        value = r.int(key)
+        if value is not None:
+            if not 0 <= value <= 2**31 - 1:
+                problems.add(f"$.cloud.{key}", f"out of range: {value}")
+            values[key] = value
+    resolvers = []
+    for index, text in enumerate(r.strings("upstream_resolvers")):
+        if parse_resolver_address(text) is None:
+            problems.add(f"$.cloud.upstream_resolvers[{index}]", f"not an address or address:port: {text!r}")
+        else:
+            resolvers.append(text)
+    values["upstream_resolvers"] = tuple(resolvers)
+    default_ttl = values.get("dns_ttl", defaults.dns_ttl)
+    records = []
+    for where, item in r.objects("dns_records"):
+        record = _parse_dns_record(item, where, default_ttl, problems)
+        if record is not None:
+            records.append(record)
+    values["dns_records"] = tuple(records)
+    return Cloud(**values)
+
+
+def parse_resolver_address(text: str) -> tuple[str, int] | None:
+    """``"192.0.2.53"``, ``"192.0.2.53:5353"``, ``"2001:db8::1"`` or ``"[2001:db8::1]:53"``."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            return None
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            return None
+        port = int(port_text)
+    address = canonical_ip(host)
+    if address is None or not 0 < port < 65536:
+        return None
+    return address, port
+
+
+def _parse_dns_record(item: dict[str, Any], where: str, default_ttl: int, problems: _Problems) -> DnsRecord | None:
+    r = _Reader(item, where, problems)
+    before = len(problems.items)
+    name = r.str("name", required=True)
+    rtype = r.str("type", required=True)
+    value = r.str("value", required=True)
+    ttl = r.int("ttl")
+    if name is not None and not is_hostname(name):
+        problems.add(f"{where}.name", f"not a valid domain name: {name!r}")
+    if rtype is not None:
+        rtype = rtype.upper()
+        if rtype not in DNS_RECORD_TYPES:
+            problems.add(f"{where}.type", f"unsupported record type {rtype!r} (supported: {', '.join(sorted(DNS_RECORD_TYPES))})")
+    if ttl is not None and not 0 <= ttl <= 2**31 - 1:
+        problems.add(f"{where}.ttl", f"out of range: {ttl}")
+    if len(problems.items) != before or name is None or rtype is None or value is None:
+        return None
+    message = _check_record_value(rtype, value)
+    if message:
+        problems.add(f"{where}.value", message)
+        return None
+    return DnsRecord(name=name.rstrip(".").lower(), type=rtype, value=value, ttl=default_ttl if ttl is None else ttl)
+
+
+def _check_record_value(rtype: str, value: str) -> str | None:
+    if rtype == "A":
+        return None if canonical_ipv4(value) else f"not an IPv4 address: {value!r}"
+    if rtype == "AAAA":
+        return None if canonical_ip(value) and ":" in value else f"not an IPv6 address: {value!r}"
+    if rtype in ("CNAME", "PTR", "NS"):
+        return None if is_hostname(value) else f"not a domain name: {value!r}"
+    if rtype == "MX":
+        parts = value.split()
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < 65536 and is_hostname(parts[1]):
+            return None
+        return f"MX value must be 'PREFERENCE EXCHANGE': {value!r}"
+    if rtype == "SRV":
+        parts = value.split()
+        if (len(parts) == 4 and all(p.isdigit() and int(p) < 65536 for p in parts[:3])
+                and is_hostname(parts[3])):
+            return None
+        return f"SRV value must be 'PRIORITY WEIGHT PORT TARGET': {value!r}"
+    if rtype == "TXT":
+        return None if len(value.encode()) <= 4000 else "TXT value longer than 4000 bytes"
+    return None
+
+
+def _parse_networks(top: _Reader, problems: _Problems) -> tuple[tuple[Network, ...], _CidrTable]:
+    networks: list[Network] = []
+    table: _CidrTable = {}
+    for where, item in top.objects("networks"):
+        r = _Reader(item, where, problems)
+        network_id = r.str("id", required=True)
+        if network_id is None:
+            continue
+        if network_id in table:
+            problems.add(f"{where}.id", f"duplicate network id {network_id!r}")
+            continue
+        cidrs: list[str] = []
+        parsed = []
+        for index, text in enumerate(r.list("cidrs") or ()):
+            net = _parse_cidr(text, f"{where}.cidrs[{index}]", problems)
+            if net is not None:
+                cidrs.append(str(net))
+                parsed.append(net)
+        table[network_id] = [(int(n.network_address), int(n.netmask), n.version) for n in parsed]
+        subnets: list[Subnet] = []
+        seen_subnets: set[str] = set()
+        for swhere, sitem in r.objects("subnets"):
+            sr = _Reader(sitem, swhere, problems)
+            subnet_id = sr.str("id", required=True)
+            cidr_text = sitem.get("cidr")
+            net = _parse_cidr(cidr_text, f"{swhere}.cidr", problems) if cidr_text is not None else None
+            zone = sr.str("availability_zone")
+            if subnet_id is None:
+                continue
+            if subnet_id in seen_subnets:
+                problems.add(f"{swhere}.id", f"duplicate subnet id {subnet_id!r}")
+            seen_subnets.add(subnet_id)
+            if net is not None and parsed and not any(
+                    net.version == p.version and net.subnet_of(p) for p in parsed):  # type: ignore[arg-type]
+                problems.add(f"{swhere}.cidr", f"{net} is not inside network {network_id!r} CIDRs")
+            subnets.append(Subnet(id=subnet_id, cidr=str(net) if net else "", availability_zone=zone))
+        networks.append(Network(id=network_id, cidrs=tuple(cidrs), subnets=tuple(subnets)))
+    return tuple(networks), table
+
+
+def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems) -> tuple[Instance, ...]:
+    instances: list[Instance] = []
+    seen_ids: dict[str, str] = {}
+    seen_private: dict[tuple[str, str], str] = {}
+    seen_public: dict[str, str] = {}
+    seen_macs: dict[str, str] = {}
+    for where, item in top.objects("instances", required=True):
+        instance = _parse_instance(item, where, cidr_table, problems)
+        if instance is None:
+            continue
+        previous = seen_ids.get(instance.id)
+        if previous is not None:
+            problems.add(f"{where}.id", f"duplicate instance id {instance.id!r} (also at {previous})")
+            continue
+        seen_ids[instance.id] = where
+        for interface in instance.interfaces:
+            for address in interface.private_ips + interface.ipv6s:
+                key = (interface.network, address)
+                owner = seen_private.get(key)
+                if owner is not None:
+                    problems.add(where, f"private address {address} in network {interface.network!r} "
+                                        f"is also used by {owner}")
+                else:
+                    seen_private[key] = instance.id
+            if interface.public_ip is not None:
+                owner = seen_public.get(interface.public_ip)
+                if owner is not None:
+                    problems.add(where, f"public address {interface.public_ip} is also used by {owner}")
+                else:
+                    seen_public[interface.public_ip] = instance.id
+            owner = seen_macs.get(interface.mac)
+            if owner is not None:
+                problems.add(where, f"MAC {interface.mac} is also used by {owner}")
+            else:
+                seen_macs[interface.mac] = instance.id
+        instances.append(instance)
+    return tuple(instances)
+
+
+def _parse_instance(item: dict[str, Any], where: str, cidr_table: _CidrTable, problems: _Problems) -> Instance | None:
+    r = _Reader(item, where, problems)
+    before = len(problems.items)
+    instance_id = r.str("id", required=True)
+    if instance_id is not None and not instance_id:
+        problems.add(f"{where}.id", "must not be empty")
+    interfaces = [_parse_interface(i, iwhere, cidr_table, problems)
+                  for iwhere, i in r.objects("interfaces", required=True)]
+    if not interfaces and "interfaces" in item and type(item["interfaces"]) is list:
+        problems.add(f"{where}.interfaces", "at least one interface is required")
+    optional: dict[str, Any] = {}
+    for key in ("reservation_id", "account_id", "image_id", "kernel_id", "ramdisk_id", "instance_type",
+                "architecture", "launch_time", "availability_zone"):
+        value = r.str(key)
+        if value is not None:
+            optional[key] = value
+    launch_index = r.int("launch_index")
+    if launch_index is not None:
+        optional["launch_index"] = launch_index
+    keys = []
+    for kwhere, key_obj in r.objects("public_keys"):
+        kr = _Reader(key_obj, kwhere, problems)
+        name, openssh = kr.str("name", required=True), kr.str("openssh", required=True)
+        if name is not None and openssh is not None:
+            keys.append(PublicKey(name=name, openssh=openssh))
+    optional["public_keys"] = tuple(keys)
+    user_data = r.str("user_data")
+    if user_data is not None:
+        try:
+            optional["user_data"] = base64.b64decode(user_data, validate=True)
+        except (binascii.Error, ValueError):
+            problems.add(f"{where}.user_data", "not valid base64")
+    iam = r.dict("iam")
+    if iam is not None:
+        ir = _Reader(iam, f"{where}.iam", problems)
+        arn = ir.str("instance_profile_arn", required=True)
+        profile_id = ir.str("instance_profile_id", required=True)
+        role = ir.str("role", required=True)
+        if role is not None and (not role or "/" in role):
+            problems.add(f"{where}.iam.role", f"not a valid role name: {role!r}")
+        if arn is not None and profile_id is not None and role:
+            optional["iam"] = IamProfile(instance_profile_arn=arn, instance_profile_id=profile_id, role=role)
+    optional["tags"] = r.string_map("tags")
+    optional["block_devices"] = r.string_map("block_devices")
+    optional["product_codes"] = tuple(r.strings("product_codes"))
+    options = r.dict("metadata_options")
+    if options is not None:
+        optional["metadata_options"] = _parse_metadata_options(options, f"{where}.metadata_options", problems)
+    if len(problems.items) != before or instance_id is None:
+        return None
+    ordered = sorted((i for i in interfaces if i is not None), key=lambda i: i.device_index)
+    for first, second in zip(ordered, ordered[1:]):
+        if first.device_index == second.device_index:
+            problems.add(f"{where}.interfaces", f"two interfaces with device_index {first.device_index}")
+            return None
+    return Instance(id=instance_id, interfaces=tuple(ordered), **optional)
+
+
+def _parse_metadata_options(obj: dict[str, Any], where: str, problems: _Problems) -> MetadataOptions:
+    r = _Reader(obj, where, problems)
+    d = DEFAULT_METADATA_OPTIONS
+    tokens = r.str("http_tokens")
+    if tokens is not None and tokens not in ("optional", "required"):
+        problems.add(f"{where}.http_tokens", f"must be 'optional' or 'required', got {tokens!r}")
+    hop_limit = r.int("hop_limit")
+    if hop_limit is not None and not 1 <= hop_limit <= 64:
+        problems.add(f"{where}.hop_limit", f"must be 1..64, got {hop_limit}")
+    tags = r.bool("tags")
+    endpoint = r.str("endpoint")
+    if endpoint is not None and endpoint not in ("enabled", "disabled"):
+        problems.add(f"{where}.endpoint", f"must be 'enabled' or 'disabled', got {endpoint!r}")
+    return MetadataOptions(
+        http_tokens=tokens or d.http_tokens,
+        hop_limit=hop_limit or d.hop_limit,
+        tags=d.tags if tags is None else tags,
+        endpoint=endpoint or d.endpoint,
+    )
+
+
+def _address_list(r: _Reader, key: str, where: str, check: Callable[[object], str | None],
+                  kind: str, problems: _Problems, required: bool = False) -> tuple[str, ...]:
+    out = []
+    for index, text in enumerate(r.list(key, required) or ()):
+        address = check(text)
+        if address is None:
+            problems.add(f"{where}.{key}[{index}]", f"not a valid {kind}: {text!r}")
+        else:
+            out.append(address)
+    return tuple(out)
+
+
+def _ipv6(text: object) -> str | None:
+    address = canonical_ip(text)
+    return address if address is not None and ":" in address else None
+
+
+def _parse_interface(item: dict[str, Any], where: str, cidr_table: _CidrTable, problems: _Problems) -> Interface | None:
+    r = _Reader(item, where, problems)
+    before = len(problems.items)
+    interface_id = r.str("id", required=True)
+    mac = r.str("mac", required=True)
+    if mac is not None:
+        mac = mac.lower()
+        if not _MAC.match(mac):
+            problems.add(f"{where}.mac", f"not a MAC address: {mac!r}")
+    device_index = r.int("device_index")
+    network = r.str("network")
+    if network is None:
+        network = DEFAULT_NETWORK
+    cidrs = cidr_table.get(network)
+    if cidrs is None and network != DEFAULT_NETWORK:
+        problems.add(f"{where}.network", f"unknown network {network!r} (not in $.networks)")
+    subnet = r.str("subnet")
+    private_ips = _address_list(r, "private_ips", where, canonical_ip, "IP address", problems, required=True)
+    if "private_ips" in item and type(item["private_ips"]) is list and not item["private_ips"]:
+        problems.add(f"{where}.private_ips", "at least one private IP is required")
+    if cidrs:
+        for address in private_ips:
+            if not _in_cidrs(address, cidrs):
+                problems.add(f"{where}.private_ips", f"{address} is outside network {network!r} CIDRs")
+    public_ip = r.str("public_ip")
+    if public_ip is not None and canonical_ip(public_ip) is None:
+        problems.add(f"{where}.public_ip", f"not a valid IP address: {public_ip!r}")
+    ipv6s = _address_list(r, "ipv6s", where, _ipv6, "IPv6 address", problems)
+    groups = []
+    for gwhere, gitem in r.objects("security_groups"):
+        gr = _Reader(gitem, gwhere, problems)
+        group_id, name = gr.str("id", required=True), gr.str("name")
+        if group_id is not None:
+            groups.append(SecurityGroup(id=group_id, name=name if name is not None else group_id))
+    owner_id = r.str("owner_id")
+    if len(problems.items) != before or interface_id is None or mac is None:
+        return None
+    return Interface(
+        id=interface_id, mac=mac, device_index=device_index or 0, network=network, subnet=subnet,
+        private_ips=private_ips, public_ip=canonical_ip(public_ip) if public_ip else None, ipv6s=ipv6s,
+        security_groups=tuple(groups), owner_id=owner_id,
+    )

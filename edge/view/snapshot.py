@@ -1,0 +1,236 @@
+"""An immutable, indexed snapshot of a view: what every request handler reads.
+
+The snapshot is built aside (off the event loop), then swapped in with one
+assignment (see :mod:`edge.view.store`).  Handlers look instances and names up
+in these dictionaries; they never scan or parse the view on a request.
+
+DNS data is indexed by lower-case owner name (no trailing dot).  Each name
+carries the records everyone sees plus per-network overrides, which is how
+split horizon works: a private name exists only inside its own network, and a
+public name answers the private address to clients in the instance's network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from edge.view.model import DEFAULT_NETWORK, Instance, Interface, View
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """An instance as seen through one of its interfaces (who is asking)."""
+
+    instance: Instance
+    interface: Interface
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRecord:
+    type: str
+    """``A``, ``AAAA``, ``PTR``, ``CNAME``, ``TXT``, ``SRV``, ``MX`` or ``NS``."""
+    value: str
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class NameEntry:
+    """The records of one owner name, by horizon."""
+
+    everyone: tuple[LocalRecord, ...] = ()
+    """What clients in any network see (empty: the name does not exist for them)."""
+    by_network: tuple[tuple[str, tuple[LocalRecord, ...]], ...] = ()
+    """Complete record sets that replace ``everyone`` for clients in that network."""
+
+    def records_for(self, network: str) -> tuple[LocalRecord, ...]:
+        for network_id, records in self.by_network:
+            if network_id == network:
+                return records
+        return self.everyone
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    """A local zone apex; ``network`` None means it is served to every network."""
+
+    apex: str
+    network: str | None = None
+    reverse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    view: View
+    generation: int
+    """Process-local, increasing with every build; keys per-snapshot render caches."""
+    built_at: float
+    instances: Mapping[str, Instance]
+    by_private: Mapping[tuple[str, str], Attachment]
+    """(network, address) -> attachment; IPv4 and IPv6 private addresses."""
+    by_public: Mapping[str, Attachment]
+    by_mac: Mapping[str, Attachment]
+    names: Mapping[str, NameEntry]
+    zones: tuple[Zone, ...]
+    network_ids: frozenset[str]
+    extras: dict[str, object] = field(default_factory=dict, compare=False)
+    """Protocol-prepared data, filled by preparers before the swap, read-only afterwards."""
+
+    @property
+    def serial(self) -> int:
+        return self.view.serial
+
+    def attachment_for(self, network: str, address: str) -> Attachment | None:
+        return self.by_private.get((network, address))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "networks": len(self.view.networks),
+            "instances": len(self.instances),
+            "interfaces": sum(len(i.interfaces) for i in self.view.instances),
+            "names": len(self.names),
+        }
+
+
+Preparer = Callable[[Snapshot], None]
+"""Fills ``snapshot.extras`` with a protocol's derived data; runs off the loop."""
+
+
+def reverse_name(address: str) -> str:
+    """``10.0.1.5`` -> ``5.1.0.10.in-addr.arpa``; IPv6 -> nibble ``ip6.arpa`` name."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+def reverse_zone_of(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """The octet (IPv4) or nibble (IPv6) aligned reverse zone that covers ``network``."""
+    if network.version == 4:
+        octets = max(1, network.prefixlen // 8)
+        parts = str(network.network_address).split(".")[:octets]
+        return ".".join(reversed(parts)) + ".in-addr.arpa"
+    nibbles = max(1, network.prefixlen // 4)
+    digits = network.network_address.exploded.replace(":", "")[:nibbles]
+    return ".".join(reversed(digits)) + ".ip6.arpa"
+
+
+class _NameTable:
+    """Accumulates records per name and horizon while a snapshot is built."""
+
+    def __init__(self) -> None:
+        self.everyone: dict[str, list[LocalRecord]] = {}
+        self.scoped: dict[str, dict[str, list[LocalRecord]]] = {}
+        self.public_override: dict[str, dict[str, list[LocalRecord]]] = {}
+
+    def add(self, name: str, record: LocalRecord, network: str | None = None) -> None:
+        if network is None:
+            self.everyone.setdefault(name, []).append(record)
+        else:
+            self.scoped.setdefault(name, {}).setdefault(network, []).append(record)
+
+    def override(self, name: str, network: str, record: LocalRecord) -> None:
+        """Within ``network``, ``record`` replaces the public records of ``name``."""
+        self.public_override.setdefault(name, {}).setdefault(network, []).append(record)
+
+    def freeze(self) -> dict[str, NameEntry]:
+        out: dict[str, NameEntry] = {}
+        for name in self.everyone.keys() | self.scoped.keys() | self.public_override.keys():
+            common = tuple(_dedupe(self.everyone.get(name, ())))
+            networks = set(self.scoped.get(name, {})) | set(self.public_override.get(name, {}))
+            by_network = []
+            for network in sorted(networks):
+                override = self.public_override.get(name, {}).get(network)
+                base = [r for r in common if r.type not in ("A", "AAAA")] + override if override else list(common)
+                by_network.append((network, tuple(_dedupe(base + self.scoped.get(name, {}).get(network, [])))))
+            out[name] = NameEntry(everyone=common, by_network=tuple(by_network))
+        return out
+
+
+def _dedupe(records: Iterable[LocalRecord]) -> list[LocalRecord]:
+    seen: set[LocalRecord] = set()
+    out = []
+    for record in records:
+        if record not in seen:
+            seen.add(record)
+            out.append(record)
+    return out
+
+
+def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
+    """Index ``view``; then run each preparer so protocols can add derived data."""
+    cloud = view.cloud
+    ttl = cloud.dns_ttl
+    instances: dict[str, Instance] = {}
+    by_private: dict[tuple[str, str], Attachment] = {}
+    by_public: dict[str, Attachment] = {}
+    by_mac: dict[str, Attachment] = {}
+    names = _NameTable()
+    flat_prefixes: set[str] = set()
+    public_zones: set[str] = set()
+    network_ids = {n.id for n in view.networks} | {DEFAULT_NETWORK}
+
+    for instance in view.instances:
+        instances[instance.id] = instance
+        for interface in instance.interfaces:
+            attachment = Attachment(instance, interface)
+            network = interface.network
+            by_mac[interface.mac] = attachment
+            primary_name = cloud.private_name(interface.primary_ip)
+            for address in interface.private_ips:
+                by_private[(network, address)] = attachment
+                private_name = cloud.private_name(address)
+                rtype = "AAAA" if ":" in address else "A"
+                names.add(private_name, LocalRecord(rtype, address, ttl), network)
+                names.add(reverse_name(address), LocalRecord("PTR", private_name, ttl), network)
+                if network == DEFAULT_NETWORK and ":" not in address:
+                    flat_prefixes.add(address.rsplit(".", 1)[0])
+            for address in interface.ipv6s:
+                by_private[(network, address)] = attachment
+                names.add(primary_name, LocalRecord("AAAA", address, ttl), network)
+                names.add(reverse_name(address), LocalRecord("PTR", primary_name, ttl), network)
+            if interface.public_ip is not None:
+                public = interface.public_ip
+                by_public[public] = attachment
+                public_name = cloud.public_name(public)
+                rtype = "AAAA" if ":" in public else "A"
+                names.add(public_name, LocalRecord(rtype, public, ttl))
+                names.override(public_name, network, LocalRecord("A", interface.primary_ip, ttl))
+                names.add(reverse_name(public), LocalRecord("PTR", public_name, ttl))
+                public_zones.add(reverse_zone_of(ipaddress.ip_network(f"{public}/{24 if rtype == 'A' else 64}",
+                                                                      strict=False)))
+
+    for record in cloud.dns_records:
+        names.add(record.name, LocalRecord(record.type, record.value, record.ttl))
+
+    zones = _zones(view, flat_prefixes, public_zones)
+    snapshot = Snapshot(
+        view=view, generation=next(_generations), built_at=time.time(), instances=instances,
+        by_private=by_private, by_public=by_public, by_mac=by_mac, names=names.freeze(),
+        zones=zones, network_ids=frozenset(network_ids),
+    )
+    for prepare in preparers:
+        prepare(snapshot)
+    return snapshot
+
+
+def _zones(view: View, flat_prefixes: set[str], public_zones: set[str]) -> tuple[Zone, ...]:
+    cloud = view.cloud
+    zones = {Zone(cloud.internal_domain), Zone(cloud.public_domain)}
+    declared_flat = False
+    for network in view.networks:
+        for cidr in network.cidrs:
+            zones.add(Zone(reverse_zone_of(ipaddress.ip_network(cidr)), network.id, reverse=True))
+            declared_flat = declared_flat or network.id == DEFAULT_NETWORK
+    if not declared_flat:
+        for prefix in flat_prefixes:
+            zones.add(Zone(".".join(reversed(prefix.split("."))) + ".in-addr.arpa", DEFAULT_NETWORK, reverse=True))
+    zones.update(Zone(apex, None, reverse=True) for apex in public_zones)
+    apexes = {z.apex for z in zones}
+    for record in cloud.dns_records:
+        if not any(record.name == apex or record.name.endswith("." + apex) for apex in apexes):
+            zones.add(Zone(record.name))
+            apexes.add(record.name)
+    return tuple(sorted(zones, key=lambda z: (-z.apex.count("."), z.apex, z.network or "")))
