@@ -13,6 +13,7 @@ Environment names are ``EDGE_`` + the dotted key upper-cased with ``.`` -> ``_``
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -88,6 +89,38 @@ class MetadataConfig:
 class DnsConfig:
     listen: tuple[Listen, ...] = (Listen("127.0.0.1", 8053),)
     """DNS listeners (UDP and TCP), ``ADDR:PORT[@NETWORK]``."""
+    upstreams: tuple[str, ...] = ()
+    """Upstream resolvers (``ip``, ``ip:port``, ``[v6]:port``); when set, replaces the view's ``upstream_resolvers``."""
+    recursion_cidrs: tuple[str, ...] = ()
+    """Clients besides the view's instances that may use recursion (CIDRs)."""
+    upstream_timeout: float = 1.5
+    """Seconds to wait for one upstream before trying the next."""
+    cache_size: int = 65536
+    """Forwarded answers kept in the cache (entries)."""
+    cache_min_ttl: int = 0
+    """Lower clamp on the TTL of cached forwarded answers (seconds)."""
+    cache_max_ttl: int = 86400
+    """Upper clamp on the TTL of cached forwarded answers (seconds)."""
+    negative_max_ttl: int = 3600
+    """Upper clamp on how long NXDOMAIN/NODATA from upstream are cached (seconds)."""
+    serve_stale: float = 86400.0
+    """Seconds past expiry a cached answer may still be served when every upstream fails (RFC 8767); 0 disables."""
+    stale_ttl: int = 30
+    """TTL given to answers served stale."""
+    edns_payload: int = 1232
+    """Largest UDP response edge sends to EDNS clients (bytes)."""
+    rate_limit: float = 1024.0
+    """Packets per second allowed per client source address; 0 disables."""
+    rate_limit_clients: int = 65536
+    """Client addresses tracked by the rate limiter (bounds its memory)."""
+    tcp_idle_timeout: float = 10.0
+    """Seconds a DNS TCP connection may stay idle before it is closed."""
+    tcp_max_connections: int = 1024
+    """Concurrent DNS TCP connections per worker; more are closed on accept."""
+    tcp_max_pipelined: int = 64
+    """Forwarded queries one TCP connection may have outstanding at once."""
+    nameserver: str = ""
+    """Name in the NS and SOA records of the local zones; ``ns.<internal_domain>`` when empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +316,29 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}poll_jitter must be between 0 and 1")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
+    if isinstance(config, DnsConfig):
+        from edge.view.parse import parse_resolver_address
+        for upstream in config.upstreams:
+            if parse_resolver_address(upstream) is None:
+                raise ConfigError(f"{prefix}upstreams: not an address or address:port: {upstream!r}")
+        for cidr in config.recursion_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{prefix}recursion_cidrs: not a CIDR: {cidr!r}") from None
+        for name in ("upstream_timeout", "tcp_idle_timeout"):
+            if getattr(config, name) <= 0:
+                raise ConfigError(f"{prefix}{name} must be positive")
+        for name in ("cache_min_ttl", "cache_max_ttl", "negative_max_ttl", "stale_ttl", "serve_stale", "rate_limit"):
+            if getattr(config, name) < 0:
+                raise ConfigError(f"{prefix}{name} must not be negative")
+        if config.cache_min_ttl > config.cache_max_ttl:
+            raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
+        if not 512 <= config.edns_payload <= 65535:
+            raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
+        for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"{prefix}{name} must be at least 1")
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{prefix}level must be debug, info, warning or error")
