@@ -80,9 +80,59 @@ class ViewConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    kind: str = "none"
+    """Where IAM role credentials come from: ``none``, ``process`` or ``http``."""
+    command: tuple[str, ...] = ()
+    """``process``: argv printing ``credential_process`` JSON; ``{instance_id}``, ``{account_id}``, ``{role}`` are substituted (also passed as ``EDGE_INSTANCE_ID``, ``EDGE_ACCOUNT_ID``, ``EDGE_ROLE``)."""
+    url: str = ""
+    """``http``: IMDS-compatible base URL; edge asks ``URL`` + role with ``X-Forwarded-For`` set to the instance address (e.g. ``http://ctl:8773/latest/meta-data/iam/security-credentials/``)."""
+    timeout: float = 3.0
+    """Seconds one call to the credential source may take (a request waits at most this long)."""
+    refresh_ahead: float = 300.0
+    """Refresh cached credentials this many seconds before their ``Expiration``."""
+    retry_interval: float = 10.0
+    """After a failed refresh, seconds before the source is asked again for that role."""
+    cache_size: int = 100_000
+    """Most (instance, role) credentials kept in memory."""
+
+
+@dataclass(frozen=True, slots=True)
 class MetadataConfig:
     listen: tuple[Listen, ...] = (Listen("127.0.0.1", 8169),)
     """Metadata listeners, ``ADDR:PORT[@NETWORK]``."""
+    token_key_file: str = ""
+    """IMDSv2 token keys (first signs, all verify); empty: ``STATE_DIR/token-keys`` is created once and reused."""
+    identity_key_file: str = ""
+    """PEM RSA private key signing the instance identity document; empty: generated once in the state directory."""
+    identity_cert_file: str = ""
+    """PEM certificate of ``identity_key_file`` (what clients verify against)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs whose ``X-Forwarded-For`` and ``X-Edge-Network-Id``/``X-Neutron-Network-ID`` name the instance."""
+    unknown_source_wait: float = 2.0
+    """Seconds a request from an unknown address waits for a refreshed view before 404."""
+    rate: float = 100.0
+    """Requests per second allowed per instance (token bucket refill); 0 disables the limit."""
+    burst: int = 200
+    """Token bucket size per instance."""
+    rate_limit_entries: int = 100_000
+    """Most instances whose bucket state is kept (bounded memory)."""
+    max_connections: int = 10_000
+    """Concurrent connections per worker; further connections are closed at once."""
+    max_connections_per_source: int = 64
+    """Concurrent connections per source address."""
+    header_timeout: float = 5.0
+    """Seconds a client has to send a complete request head (also the keep-alive idle time)."""
+    keep_alive: bool = True
+    """Keep HTTP/1.1 connections open between requests when the client allows it."""
+    max_url_bytes: int = 8192
+    """Longest request target; longer is 414."""
+    max_header_bytes: int = 16384
+    """Largest request header block; larger is 431."""
+    render_cache_size: int = 200_000
+    """Most pre-rendered (instance, path) answers kept per snapshot."""
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    """IAM credential source (``[metadata.credentials]``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +389,34 @@ def _check(config: Any, prefix: str) -> None:
         for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
+    if isinstance(config, MetadataConfig):
+        for name in ("unknown_source_wait", "header_timeout"):
+            if getattr(config, name) <= 0:
+                raise ConfigError(f"{prefix}{name} must be positive")
+        if config.rate < 0 or config.burst < 1:
+            raise ConfigError(f"{prefix}rate must be >= 0 and burst >= 1")
+        for name in ("rate_limit_entries", "max_connections", "max_connections_per_source", "render_cache_size"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"{prefix}{name} must be at least 1")
+        if config.max_url_bytes < 256 or config.max_header_bytes < 1024:
+            raise ConfigError(f"{prefix}max_url_bytes must be >= 256 and max_header_bytes >= 1024")
+        if bool(config.identity_key_file) != bool(config.identity_cert_file):
+            raise ConfigError(f"{prefix}identity_key_file and identity_cert_file must be set together")
+        import ipaddress
+        for cidr in config.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{prefix}trusted_proxies: {cidr!r} is not an address or CIDR") from None
+    if isinstance(config, CredentialsConfig):
+        if config.kind not in ("none", "process", "http"):
+            raise ConfigError(f"{prefix}kind must be none, process or http")
+        if config.kind == "process" and not config.command:
+            raise ConfigError(f"{prefix}command is required when kind is process")
+        if config.kind == "http" and not config.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}url must be an http:// or https:// URL when kind is http")
+        if config.timeout <= 0 or config.refresh_ahead < 0 or config.retry_interval <= 0 or config.cache_size < 1:
+            raise ConfigError(f"{prefix}timeout and retry_interval must be positive, refresh_ahead >= 0, cache_size >= 1")
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{prefix}level must be debug, info, warning or error")
