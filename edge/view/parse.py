@@ -171,7 +171,10 @@ def _ip_int(address: str) -> tuple[int, int]:
 
 def _in_cidrs(address: str, cidrs: list[tuple[int, int, int]]) -> bool:
     value, version = _ip_int(address)
-    return any(v == version and value & mask == net for net, mask, v in cidrs)
+    for net, mask, v in cidrs:
+        if v == version and value & mask == net:
+            return True
+    return False
 
 
 def _parse_cidr(text: object, where: str, problems: _Problems) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -373,7 +376,9 @@ def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems) 
     seen_public: dict[str, str] = {}
     seen_macs: dict[str, str] = {}
     for where, item in top.objects("instances", required=True):
-        instance = _parse_instance(item, where, cidr_table, problems)
+        instance = _fast_instance(item, cidr_table)
+        if instance is None:
+            instance = _parse_instance(item, where, cidr_table, problems)
         if instance is None:
             continue
         previous = seen_ids.get(instance.id)
@@ -543,3 +548,194 @@ def _parse_interface(item: dict[str, Any], where: str, cidr_table: _CidrTable, p
         private_ips=private_ips, public_ip=canonical_ip(public_ip) if public_ip else None, ipv6s=ipv6s,
         security_groups=tuple(groups), owner_id=owner_id,
     )
+
+
+# -- fast path -----------------------------------------------------------------------------------
+# Nearly every instance of a real view is valid, and checking field by field through
+# _Reader (which explains problems) dominates a large rebuild.  _fast_instance makes the
+# same checks inline and returns None at the first doubt; the caller then runs the
+# explaining parser, which is the reference for what is accepted.
+
+_OPTIONAL_STR_FIELDS = ("reservation_id", "account_id", "image_id", "kernel_id", "ramdisk_id",
+                        "instance_type", "architecture", "launch_time", "availability_zone")
+_OPTIONS_CACHE: dict[tuple[object, object, object, object], MetadataOptions] = {}
+_GROUP_CACHE: dict[tuple[str, str], SecurityGroup] = {}
+
+
+def _fast_str_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return ()
+    if type(value) is not dict:
+        return None
+    for v in value.values():
+        if type(v) is not str:
+            return None
+    return tuple(value.items())
+
+
+def _fast_instance(item: dict[str, Any], cidr_table: _CidrTable) -> Instance | None:
+    get = item.get
+    instance_id = get("id")
+    if type(instance_id) is not str or not instance_id:
+        return None
+    raw_interfaces = get("interfaces")
+    if type(raw_interfaces) is not list or not raw_interfaces:
+        return None
+    interfaces = []
+    for raw in raw_interfaces:
+        if type(raw) is not dict:
+            return None
+        interface = _fast_interface(raw, cidr_table)
+        if interface is None:
+            return None
+        interfaces.append(interface)
+    if len(interfaces) > 1:
+        interfaces.sort(key=lambda i: i.device_index)
+        indexes = [i.device_index for i in interfaces]
+        if len(set(indexes)) != len(indexes):
+            return None
+    optional: dict[str, Any] = {}
+    for key in _OPTIONAL_STR_FIELDS:
+        value = get(key)
+        if value is not None:
+            if type(value) is not str:
+                return None
+            optional[key] = value
+    launch_index = get("launch_index")
+    if launch_index is not None:
+        if type(launch_index) is not int:
+            return None
+        optional["launch_index"] = launch_index
+    raw_keys = get("public_keys")
+    if raw_keys is not None:
+        if type(raw_keys) is not list:
+            return None
+        keys = []
+        for key in raw_keys:
+            if type(key) is not dict:
+                return None
+            name, openssh = key.get("name"), key.get("openssh")
+            if type(name) is not str or type(openssh) is not str:
+                return None
+            keys.append(PublicKey(name, openssh))
+        optional["public_keys"] = tuple(keys)
+    user_data = get("user_data")
+    if user_data is not None:
+        if type(user_data) is not str:
+            return None
+        try:
+            optional["user_data"] = base64.b64decode(user_data, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    iam = get("iam")
+    if iam is not None:
+        if type(iam) is not dict:
+            return None
+        arn, profile_id, role = iam.get("instance_profile_arn"), iam.get("instance_profile_id"), iam.get("role")
+        if type(arn) is not str or type(profile_id) is not str or type(role) is not str or not role or "/" in role:
+            return None
+        optional["iam"] = IamProfile(arn, profile_id, role)
+    for key in ("tags", "block_devices"):
+        pairs = _fast_str_pairs(get(key))
+        if pairs is None:
+            return None
+        if pairs:
+            optional[key] = pairs
+    codes = get("product_codes")
+    if codes is not None:
+        if type(codes) is not list or any(type(c) is not str for c in codes):
+            return None
+        optional["product_codes"] = tuple(codes)
+    options = get("metadata_options")
+    if options is not None:
+        if type(options) is not dict:
+            return None
+        key4 = (options.get("http_tokens"), options.get("hop_limit"), options.get("tags"), options.get("endpoint"))
+        parsed = _OPTIONS_CACHE.get(key4)  # type: ignore[arg-type]
+        if parsed is None:
+            problems = _Problems()
+            parsed = _parse_metadata_options(options, "", problems)
+            if problems.items:
+                return None
+            if type(key4[1]) in (int, type(None)) and type(key4[2]) in (bool, type(None)):
+                _OPTIONS_CACHE[key4] = parsed  # type: ignore[index]
+        optional["metadata_options"] = parsed
+    return Instance(instance_id, tuple(interfaces), **optional)
+
+
+def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | None:
+    get = raw.get
+    interface_id, mac = get("id"), get("mac")
+    if type(interface_id) is not str or type(mac) is not str:
+        return None
+    mac = mac.lower()
+    if not _MAC.match(mac):
+        return None
+    device_index = get("device_index")
+    if device_index is None:
+        device_index = 0
+    elif type(device_index) is not int:
+        return None
+    network = get("network")
+    if network is None:
+        network = DEFAULT_NETWORK
+    elif type(network) is not str:
+        return None
+    cidrs = cidr_table.get(network)
+    if cidrs is None and network != DEFAULT_NETWORK:
+        return None
+    subnet = get("subnet")
+    if subnet is not None and type(subnet) is not str:
+        return None
+    raw_ips = get("private_ips")
+    if type(raw_ips) is not list or not raw_ips:
+        return None
+    for address in raw_ips:
+        if type(address) is not str:
+            return None
+        try:
+            packed = socket.inet_pton(socket.AF_INET, address)
+        except OSError:
+            return None  # IPv6 or invalid: the explaining parser decides
+        if socket.inet_ntop(socket.AF_INET, packed) != address:
+            return None
+        if cidrs:
+            value = int.from_bytes(packed, "big")
+            for net, mask, version in cidrs:
+                if version == 4 and value & mask == net:
+                    break
+            else:
+                return None
+    public_ip = get("public_ip")
+    if public_ip is not None and canonical_ip(public_ip) != public_ip:
+        return None
+    ipv6s = get("ipv6s")
+    if ipv6s:
+        if type(ipv6s) is not list or any(_ipv6(a) != a for a in ipv6s):
+            return None
+        ipv6s = tuple(ipv6s)
+    elif ipv6s is None or ipv6s == []:
+        ipv6s = ()
+    else:
+        return None
+    groups: list[SecurityGroup] = []
+    raw_groups = get("security_groups")
+    if raw_groups is not None:
+        if type(raw_groups) is not list:
+            return None
+        for group in raw_groups:
+            if type(group) is not dict:
+                return None
+            group_id, name = group.get("id"), group.get("name")
+            if type(group_id) is not str or (name is not None and type(name) is not str):
+                return None
+            key = (group_id, name if name is not None else group_id)
+            cached = _GROUP_CACHE.get(key)
+            if cached is None:
+                cached = _GROUP_CACHE.setdefault(key, SecurityGroup(*key)) if len(_GROUP_CACHE) < 65536 else SecurityGroup(*key)
+            groups.append(cached)
+    owner_id = get("owner_id")
+    if owner_id is not None and type(owner_id) is not str:
+        return None
+    return Interface(interface_id, mac, device_index, network, subnet, tuple(raw_ips), public_ip, ipv6s,
+                     tuple(groups), owner_id)

@@ -103,6 +103,9 @@ Preparer = Callable[[Snapshot], None]
 
 def reverse_name(address: str) -> str:
     """``10.0.1.5`` -> ``5.1.0.10.in-addr.arpa``; IPv6 -> nibble ``ip6.arpa`` name."""
+    if ":" not in address:
+        a, b, c, d = address.split(".")
+        return f"{d}.{c}.{b}.{a}.in-addr.arpa"
     return ipaddress.ip_address(address).reverse_pointer
 
 
@@ -117,8 +120,17 @@ def reverse_zone_of(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> s
     return ".".join(reversed(digits)) + ".ip6.arpa"
 
 
+def _public_reverse_zone(address: str) -> str:
+    if ":" not in address:
+        a, b, c, _ = address.split(".")
+        return f"{c}.{b}.{a}.in-addr.arpa"
+    return reverse_zone_of(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
 class _NameTable:
     """Accumulates records per name and horizon while a snapshot is built."""
+
+    __slots__ = ("everyone", "scoped", "public_override")
 
     def __init__(self) -> None:
         self.everyone: dict[str, list[LocalRecord]] = {}
@@ -127,47 +139,60 @@ class _NameTable:
 
     def add(self, name: str, record: LocalRecord, network: str | None = None) -> None:
         if network is None:
-            self.everyone.setdefault(name, []).append(record)
+            bucket = self.everyone.get(name)
+            if bucket is None:
+                self.everyone[name] = [record]
+            else:
+                bucket.append(record)
+            return
+        by_network = self.scoped.get(name)
+        if by_network is None:
+            self.scoped[name] = {network: [record]}
+            return
+        bucket = by_network.get(network)
+        if bucket is None:
+            by_network[network] = [record]
         else:
-            self.scoped.setdefault(name, {}).setdefault(network, []).append(record)
+            bucket.append(record)
 
     def override(self, name: str, network: str, record: LocalRecord) -> None:
-        """Within ``network``, ``record`` replaces the public records of ``name``."""
+        """Within ``network``, ``record`` replaces the public address records of ``name``."""
         self.public_override.setdefault(name, {}).setdefault(network, []).append(record)
 
     def freeze(self) -> dict[str, NameEntry]:
         out: dict[str, NameEntry] = {}
-        for name in self.everyone.keys() | self.scoped.keys() | self.public_override.keys():
-            common = tuple(_dedupe(self.everyone.get(name, ())))
-            networks = set(self.scoped.get(name, {})) | set(self.public_override.get(name, {}))
+        everyone, scoped, overrides = self.everyone, self.scoped, self.public_override
+        for name, by_network in scoped.items():
+            if name in everyone or name in overrides:
+                continue
+            # The common case: a private name or PTR that exists only inside networks.
+            out[name] = NameEntry((), tuple((network, tuple(records)) for network, records in sorted(by_network.items())))
+        for name in everyone.keys() | overrides.keys():
+            common = tuple(dict.fromkeys(everyone.get(name, ())))
+            own = scoped.get(name, {})
+            replace = overrides.get(name, {})
+            networks = sorted(set(own) | set(replace))
             by_network = []
-            for network in sorted(networks):
-                override = self.public_override.get(name, {}).get(network)
+            for network in networks:
+                override = replace.get(network)
                 base = [r for r in common if r.type not in ("A", "AAAA")] + override if override else list(common)
-                by_network.append((network, tuple(_dedupe(base + self.scoped.get(name, {}).get(network, [])))))
-            out[name] = NameEntry(everyone=common, by_network=tuple(by_network))
+                by_network.append((network, tuple(dict.fromkeys(base + own.get(network, [])))))
+            out[name] = NameEntry(common, tuple(by_network))
         return out
-
-
-def _dedupe(records: Iterable[LocalRecord]) -> list[LocalRecord]:
-    seen: set[LocalRecord] = set()
-    out = []
-    for record in records:
-        if record not in seen:
-            seen.add(record)
-            out.append(record)
-    return out
 
 
 def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
     """Index ``view``; then run each preparer so protocols can add derived data."""
     cloud = view.cloud
     ttl = cloud.dns_ttl
+    private_name = cloud.private_name
+    public_name = cloud.public_name
     instances: dict[str, Instance] = {}
     by_private: dict[tuple[str, str], Attachment] = {}
     by_public: dict[str, Attachment] = {}
     by_mac: dict[str, Attachment] = {}
     names = _NameTable()
+    add = names.add
     flat_prefixes: set[str] = set()
     public_zones: set[str] = set()
     network_ids = {n.id for n in view.networks} | {DEFAULT_NETWORK}
@@ -178,32 +203,32 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
             attachment = Attachment(instance, interface)
             network = interface.network
             by_mac[interface.mac] = attachment
-            primary_name = cloud.private_name(interface.primary_ip)
+            primary_name = None
             for address in interface.private_ips:
                 by_private[(network, address)] = attachment
-                private_name = cloud.private_name(address)
-                rtype = "AAAA" if ":" in address else "A"
-                names.add(private_name, LocalRecord(rtype, address, ttl), network)
-                names.add(reverse_name(address), LocalRecord("PTR", private_name, ttl), network)
+                name = private_name(address)
+                if primary_name is None:
+                    primary_name = name
+                add(name, LocalRecord("AAAA" if ":" in address else "A", address, ttl), network)
+                add(reverse_name(address), LocalRecord("PTR", name, ttl), network)
                 if network == DEFAULT_NETWORK and ":" not in address:
                     flat_prefixes.add(address.rsplit(".", 1)[0])
+            assert primary_name is not None
             for address in interface.ipv6s:
                 by_private[(network, address)] = attachment
-                names.add(primary_name, LocalRecord("AAAA", address, ttl), network)
-                names.add(reverse_name(address), LocalRecord("PTR", primary_name, ttl), network)
-            if interface.public_ip is not None:
-                public = interface.public_ip
+                add(primary_name, LocalRecord("AAAA", address, ttl), network)
+                add(reverse_name(address), LocalRecord("PTR", primary_name, ttl), network)
+            public = interface.public_ip
+            if public is not None:
                 by_public[public] = attachment
-                public_name = cloud.public_name(public)
-                rtype = "AAAA" if ":" in public else "A"
-                names.add(public_name, LocalRecord(rtype, public, ttl))
-                names.override(public_name, network, LocalRecord("A", interface.primary_ip, ttl))
-                names.add(reverse_name(public), LocalRecord("PTR", public_name, ttl))
-                public_zones.add(reverse_zone_of(ipaddress.ip_network(f"{public}/{24 if rtype == 'A' else 64}",
-                                                                      strict=False)))
+                name = public_name(public)
+                add(name, LocalRecord("AAAA" if ":" in public else "A", public, ttl))
+                names.override(name, network, LocalRecord("A", interface.primary_ip, ttl))
+                add(reverse_name(public), LocalRecord("PTR", name, ttl))
+                public_zones.add(_public_reverse_zone(public))
 
     for record in cloud.dns_records:
-        names.add(record.name, LocalRecord(record.type, record.value, record.ttl))
+        add(record.name, LocalRecord(record.type, record.value, record.ttl))
 
     zones = _zones(view, flat_prefixes, public_zones)
     snapshot = Snapshot(
