@@ -1,0 +1,279 @@
+"""IAM role credentials: sources, and a cache that keeps them off the hot path.
+
+Credentials rotate and are secret, so they are not in the view: a source
+configured on the gateway produces them (an external ``credential_process``
+style command, or an IMDS-compatible upstream).  The cache answers from memory,
+starts a background refresh ``refresh_ahead`` seconds before ``Expiration``,
+runs at most one fetch per (instance, role) however many requests wait for it,
+and keeps serving cached credentials while the source fails, but never past
+their expiration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cachetools import LRUCache
+
+from edge.config import CredentialsConfig
+from edge.errors import EdgeError
+from edge.metadata.responses import Response, text
+from edge.view.model import Instance
+
+log = logging.getLogger("edge.metadata.credentials")
+
+MAX_OUTPUT = 64 * 1024
+
+
+class CredentialSourceError(EdgeError):
+    """The credential source failed or answered something that is not credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    token: str
+    expiration: float
+    """Unix time after which they must not be served."""
+    last_updated: float
+    response: Response
+    """The ``iam/security-credentials/<role>`` answer, rendered once."""
+
+
+def _timestamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _parse_time(value: object) -> float:
+    if not isinstance(value, str):
+        raise CredentialSourceError("Expiration is missing or not a string")
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CredentialSourceError(f"Expiration {value!r} is not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.timestamp()
+
+
+def make_credentials(access_key_id: object, secret_access_key: object, token: object, expiration: object,
+                     now: float) -> Credentials:
+    if not all(isinstance(v, str) and v for v in (access_key_id, secret_access_key)):
+        raise CredentialSourceError("AccessKeyId and SecretAccessKey must be non-empty strings")
+    if token is not None and not isinstance(token, str):
+        raise CredentialSourceError("the session token must be a string")
+    expires = _parse_time(expiration)
+    body = json.dumps({
+        "Code": "Success",
+        "LastUpdated": _timestamp(now),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": access_key_id,
+        "SecretAccessKey": secret_access_key,
+        "Token": token or "",
+        "Expiration": _timestamp(expires),
+    }, indent=2, separators=(",", " : ")).encode()
+    return Credentials(str(access_key_id), str(secret_access_key), token or "", expires, now, text(body))
+
+
+Fetch = Callable[[Instance, str, str], Awaitable[Credentials]]
+"""``fetch(instance, address, role)``: one call to a credential source."""
+
+
+class ProcessSource:
+    """Runs ``command`` (``{instance_id}``, ``{account_id}``, ``{role}`` substituted) and reads its JSON."""
+
+    def __init__(self, command: tuple[str, ...], base_env: dict[str, str] | None = None) -> None:
+        self.command = command
+        self.base_env = base_env if base_env is not None else dict(os.environ)
+
+    async def __call__(self, instance: Instance, address: str, role: str) -> Credentials:
+        values = {"instance_id": instance.id, "account_id": instance.account_id or "", "role": role,
+                  "address": address}
+        argv = [part.format_map(values) for part in self.command]
+        env = dict(self.base_env, EDGE_INSTANCE_ID=instance.id, EDGE_ACCOUNT_ID=instance.account_id or "",
+                   EDGE_ROLE=role, EDGE_INSTANCE_ADDRESS=address)
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env)
+        except OSError as exc:
+            raise CredentialSourceError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        try:
+            stdout, stderr = await child.communicate()
+        except asyncio.CancelledError:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+            raise
+        if child.returncode != 0:
+            raise CredentialSourceError(
+                f"{argv[0]} exited with {child.returncode}: {stderr[:200].decode(errors='replace').strip()}")
+        if len(stdout) > MAX_OUTPUT:
+            raise CredentialSourceError(f"{argv[0]} printed more than {MAX_OUTPUT} bytes")
+        try:
+            document = json.loads(stdout)
+        except ValueError:
+            raise CredentialSourceError(f"{argv[0]} did not print JSON") from None
+        if not isinstance(document, dict) or document.get("Version") != 1:
+            raise CredentialSourceError(f"{argv[0]} printed JSON without \"Version\": 1")
+        return make_credentials(document.get("AccessKeyId"), document.get("SecretAccessKey"),
+                                document.get("SessionToken"), document.get("Expiration"), time.time())
+
+
+class HttpSource:
+    """Asks an IMDS-compatible upstream for ``URL + role`` on behalf of the instance."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        parts = urlsplit(self.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = parts.path or "/"
+        self.host_header = parts.netloc
+
+    async def __call__(self, instance: Instance, address: str, role: str) -> Credentials:
+        context = ssl.create_default_context() if self.https else None
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=context)
+        except OSError as exc:
+            raise CredentialSourceError(f"cannot connect to {self.url}: {exc}") from None
+        try:
+            writer.write(f"GET {self.path}{role} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+                         f"X-Forwarded-For: {address}\r\nAccept: application/json\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            data = await reader.read(MAX_OUTPUT + 1)
+            while data and len(data) <= MAX_OUTPUT:
+                more = await reader.read(MAX_OUTPUT + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise CredentialSourceError(f"{self.url}: {exc}") from None
+        finally:
+            writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].split()
+        if len(status_line) < 2 or status_line[1] != b"200":
+            raise CredentialSourceError(f"{self.url}{role} answered {b' '.join(status_line[1:]).decode(errors='replace')!r}")
+        if b"transfer-encoding: chunked" in head.lower():
+            raise CredentialSourceError(f"{self.url}{role} answered with chunked encoding")
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise CredentialSourceError(f"{self.url}{role} did not answer JSON") from None
+        if not isinstance(document, dict) or document.get("Code", "Success") != "Success":
+            raise CredentialSourceError(f"{self.url}{role} answered Code {document.get('Code')!r}"
+                                        if isinstance(document, dict) else f"{self.url}{role} answered a non-object")
+        return make_credentials(document.get("AccessKeyId"), document.get("SecretAccessKey"),
+                                document.get("Token"), document.get("Expiration"), time.time())
+
+
+def source_from_config(config: CredentialsConfig) -> Fetch | None:
+    if config.kind == "process":
+        return ProcessSource(config.command)
+    if config.kind == "http":
+        return HttpSource(config.url)
+    return None
+
+
+Key = tuple[str, str]
+
+
+class CredentialCache:
+    """(instance id, role) -> credentials; at most one fetch per key in flight."""
+
+    def __init__(self, source: Fetch | None, config: CredentialsConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.timeout = config.timeout
+        self.refresh_ahead = config.refresh_ahead
+        self.retry_interval = config.retry_interval
+        self.clock = clock
+        self._cache: LRUCache[Key, Credentials] = LRUCache(maxsize=config.cache_size)
+        self._retry_after: dict[Key, float] = {}
+        self._inflight: dict[Key, asyncio.Task[None]] = {}
+        self.fetches = 0
+        self.failures = 0
+
+    def configure(self, source: Fetch | None, config: CredentialsConfig) -> None:
+        self.source = source
+        self.timeout = config.timeout
+        self.refresh_ahead = config.refresh_ahead
+        self.retry_interval = config.retry_interval
+
+    def lookup(self, instance: Instance, address: str, role: str, now: float) -> Response | None:
+        """Cached, unexpired credentials, starting a background refresh when they near expiry."""
+        key = (instance.id, role)
+        entry = self._cache.get(key)
+        if entry is None or now >= entry.expiration:
+            return None
+        if (now >= entry.expiration - self.refresh_ahead and key not in self._inflight
+                and now >= self._retry_after.get(key, 0.0)):
+            self._start(key, instance, address, role)
+        return entry.response
+
+    async def fetch(self, instance: Instance, address: str, role: str) -> Response | None:
+        """Wait (bounded by the source timeout) for credentials; None when the source cannot give any."""
+        if self.source is None:
+            return None
+        key = (instance.id, role)
+        task = self._inflight.get(key) or self._start(key, instance, address, role)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            if not task.done():
+                return None
+        entry = self._cache.get(key)
+        if entry is None or self.clock() >= entry.expiration:
+            return None
+        return entry.response
+
+    def _start(self, key: Key, instance: Instance, address: str, role: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._refresh(key, instance, address, role))
+        self._inflight[key] = task
+        return task
+
+    async def _refresh(self, key: Key, instance: Instance, address: str, role: str) -> None:
+        source = self.source
+        try:
+            if source is None:
+                raise CredentialSourceError("no credential source is configured")
+            self.fetches += 1
+            credentials = await asyncio.wait_for(source(instance, address, role), self.timeout)
+            if credentials.expiration <= self.clock():
+                raise CredentialSourceError("the source returned credentials that have already expired")
+            self._cache[key] = credentials
+            self._retry_after.pop(key, None)
+        except asyncio.CancelledError:
+            raise
+        except (CredentialSourceError, asyncio.TimeoutError, OSError) as exc:
+            self.failures += 1
+            if len(self._retry_after) >= self._cache.maxsize:
+                self._retry_after.clear()
+            self._retry_after[key] = self.clock() + self.retry_interval
+            reason = str(exc) or "timed out"
+            cached = self._cache.get(key)
+            log.warning("credential fetch failed instance=%s role=%s serving_cached_until=%s error=%s",
+                        key[0], role, _timestamp(cached.expiration) if cached else "-", reason)
+        except Exception:
+            self.failures += 1
+            log.exception("credential fetch crashed instance=%s role=%s", key[0], role)
+        finally:
+            self._inflight.pop(key, None)
+
+    async def close(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

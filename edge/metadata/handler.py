@@ -1,0 +1,174 @@
+"""The answer to one metadata request: a pure function of (snapshot, peer, request, clock, keys).
+
+``MetadataHandler.answer`` returns the response bytes, or a :class:`Pending`
+when the answer needs the slow path (an unknown source waiting for a fresher
+view, or credentials not yet cached); the service resolves those off the hot
+path and calls back in.  Order of checks: method and token path, who is
+asking, endpoint enabled, rate limit, token, then the rendered answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.metadata import tokens
+from edge.metadata.credentials import CredentialCache
+from edge.metadata.identify import Peer, attachment_for
+from edge.metadata.ratelimit import RateLimiter
+from edge.metadata.render import Renderer
+from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
+from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
+from edge.view.model import Instance
+from edge.view.snapshot import Snapshot
+
+TTL_HEADER = b"X-aws-ec2-metadata-token-ttl-seconds: "
+
+
+@dataclass(slots=True)
+class Request:
+    """What the protocol collected for one request (only the headers edge uses)."""
+
+    method: bytes
+    target: bytes
+    keep_alive: bool = True
+    """Set by the protocol from the client and config; the handler may clear it."""
+    token: bytes | None = None
+    token_ttl: bytes | None = None
+    forwarded_for: bytes | None = None
+    network_header: bytes | None = None
+    hop_limit: int = 0
+    """Set by the handler: send the answer with this IP TTL / hop limit, then close."""
+    waited: bool = False
+    """The service already waited for a fresher view for this request."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownSource:
+    network: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedCredentials:
+    instance: Instance
+    address: str
+    role: str
+    ttl_line: bytes | None
+
+
+Pending = UnknownSource | NeedCredentials
+
+
+class MetadataHandler:
+    def __init__(self, renderer: Renderer, keys: tokens.TokenKeys, limiter: RateLimiter,
+                 credentials: CredentialCache) -> None:
+        self.renderer = renderer
+        self.keys = keys
+        self.limiter = limiter
+        self.credentials = credentials
+        self._ttl_lines: dict[int, bytes] = {}
+        self.tokens_issued = 0
+
+    def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float,
+               mono: float) -> bytes | Pending:
+        method = request.method
+        target = request.target
+        head_only = method == b"HEAD"
+        if method == b"GET" or head_only:
+            if b"api/token" in target and _is_token_path(target):
+                return self.refuse(Outcome.TOKEN_METHOD, request)
+        elif method == b"PUT":
+            return self._put(snapshot, peer, request, now, mono)
+        elif method == b"OPTIONS" and _is_token_path(target):
+            return TOKEN_OPTIONS.wire(request.keep_alive, False)
+        else:
+            return self.refuse(Outcome.METHOD, request)
+
+        if snapshot is None:
+            return self._unknown(peer.network, peer.address, request)
+        network, address, attachment = attachment_for(snapshot, peer, request.forwarded_for, request.network_header)
+        if attachment is None:
+            return self._unknown(network, address, request)
+        instance = attachment.instance
+        options = instance.metadata_options
+        if not options.endpoint_enabled:
+            return self.refuse(Outcome.FORBIDDEN, request)
+        if not self.limiter.allow(instance.id, mono):
+            return self.refuse(Outcome.THROTTLED, request)
+        ttl_line = None
+        token = request.token
+        if token is not None:
+            remaining = tokens.verify(self.keys, token, instance.id, now)
+            if not remaining:
+                return self.refuse(Outcome.UNAUTHORIZED, request)
+            ttl_line = self._ttl_line(remaining)
+        elif options.tokens_required:
+            return self.refuse(Outcome.UNAUTHORIZED, request)
+
+        found = self.renderer.lookup(snapshot, instance, target)
+        if found is None:
+            return self.refuse(Outcome.NOT_FOUND, request)
+        if isinstance(found, CredentialsLeaf):
+            credentials = self.credentials.lookup(instance, attachment.interface.primary_ip, found.role, now)
+            if credentials is None:
+                return NeedCredentials(instance, attachment.interface.primary_ip, found.role, ttl_line)
+            found = credentials
+        if ttl_line is None:
+            return found.wire(request.keep_alive, head_only)
+        return found.wire_with(ttl_line, request.keep_alive, head_only)
+
+    def _put(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float, mono: float) -> bytes | Pending:
+        parts = split_path(request.target)
+        if parts is None or len(parts) != 3 or parts[1:] != ["api", "token"] or parts[0] not in VERSION_SET:
+            return self.refuse(Outcome.METHOD, request)
+        if parts[0] != "latest":
+            return self.refuse(Outcome.FORBIDDEN, request)
+        if request.forwarded_for is not None and not peer.trusted:
+            return self.refuse(Outcome.FORBIDDEN, request)
+        ttl = tokens.parse_ttl(request.token_ttl)
+        if ttl is None:
+            return self.refuse(Outcome.BAD_REQUEST, request)
+        if snapshot is None:
+            return self._unknown(peer.network, peer.address, request)
+        network, address, attachment = attachment_for(snapshot, peer, request.forwarded_for, request.network_header)
+        if attachment is None:
+            return self._unknown(network, address, request)
+        instance = attachment.instance
+        if not instance.metadata_options.endpoint_enabled:
+            return self.refuse(Outcome.FORBIDDEN, request)
+        if not self.limiter.allow(instance.id, mono):
+            return self.refuse(Outcome.THROTTLED, request)
+        token = tokens.issue(self.keys, instance.id, ttl, now)
+        self.tokens_issued += 1
+        request.keep_alive = False
+        request.hop_limit = instance.metadata_options.hop_limit
+        return response(200, token, headers=(self._ttl_line(ttl),)).close
+
+    def _unknown(self, network: str, address: str, request: Request) -> bytes | Pending:
+        if request.waited or not address:
+            return self.refuse(Outcome.NOT_FOUND, request)
+        return UnknownSource(network, address)
+
+    def refuse(self, outcome: Outcome, request: Request) -> bytes:
+        return ANSWERS[outcome].wire(request.keep_alive, request.method == b"HEAD")
+
+    def finish_credentials(self, pending: NeedCredentials, found: Response | None, request: Request) -> bytes:
+        if found is None:
+            return self.refuse(Outcome.UNAVAILABLE, request)
+        head_only = request.method == b"HEAD"
+        if pending.ttl_line is None:
+            return found.wire(request.keep_alive, head_only)
+        return found.wire_with(pending.ttl_line, request.keep_alive, head_only)
+
+    def _ttl_line(self, seconds: int) -> bytes:
+        line = self._ttl_lines.get(seconds)
+        if line is None:
+            if len(self._ttl_lines) > tokens.TTL_MAX:
+                self._ttl_lines.clear()
+            line = self._ttl_lines[seconds] = TTL_HEADER + str(seconds).encode() + b"\r\n"
+        return line
+
+
+def _is_token_path(target: bytes) -> bool:
+    parts = split_path(target)
+    return parts is not None and len(parts) == 3 and parts[1:] == ["api", "token"] and parts[0] in VERSION_SET

@@ -1,0 +1,75 @@
+"""Who is asking: the listener's network and the source address, or a trusted proxy's word.
+
+Identifying headers (``X-Forwarded-For`` and the network headers) count only
+when the connection comes from a configured proxy; from anyone else they never
+change who is asking.  Whether a peer is a proxy is decided once per
+connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from edge.view.snapshot import Attachment, Snapshot
+
+NETWORK_HEADERS = (b"x-edge-network-id", b"x-neutron-network-id")
+
+
+@dataclass(slots=True)
+class Peer:
+    """One connection's view of its client."""
+
+    address: str
+    network: str
+    """The network of the listener the connection arrived on."""
+    trusted: bool
+    """The peer is a configured proxy, so its identifying headers count."""
+
+
+class TrustedProxies:
+    def __init__(self, cidrs: tuple[str, ...] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+    def __contains__(self, address: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+def canonical_peer(address: str) -> str:
+    """Socket peer names as view addresses: IPv4-mapped IPv6 becomes IPv4, scope ids are dropped."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    if "%" in address:
+        return address.split("%", 1)[0]
+    return address
+
+
+def forwarded_address(value: bytes) -> str | None:
+    """The address the proxy saw: the last entry of ``X-Forwarded-For``, canonical, or None."""
+    last = value.rsplit(b",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last.decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def attachment_for(snapshot: Snapshot, peer: Peer, forwarded_for: bytes | None,
+                   network_header: bytes | None) -> tuple[str, str, Attachment | None]:
+    """(network, address, attachment or None) of the instance asking."""
+    network = peer.network
+    address = peer.address
+    if peer.trusted:
+        if forwarded_for is not None:
+            named = forwarded_address(forwarded_for)
+            if named is None:
+                return network, "", None
+            address = named
+        if network_header is not None:
+            network = network_header.decode("utf-8", "replace").strip()
+    return network, address, snapshot.by_private.get((network, address))

@@ -1,0 +1,274 @@
+"""The HTTP/1.1 connection: a thin asyncio protocol around the httptools parser.
+
+Parser callbacks only collect; the answer is computed and written inline when a
+message is complete (no task per request).  Pipelined requests are answered in
+order: while one waits on the slow path, later ones queue and reading pauses.
+Limits (target length, header block, body, slow heads, queue depth) turn into
+their protocol answer in :mod:`edge.metadata.responses` and close the
+connection; nothing a client sends can grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from edge.metadata.handler import NeedCredentials, Pending, Request, UnknownSource
+from edge.metadata.identify import Peer, canonical_peer
+from edge.metadata.responses import ANSWERS, Outcome
+
+if TYPE_CHECKING:
+    from edge.metadata.service import MetadataService, ProtocolLimits
+
+log = logging.getLogger("edge.metadata")
+
+MAX_QUEUED = 64
+"""Pipelined requests held while an earlier one waits; more closes the connection."""
+
+_HEADER_FIELDS = {
+    b"x-aws-ec2-metadata-token": "token",
+    b"x-aws-ec2-metadata-token-ttl-seconds": "token_ttl",
+    b"x-forwarded-for": "forwarded_for",
+    b"x-edge-network-id": "network_header",
+    b"x-neutron-network-id": "network_header",
+}
+
+_time = time.time
+_NEVER = float("inf")
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the outcome is on the protocol."""
+
+
+class MetadataProtocol(asyncio.Protocol):
+    def __init__(self, service: MetadataService, network: str) -> None:
+        # global
+        self.service = service
+        self.network = network
+        self.loop = asyncio.get_running_loop()
+        self.limits: ProtocolLimits = service.limits
+        # per connection
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = _NEVER
+        """Loop time by which the next request head must be complete (checked by the service ticker)."""
+        self.closing = False
+        self.busy = False
+        self.queue: deque[Request] = deque()
+        self.slow_task: asyncio.Task[None] | None = None
+        self.counted_source: str | None = None
+        self._since_progress = 0
+        self._reject: Outcome | None = None
+        # per request
+        self._target: list[bytes] = []
+        self._target_size = 0
+        self._header_size = 0
+        self._body_size = 0
+        self._fields: dict[str, bytes] = {}
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peername = transport.get_extra_info("peername")
+        address = canonical_peer(peername[0]) if peername else ""
+        self.peer = Peer(address, self.network, address in self.service.trusted_proxies)
+        if not self.service.connection_opened(self):
+            self.closing = True
+            transport.write(ANSWERS[Outcome.THROTTLED].close)
+            transport.close()
+            return
+        self.deadline = self.loop.time() + self.limits.header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.service.connection_closed(self)
+        if self.slow_task is not None and not self.slow_task.done():
+            self.slow_task.cancel()
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._since_progress += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if self._reject is not None:
+                self.fail(self._reject)
+            else:
+                log.error("metadata request failed peer=%s", self.peer.address if self.peer else "-",
+                          exc_info=exc.__context__)
+                self.fail(Outcome.INTERNAL)
+            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.fail(Outcome.BAD_REQUEST)
+            return
+        if self._since_progress > self.limits.max_header_bytes:
+            self.fail(Outcome.HEADERS_TOO_LARGE)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still be waiting for answers on the slow path.
+        return self.busy
+
+    def fail(self, outcome: Outcome) -> None:
+        """Answer ``outcome`` (unless an earlier answer is still pending) and close."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        self.service.rejected += 1
+        if not self.busy and not self.queue:
+            self.transport.write(ANSWERS[outcome].close)
+        self.transport.close()
+
+    def timed_out(self) -> None:
+        self.service.timeouts += 1
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self.busy and not self._target and self._header_size == 0 and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._target = []
+        self._target_size = 0
+        self._header_size = 0
+        self._body_size = 0
+        self._fields = {}
+
+    def on_url(self, url: bytes) -> None:
+        self._target.append(url)
+        self._target_size += len(url)
+        self._since_progress = 0
+        if self._target_size > self.limits.max_url_bytes:
+            self._reject = Outcome.URL_TOO_LONG
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value) + 4
+        self._since_progress = 0
+        if self._header_size > self.limits.max_header_bytes:
+            self._reject = Outcome.HEADERS_TOO_LARGE
+            raise _Reject
+        field = _HEADER_FIELDS.get(name.lower())
+        if field is not None:
+            self._fields[field] = value
+
+    def on_headers_complete(self) -> None:
+        self.deadline = _NEVER
+        self._since_progress = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        self._since_progress = 0
+        if self._body_size > self.limits.max_body_bytes:
+            self._reject = Outcome.BODY_TOO_LARGE
+            raise _Reject
+
+    def on_message_complete(self) -> None:
+        self._since_progress = 0
+        if self.closing:
+            return
+        parser = self.parser
+        fields = self._fields
+        target = self._target[0] if len(self._target) == 1 else b"".join(self._target)
+        request = Request(
+            parser.get_method(), target,
+            parser.should_keep_alive() and self.limits.keep_alive and not self.service.stopping,
+            fields.get("token"), fields.get("token_ttl"), fields.get("forwarded_for"), fields.get("network_header"),
+        )
+        self._target = []
+        self._header_size = 0
+        if self.busy:
+            if len(self.queue) >= MAX_QUEUED:
+                self._reject = Outcome.THROTTLED
+                raise _Reject
+            self.queue.append(request)
+            return
+        self.handle(request)
+
+    # -- answering -------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> None:
+        service = self.service
+        service.requests += 1
+        result = service.handler.answer(service.store.current, self.peer, request, _time(), self.loop.time())  # type: ignore[arg-type]
+        if result.__class__ is bytes:
+            self.write(result, request)  # type: ignore[arg-type]
+            return
+        self.busy = True
+        self.deadline = _NEVER
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.slow_task = self.loop.create_task(self.slow(request, result))  # type: ignore[arg-type]
+
+    def write(self, data: bytes, request: Request) -> None:
+        transport = self.transport
+        assert transport is not None
+        if request.hop_limit:
+            self.set_hop_limit(request.hop_limit)
+        transport.write(data)
+        if request.keep_alive:
+            self.deadline = self.loop.time() + self.limits.header_timeout
+        else:
+            self.closing = True
+            transport.close()
+
+    def set_hop_limit(self, hops: int) -> None:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+                # An IPv4 client on a dual-stack socket is governed by IP_TTL.
+                try:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+                except OSError:
+                    pass
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+        except OSError as exc:
+            log.warning("cannot set hop limit peer=%s error=%s", self.peer.address if self.peer else "-", exc)
+
+    async def slow(self, request: Request, pending: Pending) -> None:
+        service = self.service
+        try:
+            result: bytes | Pending = pending
+            while not isinstance(result, bytes):
+                if isinstance(result, UnknownSource):
+                    await service.await_source(result.network, result.address)
+                    request.waited = True
+                    result = service.handler.answer(service.store.current, self.peer, request, _time(),  # type: ignore[arg-type]
+                                                    self.loop.time())
+                elif isinstance(result, NeedCredentials):
+                    found = await service.handler.credentials.fetch(result.instance, result.address, result.role)
+                    result = service.handler.finish_credentials(result, found, request)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("metadata slow path failed peer=%s", self.peer.address if self.peer else "-")
+            result = ANSWERS[Outcome.INTERNAL].close
+            request.keep_alive = False
+        if self.closing and self.transport is not None and self.transport.is_closing():
+            return
+        self.busy = False
+        self.write(result, request)
+        while self.queue and not self.busy and not self.closing:
+            self.handle(self.queue.popleft())
+        if not self.busy and not self.closing and self.transport is not None:
+            self.transport.resume_reading()

@@ -1,0 +1,81 @@
+"""Answers rendered once per (snapshot generation, instance, request target) and reused.
+
+A request target is looked up by its raw bytes, so a repeated request costs two
+dictionary lookups: no path parsing, JSON encoding or formatting.  The memo is
+bounded (it is dropped whole when full, then refilled by what is asked for)
+and keyed by snapshot generation, so a swap invalidates it without a purge.
+"""
+
+from __future__ import annotations
+
+from edge.metadata import responses
+from edge.metadata.identity import IdentitySigner
+from edge.metadata.responses import Response
+from edge.metadata.tree import (VERSION_LISTING, VERSION_SET, CredentialsLeaf, Directory, Leaf, SignedLeaf,
+                                resolve, split_path, version_root)
+from edge.view.model import Instance
+from edge.view.snapshot import Snapshot
+
+Answer = Response | CredentialsLeaf
+
+_ROOT = responses.text(VERSION_LISTING)
+
+
+class Renderer:
+    def __init__(self, signer: IdentitySigner, max_entries: int) -> None:
+        self.signer = signer
+        self.max_entries = max_entries
+        self._generation = -1
+        self._answers: dict[str, dict[bytes, Answer]] = {}
+        self._trees: dict[str, Directory] = {}
+        self._entries = 0
+        self.renders = 0
+
+    def lookup(self, snapshot: Snapshot, instance: Instance, target: bytes) -> Answer | None:
+        """The answer for ``target`` (raw request target) as ``instance`` sees it; None is 404."""
+        if snapshot.generation != self._generation:
+            self._reset(snapshot.generation)
+        answers = self._answers.get(instance.id)
+        if answers is not None:
+            found = answers.get(target)
+            if found is not None:
+                return found
+        else:
+            answers = self._answers[instance.id] = {}
+        found = self._render(snapshot, instance, target)
+        if found is not None:
+            if self._entries >= self.max_entries:
+                self._reset(snapshot.generation)
+                answers = self._answers[instance.id] = {}
+            answers[target] = found
+            self._entries += 1
+        return found
+
+    def _reset(self, generation: int) -> None:
+        self._generation = generation
+        self._answers = {}
+        self._trees = {}
+        self._entries = 0
+
+    def _render(self, snapshot: Snapshot, instance: Instance, target: bytes) -> Answer | None:
+        parts = split_path(target)
+        if parts is None:
+            return None
+        if not parts:
+            return _ROOT
+        if parts[0] not in VERSION_SET:
+            return None
+        tree = self._trees.get(instance.id)
+        if tree is None:
+            tree = self._trees[instance.id] = version_root(instance, snapshot)
+        node = resolve(tree, parts[1:])
+        self.renders += 1
+        if node is None or isinstance(node, CredentialsLeaf):
+            return node
+        if isinstance(node, Directory):
+            return responses.text(node.listing)
+        if isinstance(node, SignedLeaf):
+            signed = self.signer.sign(node.document)
+            return responses.text(getattr(signed, node.kind))
+        assert isinstance(node, Leaf)
+        return responses.binary(node.body) if node.binary else responses.text(node.body)

@@ -1,0 +1,238 @@
+"""The instance metadata service: listeners, keys, caches and the slow paths, wired together.
+
+The composition root creates one per worker, calls :meth:`start` on the running
+loop, :meth:`reload` on SIGHUP and :meth:`stop` on shutdown.  Requests from an
+address the current view does not know yet ask the view poller to refresh
+(one refresh shared by every such request) and wait for it, bounded by
+``unknown_source_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.config import Config, MetadataConfig
+from edge.metadata import tokens
+from edge.metadata.credentials import CredentialCache, source_from_config
+from edge.metadata.handler import MetadataHandler
+from edge.metadata.identify import TrustedProxies
+from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
+from edge.metadata.protocol import MetadataProtocol
+from edge.metadata.ratelimit import RateLimiter
+from edge.metadata.render import Renderer
+from edge.view.snapshot import Preparer
+from edge.view.store import ViewStore
+
+log = logging.getLogger("edge.metadata")
+
+TOKEN_KEY_FILE = "token-keys"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolLimits:
+    header_timeout: float
+    keep_alive: bool
+    max_url_bytes: int
+    max_header_bytes: int
+    max_body_bytes: int = 64 * 1024
+
+    @classmethod
+    def of(cls, config: MetadataConfig) -> ProtocolLimits:
+        return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes)
+
+
+def token_key_path(config: Config) -> Path:
+    return Path(config.metadata.token_key_file or Path(config.view.state_dir) / TOKEN_KEY_FILE)
+
+
+def load_token_keys(config: Config) -> tokens.TokenKeys:
+    """The configured key file, or the state directory's one (created on first use)."""
+    if config.metadata.token_key_file:
+        return tokens.load_key_file(config.metadata.token_key_file)
+    return tokens.ensure_key_file(token_key_path(config))
+
+
+def load_identity_signer(config: Config) -> IdentitySigner:
+    metadata = config.metadata
+    if metadata.identity_key_file:
+        return load_signer(metadata.identity_key_file, metadata.identity_cert_file)
+    return ensure_signer(config.view.state_dir)
+
+
+def build_handler(config: Config, keys: tokens.TokenKeys, signer: IdentitySigner) -> MetadataHandler:
+    metadata = config.metadata
+    return MetadataHandler(
+        Renderer(signer, metadata.render_cache_size), keys,
+        RateLimiter(metadata.rate, metadata.burst, metadata.rate_limit_entries),
+        CredentialCache(source_from_config(metadata.credentials), metadata.credentials),
+    )
+
+
+class MetadataService:
+    def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]]) -> None:
+        self.config = config
+        self.store = store
+        self.refresh = refresh
+        self.preparers: list[Preparer] = []
+        self.limits = ProtocolLimits.of(config.metadata)
+        self.trusted_proxies = TrustedProxies(config.metadata.trusted_proxies)
+        self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[MetadataProtocol] = set()
+        self.per_source: dict[str, int] = {}
+        self.stopping = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._refresh_started = 0.0
+        self._ticker: asyncio.TimerHandle | None = None
+        # plain counters (a later metrics module exports them)
+        self.requests = 0
+        self.refreshes = 0
+        self.rejected = 0
+        self.timeouts = 0
+        self.refused_connections = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, reuse_port: bool = False) -> None:
+        keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
+                                                        load_identity_signer(self.config)))
+        self.handler = build_handler(self.config, keys, signer)
+        loop = asyncio.get_running_loop()
+        for listen in self.config.metadata.listen:
+            network = listen.network
+
+            def factory(network: str = network) -> MetadataProtocol:
+                return MetadataProtocol(self, network)
+
+            server = await loop.create_server(factory, listen.host, listen.port, reuse_port=reuse_port or None,
+                                              backlog=2048)
+            self.servers.append(server)
+            log.info("metadata listening on %s network=%r", _bound(server), network)
+        self._tick()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) actually bound, in listener order (port 0 resolved)."""
+        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets]
+
+    async def stop(self, grace: float) -> None:
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._refresh_task is not None and not self._refresh_task.done():
+            self._refresh_task.cancel()
+        if self.handler is not None:
+            await self.handler.credentials.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers = []
+
+    def reload(self, config: Config) -> None:
+        """New limits, keys, proxies and credential source; open connections keep serving."""
+        metadata = config.metadata
+        try:
+            keys = load_token_keys(config)
+            signer = load_identity_signer(config)
+        except Exception as exc:
+            log.error("metadata reload kept the previous keys: %s", exc)
+            keys, signer = self.handler.keys, self.handler.renderer.signer
+        handler = self.handler
+        handler.keys = keys
+        if signer is not handler.renderer.signer:
+            handler.renderer = Renderer(signer, metadata.render_cache_size)
+        handler.limiter.rate = metadata.rate
+        handler.limiter.burst = float(metadata.burst)
+        handler.limiter.max_entries = metadata.rate_limit_entries
+        handler.credentials.configure(source_from_config(metadata.credentials), metadata.credentials)
+        self.limits = ProtocolLimits.of(metadata)
+        self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
+        self.config = config
+        log.info("metadata configuration reloaded keys=%d", len(keys.by_id))
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def connection_opened(self, connection: MetadataProtocol) -> bool:
+        metadata = self.config.metadata
+        address = connection.peer.address if connection.peer else ""
+        count = self.per_source.get(address, 0)
+        if len(self.connections) >= metadata.max_connections or count >= metadata.max_connections_per_source:
+            self.refused_connections += 1
+            return False
+        self.per_source[address] = count + 1
+        connection.counted_source = address
+        self.connections.add(connection)
+        return True
+
+    def connection_closed(self, connection: MetadataProtocol) -> None:
+        if connection.counted_source is None:
+            return
+        self.connections.discard(connection)
+        address = connection.counted_source
+        connection.counted_source = None
+        count = self.per_source.get(address, 0) - 1
+        if count > 0:
+            self.per_source[address] = count
+        else:
+            self.per_source.pop(address, None)
+
+    def _tick(self) -> None:
+        """Close connections whose request head is overdue (one timer for all of them)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in [c for c in self.connections if c.deadline < now]:
+            connection.timed_out()
+        interval = min(1.0, self.limits.header_timeout / 4)
+        self._ticker = loop.call_later(interval, self._tick)
+
+    # -- unknown sources -------------------------------------------------------------------------
+
+    async def await_source(self, network: str, address: str) -> None:
+        """Refresh the view (shared with every other waiter) until it knows the address or time is up."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        deadline = arrived + self.config.metadata.unknown_source_wait
+        while True:
+            task = self._refresh_task
+            if task is None or task.done():
+                task = self._refresh_task = loop.create_task(self._refresh_once())
+                self._refresh_started = loop.time()
+                self.refreshes += 1
+            started = self._refresh_started
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.wait({task}, timeout=remaining)
+            snapshot = self.store.current
+            if snapshot is not None and (network, address) in snapshot.by_private:
+                return
+            # A refresh already running when this request arrived may have read the source
+            # before the instance was in it: wait for one that started afterwards.
+            if started >= arrived or not task.done():
+                return
+
+    async def _refresh_once(self) -> None:
+        try:
+            await self.refresh()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("view refresh for an unknown source failed: %s", exc)
+
+
+def _bound(server: asyncio.Server) -> str:
+    return ", ".join(str(s.getsockname()[:2]) for s in server.sockets)
