@@ -77,6 +77,8 @@ class ViewConfig:
     """Largest view document accepted, in bytes."""
     ca_file: str = ""
     """HTTPS source: CA bundle to verify the server with (system CAs when empty)."""
+    max_view_age: float = 0.0
+    """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +366,8 @@ def _check(config: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}{name} must be positive")
         if not 0 <= config.poll_jitter <= 1:
             raise ConfigError(f"{prefix}poll_jitter must be between 0 and 1")
+        if config.max_view_age < 0:
+            raise ConfigError(f"{prefix}max_view_age must not be negative")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
     if isinstance(config, DnsConfig):
@@ -434,7 +438,9 @@ def _walk_docs(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) ->
             _walk_docs(hint, prefix + f.name + ".", rows)
             continue
         default = getattr(defaults, f.name)
-        if isinstance(default, tuple):
+        if f.default_factory is _default_state_dir:  # type: ignore[comparison-overlap]
+            shown = "$STATE_DIRECTORY, else ~/.local/state/edge"
+        elif isinstance(default, tuple):
             shown = ", ".join(str(d) for d in default)
         elif default is None:
             shown = ""

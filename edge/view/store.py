@@ -23,6 +23,8 @@ class ViewStatus:
     loaded_from: str = ""
     """``source`` or ``state`` (the last good view on disk)."""
     loaded_at: float | None = None
+    confirmed_at: float | None = None
+    """When the source last delivered or confirmed (unchanged) the view being served."""
     last_poll_at: float | None = None
     last_poll_result: str = ""
     """``accepted``, ``unchanged``, ``rejected``, ``stale``, ``error`` or empty before the first poll."""

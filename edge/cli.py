@@ -1,0 +1,168 @@
+"""``edge`` command line: ``serve``, ``view check``, ``keys generate``, ``config keys``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from edge.config import Config, key_table, load_config
+from edge.errors import ConfigError, EdgeError, ViewInvalid
+from edge.logs import configure_logging
+
+# CLI flag -> configuration key; flags override the file and the environment.
+_SERVE_FLAGS: dict[str, str] = {
+    "view": "view.source",
+    "state_dir": "view.state_dir",
+    "metadata_listen": "metadata.listen",
+    "dns_listen": "dns.listen",
+    "admin_listen": "admin.listen",
+    "poll_interval": "view.poll_interval",
+    "token_key_file": "metadata.token_key_file",
+    "workers": "workers",
+    "log_level": "log.level",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge", description="Instance metadata and DNS edge server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the metadata and DNS server")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--view", metavar="SOURCE", help="view source: file path, http(s):// URL, or demo")
+    serve.add_argument("--state-dir", metavar="DIR", help="where the last good view is kept")
+    serve.add_argument("--metadata-listen", metavar="ADDR:PORT[@NETWORK]", action="append",
+                       help="metadata listener (repeatable)")
+    serve.add_argument("--dns-listen", metavar="ADDR:PORT[@NETWORK]", action="append",
+                       help="DNS listener, UDP and TCP (repeatable)")
+    serve.add_argument("--admin-listen", metavar="ADDR:PORT", help="operations listener (health, metrics)")
+    serve.add_argument("--poll-interval", metavar="SECONDS", type=float, help="seconds between view polls")
+    serve.add_argument("--token-key-file", metavar="FILE", help="IMDSv2 token keys shared by the fleet")
+    serve.add_argument("--workers", metavar="N", type=int, help="worker processes")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    view = commands.add_parser("view", help="work with view documents")
+    view_commands = view.add_subparsers(dest="view_command", required=True)
+    check = view_commands.add_parser("check", help="validate a view and summarise it")
+    check.add_argument("source", metavar="FILE_OR_URL")
+    check.add_argument("--config", help="TOML configuration file (for HTTP timeouts, CA file, size cap)")
+
+    keys = commands.add_parser("keys", help="IMDSv2 token keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser("generate", help="write a new token key file (or add a key to one)")
+    generate.add_argument("path", metavar="FILE")
+    generate.add_argument("--add", action="store_true",
+                          help="add a new primary key in front of the existing ones (rotation)")
+
+    config = commands.add_parser("config", help="configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("keys", help="list every configuration key (Markdown table)")
+    show = config_commands.add_parser("show", help="print the effective configuration")
+    show.add_argument("--config", help="TOML configuration file")
+    return parser
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for attribute, key in _SERVE_FLAGS.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "view":
+            return _view_check(args)
+        if args.command == "keys":
+            return _keys_generate(args)
+        if args.command == "config":
+            return _config(args)
+    except ConfigError as exc:
+        print(f"edge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edge.server import serve
+
+    overrides = _serve_overrides(args)
+
+    def load() -> Config:
+        return load_config(args.config, os.environ, overrides)
+
+    config = load()
+    configure_logging(config.log.level, config.log.format)
+    return serve(config, load)
+
+
+def _view_check(args: argparse.Namespace) -> int:
+    from edge.view.formats import decode_view
+    from edge.view.snapshot import build_snapshot
+    from edge.view.sources import open_source
+
+    config = load_config(args.config, os.environ, {})
+    source = open_source(args.source, config.view)
+    try:
+        data = asyncio.run(source.fetch())
+    except EdgeError as exc:
+        print(f"cannot read {args.source}: {exc}")
+        return 1
+    if data is None:
+        print(f"{args.source}: no content")
+        return 1
+    try:
+        view = decode_view(data)
+    except ViewInvalid as exc:
+        print(f"{args.source}: REJECTED, {len(exc.problems)} problem(s):")
+        for problem in exc.problems:
+            print(f"  - {problem}")
+        return 1
+    snapshot = build_snapshot(view)
+    counts = snapshot.counts()
+    print(f"{args.source}: OK")
+    print(f"  format      {view.format}")
+    print(f"  serial      {view.serial}")
+    print(f"  generated   {view.generated or '-'}")
+    print(f"  networks    {counts['networks']}")
+    print(f"  instances   {counts['instances']}")
+    print(f"  interfaces  {counts['interfaces']}")
+    print(f"  names       {counts['names']}")
+    print(f"  zones       {len(snapshot.zones)}")
+    print(f"  domains     internal {view.cloud.internal_domain}, public {view.cloud.public_domain}")
+    print("  problems    none")
+    return 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from edge.metadata.tokens import generate_token_key_file
+
+    generate_token_key_file(args.path, add=args.add)
+    print(f"wrote {args.path}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "keys":
+        print("| key | type | default | meaning |")
+        print("|---|---|---|---|")
+        for key, kind, default, text in key_table():
+            env = "EDGE_" + key.upper().replace(".", "_")
+            print(f"| `{key}` (`{env}`) | {kind} | `{default}` | {text} |".replace("``", "`"))
+        return 0
+    config = load_config(getattr(args, "config", None), os.environ, {})
+    print(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

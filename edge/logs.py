@@ -1,0 +1,55 @@
+"""Structured event logs: one line per event that matters, ``key=value`` or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "edge_fields"
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+    """Log event ``name`` with ``fields`` (rendered by the configured formatter)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={_FIELDS: fields})
+
+
+def _quote(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if text == "" or any(c in text for c in ' "=\n\t'):
+        return json.dumps(text)
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        parts = [f"ts={stamp}", f"level={record.levelname.lower()}", f"logger={record.name}",
+                 f"event={_quote(record.getMessage())}"]
+        for key, value in getattr(record, _FIELDS, {}).items():
+            parts.append(f"{key}={_quote(value)}")
+        if record.exc_info:
+            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        document = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+                    "event": record.getMessage()}
+        document.update(getattr(record, _FIELDS, {}))
+        if record.exc_info:
+            document["exc"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger("edge")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,251 @@
+"""Poll the source, validate, build a snapshot off the loop, swap, persist.
+
+The poller is the only writer of the store.  One task does every poll, so
+periodic polls and "refresh now" requests never run concurrently: a refresh
+request wakes the task early (no sooner than ``refresh_min_interval`` after the
+previous poll) and every caller waiting at that moment is answered by the same
+poll.  A boot storm of unknown instances therefore costs one poll.
+
+Safety rules: a document is validated whole before it is swapped; a lower
+serial never replaces a higher one and an equal serial is "unchanged"; every
+accepted document is written to the state directory so a restart without the
+control plane serves the last good view at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from edge.config import ViewConfig
+from edge.errors import SourceError, StateError, ViewInvalid
+from edge.logs import event
+from edge.view.formats import decode_view
+from edge.view.model import View
+from edge.view.snapshot import Preparer, Snapshot, build_snapshot
+from edge.view.sources import ViewSource
+from edge.view.statefile import StateFile
+from edge.view.store import ViewStore
+
+log = logging.getLogger("edge.view")
+
+MAX_PROBLEMS_LOGGED = 50
+
+Decoder = Callable[[bytes], View]
+
+
+@dataclass(frozen=True, slots=True)
+class PollOutcome:
+    result: str
+    """``accepted``, ``unchanged``, ``rejected``, ``stale`` or ``error``."""
+    serial: int | None = None
+    error: str = ""
+
+
+class _Stale(Exception):
+    def __init__(self, serial: int) -> None:
+        self.serial = serial
+
+
+class Poller:
+    def __init__(self, config: ViewConfig, source: ViewSource, store: ViewStore, state: StateFile | None,
+                 preparers: Iterable[Preparer] = (), decode: Decoder = decode_view,
+                 on_outcome: Callable[[PollOutcome], None] | None = None) -> None:
+        self.config = config
+        self.source = source
+        self.store = store
+        self.state = state
+        self.preparers = tuple(preparers)
+        self.decode = decode
+        self.on_outcome = on_outcome
+        self._wake = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._last_poll_started = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    async def load_last_good(self) -> bool:
+        """Serve the view kept in the state directory, if there is a valid one."""
+        if self.state is None:
+            return False
+        try:
+            data = await asyncio.to_thread(self.state.read)
+        except StateError as exc:
+            event(log, logging.ERROR, "last good view unreadable", error=str(exc))
+            return False
+        if data is None:
+            return False
+        try:
+            snapshot = await asyncio.to_thread(self._build, data, None)
+        except ViewInvalid as exc:
+            event(log, logging.ERROR, "last good view on disk is corrupt; ignoring it",
+                  path=self.state.path, problems=len(exc.problems), first=exc.problems[0])
+            return False
+        self._swap(snapshot, "state")
+        event(log, logging.INFO, "last good view loaded", serial=snapshot.serial, path=self.state.path,
+              **snapshot.counts())
+        return True
+
+    # -- the polling task -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="view-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._answer_waiters()
+
+    async def refresh(self) -> None:
+        """Ask for a poll now; completes when the poll that answers it has finished."""
+        if self._task is None or self._task.done():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await asyncio.shield(waiter)
+
+    async def _run(self) -> None:
+        while True:
+            outcome = await self.poll_once()
+            await self._sleep(self._delay_after(outcome))
+
+    def _delay_after(self, outcome: PollOutcome) -> float:
+        interval = self.config.poll_interval
+        failures = self.store.status.consecutive_failures
+        if failures:
+            interval = min(interval * (2 ** min(failures, 16)), self.config.backoff_max)
+        return interval * (1 + self._rng.uniform(0, self.config.poll_jitter))
+
+    async def _sleep(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+            self._wake.clear()
+            if self._waiters:
+                # Rate-limit refreshes: never poll sooner than refresh_min_interval after the last poll.
+                earliest = self._last_poll_started + self.config.refresh_min_interval
+                await asyncio.sleep(max(0.0, earliest - time.monotonic()))
+                return
+
+    # -- one poll ---------------------------------------------------------------------------------
+
+    async def poll_once(self) -> PollOutcome:
+        self._last_poll_started = time.monotonic()
+        answering = self._waiters
+        self._waiters = []
+        try:
+            outcome = await self._poll()
+        finally:
+            for waiter in answering:
+                if not waiter.done():
+                    waiter.set_result(None)
+        status = self.store.status
+        status.polls += 1
+        status.last_poll_at = time.time()
+        status.last_poll_result = outcome.result
+        if outcome.result in ("accepted", "unchanged") and self.store.current is not None:
+            status.confirmed_at = status.last_poll_at
+        if outcome.result in ("accepted", "unchanged"):
+            if outcome.result == "accepted" or not status.last_error:
+                status.consecutive_failures = 0
+            if outcome.result == "accepted":
+                status.last_error = ""
+        else:
+            status.consecutive_failures += 1
+            status.last_error = outcome.error
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    async def _poll(self) -> PollOutcome:
+        source = self.source.description
+        try:
+            data = await self.source.fetch()
+        except SourceError as exc:
+            event(log, logging.WARNING, "view source error", source=source, error=str(exc),
+                  failures=self.store.status.consecutive_failures + 1)
+            return PollOutcome("error", error=str(exc))
+        if data is None:
+            return PollOutcome("unchanged", serial=self._current_serial())
+        current = self._current_serial()
+        try:
+            snapshot = await asyncio.to_thread(self._build, data, current)
+        except ViewInvalid as exc:
+            shown = exc.problems[:MAX_PROBLEMS_LOGGED]
+            event(log, logging.ERROR, "view rejected", source=source, problems=len(exc.problems),
+                  reason=shown[0])
+            for problem in shown[1:]:
+                event(log, logging.ERROR, "view problem", source=source, problem=problem)
+            if len(exc.problems) > len(shown):
+                event(log, logging.ERROR, "view problems not shown", count=len(exc.problems) - len(shown))
+            return PollOutcome("rejected", error=str(exc))
+        except _Stale as stale:
+            message = f"serial {stale.serial} is lower than the serial being served ({current})"
+            event(log, logging.WARNING, "view ignored: lower serial", source=source, offered=stale.serial,
+                  serving=current)
+            return PollOutcome("stale", serial=stale.serial, error=message)
+        if snapshot is None:
+            return PollOutcome("unchanged", serial=current)
+        previous = self.store.current
+        self._swap(snapshot, "source")
+        event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,
+              previous=previous.serial if previous else None, **snapshot.counts())
+        del previous
+        await self._persist(data)
+        return PollOutcome("accepted", serial=snapshot.serial)
+
+    def _current_serial(self) -> int | None:
+        current = self.store.current
+        return None if current is None else current.serial
+
+    def _build(self, data: bytes, current_serial: int | None) -> Snapshot | None:
+        """Runs in a worker thread: decode, check the serial, index, prepare."""
+        view = self.decode(data)
+        if current_serial is not None:
+            if view.serial < current_serial:
+                raise _Stale(view.serial)
+            if view.serial == current_serial:
+                return None
+        return build_snapshot(view, self.preparers)
+
+    def _swap(self, snapshot: Snapshot, loaded_from: str) -> None:
+        self.store.swap(snapshot, loaded_from)
+        # Long-lived snapshot objects need no cycle collection; freezing them keeps
+        # full collections (which hold the interpreter lock) short while serving.
+        gc.freeze()
+
+    async def _persist(self, data: bytes) -> None:
+        if self.state is None:
+            return
+        try:
+            await asyncio.to_thread(self.state.write, data)
+            self.store.status.state_write_error = ""
+        except StateError as exc:
+            self.store.status.state_write_error = str(exc)
+            event(log, logging.ERROR, "last good view not saved; still serving it from memory", error=str(exc))
+
+    def _answer_waiters(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = []

@@ -1,0 +1,234 @@
+"""Where views come from: the only module of the pipeline that does I/O on sources.
+
+A source's ``fetch()`` returns the document bytes when they (may) have changed
+since the last fetch, or None when the source says they have not.  Sources do
+not parse: the poller validates before anything is swapped, so a half-written
+file or a truncated body is rejected, never served.
+
+Blocking reads run in a thread (``asyncio.to_thread``) so a slow disk or a
+hanging server never stalls the event loop; every read is bounded in time and
+size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import ssl
+import time
+import zlib
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from edge.config import ViewConfig
+from edge.errors import SourceError, ViewTooLarge
+
+USER_AGENT = "edge-view-poller/1"
+
+
+class ViewSource(Protocol):
+    description: str
+
+    async def fetch(self) -> bytes | None:
+        """New document bytes, or None when unchanged; raises SourceError."""
+
+
+class DemoSource:
+    """The embedded demo view: delivered once, unchanged afterwards."""
+
+    description = "demo"
+
+    def __init__(self) -> None:
+        self._delivered = False
+
+    async def fetch(self) -> bytes | None:
+        if self._delivered:
+            return None
+        import json
+
+        from edge.view.demo import demo_document
+        self._delivered = True
+        return json.dumps(demo_document()).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _FileStamp:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class FileSource:
+    """A local file, re-read when its inode, size or mtime changes.
+
+    Producers should write a temporary file and rename it over the view; a file
+    that changes while it is being read is discarded and read again next poll.
+    """
+
+    def __init__(self, path: str, max_size: int) -> None:
+        self.path = path
+        self.description = f"file:{path}"
+        self.max_size = max_size
+        self._stamp: _FileStamp | None = None
+
+    async def fetch(self) -> bytes | None:
+        return await asyncio.to_thread(self._read)
+
+    def _read(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as handle:
+                before = _stamp_of(os.fstat(handle.fileno()))
+                if before == self._stamp:
+                    return None
+                if before.size > self.max_size:
+                    raise ViewTooLarge(f"{self.path}: {before.size} bytes is over the {self.max_size}-byte cap")
+                data = handle.read(self.max_size + 1)
+                after = _stamp_of(os.fstat(handle.fileno()))
+            current = _stamp_of(os.stat(self.path))
+        except FileNotFoundError:
+            raise SourceError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise SourceError(f"{self.path}: {exc.strerror or exc}") from None
+        if len(data) > self.max_size:
+            raise ViewTooLarge(f"{self.path}: over the {self.max_size}-byte cap")
+        if after != before or current != before or len(data) != before.size:
+            raise SourceError(f"{self.path}: file changed while it was read; will read again")
+        self._stamp = before
+        return data
+
+    def forget(self) -> None:
+        """Read the file again next time even if unchanged (after a rejected document)."""
+        self._stamp = None
+
+
+def _stamp_of(st: os.stat_result) -> _FileStamp:
+    return _FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class HttpSource:
+    """An ``http://`` or ``https://`` URL polled with conditional GETs."""
+
+    def __init__(self, url: str, config: ViewConfig) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SourceError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.description = url
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._connect_timeout = config.connect_timeout
+        self._read_timeout = config.read_timeout
+        self._max_size = config.max_size
+        self._ca_file = config.ca_file or None
+        self._etag: str | None = None
+        self._last_modified: str | None = None
+
+    async def fetch(self) -> bytes | None:
+        # The thread is bounded by socket timeouts; wait_for bounds the whole exchange.
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._get),
+                                          self._connect_timeout + self._read_timeout + 1)
+        except asyncio.TimeoutError:
+            raise SourceError(f"{self.url}: no complete answer within {self._read_timeout:g}s") from None
+
+    def forget(self) -> None:
+        self._etag = self._last_modified = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._scheme == "https":
+            context = ssl.create_default_context(cafile=self._ca_file)
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout,
+                                               context=context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+
+    def _get(self) -> bytes | None:
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip", "Accept": "application/json, */*"}
+        if self._etag:
+            headers["If-None-Match"] = self._etag
+        if self._last_modified:
+            headers["If-Modified-Since"] = self._last_modified
+        connection = self._connection()
+        deadline = time.monotonic() + self._read_timeout
+        try:
+            connection.connect()
+            if connection.sock is not None:
+                connection.sock.settimeout(self._read_timeout)
+            connection.request("GET", self._target, headers=headers)
+            response = connection.getresponse()
+            if response.status == 304:
+                return None
+            if response.status != 200:
+                raise SourceError(f"{self.url}: HTTP {response.status} {response.reason}")
+            length = response.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > self._max_size:
+                raise ViewTooLarge(f"{self.url}: Content-Length {length} is over the {self._max_size}-byte cap")
+            body = self._read_body(response, deadline)
+            encoding = (response.getheader("Content-Encoding") or "identity").lower()
+            if encoding == "gzip":
+                body = self._gunzip(body)
+            elif encoding != "identity":
+                raise SourceError(f"{self.url}: unsupported Content-Encoding {encoding!r}")
+            self._etag = response.getheader("ETag")
+            self._last_modified = response.getheader("Last-Modified")
+            return body
+        except (SourceError, ViewTooLarge):
+            raise
+        except http.client.IncompleteRead as exc:
+            raise SourceError(f"{self.url}: body truncated after {len(exc.partial)} bytes") from None
+        except ssl.SSLError as exc:
+            raise SourceError(f"{self.url}: TLS error: {exc.reason or exc}") from None
+        except TimeoutError:
+            raise SourceError(f"{self.url}: timed out") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise SourceError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        finally:
+            connection.close()
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise SourceError(f"{self.url}: body not complete within {self._read_timeout:g}s")
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > self._max_size:
+                raise ViewTooLarge(f"{self.url}: body is over the {self._max_size}-byte cap")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _gunzip(self, body: bytes) -> bytes:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(body, self._max_size + 1)
+        except zlib.error as exc:
+            raise SourceError(f"{self.url}: corrupt gzip body: {exc}") from None
+        if len(data) > self._max_size or inflater.unconsumed_tail:
+            raise ViewTooLarge(f"{self.url}: decompressed body is over the {self._max_size}-byte cap")
+        if not inflater.eof:
+            raise SourceError(f"{self.url}: gzip body truncated")
+        return data
+
+
+def http_date(timestamp: float) -> str:
+    return formatdate(timestamp, usegmt=True)
+
+
+def open_source(spec: str, config: ViewConfig) -> ViewSource:
+    """``demo``, an ``http(s)://`` URL, or a file path (``file://`` accepted)."""
+    if spec == "demo":
+        return DemoSource()
+    if spec.startswith(("http://", "https://")):
+        return HttpSource(spec, config)
+    if spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    if "://" in spec:
+        raise SourceError(f"unsupported view source {spec!r} (use a file path, http(s):// URL or demo)")
+    return FileSource(spec, config.max_size)
