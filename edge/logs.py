@@ -9,12 +9,18 @@ import time
 from typing import Any
 
 _FIELDS = "edge_fields"
+_EVENT = "edge_event"
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
-    """Log event ``name`` with ``fields`` (rendered by the configured formatter)."""
+    """Log event ``name`` with ``fields``.
+
+    The plain message carries the fields as ``key=value`` too, so any handler
+    (a test's capture, a foreign formatter) shows the whole event.
+    """
     if logger.isEnabledFor(level):
-        logger.log(level, name, extra={_FIELDS: fields})
+        rendered = " ".join([name] + [f"{key}={_quote(value)}" for key, value in fields.items()])
+        logger.log(level, "%s", rendered, extra={_FIELDS: fields, _EVENT: name})
 
 
 def _quote(value: Any) -> str:
@@ -28,7 +34,7 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         parts = [f"ts={stamp}", f"level={record.levelname.lower()}", f"logger={record.name}",
-                 f"event={_quote(record.getMessage())}"]
+                 f"event={_quote(getattr(record, _EVENT, None) or record.getMessage())}"]
         for key, value in getattr(record, _FIELDS, {}).items():
             parts.append(f"{key}={_quote(value)}")
         if record.exc_info:
@@ -39,7 +45,7 @@ class KeyValueFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
-                    "event": record.getMessage()}
+                    "event": getattr(record, _EVENT, None) or record.getMessage()}
         document.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             document["exc"] = self.formatException(record.exc_info)

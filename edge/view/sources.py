@@ -168,6 +168,8 @@ class HttpSource:
             if length and length.isdigit() and int(length) > self._max_size:
                 raise ViewTooLarge(f"{self.url}: Content-Length {length} is over the {self._max_size}-byte cap")
             body = self._read_body(response, deadline)
+            if length and length.isdigit() and len(body) != int(length):
+                raise SourceError(f"{self.url}: body truncated after {len(body)} of {length} bytes")
             encoding = (response.getheader("Content-Encoding") or "identity").lower()
             if encoding == "gzip":
                 body = self._gunzip(body)

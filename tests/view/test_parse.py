@@ -1,0 +1,151 @@
+"""Validation of edge-view/1 documents: every rule, every problem reported at once."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from edge.errors import ViewInvalid
+from edge.testing.generate import generate_view
+from edge.view.demo import demo_document
+from edge.view.formats import decode_view
+from edge.view.parse import parse_view
+
+
+def _problems(document: object) -> list[str]:
+    with pytest.raises(ViewInvalid) as caught:
+        parse_view(document)
+    return caught.value.problems
+
+
+def test_demo_view_is_valid_and_typed() -> None:
+    view = parse_view(demo_document())
+    assert view.serial == 1
+    first = view.instances[0]
+    assert first.id == "i-0de0000000000001"
+    assert first.user_data == b"#cloud-config\nhostname: demo-1\n"
+    assert first.primary_interface.private_ips == ("127.0.0.1",)
+    assert first.iam is not None and first.iam.role == "demo-role"
+    assert view.instances[2].metadata_options.tokens_required
+
+
+def test_reference_example_from_the_contract_is_valid() -> None:
+    document = {
+        "format": "edge-view/1", "serial": 1042, "generated": "2026-11-23T22:10:00Z",
+        "cloud": {"region": "eucalyptus", "internal_domain": "eucalyptus.internal",
+                  "public_domain": "cloud.example.com", "upstream_resolvers": ["192.0.2.53"],
+                  "dns_records": [{"name": "ec2.cloud.example.com", "type": "A", "value": "10.111.5.10", "ttl": 300}]},
+        "networks": [{"id": "vpc-0a1b2c3d", "cidrs": ["10.0.0.0/16"],
+                      "subnets": [{"id": "subnet-11aa22bb", "cidr": "10.0.1.0/24", "availability_zone": "one"}]}],
+        "instances": [{"id": "i-0123456789abcdef0", "interfaces": [
+            {"id": "eni-1a2b3c4d", "mac": "D0:0D:12:34:56:78", "device_index": 0, "network": "vpc-0a1b2c3d",
+             "subnet": "subnet-11aa22bb", "private_ips": ["10.0.1.5"], "public_ip": "203.0.113.25"}],
+            "unknown_future_field": {"ignored": True}}],
+        "unknown_top_level": 1,
+    }
+    view = parse_view(document)
+    assert view.instances[0].interfaces[0].mac == "d0:0d:12:34:56:78"
+    assert view.cloud.dns_records[0].ttl == 300
+
+
+def test_wrong_format_is_rejected_alone() -> None:
+    document = demo_document()
+    document["format"] = "edge-view/2"
+    assert _problems(document) == ["$.format: expected 'edge-view/1', got 'edge-view/2'"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.pop("serial"), "$.serial: required field is missing"),
+    (lambda d: d.update(serial="7"), "$.serial: expected integer, got string"),
+    (lambda d: d.update(serial=True), "$.serial: expected integer, got boolean"),
+    (lambda d: d.pop("instances"), "$.instances: required field is missing"),
+    (lambda d: d["instances"][0].pop("id"), "$.instances[0].id: required field is missing"),
+    (lambda d: d["instances"][0].update(interfaces=[]), "$.instances[0].interfaces: at least one interface is required"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(mac="zz:zz"), "not a MAC address"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(private_ips=["10.0.0.256"]), "not a valid IP address"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(private_ips=[]), "at least one private IP is required"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(private_ips=["10.9.9.9"]), "outside network '' CIDRs"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(network="vpc-nope"), "unknown network 'vpc-nope'"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(public_ip="300.1.1.1"), "not a valid IP address"),
+    (lambda d: d["instances"][0]["interfaces"][0].update(ipv6s=["10.0.0.1"]), "not a valid IPv6 address"),
+    (lambda d: d["instances"][0].update(user_data="***"), "not valid base64"),
+    (lambda d: d["instances"][0]["metadata_options"].update(hop_limit=65), "must be 1..64"),
+    (lambda d: d["instances"][0]["metadata_options"].update(http_tokens="maybe"), "must be 'optional' or 'required'"),
+    (lambda d: d["instances"][0].update(tags={"a": 1}), "$.instances[0].tags.a: expected string, got integer"),
+    (lambda d: d["networks"][0].update(cidrs=["10.0.0.1/8"]), "invalid CIDR"),
+    (lambda d: d["cloud"]["dns_records"].append({"name": "x.demo.internal", "type": "SPF", "value": "v"}),
+     "unsupported record type 'SPF'"),
+    (lambda d: d["cloud"]["dns_records"].append({"name": "x.demo.internal", "type": "MX", "value": "mail"}),
+     "MX value must be"),
+    (lambda d: d["cloud"].update(upstream_resolvers=["resolver.example"]), "not an address or address:port"),
+])
+def test_each_rule_is_enforced(mutate, expected: str) -> None:
+    document = demo_document()
+    mutate(document)
+    problems = _problems(document)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_duplicates_are_rejected() -> None:
+    document = demo_document()
+    clone = copy.deepcopy(document["instances"][0])
+    document["instances"].append(clone)
+    problems = _problems(document)
+    assert any("duplicate instance id 'i-0de0000000000001'" in p for p in problems), problems
+
+    document = demo_document()
+    clone = copy.deepcopy(document["instances"][1])
+    clone["id"] = "i-other"
+    clone["interfaces"][0].update(mac="d0:0d:00:00:00:99", public_ip=None)
+    document["instances"].append(clone)
+    assert any("private address 127.0.0.2 in network '' is also used by" in p for p in _problems(document))
+
+    document = demo_document()
+    document["instances"][1]["interfaces"][0]["public_ip"] = "198.51.100.1"
+    assert any("public address 198.51.100.1 is also used by i-0de0000000000001" in p for p in _problems(document))
+
+
+def test_same_private_address_in_two_networks_is_fine() -> None:
+    view = parse_view(demo_document())
+    assert {i.interfaces[0].private_ips[0] for i in view.instances if i.interfaces[0].network == "vpc-demo"} \
+        <= {"127.0.0.1", "127.0.0.2"}
+
+
+def test_every_problem_is_listed_together() -> None:
+    document = demo_document()
+    document["serial"] = "x"
+    document["instances"][0]["interfaces"][0]["mac"] = "bad"
+    document["instances"][3]["user_data"] = "!"
+    assert len(_problems(document)) == 3
+
+
+def test_corrupt_and_non_object_json() -> None:
+    with pytest.raises(ViewInvalid, match="not valid JSON"):
+        decode_view(b'{"format": "edge-view/1", "serial": 1, ')
+    with pytest.raises(ViewInvalid, match="expected a JSON object"):
+        decode_view(b"[1, 2]")
+    with pytest.raises(ViewInvalid, match="not valid UTF-8"):
+        decode_view(b'{"format": "\xff"}')
+
+
+def test_incremental_decoder_matches_json_loads() -> None:
+    document = generate_view(instances=900, networks=3, user_data_bytes=1200)
+    data = json.dumps(document, indent=1).encode()
+    assert len(data) > 1 << 20  # large enough to take the incremental path
+    view = decode_view(data)
+    assert view == parse_view(json.loads(data))
+    with pytest.raises(ViewInvalid, match="not valid JSON"):
+        decode_view(data[: len(data) // 2])
+    with pytest.raises(ViewInvalid, match="not valid JSON"):
+        decode_view(data + b"garbage")
+
+
+def test_fast_path_rejects_what_the_explaining_parser_rejects() -> None:
+    document = generate_view(instances=40, networks=2)
+    document["instances"][5]["interfaces"][0]["private_ips"] = ["10.0.0.05"]
+    document["instances"][6]["launch_index"] = 1.5
+    document["instances"][7]["interfaces"][0]["security_groups"] = [{"name": "no-id"}]
+    problems = _problems(document)
+    assert len(problems) == 3, problems
