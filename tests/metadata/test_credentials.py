@@ -1,0 +1,154 @@
+"""IAM credentials from a process or an upstream IMDS: caching, refresh ahead, single flight, failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from imds_harness import demo, parse, request
+
+from edge.config import CredentialsConfig
+
+CREDENTIALS = "/latest/meta-data/iam/security-credentials/demo-role"
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    plan_path, log_path = sys.argv[1], sys.argv[2]
+    plan = json.load(open(plan_path))
+    with open(log_path, "a") as log:
+        log.write(json.dumps({"argv": sys.argv[3:], "env": os.environ.get("EDGE_INSTANCE_ID"),
+                              "role": os.environ.get("EDGE_ROLE")}) + "\\n")
+    count = sum(1 for _ in open(log_path))
+    time.sleep(plan.get("sleep", 0))
+    if plan.get("fail"):
+        sys.exit("source down")
+    expires = time.gmtime(time.time() + plan.get("expires_in", 3600))
+    print(json.dumps({"Version": 1, "AccessKeyId": f"AKIA{count:04d}", "SecretAccessKey": "secret",
+                      "SessionToken": "token", "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", expires)}))
+""")
+
+
+class Source:
+    def __init__(self, tmp_path, **plan):
+        self.script = tmp_path / "source.py"
+        self.script.write_text(SCRIPT)
+        self.plan = tmp_path / "plan.json"
+        self.log = tmp_path / "calls.log"
+        self.set(**plan)
+
+    def set(self, **plan):
+        self.plan.write_text(json.dumps(plan))
+
+    @property
+    def calls(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def config(self, **options) -> CredentialsConfig:
+        return CredentialsConfig(kind="process", command=(
+            sys.executable, str(self.script), str(self.plan), str(self.log), "{instance_id}", "{account_id}", "{role}"),
+            **options)
+
+
+def get_credentials(port, source="127.0.0.1"):
+    status, headers, body = parse(request(port, "GET", CREDENTIALS, source=source))
+    return status, (json.loads(body) if status == 200 else None)
+
+
+def test_process_source_and_cache(start, tmp_path):
+    source = Source(tmp_path)
+    server = start(credentials=source.config())
+    assert parse(request(server.port, "GET", "/latest/meta-data/iam/security-credentials/"))[2] == b"demo-role"
+    status, document = get_credentials(server.port)
+    assert status == 200
+    assert document["Code"] == "Success" and document["Type"] == "AWS-HMAC"
+    assert document["AccessKeyId"] == "AKIA0001" and document["SecretAccessKey"] == "secret"
+    assert document["Token"] == "token"
+    assert time.strptime(document["Expiration"], "%Y-%m-%dT%H:%M:%SZ")
+    raw = request(server.port, "GET", CREDENTIALS)
+    assert b'\n  "Code" : "Success",\n' in raw and not raw.endswith(b"\n")
+    assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001"
+    assert source.calls == [{"argv": ["i-0de0000000000001", "000123456789", "demo-role"],
+                             "env": "i-0de0000000000001", "role": "demo-role"}]
+    # Another role name is 404; an instance without a profile has no iam/ at all.
+    assert parse(request(server.port, "GET", CREDENTIALS + "x"))[0] == 404
+    assert parse(request(server.port, "GET", CREDENTIALS, source="127.0.0.2"))[0] == 404
+
+
+def test_single_flight_and_slow_source_does_not_delay_others(start, tmp_path):
+    source = Source(tmp_path, sleep=1.0)
+    server = start(credentials=source.config())
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        waiting = [pool.submit(get_credentials, server.port) for _ in range(20)]
+        time.sleep(0.2)
+        begun = time.monotonic()
+        other = parse(request(server.port, "GET", "/latest/meta-data/instance-id"))
+        elapsed = time.monotonic() - begun
+        results = [f.result() for f in waiting]
+    assert other[0] == 200 and elapsed < 0.5
+    assert all(status == 200 and doc["AccessKeyId"] == "AKIA0001" for status, doc in results)
+    assert len(source.calls) == 1
+
+
+def test_refresh_ahead_serves_cached_meanwhile(start, tmp_path):
+    source = Source(tmp_path, expires_in=600)
+    server = start(credentials=source.config(refresh_ahead=599.0))
+    assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001"
+    time.sleep(1.1)
+    # Within the refresh window: answered from the cache at once, refreshed in the background.
+    assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001":
+        time.sleep(0.05)
+    assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0002"
+
+
+def test_source_failure_serves_cached_until_expiration_never_after(start, tmp_path):
+    source = Source(tmp_path, expires_in=3)
+    server = start(credentials=source.config(refresh_ahead=2.5, retry_interval=0.2, timeout=1.0))
+    status, first = get_credentials(server.port)
+    assert status == 200
+    source.set(fail=True)
+    expiration = time.mktime(time.strptime(first["Expiration"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    while time.time() < expiration - 0.3:
+        status, document = get_credentials(server.port)
+        assert status == 200 and document["AccessKeyId"] == first["AccessKeyId"]
+        time.sleep(0.1)
+    assert len(source.calls) >= 3  # refreshes were retried, at the retry interval
+    time.sleep(max(0.0, expiration - time.time()) + 0.1)
+    raw = request(server.port, "GET", CREDENTIALS)
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    # The source recovers: fresh credentials again.
+    source.set()
+    assert get_credentials(server.port)[0] == 200
+
+
+def test_no_source_configured_is_unavailable(server):
+    assert parse(request(server.port, "GET", CREDENTIALS))[0] == 503
+    assert parse(request(server.port, "GET", "/latest/meta-data/iam/security-credentials/"))[2] == b"demo-role"
+
+
+def test_http_source_asks_upstream_for_the_instance(start, tmp_path):
+    iam = {"instance_profile_arn": "arn:aws:iam::000123456789:instance-profile/demo-role",
+           "instance_profile_id": "AIPADEMO00000000004", "role": "demo-role"}
+    document = demo(**{"i-0de0000000000004": {"iam": iam}})
+    source = Source(tmp_path)
+    # The upstream trusts the gateway (it dials from 127.0.0.1) to name the instance.
+    upstream = start(document, credentials=source.config(), trusted_proxies=("127.0.0.1/32",))
+    gateway = start(document, credentials=CredentialsConfig(
+        kind="http", url=f"http://127.0.0.1:{upstream.port}/latest/meta-data/iam/security-credentials/"))
+    status, answer = get_credentials(gateway.port, source="127.0.0.4")
+    assert status == 200 and answer["AccessKeyId"] == "AKIA0001"
+    assert [call["env"] for call in source.calls] == ["i-0de0000000000004"]
+    # Cached on the gateway: the upstream is not asked again.
+    assert get_credentials(gateway.port, source="127.0.0.4")[0] == 200
+    assert len(source.calls) == 1
+
+
+def test_http_source_refused_upstream_is_unavailable(start):
+    gateway = start(credentials=CredentialsConfig(kind="http", url="http://127.0.0.1:9/creds/", timeout=1.0))
+    assert parse(request(gateway.port, "GET", CREDENTIALS))[0] == 503
