@@ -149,15 +149,15 @@ def _key_line(name: str | None = None) -> str:
     return f"{label} {base64.b64encode(secrets.token_bytes(MIN_KEY_BYTES)).decode()}\n"
 
 
-def generate_token_key_file(path: str | Path, name: str | None = None, rotate: bool = False) -> Path:
-    """Write a new key file (mode 0600), or with ``rotate`` put a new signing key first and keep the rest."""
+def generate_token_key_file(path: str | Path, name: str | None = None, add: bool = False) -> Path:
+    """Write a new key file (mode 0600), or with ``add`` put a new signing key first and keep the rest (rotation)."""
     target = Path(path)
     previous = ""
-    if rotate and target.exists():
+    if add and target.exists():
         previous = target.read_text()
         parse_key_file(previous, where=str(target))
     elif target.exists():
-        raise ConfigError(f"token key file {target} exists (use rotation to add a key)")
+        raise ConfigError(f"token key file {target} exists (add a key to it to rotate)")
     header = "# edge IMDSv2 token keys: NAME BASE64KEY; the first signs, all verify\n"
     body = header + _key_line(name) + "".join(
         line + "\n" for line in previous.splitlines() if line.strip() and not line.startswith("#"))

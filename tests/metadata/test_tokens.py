@@ -79,7 +79,7 @@ def test_key_file_generate_rotate_and_load(tmp_path):
     assert first.signing.name == "first"
     with pytest.raises(ConfigError):
         tokens.generate_token_key_file(path)
-    tokens.generate_token_key_file(path, name="second", rotate=True)
+    tokens.generate_token_key_file(path, name="second", add=True)
     rotated = tokens.load_key_file(path)
     assert rotated.signing.name == "second" and len(rotated.by_id) == 2
     assert first.signing.key_id in rotated.by_id
