@@ -1,0 +1,1 @@
+"""The DNS side of edge: authoritative instance names plus a forwarding resolver."""

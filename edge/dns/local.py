@@ -1,0 +1,115 @@
+"""Authoritative answers from the view, by the horizon of the asking network.
+
+A question under a local zone visible to the client's network is answered
+here (AA set): records, CNAME chains inside local data, SOA and NS at each
+apex, NXDOMAIN/NODATA with the zone's SOA (RFC 2308), one RRset for ANY
+(RFC 8482).  Anything else is :data:`NOT_LOCAL` and goes to the forwarder.
+"""
+
+from __future__ import annotations
+
+from edge.dns.errors import NOERROR, NXDOMAIN, REFUSED
+from edge.dns.render import Answer, Record, render
+from edge.dns.wire import (
+    CLASS_ANY,
+    CLASS_IN,
+    TYPE_ANY,
+    TYPE_AXFR,
+    TYPE_CNAME,
+    TYPE_CODES,
+    TYPE_IXFR,
+    TYPE_NS,
+    TYPE_SOA,
+)
+from edge.dns.zonedata import DnsData, ZoneInfo
+
+
+NOT_LOCAL = object()
+"""Marker: the name is outside every local zone this network sees."""
+
+MAX_CHAIN = 8
+
+
+def question_text(name_wire: bytes) -> str | None:
+    """Lower-case dotted name of a wire name; None if a label holds a dot or non-ASCII byte."""
+    labels = []
+    pos = 0
+    while name_wire[pos]:
+        length = name_wire[pos]
+        label = name_wire[pos + 1:pos + 1 + length]
+        if b"." in label or not label.isascii():
+            return None
+        labels.append(label.decode("ascii"))
+        pos += length + 1
+    return ".".join(labels)
+
+
+def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int) -> Answer | object:
+    """The authoritative answer for this question and network, or :data:`NOT_LOCAL`."""
+    name = question_text(name_wire)
+    if name is None:
+        return NOT_LOCAL
+    zone = data.zone_for(network, name)
+    if zone is None:
+        return NOT_LOCAL
+    if qclass not in (CLASS_IN, CLASS_ANY) or qtype in (TYPE_AXFR, TYPE_IXFR):
+        return render(name_wire, qtype, qclass, REFUSED, False, ())
+    records = _records(data, network, name, zone)
+    if not records:
+        if data.is_empty_non_terminal(network, name):
+            return _negative(name_wire, qtype, qclass, NOERROR, zone)
+        return _negative(name_wire, qtype, qclass, NXDOMAIN, zone)
+    if qtype == TYPE_ANY:
+        first = records[0].rtype
+        return render(name_wire, qtype, qclass, NOERROR, True, [r for r in records if r.rtype == first])
+    matching = [r for r in records if r.rtype == qtype]
+    if matching:
+        return render(name_wire, qtype, qclass, NOERROR, True, matching)
+    cname = next((r for r in records if r.rtype == TYPE_CNAME), None)
+    if cname is None:
+        return _negative(name_wire, qtype, qclass, NOERROR, zone)
+    return _chase(data, network, name_wire, qtype, qclass, cname)
+
+
+def _records(data: DnsData, network: str, name: str, zone: ZoneInfo | None, owner: str | None = None) -> list[Record]:
+    out = [Record(owner, TYPE_CODES[r.type], r.ttl, r.value) for r in data.records(network, name)
+           if r.type in TYPE_CODES]
+    if zone is not None and zone.apex == name:
+        out.append(Record(owner, TYPE_SOA, zone.soa_ttl, zone.soa))
+        if not any(r.rtype == TYPE_NS for r in out):
+            out.append(Record(owner, TYPE_NS, zone.soa_ttl, zone.nameserver))
+    return out
+
+
+def _negative(name_wire: bytes, qtype: int, qclass: int, rcode: int, zone: ZoneInfo) -> Answer:
+    soa = Record(zone.apex, TYPE_SOA, zone.negative_ttl, zone.soa)
+    return render(name_wire, qtype, qclass, rcode, True, (), (soa,))
+
+
+def _chase(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int, first: Record) -> Answer:
+    """Follow a CNAME chain through local data (RFC 1034 4.3.2); the RCODE is that of the last name."""
+    answer = [first]
+    seen = {str(first.value).lower()}
+    target = str(first.value).lower().rstrip(".")
+    for _ in range(MAX_CHAIN):
+        zone = data.zone_for(network, target)
+        if zone is None:
+            break
+        records = _records(data, network, target, zone, owner=target)
+        matching = [r for r in records if r.rtype == qtype]
+        if matching:
+            answer.extend(matching)
+            break
+        cname = next((r for r in records if r.rtype == TYPE_CNAME), None)
+        if cname is None:
+            rcode = NOERROR if records or data.is_empty_non_terminal(network, target) else NXDOMAIN
+            soa = Record(zone.apex, TYPE_SOA, zone.negative_ttl, zone.soa)
+            return render(name_wire, qtype, qclass, rcode, True, answer, (soa,))
+        answer.append(cname)
+        target = str(cname.value).lower().rstrip(".")
+        if target in seen:
+            break
+        seen.add(target)
+    return render(name_wire, qtype, qclass, NOERROR, True, answer)
+
+

@@ -1,0 +1,112 @@
+"""Pre-rendered replies: section bytes stored once, assembled with each query's own header and question.
+
+Rendering uses dnslib (it runs once per name, type and horizon, not per query).
+The question is laid out exactly as the client's, lower-cased, and the
+compressor is seeded with its suffixes, so record owners become pointers into
+the question and the stored bytes fit every spelling of the name.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dnslib import AAAA, CNAME, MX, NS, PTR, RR, SOA, SRV, TXT, A, DNSBuffer, DNSLabel
+
+from edge.dns.wire import AA, HEADER, QR, RA, RD, TYPE_CODES, TYPE_SOA
+
+_PREFIX = struct.Struct("!HHHHH")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record to render; ``owner`` None means the question name."""
+
+    owner: str | None
+    rtype: int
+    ttl: int
+    value: object
+    """Presentation text, or for SOA a tuple (mname, rname, serial, refresh, retry, expire, minimum)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A reply minus its ID, question and OPT: pick a prefix, append the body."""
+
+    rcode: int
+    prefixes: tuple[bytes, ...]
+    """Flags and counts (10 bytes), indexed by ``variant(rd, ra, opt)``."""
+    body: bytes
+    """Answer, authority and additional records, names pointing into the question."""
+
+    def assemble(self, data: bytes, qend: int, rd: int, ra: bool, opt: bytes) -> bytes:
+        index = (4 if rd else 0) | (2 if ra else 0) | (1 if opt else 0)
+        return data[:2] + self.prefixes[index] + data[HEADER:qend] + self.body + opt
+
+
+def prefixes(base_flags: int, ancount: int, nscount: int, arcount: int) -> tuple[bytes, ...]:
+    out = []
+    for index in range(8):
+        flags = base_flags | QR | (RD if index & 4 else 0) | (RA if index & 2 else 0)
+        out.append(_PREFIX.pack(flags, 1, ancount, nscount, arcount + (index & 1)))
+    return tuple(out)
+
+
+def question_labels(name_wire: bytes) -> tuple[bytes, ...]:
+    labels = []
+    pos = 0
+    while name_wire[pos]:
+        length = name_wire[pos]
+        labels.append(name_wire[pos + 1:pos + 1 + length])
+        pos += length + 1
+    return tuple(labels)
+
+
+def render(name_wire: bytes, qtype: int, qclass: int, rcode: int, authoritative: bool,
+           answer: Sequence[Record], authority: Sequence[Record] = (),
+           additional: Sequence[Record] = ()) -> Answer:
+    """Render the sections for a question whose lower-case wire name is ``name_wire``."""
+    buffer = DNSBuffer(bytes(HEADER) + name_wire + struct.pack("!HH", qtype, qclass))
+    buffer.offset = len(buffer.data)
+    labels = question_labels(name_wire)
+    offset = HEADER
+    for index in range(len(labels)):
+        buffer.names[labels[index:]] = offset
+        offset += len(labels[index]) + 1
+    owner_label = DNSLabel(list(labels))
+    start = buffer.offset
+    for record in (*answer, *authority, *additional):
+        owner = owner_label if record.owner is None else DNSLabel(record.owner)
+        RR(owner, record.rtype, ttl=record.ttl, rdata=_rdata(record)).pack(buffer)
+    body = bytes(buffer.data[start:])
+    flags = (AA if authoritative else 0) | (rcode & 0xF)
+    return Answer(rcode, prefixes(flags, len(answer), len(authority), len(additional)), body)
+
+
+def _rdata(record: Record) -> object:
+    rtype = record.rtype
+    value = record.value
+    if rtype == TYPE_CODES["A"]:
+        return A(value)
+    if rtype == TYPE_CODES["AAAA"]:
+        return AAAA(value)
+    if rtype == TYPE_CODES["CNAME"]:
+        return CNAME(value)
+    if rtype == TYPE_CODES["PTR"]:
+        return PTR(value)
+    if rtype == TYPE_CODES["NS"]:
+        return NS(value)
+    if rtype == TYPE_CODES["MX"]:
+        preference, exchange = str(value).split()
+        return MX(exchange, int(preference))
+    if rtype == TYPE_CODES["SRV"]:
+        priority, weight, port, target = str(value).split()
+        return SRV(int(priority), int(weight), int(port), target)
+    if rtype == TYPE_CODES["TXT"]:
+        raw = str(value).encode()
+        return TXT([raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
+    if rtype == TYPE_SOA:
+        mname, rname, serial, refresh, retry, expire, minimum = value  # type: ignore[misc]
+        return SOA(mname, rname, (serial, refresh, retry, expire, minimum))
+    raise ValueError(f"cannot render record type {rtype}")
