@@ -67,7 +67,14 @@ class MetadataHandler:
         self.limiter = limiter
         self.credentials = credentials
         self._ttl_lines: dict[int, bytes] = {}
+        self._verified: dict[bytes, tuple[str, int]] = {}
+        """token -> (instance id, expiry) of tokens that verified: skips the MAC on repeat reads."""
+        self.max_verified = 100_000
         self.tokens_issued = 0
+
+    def set_keys(self, keys: tokens.TokenKeys) -> None:
+        self.keys = keys
+        self._verified = {}
 
     def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float,
                mono: float) -> bytes | Pending:
@@ -98,8 +105,8 @@ class MetadataHandler:
         ttl_line = None
         token = request.token
         if token is not None:
-            remaining = tokens.verify(self.keys, token, instance.id, now)
-            if not remaining:
+            remaining = self._verify(token, instance.id, now)
+            if remaining <= 0:
                 return self.refuse(Outcome.UNAUTHORIZED, request)
             ttl_line = self._ttl_line(remaining)
         elif options.tokens_required:
@@ -159,6 +166,17 @@ class MetadataHandler:
         if pending.ttl_line is None:
             return found.wire(request.keep_alive, head_only)
         return found.wire_with(pending.ttl_line, request.keep_alive, head_only)
+
+    def _verify(self, token: bytes, instance_id: str, now: float) -> int:
+        known = self._verified.get(token)
+        if known is not None:
+            return known[1] - int(now) if known[0] == instance_id else 0
+        remaining = tokens.verify(self.keys, token, instance_id, now)
+        if remaining:
+            if len(self._verified) >= self.max_verified:
+                self._verified = {}
+            self._verified[token] = (instance_id, int(now) + remaining)
+        return remaining
 
     def _ttl_line(self, seconds: int) -> bytes:
         line = self._ttl_lines.get(seconds)

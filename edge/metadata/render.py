@@ -19,6 +19,8 @@ from edge.view.snapshot import Snapshot
 Answer = Response | CredentialsLeaf
 
 _ROOT = responses.text(VERSION_LISTING)
+_MISSING = CredentialsLeaf("")
+"""Memoized "no such path" (404s are asked for repeatedly too: probes of absent items)."""
 
 
 class Renderer:
@@ -39,16 +41,15 @@ class Renderer:
         if answers is not None:
             found = answers.get(target)
             if found is not None:
-                return found
+                return None if found is _MISSING else found
         else:
             answers = self._answers[instance.id] = {}
         found = self._render(snapshot, instance, target)
-        if found is not None:
-            if self._entries >= self.max_entries:
-                self._reset(snapshot.generation)
-                answers = self._answers[instance.id] = {}
-            answers[target] = found
-            self._entries += 1
+        if self._entries >= self.max_entries:
+            self._reset(snapshot.generation)
+            answers = self._answers[instance.id] = {}
+        answers[target] = _MISSING if found is None else found
+        self._entries += 1
         return found
 
     def _reset(self, generation: int) -> None:

@@ -152,7 +152,7 @@ class MetadataService:
             log.error("metadata reload kept the previous keys: %s", exc)
             keys, signer = self.handler.keys, self.handler.renderer.signer
         handler = self.handler
-        handler.keys = keys
+        handler.set_keys(keys)
         if signer is not handler.renderer.signer:
             handler.renderer = Renderer(signer, metadata.render_cache_size)
         handler.limiter.rate = metadata.rate

@@ -196,6 +196,9 @@ def test_token_bound_to_instance(server):
                          {"X-aws-ec2-metadata-token": foreign}))[0] == 401
     assert parse(request(server.port, "GET", "/latest/meta-data/instance-id",
                          {"X-aws-ec2-metadata-token": foreign}, "127.0.0.2"))[0] == 200
+    # Once verified (and remembered) for its owner it is still refused to anyone else.
+    assert parse(request(server.port, "GET", "/latest/meta-data/instance-id",
+                         {"X-aws-ec2-metadata-token": foreign}))[0] == 401
 
 
 def test_token_expires(server):
