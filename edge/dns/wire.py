@@ -180,7 +180,7 @@ def opt_record(payload: int, do: bool, ext_rcode: int = 0) -> bytes:
 
 
 def header(query_id: bytes, flags: int, qdcount: int, ancount: int, nscount: int, arcount: int) -> bytes:
-    return query_id + _HEADER.pack(flags, qdcount, ancount, nscount, arcount)[2:]
+    return query_id + _HEADER.pack(0, flags, qdcount, ancount, nscount, arcount)[2:]
 
 
 def reply_flags(query_flags: int, rcode: int, authoritative: bool, recursion: bool) -> int:

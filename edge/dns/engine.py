@@ -1,0 +1,168 @@
+"""Query bytes in, reply bytes out: the pure core of the DNS service.
+
+``Engine.answer`` takes a packet, who sent it (listener network and source
+address), the current snapshot and the time, and returns the reply bytes,
+None (drop), or a :class:`Forward` the service completes asynchronously.
+It never awaits.  This module is also the one place where errors become
+RCODEs (:meth:`Engine.error_reply`).
+
+The common case avoids every general parser: a packet with one question, no
+answer or authority records and at most one plain OPT is recognised by byte
+comparisons, its key looked up in the snapshot's answer memo, and the reply
+assembled from the query's own header and question plus stored bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edge.config import DnsConfig
+from edge.dns.acl import RecursionPolicy
+from edge.dns.errors import SERVFAIL, DnsError, Refused, Unanswerable
+from edge.dns.forwarder import CachedAnswer, Forwarder, cache_key
+from edge.dns.local import NOT_LOCAL, answer_local
+from edge.dns.wire import HEADER, PLAIN_UDP_PAYLOAD, Query, error_reply, opt_record, parse_query, truncated
+from edge.dns.zonedata import EXTRAS_KEY, DnsData, dns_data
+from edge.view.snapshot import Snapshot
+
+log = logging.getLogger("edge.dns")
+
+_PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00"
+_NO_ADDITIONAL = b"\x00\x00"
+_ONE_ADDITIONAL = b"\x00\x01"
+_OPT_TYPE = b"\x00\x29"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A question for upstream; the service resolves it and calls :meth:`Engine.forwarded_reply`."""
+
+    query: Query
+    upstreams: tuple[str, ...]
+    """The view's upstream resolvers at the time of the query."""
+
+
+class Engine:
+    def __init__(self, config: DnsConfig, forwarder: Forwarder, policy: RecursionPolicy) -> None:
+        self.forwarder = forwarder
+        self.policy = policy
+        self.configure(config)
+
+    def configure(self, config: DnsConfig) -> None:
+        self.payload = config.edns_payload
+        self.opt_plain = opt_record(config.edns_payload, False)
+        self.opt_do = opt_record(config.edns_payload, True)
+
+    def answer(self, data: bytes, snapshot: Snapshot | None, network: str, address: str, now: float,
+               udp: bool = True) -> bytes | Forward | None:
+        if snapshot is None:
+            return self.error_reply(data, SERVFAIL, False)
+        table = snapshot.extras.get(EXTRAS_KEY)
+        if table is None:
+            table = dns_data(snapshot)
+        size = len(data)
+        # Fast path: QUERY opcode, not a response, one question, nothing else but maybe one plain OPT.
+        if size > 16 and not data[2] & 0xF8 and data[4:10] == _PLAIN_COUNTS:
+            end = data.find(0, HEADER) + 1
+            if end:
+                qend = end + 4
+                additional = data[10:12]
+                if additional == _NO_ADDITIONAL and qend == size:
+                    opt = b""
+                    limit = PLAIN_UDP_PAYLOAD
+                elif (additional == _ONE_ADDITIONAL and qend + 11 == size and data[qend] == 0
+                      and data[qend + 1:qend + 3] == _OPT_TYPE and data[qend + 6] == 0):
+                    do = data[qend + 7] & 0x80
+                    opt = self.opt_do if do else self.opt_plain
+                    limit = min(max((data[qend + 3] << 8) | data[qend + 4], PLAIN_UDP_PAYLOAD), self.payload)
+                else:
+                    opt = None
+                if opt is not None:
+                    found = table.memo_for(network).get(data[HEADER:end].lower() + data[end:qend])  # type: ignore[union-attr]
+                    if found is not None:
+                        if found is NOT_LOCAL:
+                            if self.policy.allowed(snapshot, network, address):
+                                key = data[HEADER:end].lower() + data[end:qend] + (b"\x01" if opt is self.opt_do
+                                                                                    else b"\x00")
+                                entry = self.forwarder.lookup(key, now)
+                                if entry is not None:
+                                    reply = (data[:2] + entry.prefixes[(2 if data[2] & 1 else 0) | (1 if opt else 0)]
+                                             + data[HEADER:qend] + entry.body_at(now) + opt)
+                                    if udp and len(reply) > limit:
+                                        return self._truncate(reply, data, qend, opt)
+                                    return reply
+                        else:
+                            reply = found.assemble(data, qend, data[2] & 1,  # type: ignore[attr-defined]
+                                                   self.policy.allowed(snapshot, network, address), opt)
+                            if udp and len(reply) > limit:
+                                return self._truncate(reply, data, qend, opt)
+                            return reply
+        try:
+            return self._answer_slow(data, snapshot, table, network, address, now, udp)  # type: ignore[arg-type]
+        except Unanswerable:
+            return None
+        except DnsError as exc:
+            return self.error_reply(data, exc.rcode, self._recursion(snapshot, network, address))
+        except Exception:
+            log.exception("dns: unexpected error answering a query from %s", address)
+            return self.error_reply(data, SERVFAIL, self._recursion(snapshot, network, address))
+
+    def _recursion(self, snapshot: Snapshot, network: str, address: str) -> bool:
+        try:
+            return self.policy.allowed(snapshot, network, address)
+        except Exception:
+            return False
+
+    def _answer_slow(self, data: bytes, snapshot: Snapshot, table: DnsData, network: str, address: str,
+                     now: float, udp: bool) -> bytes | Forward:
+        query = parse_query(data)
+        memo = table.memo_for(network)
+        key = query.key
+        found = memo.get(key)
+        if found is None:
+            found = answer_local(table, network, query.name, query.qtype, query.qclass)
+            table.remember(memo, key, found)
+        recursion = self.policy.allowed(snapshot, network, address)
+        opt = self.opt_for(query)
+        if found is not NOT_LOCAL:
+            reply = found.assemble(data, query.qend, query.rd, recursion, opt)  # type: ignore[attr-defined]
+            return self._fit(reply, query, opt, udp)
+        if not recursion:
+            raise Refused("recursion not offered to this client")
+        entry = self.forwarder.lookup(cache_key(query), now)
+        if entry is not None:
+            return self.forwarded_reply(query, entry, now, udp)
+        return Forward(query, snapshot.view.cloud.upstream_resolvers)
+
+    def opt_for(self, query: Query) -> bytes:
+        if not query.edns:
+            return b""
+        return self.opt_do if query.do else self.opt_plain
+
+    def forwarded_reply(self, query: Query, entry: CachedAnswer, now: float, udp: bool) -> bytes:
+        opt = self.opt_for(query)
+        reply = (query.data[:2] + entry.prefixes[(2 if query.rd else 0) | (1 if opt else 0)]
+                 + query.data[HEADER:query.qend] + entry.body_at(now) + opt)
+        return self._fit(reply, query, opt, udp)
+
+    def _fit(self, reply: bytes, query: Query, opt: bytes, udp: bool) -> bytes:
+        if udp:
+            limit = min(query.payload, self.payload) if query.edns else PLAIN_UDP_PAYLOAD
+            if len(reply) > limit:
+                return truncated(reply, query, opt)
+        return reply
+
+    def _truncate(self, reply: bytes, data: bytes, qend: int, opt: bytes) -> bytes:
+        return truncated(reply, Query(data, 0, qend, b"", 0, 0), opt)
+
+    def error_reply(self, data: bytes, rcode: int, recursion: bool) -> bytes | None:
+        """The one mapping from a failed query to its reply (None: drop)."""
+        return error_reply(data, rcode, recursion, self.payload)
+
+    def failed_forward(self, query: Query, error: BaseException) -> bytes | None:
+        rcode = error.rcode if isinstance(error, DnsError) else SERVFAIL
+        if not isinstance(error, DnsError):
+            log.warning("dns: forwarding failed unexpectedly: %r", error)
+        return self.error_reply(query.data, rcode, True)
+

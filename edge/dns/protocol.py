@@ -1,0 +1,153 @@
+"""Thin UDP and TCP protocols: frame, rate-limit, hand bytes to the engine, write what it returns.
+
+Local answers and cache hits are written inside ``datagram_received`` /
+``data_received``; only forwarded questions leave the callback, through
+:meth:`DnsService.forward`.  TCP follows RFC 7766: length-prefixed messages,
+several per connection, replies written as they complete (clients match IDs),
+an idle timeout and a cap on connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+
+
+if TYPE_CHECKING:
+    from edge.dns.service import DnsService
+
+MAX_TCP_BUFFER = 65535 + 2
+
+
+class DnsDatagramProtocol(asyncio.DatagramProtocol):
+    def __init__(self, service: DnsService, network: str) -> None:
+        self.service = service
+        self.network = network
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+        service = self.service
+        if service.closing:
+            return
+        now = time.monotonic()
+        address = addr[0]
+        if not service.limiter.allow(address, now):
+            return
+        service.stats.udp_queries += 1
+        reply = service.engine.answer(data, service.store.current, self.network, address, now, True)
+        if reply is None:
+            service.stats.dropped += 1
+        elif reply.__class__ is bytes:
+            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+        else:
+            service.forward(reply, self._sender(addr), udp=True)  # type: ignore[arg-type]
+
+    def _sender(self, addr: tuple):  # type: ignore[no-untyped-def,type-arg]
+        def send(reply: bytes | None) -> None:
+            if reply is not None and self.transport is not None and not self.transport.is_closing():
+                self.transport.sendto(reply, addr)
+        return send
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client gone); nothing to do for the listener.
+        pass
+
+
+class DnsStreamProtocol(asyncio.Protocol):
+    def __init__(self, service: DnsService, network: str) -> None:
+        # per-connection
+        self.service = service
+        self.network = network
+        self.transport: asyncio.Transport | None = None
+        self.address = ""
+        self.buffer = b""
+        self.pending = 0
+        self.paused = False
+        # idle timeout
+        self.last_activity = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.address = peer[0] if peer else ""
+        service = self.service
+        if len(service.connections) >= service.config.dns.tcp_max_connections or service.closing:
+            service.stats.tcp_refused += 1
+            transport.close()
+            return
+        service.connections.add(self)
+        service.stats.tcp_connections += 1
+        self.last_activity = time.monotonic()
+        self._arm_idle(service.config.dns.tcp_idle_timeout)
+
+    def _arm_idle(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self.service.config.dns.tcp_idle_timeout
+        idle = time.monotonic() - self.last_activity
+        if self.pending == 0 and idle >= timeout:
+            self.close()
+        else:
+            self._arm_idle(max(timeout - idle, 0.05) if self.pending == 0 else timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = now = time.monotonic()
+        buffer = self.buffer + data if self.buffer else data
+        service = self.service
+        while len(buffer) >= 2:
+            size = (buffer[0] << 8) | buffer[1]
+            if len(buffer) < size + 2:
+                break
+            message = buffer[2:size + 2]
+            buffer = buffer[size + 2:]
+            service.stats.tcp_queries += 1
+            reply = service.engine.answer(message, service.store.current, self.network, self.address, now, False)
+            if reply is None:
+                # A message without a readable header: the stream cannot be trusted any more.
+                service.stats.dropped += 1
+                self.close()
+                return
+            if reply.__class__ is bytes:
+                self.write(reply)  # type: ignore[arg-type]
+            else:
+                self.pending += 1
+                service.forward(reply, self.write_forwarded, udp=False)  # type: ignore[arg-type]
+                if self.pending >= service.config.dns.tcp_max_pipelined and not self.paused:
+                    self.paused = True
+                    self.transport.pause_reading()  # type: ignore[union-attr]
+        self.buffer = buffer
+
+    def write(self, reply: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    def write_forwarded(self, reply: bytes | None) -> None:
+        self.pending -= 1
+        self.last_activity = time.monotonic()
+        if reply is not None:
+            self.write(reply)
+        if self.paused and self.pending < self.service.config.dns.tcp_max_pipelined:
+            self.paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.service.connections.discard(self)
+        self.transport = None
+
+

@@ -1,0 +1,133 @@
+"""The DNS service as the composition root sees it: start, stop, reload.
+
+It owns the listeners (UDP and TCP on every ``dns.listen``), the forwarder
+and its cache, the recursion policy and the rate limiter, and offers the
+preparer that builds each snapshot's DNS data before the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge.config import Config
+from edge.dns.acl import RecursionPolicy
+from edge.dns.engine import Engine, Forward
+from edge.dns.forwarder import Forwarder
+from edge.dns.protocol import DnsDatagramProtocol, DnsStreamProtocol
+from edge.dns.ratelimit import RateLimiter
+from edge.dns.zonedata import make_preparer
+from edge.view.snapshot import Preparer
+from edge.view.store import ViewStore
+
+log = logging.getLogger("edge.dns")
+
+
+@dataclass(slots=True)
+class DnsStats:
+    udp_queries: int = 0
+    tcp_queries: int = 0
+    tcp_connections: int = 0
+    tcp_refused: int = 0
+    forwarded: int = 0
+    dropped: int = 0
+
+
+class DnsService:
+    def __init__(self, config: Config, store: ViewStore) -> None:
+        self.config = config
+        self.store = store
+        dns = config.dns
+        self.forwarder = Forwarder(dns)
+        self.policy = RecursionPolicy(dns.recursion_cidrs)
+        self.limiter = RateLimiter(dns.rate_limit, dns.rate_limit_clients)
+        self.engine = Engine(dns, self.forwarder, self.policy)
+        self.preparers: list[Preparer] = [make_preparer(dns.nameserver)]
+        self.stats = DnsStats()
+        self.connections: set[DnsStreamProtocol] = set()
+        self.closing = False
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def addresses(self) -> list[tuple[str, int, str]]:
+        """(host, port, network) actually bound, UDP listeners first (ports resolved when 0 was asked)."""
+        out = []
+        for transport in self._transports:
+            name = transport.get_extra_info("sockname")
+            out.append((name[0], name[1], transport.get_protocol().network))  # type: ignore[attr-defined]
+        return out
+
+    async def start(self, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        for listen in self.config.dns.listen:
+            network = listen.network
+            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda network=network: DnsDatagramProtocol(self, network),  # type: ignore[misc]
+                local_addr=(listen.host, listen.port), family=family, reuse_port=reuse_port or None)
+            self._transports.append(transport)
+            port = transport.get_extra_info("sockname")[1]
+            server = await loop.create_server(
+                lambda network=network: DnsStreamProtocol(self, network),  # type: ignore[misc]
+                host=listen.host, port=port, family=family, reuse_address=True, reuse_port=reuse_port or None)
+            self._servers.append(server)
+            log.info("dns listening on %s port %d (udp+tcp) network=%r", listen.host, port, network)
+
+    def forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
+        """Resolve ``forward`` in a task and ``send`` the reply (None if the query is dropped)."""
+        self.stats.forwarded += 1
+        task = asyncio.get_running_loop().create_task(self._forward(forward, send, udp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
+        query = forward.query
+        reply: bytes | None = None
+        try:
+            entry = await self.forwarder.resolve(query, forward.upstreams)
+            reply = self.engine.forwarded_reply(query, entry, time.monotonic(), udp)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a DNS answer
+            reply = self.engine.failed_forward(query, exc)
+        finally:
+            send(reply)
+
+    async def stop(self, grace: float) -> None:
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        # UDP listeners stay open (ignoring new queries) so answers still in flight can be sent.
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        for connection in list(self.connections):
+            connection.close()
+        for transport in self._transports:
+            transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        self._transports.clear()
+
+    def reload(self, config: Config) -> None:
+        """New limits, upstreams and recursion CIDRs; the cache and open connections are kept."""
+        dns = config.dns
+        if dns.listen != self.config.dns.listen:
+            log.warning("dns: listener changes need a restart; keeping %s",
+                        ", ".join(str(listen) for listen in self.config.dns.listen))
+        self.config = config
+        self.forwarder.reconfigure(dns)
+        self.engine.configure(dns)
+        self.policy.configure(dns.recursion_cidrs)
+        self.limiter.rate = dns.rate_limit
+        self.limiter.burst = max(dns.rate_limit, 1.0)
+        self.limiter.max_clients = dns.rate_limit_clients
+        self.preparers[:] = [make_preparer(dns.nameserver)]
