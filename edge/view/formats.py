@@ -8,6 +8,7 @@ event loop that keeps serving while the new view is built in a thread.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from typing import Any
@@ -28,78 +29,129 @@ def decode_view(data: bytes) -> View:
     if head.startswith(b"<"):
         raise ViewInvalid(["XML documents are not an edge-view/1 view"])
     try:
-        text = data.decode("utf-8")
+        if len(data) < _INCREMENTAL_THRESHOLD:
+            document = json.loads(data.decode("utf-8"))
+        else:
+            document = _StreamingObject(data).decode()
     except UnicodeDecodeError as exc:
         raise ViewInvalid([f"not valid UTF-8: {exc}"]) from None
-    try:
-        document = _loads(text)
     except json.JSONDecodeError as exc:
         raise ViewInvalid([f"not valid JSON: {exc}"]) from None
     except RecursionError:
         raise ViewInvalid(["not valid JSON: nested too deeply"]) from None
-    return parse_view(document)
+    try:
+        return parse_view(document)
+    finally:
+        _drop_gradually(document)
 
 
-def _loads(text: str) -> Any:
-    if len(text) < _INCREMENTAL_THRESHOLD:
-        return json.loads(text)
-    return _loads_incremental(text)
+def _drop_gradually(document: Any) -> None:
+    """Free the decoded document member by member (one huge free would stall the loop)."""
+    if type(document) is dict:
+        for value in document.values():
+            if type(value) is list:
+                while value:
+                    del value[-500:]
 
 
-def _loads_incremental(text: str) -> Any:
-    """``json.loads`` for a top-level object, decoding array members one at a time."""
-    ws = _WHITESPACE.match
-    decode = _DECODER.raw_decode
-    index = ws(text, 0).end()
-    if text[index:index + 1] != "{":
-        return json.loads(text)
-    result: dict[str, Any] = {}
-    index = ws(text, index + 1).end()
-    if text[index:index + 1] == "}":
-        return _expect_end(text, index + 1, result)
-    while True:
-        key, index = decode(text, index)
-        if not isinstance(key, str):
-            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, index)
-        index = ws(text, index).end()
-        if text[index:index + 1] != ":":
-            raise json.JSONDecodeError("Expecting ':' delimiter", text, index)
-        index = ws(text, index + 1).end()
-        if text[index:index + 1] == "[":
-            value, index = _decode_array(text, index + 1)
+class _StreamingObject:
+    """``json.loads`` of a top-level object, in small steps.
+
+    The bytes are decoded to text one chunk at a time and every member of a
+    top-level array is decoded by its own ``raw_decode`` call, so no single C
+    call runs long enough to stall the event loop.  A member that straddles a
+    chunk boundary is retried once the next chunk is appended.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.offset = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.pos = 0
+
+    def _more(self) -> bool:
+        if self.offset >= len(self.data):
+            return False
+        chunk = self.data[self.offset:self.offset + self.CHUNK]
+        self.offset += len(chunk)
+        final = self.offset >= len(self.data)
+        # Drop what has been consumed so the window stays about one chunk long.
+        self.text = self.text[self.pos:] + self.decoder.decode(chunk, final)
+        self.pos = 0
+        return True
+
+    def _skip_ws(self) -> str:
+        """Skip whitespace; the next character ('' at the very end)."""
+        while True:
+            self.pos = _WHITESPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text) or not self._more():
+                return self.text[self.pos:self.pos + 1]
+
+    def _value(self) -> Any:
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError:
+                if self._more():
+                    continue
+                raise
+            # A number at the window's end may continue in the next chunk.
+            if end == len(self.text) and self.offset < len(self.data):
+                self._more()
+                continue
+            self.pos = end
+            return value
+
+    def _expect(self, char: str, message: str) -> None:
+        if self._skip_ws() != char:
+            raise json.JSONDecodeError(message, self.text, self.pos)
+        self.pos += 1
+
+    def decode(self) -> Any:
+        self._more()
+        if self._skip_ws() != "{":
+            # Not an object: let the plain decoder report what it is.
+            return json.loads(bytes(self.data).decode("utf-8"))
+        self.pos += 1
+        result: dict[str, Any] = {}
+        if self._skip_ws() == "}":
+            self.pos += 1
         else:
-            value, index = decode(text, index)
-        result[key] = value
-        index = ws(text, index).end()
-        separator = text[index:index + 1]
-        if separator == "}":
-            return _expect_end(text, index + 1, result)
-        if separator != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
-        index = ws(text, index + 1).end()
+            while True:
+                self._skip_ws()
+                key = self._value()
+                if not isinstance(key, str):
+                    raise json.JSONDecodeError("Expecting property name enclosed in double quotes", self.text, self.pos)
+                self._expect(":", "Expecting ':' delimiter")
+                if self._skip_ws() == "[":
+                    self.pos += 1
+                    result[key] = self._array()
+                else:
+                    result[key] = self._value()
+                following = self._skip_ws()
+                self.pos += 1
+                if following == "}":
+                    break
+                if following != ",":
+                    raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)
+        if self._skip_ws() != "":
+            raise json.JSONDecodeError("Extra data", self.text, self.pos)
+        return result
 
-
-def _decode_array(text: str, index: int) -> tuple[list[Any], int]:
-    ws = _WHITESPACE.match
-    decode = _DECODER.raw_decode
-    items: list[Any] = []
-    index = ws(text, index).end()
-    if text[index:index + 1] == "]":
-        return items, index + 1
-    while True:
-        value, index = decode(text, index)
-        items.append(value)
-        index = ws(text, index).end()
-        separator = text[index:index + 1]
-        if separator == "]":
-            return items, index + 1
-        if separator != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
-        index = ws(text, index + 1).end()
-
-
-def _expect_end(text: str, index: int, result: dict[str, Any]) -> dict[str, Any]:
-    index = _WHITESPACE.match(text, index).end()
-    if index != len(text):
-        raise json.JSONDecodeError("Extra data", text, index)
-    return result
+    def _array(self) -> list[Any]:
+        items: list[Any] = []
+        if self._skip_ws() == "]":
+            self.pos += 1
+            return items
+        while True:
+            self._skip_ws()
+            items.append(self._value())
+            following = self._skip_ws()
+            self.pos += 1
+            if following == "]":
+                return items
+            if following != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)

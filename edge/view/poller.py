@@ -18,8 +18,10 @@ import asyncio
 import gc
 import logging
 import random
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edge.config import ViewConfig
@@ -27,6 +29,7 @@ from edge.errors import SourceError, StateError, ViewInvalid
 from edge.logs import event
 from edge.view.formats import decode_view
 from edge.view.model import View
+from edge.view.release import release_gradually
 from edge.view.snapshot import Preparer, Snapshot, build_snapshot
 from edge.view.sources import ViewSource
 from edge.view.statefile import StateFile
@@ -35,6 +38,7 @@ from edge.view.store import ViewStore
 log = logging.getLogger("edge.view")
 
 MAX_PROBLEMS_LOGGED = 50
+BUILD_SWITCH_INTERVAL = 0.0005
 
 Decoder = Callable[[bytes], View]
 
@@ -45,6 +49,28 @@ class PollOutcome:
     """``accepted``, ``unchanged``, ``rejected``, ``stale`` or ``error``."""
     serial: int | None = None
     error: str = ""
+
+
+@contextmanager
+def _building() -> Iterator[None]:
+    """Keep the event loop responsive while a snapshot is built in a thread.
+
+    A build allocates millions of objects; the cyclic collections that triggers
+    would traverse them all while holding the interpreter lock, stalling the
+    loop for tens of milliseconds (snapshots are acyclic, so pausing the
+    collector loses nothing).  A shorter switch interval makes the build thread
+    hand the lock back to the loop sooner.
+    """
+    was_enabled = gc.isenabled()
+    interval = sys.getswitchinterval()
+    gc.disable()
+    sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        if was_enabled:
+            gc.enable()
 
 
 class _Stale(Exception):
@@ -68,6 +94,7 @@ class Poller:
         self._last_poll_started = 0.0
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self._releases: set[asyncio.Task[bool]] = set()
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -83,12 +110,15 @@ class Poller:
         if data is None:
             return False
         try:
-            snapshot = await asyncio.to_thread(self._build, data, None)
+            with _building():
+                snapshot = await asyncio.to_thread(self._build, data, None)
+                if snapshot is not None:
+                    self._swap(snapshot, "state")
         except ViewInvalid as exc:
             event(log, logging.ERROR, "last good view on disk is corrupt; ignoring it",
                   path=self.state.path, problems=len(exc.problems), first=exc.problems[0])
             return False
-        self._swap(snapshot, "state")
+        assert snapshot is not None
         event(log, logging.INFO, "last good view loaded", serial=snapshot.serial, path=self.state.path,
               **snapshot.counts())
         return True
@@ -189,7 +219,10 @@ class Poller:
             return PollOutcome("unchanged", serial=self._current_serial())
         current = self._current_serial()
         try:
-            snapshot = await asyncio.to_thread(self._build, data, current)
+            with _building():
+                snapshot = await asyncio.to_thread(self._build, data, current)
+                if snapshot is not None:
+                    self._swap(snapshot, "source")
         except ViewInvalid as exc:
             shown = exc.problems[:MAX_PROBLEMS_LOGGED]
             event(log, logging.ERROR, "view rejected", source=source, problems=len(exc.problems),
@@ -206,11 +239,8 @@ class Poller:
             return PollOutcome("stale", serial=stale.serial, error=message)
         if snapshot is None:
             return PollOutcome("unchanged", serial=current)
-        previous = self.store.current
-        self._swap(snapshot, "source")
         event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,
-              previous=previous.serial if previous else None, **snapshot.counts())
-        del previous
+              previous=current, **snapshot.counts())
         await self._persist(data)
         return PollOutcome("accepted", serial=snapshot.serial)
 
@@ -229,10 +259,15 @@ class Poller:
         return build_snapshot(view, self.preparers)
 
     def _swap(self, snapshot: Snapshot, loaded_from: str) -> None:
+        holder = [self.store.current] if self.store.current is not None else []
         self.store.swap(snapshot, loaded_from)
         # Long-lived snapshot objects need no cycle collection; freezing them keeps
-        # full collections (which hold the interpreter lock) short while serving.
+        # later collections (which hold the interpreter lock) short while serving.
         gc.freeze()
+        if holder:
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(release_gradually, holder))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _persist(self, data: bytes) -> None:
         if self.state is None:

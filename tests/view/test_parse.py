@@ -149,3 +149,18 @@ def test_fast_path_rejects_what_the_explaining_parser_rejects() -> None:
     document["instances"][7]["interfaces"][0]["security_groups"] = [{"name": "no-id"}]
     problems = _problems(document)
     assert len(problems) == 3, problems
+
+
+def test_streaming_decoder_across_tiny_chunks(monkeypatch) -> None:
+    from edge.view import formats
+    monkeypatch.setattr(formats, "_INCREMENTAL_THRESHOLD", 0)
+    monkeypatch.setattr(formats._StreamingObject, "CHUNK", 37)
+    document = generate_view(instances=30, networks=2)
+    document["cloud"]["dns_records"].append({"name": "x.gen.example", "type": "TXT", "value": "caf\u00e9 \u2603", "ttl": 12345})
+    data = json.dumps(document, indent=2, ensure_ascii=False).encode()
+    assert decode_view(data) == parse_view(json.loads(data))
+    for broken in (data[:-1], data[: len(data) // 3], data + b",", data.replace(b'"serial": 1', b'"serial" 1')):
+        with pytest.raises(ViewInvalid, match="not valid JSON"):
+            decode_view(broken)
+    with pytest.raises(ViewInvalid, match="expected a JSON object"):
+        decode_view(b"[" + b"1," * 40 + b"1]")

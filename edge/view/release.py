@@ -1,0 +1,73 @@
+"""Free a replaced snapshot a little at a time.
+
+Dropping the last reference to a 100k-instance snapshot frees millions of
+objects in one cascade that holds the interpreter lock for hundreds of
+milliseconds: the event loop would stall right after every swap.  Instead the
+poller hands the old snapshot to a thread that empties its indexes in small
+batches, so the lock changes hands between batches.
+
+This is safe only because nothing else refers to the old snapshot any more:
+the store points at the new one and handlers read the store once per request.
+The reference count is checked first; if anyone still holds the snapshot
+(a request waiting on an upstream, say), it is left to ordinary reclamation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from edge.view.snapshot import Snapshot
+
+BATCH = 2000
+"""Objects freed between chances for the event loop to run."""
+WAIT_FOR_HOLDERS = 5.0
+"""Seconds to wait for requests that still hold the old snapshot to finish."""
+
+
+def release_gradually(holder: list[Snapshot]) -> bool:
+    """Empty and free the only snapshot in ``holder``; False if someone else held it.
+
+    Runs in a worker thread.  ``holder`` is a one-element list so that this
+    function owns the only reference the caller passed.
+    """
+    snapshot = holder.pop()
+    deadline = time.monotonic() + WAIT_FOR_HOLDERS
+    # Expected references: the local name and getrefcount's own argument.
+    while sys.getrefcount(snapshot) > 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    instances = list(snapshot.view.instances)
+    for value in list(snapshot.extras.values()):
+        _empty(value)
+    snapshot.extras.clear()
+    for index in (snapshot.names, snapshot.by_private, snapshot.by_public, snapshot.by_mac, snapshot.instances):
+        _empty(index)
+    del snapshot
+    while instances:
+        del instances[-BATCH // 4:]
+        time.sleep(0)
+    return True
+
+
+def _empty(container: Any) -> None:
+    if isinstance(container, dict):
+        popitem = container.popitem
+        while container:
+            for _ in range(min(BATCH, len(container))):
+                popitem()
+            time.sleep(0)
+    elif isinstance(container, list):
+        while container:
+            del container[-BATCH:]
+            time.sleep(0)
+    else:
+        # Protocol-prepared data is often a small object holding the big indexes.
+        attributes = getattr(container, "__dict__", None) or {
+            name: getattr(container, name) for name in getattr(type(container), "__slots__", ())
+            if hasattr(container, name)}
+        for value in attributes.values():
+            if isinstance(value, (dict, list)):
+                _empty(value)
