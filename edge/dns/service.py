@@ -64,20 +64,31 @@ class DnsService:
         return out
 
     async def start(self, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
         for listen in self.config.dns.listen:
-            network = listen.network
-            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            await self._listen(listen.host, listen.port, listen.network, reuse_port)
+
+    async def _listen(self, host: str, port: int, network: str, reuse_port: bool) -> None:
+        """UDP and TCP on the same port; with port 0, retry until one port is free for both."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for attempt in range(1 if port else 20):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda network=network: DnsDatagramProtocol(self, network),  # type: ignore[misc]
-                local_addr=(listen.host, listen.port), family=family, reuse_port=reuse_port or None)
+                lambda: DnsDatagramProtocol(self, network), local_addr=(host, port), family=family,
+                reuse_port=reuse_port or None)
+            bound = transport.get_extra_info("sockname")[1]
+            try:
+                server = await loop.create_server(
+                    lambda: DnsStreamProtocol(self, network), host=host, port=bound, family=family,
+                    reuse_address=True, reuse_port=reuse_port or None)
+            except OSError:
+                transport.close()
+                if port or attempt == 19:
+                    raise
+                continue
             self._transports.append(transport)
-            port = transport.get_extra_info("sockname")[1]
-            server = await loop.create_server(
-                lambda network=network: DnsStreamProtocol(self, network),  # type: ignore[misc]
-                host=listen.host, port=port, family=family, reuse_address=True, reuse_port=reuse_port or None)
             self._servers.append(server)
-            log.info("dns listening on %s port %d (udp+tcp) network=%r", listen.host, port, network)
+            log.info("dns listening on %s port %d (udp+tcp) network=%r", host, bound, network)
+            return
 
     def forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
         """Resolve ``forward`` in a task and ``send`` the reply (None if the query is dropped)."""
