@@ -25,6 +25,9 @@ class Peer:
     """The network of the listener the connection arrived on."""
     trusted: bool
     """The peer is a configured proxy, so its identifying headers count."""
+    generation: int = -1
+    """Snapshot generation ``attachment`` was looked up in (untrusted peers ask as themselves every time)."""
+    attachment: Attachment | None = None
 
 
 class TrustedProxies:
@@ -64,12 +67,16 @@ def attachment_for(snapshot: Snapshot, peer: Peer, forwarded_for: bytes | None,
     """(network, address, attachment or None) of the instance asking."""
     network = peer.network
     address = peer.address
-    if peer.trusted:
-        if forwarded_for is not None:
-            named = forwarded_address(forwarded_for)
-            if named is None:
-                return network, "", None
-            address = named
-        if network_header is not None:
-            network = network_header.decode("utf-8", "replace").strip()
+    if not peer.trusted:
+        if peer.generation != snapshot.generation:
+            peer.attachment = snapshot.by_private.get((network, address))
+            peer.generation = snapshot.generation
+        return network, address, peer.attachment
+    if forwarded_for is not None:
+        named = forwarded_address(forwarded_for)
+        if named is None:
+            return network, "", None
+        address = named
+    if network_header is not None:
+        network = network_header.decode("utf-8", "replace").strip()
     return network, address, snapshot.by_private.get((network, address))

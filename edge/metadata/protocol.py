@@ -1,6 +1,7 @@
 """The HTTP/1.1 connection: a thin asyncio protocol around the httptools parser.
 
-Parser callbacks only collect; the answer is computed and written inline when a
+Parser callbacks only collect (and only the callbacks that are needed are
+defined: each costs a Python call per request); the answer is computed and written inline when a
 message is complete (no task per request).  Pipelined requests are answered in
 order: while one waits on the slow path, later ones queue and reading pauses.
 Limits (target length, header block, body, slow heads, queue depth) turn into
@@ -38,9 +39,12 @@ _HEADER_FIELDS = {
     b"x-edge-network-id": "network_header",
     b"x-neutron-network-id": "network_header",
 }
+_FIELD_LENGTHS = frozenset(len(name) for name in _HEADER_FIELDS)
+"""Headers of other lengths (Host, User-Agent, Accept...) are skipped without lower-casing them."""
 
 _time = time.time
-_NEVER = float("inf")
+_monotonic = time.monotonic
+_NEVER = 1 << 62
 
 
 class _Reject(Exception):
@@ -54,12 +58,15 @@ class MetadataProtocol(asyncio.Protocol):
         self.network = network
         self.loop = asyncio.get_running_loop()
         self.limits: ProtocolLimits = service.limits
+        self.handler = service.handler
+        """Reload updates the handler in place, so holding it is safe."""
+        self.store = service.store
         # per connection
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = _NEVER
-        """Loop time by which the next request head must be complete (checked by the service ticker)."""
+        """Service tick by which the next request head must be complete (the service ticker checks)."""
         self.closing = False
         self.busy = False
         self.queue: deque[Request] = deque()
@@ -72,7 +79,9 @@ class MetadataProtocol(asyncio.Protocol):
         self._target_size = 0
         self._header_size = 0
         self._body_size = 0
-        self._fields: dict[str, bytes] = {}
+        self._request = Request(b"", b"")
+        """Reused for every request answered inline; a request handed to the slow path keeps its own."""
+        self._has_fields = False
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -86,7 +95,7 @@ class MetadataProtocol(asyncio.Protocol):
             transport.write(ANSWERS[Outcome.THROTTLED].close)
             transport.close()
             return
-        self.deadline = self.loop.time() + self.limits.header_timeout
+        self.deadline = self.service.idle_deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -142,13 +151,6 @@ class MetadataProtocol(asyncio.Protocol):
 
     # -- parser callbacks ------------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._target = []
-        self._target_size = 0
-        self._header_size = 0
-        self._body_size = 0
-        self._fields = {}
-
     def on_url(self, url: bytes) -> None:
         self._target.append(url)
         self._target_size += len(url)
@@ -158,18 +160,16 @@ class MetadataProtocol(asyncio.Protocol):
             raise _Reject
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_size += len(name) + len(value) + 4
-        self._since_progress = 0
-        if self._header_size > self.limits.max_header_bytes:
+        size = self._header_size + len(name) + len(value) + 4
+        self._header_size = size
+        if size > self.limits.max_header_bytes:
             self._reject = Outcome.HEADERS_TOO_LARGE
             raise _Reject
-        field = _HEADER_FIELDS.get(name.lower())
-        if field is not None:
-            self._fields[field] = value
-
-    def on_headers_complete(self) -> None:
-        self.deadline = _NEVER
-        self._since_progress = 0
+        if len(name) in _FIELD_LENGTHS:
+            field = _HEADER_FIELDS.get(name.lower())
+            if field is not None:
+                setattr(self._request, field, value)
+                self._has_fields = True
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -183,29 +183,37 @@ class MetadataProtocol(asyncio.Protocol):
         if self.closing:
             return
         parser = self.parser
-        fields = self._fields
-        target = self._target[0] if len(self._target) == 1 else b"".join(self._target)
-        request = Request(
-            parser.get_method(), target,
-            parser.should_keep_alive() and self.limits.keep_alive and not self.service.stopping,
-            fields.get("token"), fields.get("token_ttl"), fields.get("forwarded_for"), fields.get("network_header"),
-        )
+        request = self._request
+        request.method = parser.get_method()
+        target = self._target
+        request.target = target[0] if len(target) == 1 else b"".join(target)
+        request.keep_alive = parser.should_keep_alive() and self.limits.keep_alive and not self.service.stopping
+        # Per-request state is reset here rather than in on_message_begin: one callback fewer per request.
         self._target = []
+        self._target_size = 0
         self._header_size = 0
+        self._body_size = 0
         if self.busy:
             if len(self.queue) >= MAX_QUEUED:
                 self._reject = Outcome.THROTTLED
                 raise _Reject
             self.queue.append(request)
+            self._request = Request(b"", b"")
+            self._has_fields = False
             return
         self.handle(request)
+        if self.busy:
+            self._request = Request(b"", b"")
+        elif self._has_fields or request.hop_limit:
+            request.token = request.token_ttl = request.forwarded_for = request.network_header = None
+            request.hop_limit = 0
+        self._has_fields = False
 
     # -- answering -------------------------------------------------------------------------------
 
     def handle(self, request: Request) -> None:
-        service = self.service
-        service.requests += 1
-        result = service.handler.answer(service.store.current, self.peer, request, _time(), self.loop.time())  # type: ignore[arg-type]
+        self.service.requests += 1
+        result = self.handler.answer(self.store.current, self.peer, request, _time(), _monotonic())  # type: ignore[arg-type]
         if result.__class__ is bytes:
             self.write(result, request)  # type: ignore[arg-type]
             return
@@ -222,7 +230,7 @@ class MetadataProtocol(asyncio.Protocol):
             self.set_hop_limit(request.hop_limit)
         transport.write(data)
         if request.keep_alive:
-            self.deadline = self.loop.time() + self.limits.header_timeout
+            self.deadline = self.service.idle_deadline
         else:
             self.closing = True
             transport.close()
@@ -253,11 +261,11 @@ class MetadataProtocol(asyncio.Protocol):
                 if isinstance(result, UnknownSource):
                     await service.await_source(result.network, result.address)
                     request.waited = True
-                    result = service.handler.answer(service.store.current, self.peer, request, _time(),  # type: ignore[arg-type]
-                                                    self.loop.time())
+                    result = self.handler.answer(self.store.current, self.peer, request,  # type: ignore[arg-type]
+                                                 _time(), _monotonic())
                 elif isinstance(result, NeedCredentials):
-                    found = await service.handler.credentials.fetch(result.instance, result.address, result.role)
-                    result = service.handler.finish_credentials(result, found, request)
+                    found = await self.handler.credentials.fetch(result.instance, result.address, result.role)
+                    result = self.handler.finish_credentials(result, found, request)
         except asyncio.CancelledError:
             return
         except Exception:

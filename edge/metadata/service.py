@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ class MetadataService:
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_started = 0.0
         self._ticker: asyncio.TimerHandle | None = None
+        self.tick = 0
+        """Incremented by the ticker; connection deadlines are in ticks so requests never read a clock for them."""
+        self.idle_deadline = 0
+        """The deadline a connection gets when it starts waiting for a request head."""
         # plain counters (a later metrics module exports them)
         self.requests = 0
         self.refreshes = 0
@@ -192,12 +197,14 @@ class MetadataService:
 
     def _tick(self) -> None:
         """Close connections whose request head is overdue (one timer for all of them)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for connection in [c for c in self.connections if c.deadline < now]:
+        self.tick += 1
+        tick = self.tick
+        for connection in [c for c in self.connections if c.deadline < tick]:
             connection.timed_out()
         interval = min(1.0, self.limits.header_timeout / 4)
-        self._ticker = loop.call_later(interval, self._tick)
+        # header_timeout .. header_timeout + one interval after the last answer or the connection.
+        self.idle_deadline = tick + math.ceil(self.limits.header_timeout / interval)
+        self._ticker = asyncio.get_running_loop().call_later(interval, self._tick)
 
     # -- unknown sources -------------------------------------------------------------------------
 

@@ -1,0 +1,204 @@
+"""Load test: edge's metadata worker against nginx ``return 200`` in the same run.
+
+Both servers run one process pinned to one core (``--server-cpu``), ``wrk`` (one
+thread) to another (``--client-cpu``).  Each is measured with keep-alive and with
+``Connection: close`` (a new connection per request, as real IMDS clients do).
+Reported: requests/s, server CPU per request (utime+stime from /proc/PID/stat
+over the run), p99 latency, and edge/nginx ratios.  Bounded: ``--duration``
+seconds per measurement, ``--rounds`` rounds (medians are reported).
+
+    python bench/metadata_load.py --duration 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+PATH = "/latest/meta-data/instance-id"
+BODY = "i-0de0000000000001"  # what edge answers 127.0.0.1 for PATH in the demo view
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    server: str
+    mode: str
+    requests_per_second: float
+    cpu_us_per_request: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start_edge(cpu: int, directory: Path) -> tuple[subprocess.Popen, int]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, str(HERE / "metadata_server.py"),
+                              "--state-dir", str(directory / "edge-state")],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    line = child.stdout.readline()  # type: ignore[union-attr]
+    if not line.startswith("port="):
+        child.kill()
+        raise RuntimeError("edge metadata server did not start")
+    port = int(line.strip().split("=")[1])
+    wait_listening(port)
+    return child, port
+
+
+def start_nginx(cpu: int, directory: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+master_process off;
+daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    server_tokens off;
+    client_body_temp_path {directory}/nginx-body;
+    proxy_temp_path {directory}/nginx-proxy;
+    fastcgi_temp_path {directory}/nginx-fastcgi;
+    uwsgi_temp_path {directory}/nginx-uwsgi;
+    scgi_temp_path {directory}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        default_type text/plain;
+        location / {{ return 200 "{BODY}"; }}
+    }}
+}}
+""")
+    child = subprocess.Popen(["taskset", "-c", str(cpu), "nginx", "-p", str(directory), "-c", str(conf)],
+                             stderr=subprocess.PIPE)
+    wait_listening(port)
+    return child, port
+
+
+def run_wrk(port: int, cpu: int, duration: float, connections: int, close: bool) -> tuple[int, float, float, int]:
+    """(requests, requests/s, p99 ms, errors) of one wrk run."""
+    argv = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+            f"http://127.0.0.1:{port}{PATH}"]
+    if close:
+        argv[5:5] = ["-H", "Connection: close"]
+    output = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _latency_ms(re.search(r"99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
+    errors = 0
+    for match in re.finditer(r"(?:Non-2xx or 3xx responses|Socket errors: .*?timeout) (\d+)", output):
+        errors += int(match.group(1))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if socket_errors:
+        errors = sum(int(g) for g in socket_errors.groups()) + errors
+    return requests, rate, p99, errors
+
+
+def _latency_ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def measure(name: str, pid: int, port: int, mode: str, args: argparse.Namespace) -> Result:
+    close = mode == "close"
+    connections = args.connections_close if close else args.connections
+    before = cpu_seconds(pid)
+    requests, rate, p99, errors = run_wrk(port, args.client_cpu, args.duration, connections, close)
+    used = cpu_seconds(pid) - before
+    return Result(name, mode, rate, used / max(requests, 1) * 1e6, p99, errors)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (max 30)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (max 5)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections, keep-alive")
+    parser.add_argument("--connections-close", type=int, default=32, help="wrk connections, Connection: close")
+    parser.add_argument("--server-cpu", type=int, default=1)
+    parser.add_argument("--client-cpu", type=int, default=0)
+    args = parser.parse_args()
+    args.duration = min(args.duration, 30.0)
+    args.rounds = max(1, min(args.rounds, 5))
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="edge-metadata-load-") as temporary:
+        directory = Path(temporary)
+        edge, edge_port = start_edge(args.server_cpu, directory)
+        nginx, nginx_port = start_nginx(args.server_cpu, directory)
+        try:
+            check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{edge_port}{PATH}"], capture_output=True,
+                                   text=True).stdout
+            assert check == BODY, check
+            results: dict[tuple[str, str], list[Result]] = {}
+            for _ in range(args.rounds):
+                for mode in ("keep-alive", "close"):
+                    for name, pid, port in (("edge", edge.pid, edge_port), ("nginx", nginx.pid, nginx_port)):
+                        time.sleep(0.5)
+                        results.setdefault((name, mode), []).append(measure(name, pid, port, mode, args))
+        finally:
+            for child in (edge, nginx):
+                child.terminate()
+                try:
+                    child.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+    print(f"# {args.rounds} round(s) x {args.duration:g}s, wrk -t1 on cpu {args.client_cpu}, servers on cpu "
+          f"{args.server_cpu}; keep-alive -c{args.connections}, close -c{args.connections_close}; "
+          f"body {len(BODY)} bytes")
+    print("| server | mode | req/s | server CPU us/req | p99 ms | errors |")
+    print("|---|---|---:|---:|---:|---:|")
+    medians: dict[tuple[str, str], tuple[float, float]] = {}
+    for (name, mode), runs in results.items():
+        rate = statistics.median(r.requests_per_second for r in runs)
+        cpu = statistics.median(r.cpu_us_per_request for r in runs)
+        p99 = statistics.median(r.p99_ms for r in runs)
+        errors = sum(r.errors for r in runs)
+        medians[(name, mode)] = (rate, cpu)
+        print(f"| {name} | {mode} | {rate:,.0f} | {cpu:.1f} | {p99:.2f} | {errors} |")
+    for mode in ("keep-alive", "close"):
+        edge_rate, edge_cpu = medians[("edge", mode)]
+        nginx_rate, nginx_cpu = medians[("nginx", mode)]
+        print(f"{mode}: edge/nginx requests/s = {edge_rate / nginx_rate:.2f}, "
+              f"CPU per request = {edge_cpu / nginx_cpu:.2f}x nginx")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
