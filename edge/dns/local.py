@@ -17,6 +17,7 @@ from edge.dns.wire import (
     TYPE_AXFR,
     TYPE_CNAME,
     TYPE_CODES,
+    TYPE_HINFO,
     TYPE_IXFR,
     TYPE_NS,
     TYPE_SOA,
@@ -28,6 +29,8 @@ NOT_LOCAL = object()
 """Marker: the name is outside every local zone this network sees."""
 
 MAX_CHAIN = 8
+ANY_SIZE_LIMIT = 400
+"""Bytes (roughly) above which ANY gets a synthesized HINFO instead of a real RRset."""
 
 
 def question_text(name_wire: bytes) -> str | None:
@@ -60,8 +63,7 @@ def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qcla
             return _negative(name_wire, qtype, qclass, NOERROR, zone)
         return _negative(name_wire, qtype, qclass, NXDOMAIN, zone)
     if qtype == TYPE_ANY:
-        first = records[0].rtype
-        return render(name_wire, qtype, qclass, NOERROR, True, [r for r in records if r.rtype == first])
+        return render(name_wire, qtype, qclass, NOERROR, True, _minimal_any(records, zone))
     matching = [r for r in records if r.rtype == qtype]
     if matching:
         return render(name_wire, qtype, qclass, NOERROR, True, matching)
@@ -69,6 +71,17 @@ def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qcla
     if cname is None:
         return _negative(name_wire, qtype, qclass, NOERROR, zone)
     return _chase(data, network, name_wire, qtype, qclass, cname)
+
+
+def _minimal_any(records: list[Record], zone: ZoneInfo) -> list[Record]:
+    """RFC 8482: the smallest RRset, or a synthesized HINFO when even that is large."""
+    by_type: dict[int, list[Record]] = {}
+    for record in records:
+        by_type.setdefault(record.rtype, []).append(record)
+    smallest = min(by_type.values(), key=lambda rrset: sum(len(str(r.value)) + 12 for r in rrset))
+    if sum(len(str(r.value)) + 12 for r in smallest) > ANY_SIZE_LIMIT:
+        return [Record(None, TYPE_HINFO, zone.soa_ttl, ("RFC8482", ""))]
+    return smallest
 
 
 def _records(data: DnsData, network: str, name: str, zone: ZoneInfo | None, owner: str | None = None) -> list[Record]:

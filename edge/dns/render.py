@@ -12,9 +12,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dnslib import AAAA, CNAME, MX, NS, PTR, RR, SOA, SRV, TXT, A, DNSBuffer, DNSLabel
+from dnslib import AAAA, CNAME, MX, NS, PTR, RD, RR, SOA, SRV, TXT, A, DNSBuffer, DNSLabel
 
-from edge.dns.wire import AA, HEADER, QR, RA, RD, TYPE_CODES, TYPE_SOA
+from edge.dns.wire import AA, HEADER, QR, RA, TYPE_CODES, TYPE_HINFO, TYPE_SOA
+from edge.dns.wire import RD as RD_FLAG
 
 _PREFIX = struct.Struct("!HHHHH")
 
@@ -48,7 +49,7 @@ class Answer:
 def prefixes(base_flags: int, ancount: int, nscount: int, arcount: int) -> tuple[bytes, ...]:
     out = []
     for index in range(8):
-        flags = base_flags | QR | (RD if index & 4 else 0) | (RA if index & 2 else 0)
+        flags = base_flags | QR | (RD_FLAG if index & 4 else 0) | (RA if index & 2 else 0)
         out.append(_PREFIX.pack(flags, 1, ancount, nscount, arcount + (index & 1)))
     return tuple(out)
 
@@ -106,6 +107,9 @@ def _rdata(record: Record) -> object:
     if rtype == TYPE_CODES["TXT"]:
         raw = str(value).encode()
         return TXT([raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
+    if rtype == TYPE_HINFO:
+        cpu, os_name = (part.encode() for part in value)  # type: ignore[attr-defined]
+        return RD(bytes([len(cpu)]) + cpu + bytes([len(os_name)]) + os_name)
     if rtype == TYPE_SOA:
         mname, rname, serial, refresh, retry, expire, minimum = value  # type: ignore[misc]
         return SOA(mname, rname, (serial, refresh, retry, expire, minimum))
