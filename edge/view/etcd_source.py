@@ -1,0 +1,88 @@
+"""The view stored under one etcd key, polled by revision.
+
+Each poll is one range request with ``min_mod_revision`` set just past the
+revision last delivered: while the key is unchanged etcd answers with the
+header and the match count only, so an idle fleet costs etcd a few hundred
+bytes per gateway per poll however large the view is.  A count of zero means
+the key is gone (an error: the gateway keeps its view); a cluster revision
+lower than the one delivered means the cluster was restored from a backup,
+and the value is fetched again.
+
+Values may be stored gzip-compressed (recognised by the gzip magic bytes) to
+stay under etcd's request size limit (``--max-request-bytes``, 1.5 MiB by
+default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+from edge.config import ViewConfig
+from edge.errors import SourceError, ViewTooLarge
+from edge.etcd import EtcdAddress, EtcdClient, EtcdError, EtcdValueTooLarge, RangeResult
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class EtcdSource:
+    def __init__(self, spec: str, config: ViewConfig) -> None:
+        try:
+            address = EtcdAddress.parse(spec)
+        except EtcdError as exc:
+            raise SourceError(str(exc)) from None
+        self.description = str(address)
+        self.max_size = config.max_size
+        self.client = EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size,
+                                 config.ca_file)
+        self.revision = 0
+        """``mod_revision`` of the value last delivered (0: none yet)."""
+        self._timeout = len(address.endpoints) * (config.connect_timeout + config.read_timeout) + 1
+        self.value_fetches = 0
+        """Polls that transferred the value (the rest were header-only)."""
+
+    async def fetch(self) -> bytes | None:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._poll), self._timeout)
+        except asyncio.TimeoutError:
+            raise SourceError(f"{self.description}: no answer within {self._timeout:g}s") from None
+
+    def forget(self) -> None:
+        """Deliver the value again next poll even if unchanged."""
+        self.revision = 0
+
+    def _poll(self) -> bytes | None:
+        result = self._range(self.revision + 1 if self.revision else 0)
+        if result.kv is None and result.count and result.revision < self.revision:
+            self.revision = 0
+            result = self._range(0)
+        if result.count == 0:
+            raise SourceError(f"{self.description}: key not found")
+        if result.kv is None:
+            return None
+        self.value_fetches += 1
+        data = result.kv.value
+        if data.startswith(_GZIP_MAGIC):
+            data = self._gunzip(data)
+        self.revision = result.kv.mod_revision
+        return data
+
+    def _range(self, min_mod_revision: int) -> RangeResult:
+        try:
+            return self.client.get(self.client.address.key, min_mod_revision)
+        except EtcdValueTooLarge as exc:
+            raise ViewTooLarge(str(exc)) from None
+        except EtcdError as exc:
+            raise SourceError(str(exc)) from None
+
+    def _gunzip(self, data: bytes) -> bytes:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            plain = inflater.decompress(data, self.max_size + 1)
+        except zlib.error as exc:
+            raise SourceError(f"{self.description}: corrupt gzip value: {exc}") from None
+        if len(plain) > self.max_size or inflater.unconsumed_tail:
+            raise ViewTooLarge(f"{self.description}: decompressed value is over the {self.max_size}-byte cap")
+        if not inflater.eof:
+            raise SourceError(f"{self.description}: gzip value truncated")
+        return plain
