@@ -224,13 +224,16 @@ def http_date(timestamp: float) -> str:
 
 
 def open_source(spec: str, config: ViewConfig) -> ViewSource:
-    """``demo``, an ``http(s)://`` URL, or a file path (``file://`` accepted)."""
+    """``demo``, an ``http(s)://`` URL, an ``etcd(s)://`` key, or a file path (``file://`` accepted)."""
     if spec == "demo":
         return DemoSource()
     if spec.startswith(("http://", "https://")):
         return HttpSource(spec, config)
+    if spec.startswith(("etcd://", "etcds://")):
+        from edge.view.etcd_source import EtcdSource
+        return EtcdSource(spec, config)
     if spec.startswith("file://"):
         spec = spec[len("file://"):]
     if "://" in spec:
-        raise SourceError(f"unsupported view source {spec!r} (use a file path, http(s):// URL or demo)")
+        raise SourceError(f"unsupported view source {spec!r} (use a file path, http(s):// URL, etcd:// key or demo)")
     return FileSource(spec, config.max_size)
