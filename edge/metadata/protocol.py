@@ -52,6 +52,11 @@ class _Reject(Exception):
 
 
 class MetadataProtocol(asyncio.Protocol):
+    # Slots: a connection is set up for every request of a typical client, so its cost counts.
+    __slots__ = ("service", "network", "loop", "limits", "handler", "store", "transport", "peer", "parser",
+                 "deadline", "closing", "busy", "queue", "slow_task", "counted_source", "_since_progress",
+                 "_reject", "_target", "_target_size", "_header_size", "_body_size", "_request", "_has_fields")
+
     def __init__(self, service: MetadataService, network: str) -> None:
         # global
         self.service = service
@@ -69,7 +74,8 @@ class MetadataProtocol(asyncio.Protocol):
         """Service tick by which the next request head must be complete (the service ticker checks)."""
         self.closing = False
         self.busy = False
-        self.queue: deque[Request] = deque()
+        self.queue: deque[Request] | None = None
+        """Pipelined requests waiting behind one on the slow path (created when first needed)."""
         self.slow_task: asyncio.Task[None] | None = None
         self.counted_source: str | None = None
         self._since_progress = 0
@@ -102,7 +108,8 @@ class MetadataProtocol(asyncio.Protocol):
         self.service.connection_closed(self)
         if self.slow_task is not None and not self.slow_task.done():
             self.slow_task.cancel()
-        self.queue.clear()
+        if self.queue:
+            self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -194,9 +201,11 @@ class MetadataProtocol(asyncio.Protocol):
         self._header_size = 0
         self._body_size = 0
         if self.busy:
-            if len(self.queue) >= MAX_QUEUED:
+            if self.queue is not None and len(self.queue) >= MAX_QUEUED:
                 self._reject = Outcome.THROTTLED
                 raise _Reject
+            if self.queue is None:
+                self.queue = deque()
             self.queue.append(request)
             self._request = Request(b"", b"")
             self._has_fields = False
@@ -277,6 +286,6 @@ class MetadataProtocol(asyncio.Protocol):
         self.busy = False
         self.write(result, request)
         while self.queue and not self.busy and not self.closing:
-            self.handle(self.queue.popleft())
+            self.handle(self.queue.popleft())  # type: ignore[union-attr]
         if not self.busy and not self.closing and self.transport is not None:
             self.transport.resume_reading()

@@ -94,7 +94,7 @@ def check_bounded(transport: MockTransport, protocol: MetadataProtocol) -> None:
     for data in transport.written:
         assert data.startswith(b"HTTP/1.1 "), data[:40]
     assert sum(len(part) for part in protocol._target) <= protocol.limits.max_url_bytes + 65536
-    assert len(protocol.queue) <= MAX_QUEUED
+    assert len(protocol.queue or ()) <= MAX_QUEUED
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
