@@ -1,0 +1,180 @@
+"""The etcd view source against a real etcd member (and proxies in front of it)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+
+import pytest
+
+from edge.config import ViewConfig
+from edge.errors import SourceError, ViewTooLarge
+from edge.etcd import EtcdAddress, EtcdError
+from edge.view.demo import demo_document
+from edge.view.formats import decode_view
+from edge.view.etcd_source import EtcdSource
+from edge.view.sources import open_source
+from tests.etcd.server import RecordingProxy
+from tests.support import free_port
+
+FAST = ViewConfig(connect_timeout=0.5, read_timeout=0.5)
+
+
+def view_bytes(serial: int) -> bytes:
+    document = demo_document()
+    document["serial"] = serial
+    return json.dumps(document).encode()
+
+
+def fetch(source: EtcdSource) -> bytes | None:
+    return asyncio.run(source.fetch())
+
+
+def test_addresses_parse() -> None:
+    address = EtcdAddress.parse("etcd://10.0.0.1:2379,[fd00::2]:2379/edge/view")
+    assert address.endpoints == (("10.0.0.1", 2379), ("fd00::2", 2379))
+    assert address.key == b"edge/view" and address.scheme == "http"
+    assert EtcdAddress.parse("etcds://h:1//edge/view%20x").key == b"/edge/view x"
+    assert EtcdAddress.parse("etcds://h:1/k").scheme == "https"
+    for bad in ("etcd://h:1", "etcd://h:1/", "etcd:///k", "etcd://h/k", "etcd://h:0/k", "http://h:1/k"):
+        with pytest.raises(EtcdError):
+            EtcdAddress.parse(bad)
+    with pytest.raises(SourceError):
+        open_source("etcd://nohost/k", FAST)
+
+
+def test_view_from_etcd_is_delivered_then_polled_header_only(etcd) -> None:
+    etcd.put("edge/view", view_bytes(1))
+    proxy = RecordingProxy(etcd.endpoint).start()
+    try:
+        source = open_source(f"etcd://{proxy.endpoint}/edge/view", FAST)
+        assert isinstance(source, EtcdSource)
+        data = fetch(source)
+        assert data is not None and decode_view(data).serial == 1
+        assert fetch(source) is None
+        assert fetch(source) is None
+        # Unchanged polls moved only the header: no value crossed the wire.
+        assert [("kvs" in e.response) for e in proxy.exchanges] == [True, False, False]
+        assert all(len(json.dumps(e.response)) < 300 for e in proxy.exchanges[1:])
+        assert [e.request.get("min_mod_revision") for e in proxy.exchanges[1:]] == [
+            str(source.revision + 1)] * 2
+
+        etcd.put("edge/view", view_bytes(2))
+        data = fetch(source)
+        assert data is not None and decode_view(data).serial == 2
+        assert fetch(source) is None
+        assert source.value_fetches == 2
+    finally:
+        proxy.close()
+
+
+def test_missing_key_is_an_error_and_deletion_is_noticed(etcd) -> None:
+    source = open_source(etcd.url("edge/view"), FAST)
+    with pytest.raises(SourceError, match="key not found"):
+        fetch(source)
+    etcd.put("edge/view", view_bytes(1))
+    assert fetch(source) is not None
+    etcd.delete("edge/view")
+    with pytest.raises(SourceError, match="key not found"):
+        fetch(source)
+    etcd.put("edge/view", view_bytes(1))
+    assert fetch(source) is not None
+
+
+def test_gzip_values_are_inflated_within_the_cap(etcd) -> None:
+    etcd.put("v", gzip.compress(view_bytes(3)))
+    assert decode_view(fetch(open_source(etcd.url("v"), FAST))).serial == 3
+    small = ViewConfig(connect_timeout=0.5, read_timeout=0.5, max_size=4096)
+    etcd.put("big", b"x" * 5000)
+    with pytest.raises(ViewTooLarge):
+        fetch(open_source(etcd.url("big"), small))
+    etcd.put("bomb", gzip.compress(b" " * 100_000))
+    with pytest.raises(ViewTooLarge):
+        fetch(open_source(etcd.url("bomb"), small))
+    etcd.put("broken", gzip.compress(view_bytes(1))[:40])
+    with pytest.raises(SourceError, match="gzip"):
+        fetch(open_source(etcd.url("broken"), FAST))
+
+
+def test_failover_skips_dead_hanging_and_failing_members_and_remembers_the_live_one(etcd) -> None:
+    etcd.put("edge/view", view_bytes(1))
+    dead = f"127.0.0.1:{free_port()}"
+    hanging = RecordingProxy(etcd.endpoint, mode="hang").start()
+    failing = RecordingProxy(etcd.endpoint, mode="error").start()
+    live = RecordingProxy(etcd.endpoint).start()
+    try:
+        source = open_source(f"etcd://{dead},{hanging.endpoint},{failing.endpoint},{live.endpoint}/edge/view", FAST)
+        assert decode_view(fetch(source)).serial == 1
+        assert source.client.endpoint == live.endpoint
+        assert len(failing.exchanges) == 1 and len(live.exchanges) == 1
+        # The next polls go straight to the member that answered.
+        assert fetch(source) is None and fetch(source) is None
+        assert len(failing.exchanges) == 1 and len(live.exchanges) == 3
+        # When it dies, the client moves on (wrapping around) and the others can take over again.
+        live.close()
+        failing.mode = "forward"
+        etcd.put("edge/view", view_bytes(2))
+        assert decode_view(fetch(source)).serial == 2
+        assert source.client.endpoint == failing.endpoint
+    finally:
+        for proxy in (hanging, failing, live):
+            proxy.close()
+
+
+def test_every_member_down_is_one_bounded_error_naming_each(etcd) -> None:
+    ports = [free_port(), free_port()]
+    source = open_source(f"etcd://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/edge/view", FAST)
+    with pytest.raises(SourceError) as caught:
+        fetch(source)
+    assert f"127.0.0.1:{ports[0]}" in str(caught.value) and f"127.0.0.1:{ports[1]}" in str(caught.value)
+
+
+def test_etcd_stopped_then_back_resumes_without_refetching_the_same_value(etcd) -> None:
+    etcd.put("edge/view", view_bytes(1))
+    source = open_source(etcd.url("edge/view"), FAST)
+    assert fetch(source) is not None
+    etcd.stop()
+    with pytest.raises(SourceError):
+        fetch(source)
+    etcd.start()
+    assert fetch(source) is None
+    assert source.value_fetches == 1
+
+
+def test_a_cluster_restored_to_an_older_revision_is_read_again(etcd) -> None:
+    for serial in range(1, 6):
+        etcd.put("edge/view", view_bytes(serial))
+    source = open_source(etcd.url("edge/view"), FAST)
+    assert decode_view(fetch(source)).serial == 5
+    before = source.revision
+    etcd.wipe()
+    etcd.start()
+    etcd.put("edge/view", view_bytes(6))
+    data = fetch(source)
+    assert data is not None and decode_view(data).serial == 6
+    assert source.revision < before
+
+
+def test_garbage_from_a_member_is_a_source_error() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        connection.close()
+
+    import threading
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SourceError, match="not JSON"):
+            fetch(open_source(f"etcd://127.0.0.1:{port}/k", FAST))
+    finally:
+        thread.join(2)
+        listener.close()
