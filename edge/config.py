@@ -176,6 +176,14 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    token_key_source: str = ""
+    """``etcd://HOST:PORT[,HOST:PORT...]/KEY`` holding the IMDSv2 token keys (key file format) for every gateway; replaces ``metadata.token_key_file``."""
+    token_key_refresh: float = 10.0
+    """Seconds between re-reads of the token keys from etcd: a rotation reaches every gateway within this."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Listen | None = Listen("127.0.0.1", 9169)
     """Operations listener (health, readiness, metrics); empty string disables it."""
@@ -196,6 +204,7 @@ class Config:
     view: ViewConfig = field(default_factory=ViewConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -421,6 +430,11 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}url must be an http:// or https:// URL when kind is http")
         if config.timeout <= 0 or config.refresh_ahead < 0 or config.retry_interval <= 0 or config.cache_size < 1:
             raise ConfigError(f"{prefix}timeout and retry_interval must be positive, refresh_ahead >= 0, cache_size >= 1")
+    if isinstance(config, FleetConfig):
+        if config.token_key_source and not config.token_key_source.startswith(("etcd://", "etcds://")):
+            raise ConfigError(f"{prefix}token_key_source must be an etcd:// or etcds:// address")
+        if config.token_key_refresh <= 0:
+            raise ConfigError(f"{prefix}token_key_refresh must be positive")
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{prefix}level must be debug, info, warning or error")
