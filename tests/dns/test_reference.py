@@ -19,7 +19,7 @@ import dns.rcode
 import dns.exception
 import pytest
 
-from edge.dns.zonedata import build_dns_data
+from edge.dns.zonefile import zone_texts
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
@@ -68,31 +68,10 @@ QUESTIONS = [
 
 
 def zone_files(directory: Path) -> list[str]:
-    snapshot = build_snapshot(parse_view(demo_document()))
-    data = build_dns_data(snapshot)
-    zones = {**data.zones.get(None, {}), **data.zones.get(NETWORK, {})}
-    contents: dict[str, list[str]] = {}
-    for apex, zone in zones.items():
-        mname, rname, serial, refresh, retry, expire, minimum = zone.soa
-        contents[apex] = [f"$ORIGIN {apex}.",
-                          f"@ {zone.soa_ttl} IN SOA {mname}. {rname}. {serial} {refresh} {retry} {expire} {minimum}",
-                          f"@ {zone.soa_ttl} IN NS {zone.nameserver}."]
-    for name in snapshot.names:
-        zone = data.zone_for(NETWORK, name)
-        if zone is None:
-            continue
-        for record in data.records(NETWORK, name):
-            value = record.value
-            if record.type in ("CNAME", "PTR", "NS"):
-                value += "."
-            elif record.type in ("MX", "SRV"):
-                value += "."
-            elif record.type == "TXT":
-                value = '"' + value + '"'
-            contents[zone.apex].append(f"{name}. {record.ttl} IN {record.type} {value}")
-    for apex, lines in contents.items():
-        (directory / f"{apex}.zone").write_text("\n".join(lines) + "\n")
-    return list(contents)
+    texts = zone_texts(build_snapshot(parse_view(demo_document())), NETWORK)
+    for apex, text in texts.items():
+        (directory / f"{apex}.zone").write_text(text)
+    return list(texts)
 
 
 @pytest.fixture(scope="module")
