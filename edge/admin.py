@@ -29,15 +29,19 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Re
 class Readiness:
     """Whether this gateway should receive traffic, and if not, why."""
 
-    def __init__(self, store: ViewStore, max_view_age: float = 0.0) -> None:
+    def __init__(self, store: ViewStore, max_view_age: float = 0.0,
+                 workers_serving: Callable[[], int] | None = None) -> None:
         self.store = store
         self.max_view_age = max_view_age
         self.shutting_down = False
+        self.workers_serving = workers_serving
 
     def problems(self, now: float | None = None) -> list[str]:
         problems = []
         if self.shutting_down:
             problems.append("shutting down")
+        if self.workers_serving is not None and self.workers_serving() == 0:
+            problems.append("no worker is serving")
         if self.store.current is None:
             problems.append("no view loaded")
         elif self.max_view_age > 0:

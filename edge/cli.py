@@ -76,10 +76,11 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         if args.command == "view":
             return _view_check(args)
         if args.command == "keys":
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from edge.server import serve
 
     overrides = _serve_overrides(args)
@@ -102,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load()
     configure_logging(config.log.level, config.log.format)
-    return serve(config, load)
+    return serve(config, load, argv)
 
 
 def _view_check(args: argparse.Namespace) -> int:

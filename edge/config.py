@@ -187,6 +187,10 @@ class FleetConfig:
 class AdminConfig:
     listen: Listen | None = Listen("127.0.0.1", 9169)
     """Operations listener (health, readiness, metrics); empty string disables it."""
+    shutdown_delay: float = 0.5
+    """On SIGTERM, seconds readiness answers 503 before the listeners close (time to withdraw routes)."""
+    shutdown_grace: float = 5.0
+    """Then, seconds in-flight requests get to finish before connections are closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +279,7 @@ def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
     collect(Config, "")
     items = []
     for name, text in env.items():
-        if not name.startswith("EDGE_"):
+        if not name.startswith("EDGE_") or name.startswith("EDGE_INTERNAL_"):
             continue
         if name not in known:
             raise ConfigError(f"unknown configuration key in environment variable {name}")
@@ -435,6 +439,9 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}token_key_source must be an etcd:// or etcds:// address")
         if config.token_key_refresh <= 0:
             raise ConfigError(f"{prefix}token_key_refresh must be positive")
+    if isinstance(config, AdminConfig):
+        if config.shutdown_delay < 0 or config.shutdown_grace < 0:
+            raise ConfigError(f"{prefix}shutdown_delay and shutdown_grace must not be negative")
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{prefix}level must be debug, info, warning or error")

@@ -17,19 +17,26 @@ for HTTPS).  The key is the URL path without its first slash, percent-decoded:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import http.client
 import json
+import logging
 import os
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from edge.errors import EdgeError
+from edge.config import Config
+from edge.errors import ConfigError, EdgeError
+from edge.logs import event
+
+log = logging.getLogger("edge.fleet")
 
 USER_AGENT = "edge-etcd/1"
 SCHEMES = {"etcd": "http", "etcds": "https"}
@@ -227,9 +234,17 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-# -- token keys ---------------------------------------------------------------------------------
+# -- token keys shared by the fleet ---------------------------------------------------------------
 
+TOKEN_KEY_CACHE = "token-keys.etcd"
+"""The last key text read from etcd, in the state directory."""
 MAX_KEY_TEXT = 1024 * 1024
+
+
+def token_key_client(config: Config) -> EtcdClient:
+    view = config.view
+    return EtcdClient(EtcdAddress.parse(config.fleet.token_key_source), view.connect_timeout, view.read_timeout,
+                      MAX_KEY_TEXT, view.ca_file)
 
 
 def read_key_text(client: EtcdClient) -> str:
@@ -241,6 +256,30 @@ def read_key_text(client: EtcdClient) -> str:
         return result.kv.value.decode("utf-8")
     except UnicodeDecodeError:
         raise EtcdError(f"{client.address}: token keys are not UTF-8 text") from None
+
+
+def read_fleet_token_keys(config: Config) -> str:
+    """The fleet's token key text from etcd; the cached copy when etcd cannot be reached (blocking).
+
+    A gateway that starts while etcd is down keeps verifying the tokens its
+    peers issued, from the keys it last saw; raises ConfigError when there is
+    neither etcd nor a cached copy.
+    """
+    cache = TokenKeyCache(Path(config.view.state_dir) / TOKEN_KEY_CACHE)
+    try:
+        text = read_key_text(token_key_client(config))
+    except EtcdError as exc:
+        cached = cache.read()
+        if cached is None:
+            raise ConfigError(f"token keys: {exc}; no cached copy in {cache.path}") from None
+        event(log, logging.WARNING, "token keys from etcd unavailable; using the cached copy", error=str(exc),
+              path=str(cache.path))
+        return cached
+    try:
+        cache.write(text)
+    except EtcdError as exc:
+        event(log, logging.WARNING, "token keys not cached", error=str(exc))
+    return text
 
 
 class TokenKeyCache:
@@ -255,17 +294,106 @@ class TokenKeyCache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise EtcdError(f"cannot read cached token keys {self.path}: {exc.strerror}") from None
+            event(log, logging.ERROR, "cached token keys unreadable", path=str(self.path), error=exc.strerror)
+            return None
 
     def write(self, text: str) -> None:
         try:
             if self.path.exists() and self.path.read_text() == text:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(f".{self.path.name}.tmp")
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(text)
             temporary.replace(self.path)
         except OSError as exc:
             raise EtcdError(f"cannot write cached token keys {self.path}: {exc.strerror}") from None
+
+
+class FleetTokenKeys:
+    """Keeps a service's token keys in step with etcd while ``fleet.token_key_source`` is set.
+
+    Re-reads every ``fleet.token_key_refresh`` seconds and at once on
+    :meth:`configure` (SIGHUP); hands changed text to ``apply``, which parses
+    it, installs it if the keys differ from those in use and says whether it
+    did.  A failed read or a text ``apply`` rejects keeps the keys in use:
+    tokens keep verifying while etcd is away.
+    """
+
+    def __init__(self, apply: Callable[[str], bool]) -> None:
+        self.apply = apply
+        self.config: Config | None = None
+        self.applied = ""
+        self.reads = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def configure(self, config: Config) -> None:
+        """Start, re-point or stop watching for ``config``; call on the running loop."""
+        self.config = config
+        if not config.fleet.token_key_source:
+            if self._task is not None:
+                self._task.cancel()
+                self._task = None
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-token-keys")
+        else:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            assert self.config is not None
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.fleet.token_key_refresh)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.read_once()
+
+    async def read_once(self) -> bool:
+        """One read from etcd; True when new keys were installed."""
+        config = self.config
+        if config is None or not config.fleet.token_key_source:
+            return False
+        self.reads += 1
+        try:
+            text = await asyncio.to_thread(self._read, config)
+        except EtcdError as exc:
+            self.failures += 1
+            event(log, logging.WARNING, "token keys not refreshed from etcd; keeping the current ones",
+                  error=str(exc))
+            return False
+        if text == self.applied:
+            return False
+        try:
+            changed = self.apply(text)
+        except ConfigError as exc:
+            self.failures += 1
+            event(log, logging.ERROR, "token keys from etcd rejected; keeping the current ones", error=str(exc))
+            return False
+        self.applied = text
+        if not changed:
+            return False
+        event(log, logging.INFO, "token keys updated from etcd", source=config.fleet.token_key_source)
+        return True
+
+    @staticmethod
+    def _read(config: Config) -> str:
+        text = read_key_text(token_key_client(config))
+        try:
+            TokenKeyCache(Path(config.view.state_dir) / TOKEN_KEY_CACHE).write(text)
+        except EtcdError as exc:
+            event(log, logging.WARNING, "token keys not cached", error=str(exc))
+        return text

@@ -11,25 +11,23 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from edge.admin import AdminRoutes, Readiness, start_admin
 from edge.config import Config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import event
+from edge.metrics import Metrics, Syncer, prepare_multiprocess_dir
+from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env
 from edge.view.poller import Poller
 from edge.view.snapshot import Preparer
-from edge.view.sources import open_source
+from edge.view.sources import FileSource, open_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.server")
-
-SHUTDOWN_LAME_DUCK = 0.5
-"""Seconds between readiness going 503 and listeners closing, so routes can be withdrawn."""
-SHUTDOWN_GRACE = 5.0
-"""Seconds in-flight requests get to finish after the listeners close."""
 
 
 class Service(Protocol):
@@ -48,15 +46,29 @@ def install_uvloop() -> None:
 
 
 class Gateway:
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    """One serving process: the whole gateway, or one worker of a supervised gateway.
+
+    A worker (``control`` given) follows the state file its supervisor writes
+    instead of polling the source, asks the supervisor for refreshes, shares
+    its listeners with ``SO_REUSEPORT`` and leaves the admin listener to the
+    supervisor.
+    """
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
+                 metrics: Metrics | None = None, control: socket.socket | None = None) -> None:
         self.config = config
         self.reload_config = reload_config
+        self.metrics = metrics or Metrics()
+        self.control = control
         self.store = ViewStore(source=config.view.source)
         self.readiness = Readiness(self.store, config.view.max_view_age)
         self.services: list[Service] = []
         self.poller: Poller | None = None
         self._admin: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
+        self._supervised: SupervisedRefresh | None = None
+        self._syncer: Syncer | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     def _build_services(self) -> list[Service]:
         from edge.dns.service import DnsService
@@ -70,40 +82,71 @@ class Gateway:
         return services
 
     async def refresh(self) -> None:
-        if self.poller is not None:
+        if self._supervised is not None:
+            await self._supervised.refresh()
+        elif self.poller is not None:
             await self.poller.refresh()
 
     async def start(self) -> None:
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         source = open_source(config.view.source, config.view)
+        state = StateFile(config.view.state_dir, source.description)
         self.services = self._build_services()
         preparers = [p for service in self.services for p in service.preparers]
-        self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
-                             preparers)
-        await self.poller.load_last_good()
-        for service in self.services:
-            await service.start(reuse_port=config.workers > 1)
-        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness))
-        # The first poll runs before start() returns when there is nothing on disk, so
-        # a fresh gateway binds and is ready as soon as its source answers.
-        if self.store.current is None:
+        if self.control is None:
+            self.poller = Poller(config.view, source, self.store, state, preparers,
+                                 on_outcome=lambda outcome: self.metrics.observe_poll(outcome, self.store))
+            await self.poller.load_last_good()
+        else:
+            # A worker reads what its supervisor accepted; it never writes the state file.
+            follower = FileSource(state.path, config.view.max_size)
+            self.poller = Poller(config.view, follower, self.store, None, preparers)
+            self._supervised = SupervisedRefresh(self.control)
+            self._supervised.poller = self.poller
+            self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
             await self.poller.poll_once()
+        for service in self.services:
+            await service.start(reuse_port=self.control is not None)
+        if self.control is None:
+            self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
+            # With nothing on disk, poll before going on, so a fresh gateway is ready as
+            # soon as its source answers.
+            if self.store.current is None:
+                await self.poller.poll_once()
         self.poller.start()
-        event(log, logging.INFO, "edge started", pid=os.getpid(), source=source.description,
-              metadata=",".join(str(x) for x in config.metadata.listen),
+        if self._supervised is not None:
+            self._supervised.serving()
+        self._syncer = Syncer(self.metrics, before=[self._export_service_counters])
+        self._syncer.start()
+        event(log, logging.INFO, "edge started" if self.control is None else "worker started", pid=os.getpid(),
+              source=source.description, metadata=",".join(str(x) for x in config.metadata.listen),
               dns=",".join(str(x) for x in config.dns.listen),
-              admin=str(config.admin.listen or ""), ready=self.store.ready)
+              admin=str(config.admin.listen or "") if self.control is None else "supervisor",
+              ready=self.store.ready)
+
+    def _export_service_counters(self) -> None:
+        for service in self.services:
+            export = getattr(service, "export_metrics", None)
+            if export is not None:
+                export()
 
     async def stop(self) -> None:
         self.readiness.shutting_down = True
-        event(log, logging.INFO, "edge stopping", lame_duck=SHUTDOWN_LAME_DUCK, grace=SHUTDOWN_GRACE)
-        await asyncio.sleep(SHUTDOWN_LAME_DUCK)
+        admin = self.config.admin
+        event(log, logging.INFO, "edge stopping", delay=admin.shutdown_delay, grace=admin.shutdown_grace)
+        await asyncio.sleep(admin.shutdown_delay)
         if self.poller is not None:
             await self.poller.stop()
-        await asyncio.gather(*(service.stop(SHUTDOWN_GRACE) for service in self.services))
+        await asyncio.gather(*(service.stop(admin.shutdown_grace) for service in self.services))
         if self._admin is not None:
             self._admin.close()
+        if self._syncer is not None:
+            self._syncer.stop()
+            self._export_service_counters()
+            self.metrics.sync()
+        for task in self._background:
+            task.cancel()
         event(log, logging.INFO, "edge stopped")
 
     def reload(self) -> None:
@@ -130,13 +173,22 @@ class Gateway:
         await self.stop()
 
 
-def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+def serve(config: Config, reload_config: Callable[[], Config] | None = None,
+          argv: Sequence[str] = ()) -> int:
+    """Run a gateway: one process, or a supervisor with ``config.workers`` workers."""
+    control = control_socket_from_env()
+    if control is None and config.workers > 1:
+        # Before anything imports prometheus-client: workers write their metrics there.
+        os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
+        prepare_multiprocess_dir(config.view.state_dir)
     install_uvloop()
-    if config.workers > 1:
-        event(log, logging.WARNING, "several workers are not available yet; running one", workers=config.workers)
-    gateway = Gateway(config, reload_config)
     try:
-        asyncio.run(gateway.run_until_signalled())
+        if control is None and config.workers > 1:
+            supervisor = Supervisor(config, reload_config, list(argv), Metrics())
+            asyncio.run(supervisor.run())
+        else:
+            gateway = Gateway(config, reload_config, Metrics(), control)
+            asyncio.run(gateway.run_until_signalled())
     except EdgeError as exc:
         event(log, logging.ERROR, "edge cannot start", error=str(exc))
         return 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import Config, MetadataConfig
+from edge.etcd import FleetTokenKeys, read_fleet_token_keys
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
 from edge.metadata.handler import MetadataHandler
@@ -52,7 +53,9 @@ def token_key_path(config: Config) -> Path:
 
 
 def load_token_keys(config: Config) -> tokens.TokenKeys:
-    """The configured key file, or the state directory's one (created on first use)."""
+    """The fleet's keys in etcd, the configured key file, or the state directory's one (created on first use)."""
+    if config.fleet.token_key_source:
+        return tokens.parse_key_file(read_fleet_token_keys(config), where=config.fleet.token_key_source)
     if config.metadata.token_key_file:
         return tokens.load_key_file(config.metadata.token_key_file)
     return tokens.ensure_key_file(token_key_path(config))
@@ -83,6 +86,7 @@ class MetadataService:
         self.limits = ProtocolLimits.of(config.metadata)
         self.trusted_proxies = TrustedProxies(config.metadata.trusted_proxies)
         self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
+        self.fleet_keys = FleetTokenKeys(self._use_fleet_keys)
         self.servers: list[asyncio.Server] = []
         self.connections: set[MetadataProtocol] = set()
         self.per_source: dict[str, int] = {}
@@ -107,6 +111,7 @@ class MetadataService:
         keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
                                                         load_identity_signer(self.config)))
         self.handler = build_handler(self.config, keys, signer)
+        self.fleet_keys.configure(self.config)
         loop = asyncio.get_running_loop()
         for listen in self.config.metadata.listen:
             network = listen.network
@@ -137,6 +142,7 @@ class MetadataService:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        await self.fleet_keys.stop()
         if self._ticker is not None:
             self._ticker.cancel()
         if self._refresh_task is not None and not self._refresh_task.done():
@@ -151,13 +157,16 @@ class MetadataService:
         """New limits, keys, proxies and credential source; open connections keep serving."""
         metadata = config.metadata
         try:
-            keys = load_token_keys(config)
+            # Keys from etcd are re-read by fleet_keys off the loop; a reload must not wait for etcd.
+            keys = self.handler.keys if config.fleet.token_key_source else load_token_keys(config)
             signer = load_identity_signer(config)
         except Exception as exc:
             log.error("metadata reload kept the previous keys: %s", exc)
             keys, signer = self.handler.keys, self.handler.renderer.signer
         handler = self.handler
-        handler.set_keys(keys)
+        if keys is not handler.keys:
+            handler.set_keys(keys)
+        self.fleet_keys.configure(config)
         if signer is not handler.renderer.signer:
             handler.renderer = Renderer(signer, metadata.render_cache_size)
         handler.limiter.rate = metadata.rate
@@ -168,6 +177,13 @@ class MetadataService:
         self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
         self.config = config
         log.info("metadata configuration reloaded keys=%d", len(keys.by_id))
+
+    def _use_fleet_keys(self, text: str) -> bool:
+        keys = tokens.parse_key_file(text, where=self.config.fleet.token_key_source)
+        if keys == self.handler.keys:
+            return False
+        self.handler.set_keys(keys)
+        return True
 
     # -- connections -----------------------------------------------------------------------------
 

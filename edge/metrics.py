@@ -1,0 +1,198 @@
+"""Every metric edge exports, and how the hot path feeds them cheaply.
+
+Request handlers never call prometheus-client: they bump plain integers in a
+:class:`Tally` (a dict increment, and a bisect for latency).  Once a second,
+and just before every scrape, :meth:`Metrics.sync` copies the increments into
+the prometheus objects.  With several workers, prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before
+anything imports prometheus-client) sums the workers' files at scrape time.
+
+Names follow ``edge_<subsystem>_<name>_<unit>``; label values come from small
+fixed sets (route families, status codes, rcodes), never from a raw path or
+query name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(slots=True)
+class Tally:
+    """Plain counters a protocol bumps per request; exported by :meth:`Metrics.sync`."""
+
+    protocol: str
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(route family or query kind, status or rcode) -> count."""
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    events: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(counter name, label value) -> count, for the subsystem counters below."""
+
+    def request(self, family: str, status: str) -> None:
+        key = (family, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+
+    def latency(self, seconds: float) -> None:
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def count(self, name: str, label: str = "", amount: int = 1) -> None:
+        key = (name, label)
+        self.events[key] = self.events.get(key, 0) + amount
+
+
+# Subsystem counters that tallies may carry: name -> (metric name, help, label name).
+EVENT_COUNTERS: dict[str, tuple[str, str, str]] = {
+    "tokens": ("edge_metadata_tokens_total", "IMDSv2 tokens by outcome (issued, verified, rejected)", "outcome"),
+    "rate_limited": ("edge_rate_limited_total", "Requests refused by the per-client rate limit", "protocol"),
+    "unknown_source_refreshes": ("edge_metadata_unknown_source_refreshes_total",
+                                 "View refreshes asked for because an unknown address asked", "protocol"),
+    "credential_fetches": ("edge_metadata_credential_fetches_total",
+                           "Calls to the credential source by result (ok, error)", "result"),
+    "dns_cache": ("edge_dns_cache_total", "Forwarding cache lookups by result (hit, miss, stale)", "result"),
+    "dns_upstream_errors": ("edge_dns_upstream_errors_total", "Upstream resolver failures by kind", "kind"),
+    "connections_refused": ("edge_connections_refused_total", "Connections refused by the connection caps",
+                            "protocol"),
+}
+
+
+class Metrics:
+    """The process's prometheus objects (one per process, created by the composition root)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self.registry = CollectorRegistry(auto_describe=True)
+        register: Any = None if self.multiprocess else self.registry
+        kwargs: dict[str, Any] = {"registry": register} if register is not None else {"registry": None}
+        self.requests = Counter("edge_requests_total", "Requests answered, by protocol, route family and status/rcode",
+                                ["protocol", "family", "status"], **kwargs)
+        self.latency = Histogram("edge_request_duration_seconds", "Time from a complete request to its answer",
+                                 ["protocol"], buckets=LATENCY_BUCKETS, **kwargs)
+        self.events = {name: Counter(metric, text, [label], **kwargs)
+                       for name, (metric, text, label) in EVENT_COUNTERS.items()}
+        self.polls = Counter("edge_view_polls_total", "View polls by result", ["result"], **kwargs)
+        gauge_mode: dict[str, Any] = {"multiprocess_mode": "max"} if self.multiprocess else {}
+        self.view_serial = Gauge("edge_view_serial", "Serial of the view being served", **kwargs, **gauge_mode)
+        self.view_loaded = Gauge("edge_view_loaded_timestamp_seconds", "When the served view was loaded",
+                                 **kwargs, **gauge_mode)
+        self.view_confirmed = Gauge("edge_view_confirmed_timestamp_seconds",
+                                    "When the source last delivered or confirmed the served view", **kwargs,
+                                    **gauge_mode)
+        self.view_failures = Gauge("edge_view_consecutive_failures", "Polls failed in a row", **kwargs, **gauge_mode)
+        self.worker_restarts = Counter("edge_worker_restarts_total", "Workers restarted after exiting", **kwargs)
+        self._tallies: list[Tally] = []
+        self._exported: dict[int, dict[Any, Any]] = {}
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+            multiprocess.MultiProcessCollector(self.registry)
+
+    def tally(self, protocol: str) -> Tally:
+        tally = Tally(protocol)
+        self._tallies.append(tally)
+        return tally
+
+    def sync(self) -> None:
+        """Copy what the tallies counted since the last sync into the prometheus objects."""
+        for tally in self._tallies:
+            seen = self._exported.setdefault(id(tally), {})
+            for (family, status), total in list(tally.requests.items()):
+                delta = total - seen.get(("r", family, status), 0)
+                if delta:
+                    self.requests.labels(tally.protocol, family, status).inc(delta)
+                    seen[("r", family, status)] = total
+            histogram = self.latency.labels(tally.protocol)
+            for index, total in enumerate(tally.latency_buckets):
+                delta = total - seen.get(("l", index), 0)
+                if delta:
+                    seen[("l", index)] = total
+                    _add_to_bucket(histogram, index, delta)
+            sum_delta = tally.latency_sum - seen.get("lsum", 0.0)
+            if sum_delta:
+                seen["lsum"] = tally.latency_sum
+                histogram._sum.inc(sum_delta)
+            for (name, label), total in list(tally.events.items()):
+                delta = total - seen.get(("e", name, label), 0)
+                if delta and name in self.events:
+                    self.events[name].labels(label or tally.protocol).inc(delta)
+                    seen[("e", name, label)] = total
+
+    def observe_poll(self, outcome: Any, store: Any) -> None:
+        self.polls.labels(outcome.result).inc()
+        self.observe_view(store)
+
+    def observe_view(self, store: Any) -> None:
+        status = store.status
+        if store.current is not None:
+            self.view_serial.set(store.current.serial)
+        if status.loaded_at is not None:
+            self.view_loaded.set(status.loaded_at)
+        if status.confirmed_at is not None:
+            self.view_confirmed.set(status.confirmed_at)
+        self.view_failures.set(status.consecutive_failures)
+
+    def render(self) -> tuple[str, bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self.sync()
+        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+
+def _add_to_bucket(histogram: Any, index: int, count: int) -> None:
+    """Add ``count`` observations to bucket ``index`` in one step.
+
+    prometheus-client stores per-bucket (not cumulative) values in ``_buckets``
+    in the order of LATENCY_BUCKETS plus +Inf, which is the layout of a Tally.
+    """
+    histogram._buckets[index].inc(count)
+
+
+def prepare_multiprocess_dir(state_dir: str) -> str:
+    """A clean directory for the workers' metric files (set before prometheus-client is imported)."""
+    directory = os.path.join(state_dir, "metrics")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ[MULTIPROCESS_ENV] = directory
+    return directory
+
+
+class Syncer:
+    """Calls ``sync`` every ``interval`` seconds on the running loop."""
+
+    def __init__(self, metrics: Metrics, interval: float = 1.0,
+                 before: Iterable[Callable[[], None]] = ()) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        self.before = list(before)
+        self._handle: Any = None
+        self.last = 0.0
+
+    def start(self) -> None:
+        import asyncio
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            for hook in self.before:
+                hook()
+            self.metrics.sync()
+            self.last = time.time()
+            self._handle = loop.call_later(self.interval, tick)
+
+        self._handle = loop.call_later(self.interval, tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
