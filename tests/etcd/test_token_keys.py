@@ -1,0 +1,114 @@
+"""IMDSv2 token keys shared through etcd: one write rotates every gateway."""
+
+from __future__ import annotations
+
+import base64
+import signal
+
+import pytest
+
+from edge.metadata.tokens import generate_token_key_file, parse_key_file
+from tests.fleet.gateway import Gateway
+from tests.support import wait_until
+
+KEY = "edge/token-keys"
+
+
+def signing_key_id(token: bytes) -> bytes:
+    raw = base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))
+    return raw[1:5]
+
+
+def key_texts(tmp_path) -> tuple[str, str, str]:
+    """(old only, new first + old, new only) as an operator's rotation writes them."""
+    path = tmp_path / "keys"
+    generate_token_key_file(path, name="old")
+    old = path.read_text()
+    generate_token_key_file(path, name="new", add=True)
+    both = path.read_text()
+    new_only = "".join(line + "\n" for line in both.splitlines() if not line.startswith("old "))
+    return old, both, new_only
+
+
+@pytest.fixture
+def gateways(tmp_path, etcd):
+    started: list[Gateway] = []
+
+    def start(name: str, host: str, refresh: str = "0.3") -> Gateway:
+        gateway = Gateway(name, host, "demo", tmp_path / name,
+                          extra_args=["--token-key-source", etcd.url(KEY)],
+                          env={"EDGE_FLEET_TOKEN_KEY_REFRESH": refresh})
+        started.append(gateway)
+        gateway.start()
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def test_rotation_through_etcd_reaches_every_gateway(tmp_path, etcd, gateways) -> None:
+    old, both, new_only = key_texts(tmp_path)
+    old_id = parse_key_file(old).signing.key_id
+    new_id = parse_key_file(both).signing.key_id
+    etcd.put(KEY, old)
+    a, b = gateways("a", "127.0.1.1"), gateways("b", "127.0.1.2")
+
+    token_old = a.token()
+    assert signing_key_id(token_old) == old_id
+    for gateway in (a, b):
+        assert gateway.get("/latest/meta-data/instance-id", token=token_old).status == 200
+
+    # 1-2. Add the new key in front: it signs everywhere, the old one still verifies.
+    etcd.put(KEY, both)
+    wait_until(lambda: signing_key_id(a.token()) == new_id and signing_key_id(b.token()) == new_id, timeout=10)
+    token_new = b.token()
+    for gateway in (a, b):
+        assert gateway.get("/latest/meta-data/instance-id", token=token_old).status == 200
+        assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
+
+    # 3. Retire the old key: its tokens stop verifying on every gateway; the new ones keep working.
+    etcd.put(KEY, new_only)
+    wait_until(lambda: all(g.get("/latest/meta-data/instance-id", token=token_old).status == 401
+                           for g in (a, b)), timeout=10)
+    for gateway in (a, b):
+        assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
+
+    # Garbage in etcd is refused and logged; the keys in use stay.
+    etcd.put(KEY, "not a key file\n")
+    wait_until(lambda: "token keys from etcd rejected" in a.log(), timeout=10)
+    assert a.get("/latest/meta-data/instance-id", token=token_new).status == 200
+
+
+def test_etcd_down_keeps_keys_and_a_restart_uses_the_cached_copy(tmp_path, etcd, gateways) -> None:
+    old, _, _ = key_texts(tmp_path)
+    etcd.put(KEY, old)
+    a = gateways("a", "127.0.1.1")
+    token = a.token()
+    etcd.stop()
+    wait_until(lambda: "token keys not refreshed from etcd" in a.log(), timeout=10)
+    assert a.get("/latest/meta-data/instance-id", token=token).status == 200
+    # A gateway restarted while etcd is away verifies with the keys it saw last.
+    a.stop()
+    a.start()
+    assert "using the cached copy" in a.log()
+    assert a.get("/latest/meta-data/instance-id", token=token).status == 200
+
+
+def test_sighup_reads_the_keys_at_once(tmp_path, etcd, gateways) -> None:
+    old, both, _ = key_texts(tmp_path)
+    etcd.put(KEY, old)
+    a = gateways("a", "127.0.1.1", refresh="3600")
+    assert signing_key_id(a.token()) == parse_key_file(old).signing.key_id
+    etcd.put(KEY, both)
+    a.signal(signal.SIGHUP)
+    wait_until(lambda: signing_key_id(a.token()) == parse_key_file(both).signing.key_id, timeout=5)
+
+
+def test_no_etcd_and_no_cached_copy_refuses_to_start(tmp_path, etcd) -> None:
+    gateway = Gateway("lonely", "127.0.1.1", "demo", tmp_path / "lonely",
+                      extra_args=["--token-key-source", etcd.url("edge/absent")])
+    gateway.start(wait=False)
+    assert gateway.process is not None
+    assert gateway.process.wait(20) != 0
+    assert "token keys" in gateway.log() and "key not found" in gateway.log()
