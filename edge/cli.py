@@ -22,6 +22,7 @@ _SERVE_FLAGS: dict[str, str] = {
     "admin_listen": "admin.listen",
     "poll_interval": "view.poll_interval",
     "token_key_file": "metadata.token_key_file",
+    "token_key_source": "fleet.token_key_source",
     "workers": "workers",
     "log_level": "log.level",
 }
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", metavar="ADDR:PORT", help="operations listener (health, metrics)")
     serve.add_argument("--poll-interval", metavar="SECONDS", type=float, help="seconds between view polls")
     serve.add_argument("--token-key-file", metavar="FILE", help="IMDSv2 token keys shared by the fleet")
+    serve.add_argument("--token-key-source", metavar="etcd://HOST:PORT[,...]/KEY",
+                       help="IMDSv2 token keys read from etcd (one write rotates the whole fleet)")
     serve.add_argument("--workers", metavar="N", type=int, help="worker processes")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
