@@ -388,9 +388,10 @@ def _check(config: Any, prefix: str) -> None:
         for upstream in config.upstreams:
             if parse_resolver_address(upstream) is None:
                 raise ConfigError(f"{prefix}upstreams: not an address or address:port: {upstream!r}")
+        from ipaddress import ip_network
         for cidr in config.recursion_cidrs:
             try:
-                ipaddress.ip_network(cidr, strict=False)
+                ip_network(cidr, strict=False)
             except ValueError:
                 raise ConfigError(f"{prefix}recursion_cidrs: not a CIDR: {cidr!r}") from None
         for name in ("upstream_timeout", "tcp_idle_timeout"):
