@@ -6,6 +6,8 @@ import re
 import socket
 import time
 
+import pytest
+
 from imds_harness import connect, demo, exchange, parse, read_all, request, token
 
 from edge.metadata.responses import NOT_FOUND_PAGE
@@ -368,3 +370,24 @@ def test_server_keeps_serving_after_abuse(server):
             sock.shutdown(socket.SHUT_WR)
             read_all(sock)
     assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
+
+
+def test_ipv6_listener(start):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    from edge.config import Listen
+    document = demo(**{"i-0de0000000000004": {}})
+    document["networks"][0]["cidrs"].append("::1/128")
+    document["instances"][3]["interfaces"][0]["private_ips"] = ["127.0.0.4", "::1"]
+    try:
+        server = start(document, listen=(Listen("::1", 0),))
+    except OSError as exc:
+        pytest.skip(f"cannot listen on ::1: {exc}")
+    with socket.create_connection(("::1", server.port), timeout=5) as sock:
+        sock.sendall(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 30\r\n\r\n")
+        status, _, value = parse(read_all(sock))
+    assert status == 200
+    with socket.create_connection(("::1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: " + value
+                     + b"\r\nConnection: close\r\n\r\n")
+        assert parse(read_all(sock))[2] == b"i-0de0000000000004"
