@@ -52,6 +52,8 @@ class Gateway:
     state_dir: Path
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    probe_source: str = "127.0.0.1"
+    """An instance address of the view, used to tell that the gateway answers."""
     metadata_port: int = 0
     dns_port: int = 0
     admin_port: int = 0
@@ -89,7 +91,7 @@ class Gateway:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if self.get("/latest/meta-data/instance-id", timeout=0.5).status in (200, 401):
+                if self.get("/latest/meta-data/instance-id", self.probe_source, timeout=0.5).status in (200, 401):
                     return time.monotonic() - self.started_at
             except OSError:
                 pass

@@ -1,0 +1,130 @@
+"""A client population spread over gateways the way ECMP spreads flows, retrying on the next one."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+PATH = "/latest/meta-data/instance-id"
+
+
+@dataclass
+class LoadReport:
+    answered: int = 0
+    """Requests that got the right answer (after retries)."""
+    wrong: int = 0
+    """Answers that were not the asking instance's own (must stay 0)."""
+    bad_status: int = 0
+    """Non-200 answers (counted per attempt; the request is retried elsewhere)."""
+    refused: int = 0
+    """Connections refused: a dead gateway (the route would be withdrawn)."""
+    in_flight_errors: int = 0
+    """Connections broken after the request was sent: requests in flight on a gateway that died."""
+    unanswered: int = 0
+    """Requests no gateway answered."""
+    per_gateway: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def merge(self, other: LoadReport) -> None:
+        for name in ("answered", "wrong", "bad_status", "refused", "in_flight_errors", "unanswered"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.per_gateway.update(other.per_gateway)
+
+    def summary(self) -> str:
+        rate = self.answered / self.seconds if self.seconds else 0.0
+        return (f"answered={self.answered} wrong={self.wrong} bad_status={self.bad_status} refused={self.refused} "
+                f"in_flight_errors={self.in_flight_errors} unanswered={self.unanswered} "
+                f"seconds={self.seconds:.2f} rate={rate:.0f}/s per_gateway={dict(sorted(self.per_gateway.items()))}")
+
+
+def _flow_hash(address: str) -> int:
+    return zlib.crc32(address.encode())
+
+
+def _one(gateway: tuple[str, int], source: str, timeout: float) -> tuple[str, int, bytes]:
+    """('ok', status, body), ('refused', 0, b'') or ('broken', 0, b'')."""
+    connection = http.client.HTTPConnection(*gateway, timeout=timeout, source_address=(source, 0))
+    try:
+        try:
+            connection.connect()
+        except (ConnectionRefusedError, socket.timeout, TimeoutError):
+            return "refused", 0, b""
+        try:
+            connection.request("GET", PATH)
+            response = connection.getresponse()
+            return "ok", response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            return "broken", 0, b""
+    finally:
+        connection.close()
+
+
+def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], duration: float, threads: int = 6,
+                timeout: float = 2.0, max_requests: int | None = None) -> LoadReport:
+    """Every client address asks its own instance id for ``duration`` seconds (or ``max_requests`` in all).
+
+    A client's flow goes to the gateway its address hashes to; when that one
+    refuses or breaks the connection the client retries on the next gateway and
+    keeps using it (as flows move after an ECMP route is withdrawn).
+    """
+    addresses = sorted(expected)
+    reports = [LoadReport() for _ in range(threads)]
+    budget = [max_requests] if max_requests is not None else None
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def worker(number: int) -> None:
+        report = reports[number]
+        mine = addresses[number::threads]
+        down: set[int] = set()
+        index = 0
+        while time.monotonic() < stop_at and mine:
+            if budget is not None:
+                with lock:
+                    if budget[0] <= 0:
+                        return
+                    budget[0] -= 1
+            source = mine[index % len(mine)]
+            index += 1
+            start = _flow_hash(source) % len(gateways)
+            for step in range(len(gateways)):
+                choice = (start + step) % len(gateways)
+                if choice in down and step < len(gateways) - 1:
+                    continue
+                outcome, status, body = _one(gateways[choice], source, timeout)
+                if outcome == "refused":
+                    report.refused += 1
+                    down.add(choice)
+                    continue
+                if outcome == "broken":
+                    report.in_flight_errors += 1
+                    down.add(choice)
+                    continue
+                if status != 200:
+                    report.bad_status += 1
+                    continue
+                if body.decode(errors="replace") != expected[source]:
+                    report.wrong += 1
+                else:
+                    report.answered += 1
+                    report.per_gateway[f"{gateways[choice][0]}:{gateways[choice][1]}"] += 1
+                break
+            else:
+                report.unanswered += 1
+
+    began = time.monotonic()
+    pool = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(duration + 30)
+    total = LoadReport()
+    for report in reports:
+        total.merge(report)
+    total.seconds = time.monotonic() - began
+    return total
