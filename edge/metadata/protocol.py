@@ -53,7 +53,7 @@ class _Reject(Exception):
 
 class MetadataProtocol(asyncio.Protocol):
     # Slots: a connection is set up for every request of a typical client, so its cost counts.
-    __slots__ = ("service", "network", "loop", "limits", "handler", "store", "transport", "peer", "parser",
+    __slots__ = ("service", "network", "limits", "handler", "store", "transport", "peer", "parser",
                  "deadline", "closing", "busy", "queue", "slow_task", "counted_source", "_since_progress",
                  "_reject", "_target", "_target_size", "_header_size", "_body_size", "_request", "_has_fields")
 
@@ -61,7 +61,6 @@ class MetadataProtocol(asyncio.Protocol):
         # global
         self.service = service
         self.network = network
-        self.loop = asyncio.get_running_loop()
         self.limits: ProtocolLimits = service.limits
         self.handler = service.handler
         """Reload updates the handler in place, so holding it is safe."""
@@ -94,8 +93,11 @@ class MetadataProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peername = transport.get_extra_info("peername")
-        address = canonical_peer(peername[0]) if peername else ""
-        self.peer = Peer(address, self.network, address in self.service.trusted_proxies)
+        address = peername[0] if peername else ""
+        if ":" in address:
+            address = canonical_peer(address)
+        proxies = self.service.trusted_proxies
+        self.peer = Peer(address, self.network, bool(proxies.networks) and address in proxies)
         if not self.service.connection_opened(self):
             self.closing = True
             transport.write(ANSWERS[Outcome.THROTTLED].close)
@@ -230,7 +232,7 @@ class MetadataProtocol(asyncio.Protocol):
         self.deadline = _NEVER
         assert self.transport is not None
         self.transport.pause_reading()
-        self.slow_task = self.loop.create_task(self.slow(request, result))  # type: ignore[arg-type]
+        self.slow_task = asyncio.get_running_loop().create_task(self.slow(request, result))  # type: ignore[arg-type]
 
     def write(self, data: bytes, request: Request) -> None:
         transport = self.transport
