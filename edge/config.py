@@ -77,6 +77,8 @@ class ViewConfig:
     """Largest view document accepted, in bytes."""
     ca_file: str = ""
     """HTTPS source: CA bundle to verify the server with (system CAs when empty)."""
+    format: str = "auto"
+    """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
 
@@ -173,6 +175,8 @@ class DnsConfig:
     """Forwarded queries one TCP connection may have outstanding at once."""
     nameserver: str = ""
     """Name in the NS and SOA records of the local zones; ``ns.<internal_domain>`` when empty."""
+    udp_receive_buffer: int = 4 * 1024 * 1024
+    """Receive buffer of each DNS UDP socket in bytes, so bursts queue instead of dropping; 0 keeps the system default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,30 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EucalyptusConfig:
+    name_style: str = "euca"
+    """Instance names: ``euca`` (5.0: euca-A-B-C-D.eucalyptus.internal) or ``ec2`` (ip-A-B-C-D.compute.internal)."""
+    dns_domain: str = "localhost"
+    """The cloud's ``system.dns.dnsdomain``; public names live under it."""
+    region: str = "eucalyptus"
+    """Region reported to instances for a GNI view."""
+    intip_map_file: str = ""
+    """eucanetd's ``eucanetd_intip_eni_map`` (VPC mode): 255.x.y.z metadata addresses -> interfaces."""
+    controller_url: str = ""
+    """The controller's metadata service (e.g. ``http://CLC:8773/``): answers what the GNI lacks."""
+    controller_identity: str = "source"
+    """How the controller learns the instance: ``source`` (X-Forwarded-For) or ``instance-id`` (Euca-Instance-Id)."""
+    controller_ttl: float = 60.0
+    """Seconds a controller answer is fresh."""
+    controller_stale_if_error: float = 86400.0
+    """Seconds a controller answer may still be served while the controller is unreachable."""
+    controller_timeout: float = 2.0
+    """Seconds to wait for the controller before serving stale or failing."""
+    controller_cache_entries: int = 100000
+    """Most (instance, path) answers kept."""
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     """``debug``, ``info``, ``warning`` or ``error``."""
@@ -210,6 +238,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    eucalyptus: EucalyptusConfig = field(default_factory=EucalyptusConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -404,6 +433,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
         if not 512 <= config.edns_payload <= 65535:
             raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
+        if config.udp_receive_buffer < 0:
+            raise ConfigError(f"{prefix}udp_receive_buffer must not be negative")
         for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
@@ -440,6 +471,18 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}token_key_source must be an etcd:// or etcds:// address")
         if config.token_key_refresh <= 0:
             raise ConfigError(f"{prefix}token_key_refresh must be positive")
+    if isinstance(config, ViewConfig) and config.format not in ("auto", "edge-view", "eucalyptus-gni"):
+        raise ConfigError(f"{prefix}format must be auto, edge-view or eucalyptus-gni")
+    if isinstance(config, EucalyptusConfig):
+        if config.name_style not in ("euca", "ec2"):
+            raise ConfigError(f"{prefix}name_style must be euca or ec2")
+        if config.controller_identity not in ("source", "instance-id"):
+            raise ConfigError(f"{prefix}controller_identity must be source or instance-id")
+        if config.controller_url and not config.controller_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{prefix}controller_url must be an http(s) URL")
+        if min(config.controller_ttl, config.controller_stale_if_error, config.controller_timeout) < 0:
+            raise ConfigError(f"{prefix}controller_ttl, controller_stale_if_error and controller_timeout "
+                              "must not be negative")
     if isinstance(config, AdminConfig):
         if config.shutdown_delay < 0 or config.shutdown_grace < 0:
             raise ConfigError(f"{prefix}shutdown_delay and shutdown_grace must not be negative")

@@ -85,10 +85,25 @@ class DnsService:
                 if port or attempt == 19:
                     raise
                 continue
+            self._grow_receive_buffer(transport)
             self._transports.append(transport)
             self._servers.append(server)
             log.info("dns listening on %s port %d (udp+tcp) network=%r", host, bound, network)
             return
+
+    def _grow_receive_buffer(self, transport: asyncio.DatagramTransport) -> None:
+        size = self.config.dns.udp_receive_buffer
+        if not size:
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            # FORCE passes net.core.rmem_max when we have CAP_NET_ADMIN; otherwise take what is allowed.
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError as exc:
+                log.warning("dns: cannot set the UDP receive buffer: %s", exc)
 
     def forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
         """Resolve ``forward`` in a task and ``send`` the reply (None if the query is dropped)."""

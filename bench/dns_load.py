@@ -1,0 +1,280 @@
+"""Load test: edge (1 worker) vs NSD vs dnsmasq on the same 1,000-instance data, in one run, with dnsperf.
+
+    python bench/dns_load.py [--seconds 8] [--instances 1000] [--rounds 3]
+
+Every server is pinned to one core and dnsperf to the other (``taskset``),
+listens on a free 127.0.0.1 port, and answers the same questions (private
+names, public names and PTRs of the flat network).  For each server the
+script reports queries/s at full load, server CPU time per query (utime +
+stime of the server's processes from /proc over the run, divided by the
+queries completed: with one dnsperf thread the load generator is often the
+limit, so rate alone cannot separate fast servers), and p50/p99 latency from
+a second, rate-limited run with per-query output.  edge is also measured on
+forwarded names answered from its cache (upstream: a dnsmasq, warmed first).
+All servers run at once (idle ones cost nothing) and are measured in
+interleaved rounds; medians are reported because the host is shared.
+Everything stays on loopback and each run is bounded by ``--seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge.dns.zonefile import zone_texts  # noqa: E402
+from edge.testing.generate import generate_view  # noqa: E402
+from edge.view.parse import parse_view  # noqa: E402
+from edge.view.snapshot import build_snapshot  # noqa: E402
+
+SERVER_CORE = "1"
+CLIENT_CORE = "0"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+def wait_udp(port: int, name: str, timeout: float = 20.0) -> None:
+    query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+             + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01")
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            sock.sendto(query, ("127.0.0.1", port))
+            try:
+                if sock.recv(4096)[:2] == b"\x12\x34":
+                    return
+            except OSError:
+                time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not answer")
+
+
+def process_tree(pid: int) -> list[int]:
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            out.extend(process_tree(int(child)))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+@dataclass
+class Result:
+    server: str
+    workload: str
+    qps: float
+    completed: int
+    lost: int
+    cpu_us_per_query: float
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+
+def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = ()) -> str:
+    args = ["taskset", "-c", CLIENT_CORE, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
+            "-l", str(seconds), "-c", "4", "-q", "200", "-t", "2", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
+
+
+def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float) -> Result:
+    before = cpu_seconds(pid)
+    output = dnsperf(port, queries, seconds)
+    used = cpu_seconds(pid) - before
+    completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
+    lost = int(re.search(r"Queries lost:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
+    qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6)
+    # Latency at a fixed, moderate rate, one line per query.
+    verbose = dnsperf(port, queries, min(seconds, 3), ("-Q", "20000", "-v"))
+    latencies = sorted(float(m) for m in re.findall(r"^> \w+ .* ([\d.]+)$", verbose, re.MULTILINE))
+    if latencies:
+        result.p50_ms = statistics.median(latencies) * 1000
+        result.p99_ms = latencies[int(len(latencies) * 0.99) - 1] * 1000
+    return result
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    options = parser.parse_args()
+    for tool in ("dnsperf", "nsd", "dnsmasq", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is required", file=sys.stderr)
+            return 2
+
+    work = Path(tempfile.mkdtemp(prefix="edge-dns-load-"))
+    document = generate_view(instances=options.instances, networks=1, loopback=True, user_data_bytes=0)
+    (work / "view.json").write_text(json.dumps(document))
+    snapshot = build_snapshot(parse_view(document))
+    texts = zone_texts(snapshot, "")
+    questions = []
+    for name in sorted(snapshot.names):
+        for record in snapshot.names[name].records_for(""):
+            if record.type in ("A", "PTR"):
+                questions.append(f"{name} {record.type}")
+    random.Random(1).shuffle(questions)
+    hits = work / "hits.txt"
+    hits.write_text("\n".join(questions) + "\n")
+    forwarded = work / "forwarded.txt"
+    forwarded.write_text("".join(f"host{n}.upstream.test A\n" for n in range(1000)))
+
+    processes: list[subprocess.Popen[bytes]] = []
+    rounds: list[list[Result]] = []
+    try:
+        # Upstream for edge's forwarded workload (not measured itself).
+        upstream_port = free_port()
+        upstream_conf = work / "upstream.conf"
+        upstream_conf.write_text("".join(f"host-record=host{n}.upstream.test,192.0.2.{n % 250 + 1}\n"
+                                         for n in range(1000)))
+        processes.append(subprocess.Popen(
+            ["taskset", "-c", CLIENT_CORE, "dnsmasq", "--keep-in-foreground", f"--conf-file={upstream_conf}",
+             "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
+             "--except-interface=nonexistent0", f"--port={upstream_port}", "--local-ttl=3600", "--pid-file=",
+             "--user=root", "--group=root", "--local=/upstream.test/"], stderr=subprocess.DEVNULL))
+        wait_udp(upstream_port, "host1.upstream.test")
+
+        # edge: one worker; the per-source rate limit is off because all load comes from one address.
+        edge_port = free_port()
+        config = work / "edge.toml"
+        config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
+                          f"rate_limit = 0.0\n")
+        edge = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "edge", "serve", "--config", str(config),
+             "--view", str(work / "view.json"), "--state-dir", str(work / "state"), "--log-level", "warning",
+             "--dns-listen", f"127.0.0.1:{edge_port}", "--metadata-listen", f"127.0.0.1:{free_port()}",
+             "--admin-listen", f"127.0.0.1:{free_port()}"], cwd=ROOT, stderr=subprocess.DEVNULL)
+        processes.append(edge)
+
+        # NSD, one server process.
+        nsd_dir = work / "nsd"
+        nsd_dir.mkdir()
+        for apex, text in texts.items():
+            (nsd_dir / f"{apex}.zone").write_text(text)
+        nsd_port = free_port()
+        (nsd_dir / "nsd.conf").write_text(
+            f"server:\n  ip-address: 127.0.0.1@{nsd_port}\n  port: {nsd_port}\n  do-ip6: no\n  server-count: 1\n"
+            f'  username: ""\n  chroot: ""\n  zonesdir: "{nsd_dir}"\n  database: ""\n'
+            f'  zonelistfile: "{nsd_dir}/zone.list"\n  xfrdfile: "{nsd_dir}/xfrd.state"\n'
+            f'  pidfile: "{nsd_dir}/nsd.pid"\n  logfile: "{nsd_dir}/nsd.log"\n  verbosity: 0\n'
+            "remote-control:\n  control-enable: no\n"
+            + "".join(f"zone:\n  name: {apex}\n  zonefile: {apex}.zone\n" for apex in texts))
+        nsd = subprocess.Popen(["taskset", "-c", SERVER_CORE, "nsd", "-d", "-c", str(nsd_dir / "nsd.conf")],
+                               stderr=subprocess.DEVNULL)
+        processes.append(nsd)
+
+        # dnsmasq with the same records as host-record lines (it derives the PTRs itself).
+        dnsmasq_port = free_port()
+        dnsmasq_conf = work / "dnsmasq.conf"
+        lines = []
+        for name, entry in sorted(snapshot.names.items()):
+            for record in entry.records_for(""):
+                if record.type == "A":
+                    lines.append(f"host-record={name},{record.value}")
+        dnsmasq_conf.write_text("\n".join(lines) + "\n")
+        dnsmasq = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, "dnsmasq", "--keep-in-foreground", f"--conf-file={dnsmasq_conf}",
+             "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
+             "--except-interface=nonexistent0", f"--port={dnsmasq_port}", "--pid-file=", "--user=root",
+             "--group=root", "--cache-size=10000"], stderr=subprocess.DEVNULL)
+        processes.append(dnsmasq)
+
+        for port in (edge_port, nsd_port, dnsmasq_port):
+            wait_udp(port, questions[0].split()[0])
+        dnsperf(edge_port, hits, 1)  # first use renders and memoizes each answer
+        dnsperf(edge_port, forwarded, 1, ("-Q", "5000"))  # fill the forwarding cache
+        targets = [("edge", "all hits", edge.pid, edge_port, hits),
+                   ("edge", "forwarded, cache hits", edge.pid, edge_port, forwarded),
+                   ("nsd", "all hits", nsd.pid, nsd_port, hits),
+                   ("dnsmasq", "all hits", dnsmasq.pid, dnsmasq_port, hits)]
+        # Interleaved rounds, medians reported: the host is shared and noisy.
+        for _ in range(options.rounds):
+            rounds.append([measure(name, workload, pid, port, queries, options.seconds)
+                           for name, workload, pid, port, queries in targets])
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    results = []
+    for index in range(len(rounds[0])):
+        samples = [r[index] for r in rounds]
+        results.append(Result(samples[0].server, samples[0].workload,
+                              statistics.median(s.qps for s in samples),
+                              int(statistics.median(s.completed for s in samples)),
+                              int(statistics.median(s.lost for s in samples)),
+                              statistics.median(s.cpu_us_per_query for s in samples),
+                              statistics.median(s.p50_ms for s in samples),
+                              statistics.median(s.p99_ms for s in samples)))
+    if options.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in results:
+        print(f"{r.server:8} {r.workload:24} {r.qps:9.0f} {r.lost:6d} {r.cpu_us_per_query:9.2f} "
+              f"{r.p50_ms:7.3f} {r.p99_ms:7.3f}")
+    by = {(r.server, r.workload): r for r in results}
+    edge_hits, nsd_hits, dnsmasq_hits = by[("edge", "all hits")], by[("nsd", "all hits")], by[("dnsmasq", "all hits")]
+    fwd = by[("edge", "forwarded, cache hits")]
+    print(f"edge/nsd qps: {edge_hits.qps / nsd_hits.qps:.2f}x   "
+          f"edge/dnsmasq qps: {edge_hits.qps / dnsmasq_hits.qps:.2f}x   "
+          f"cpu per query edge/dnsmasq: {edge_hits.cpu_us_per_query / dnsmasq_hits.cpu_us_per_query:.2f}x   "
+          f"edge/nsd: {edge_hits.cpu_us_per_query / nsd_hits.cpu_us_per_query:.2f}x   "
+          f"forwarded cache hits / local hits (qps): {fwd.qps / edge_hits.qps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
