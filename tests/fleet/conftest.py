@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 from edge.testing.generate import generate_view
 from tests.conftest import ControlPlane, _handler
+from tests.etcd.server import ETCD, EtcdServer
 from tests.fleet.gateway import Gateway
 from tests.support import wait_until
 
@@ -107,3 +109,13 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
 
 def dump(document: dict) -> bytes:
     return json.dumps(document).encode()
+
+
+@pytest.fixture
+def etcd(tmp_path) -> Iterator[EtcdServer]:
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd is not installed (Debian package etcd-server)")
+    server = EtcdServer(tmp_path / "etcd-data")
+    server.start()
+    yield server
+    server.stop()

@@ -92,11 +92,21 @@ class Gateway:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if self.get("/latest/meta-data/instance-id", self.probe_source, timeout=0.5).status in (200, 401):
-                    return time.monotonic() - self.started_at
+                    answered = time.monotonic() - self.started_at
+                    self._wait_admin(deadline)
+                    return answered
             except OSError:
                 pass
             time.sleep(0.02)
         raise AssertionError(f"{self.name} did not answer within {timeout}s:\n{self.log()}")
+
+    def _wait_admin(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                self.admin("/healthz")
+                return
+            except OSError:
+                time.sleep(0.02)
 
     def get(self, path: str, source: str = "127.0.0.1", token: bytes | None = None,
             timeout: float = 2.0) -> Answer:
