@@ -59,6 +59,7 @@ def view_summary(store: ViewStore, now: float | None = None) -> dict[str, Any]:
     return {
         "ready": snapshot is not None,
         "serial": snapshot.serial if snapshot else None,
+        "version": (snapshot.view.version or None) if snapshot else None,
         "generated": snapshot.view.generated if snapshot else None,
         "loaded_at": status.loaded_at,
         "loaded_from": status.loaded_from or None,

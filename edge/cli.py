@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _view_check(args: argparse.Namespace) -> int:
-    from edge.view.formats import decode_view
+    from edge.view.formats import make_decoder
     from edge.view.snapshot import build_snapshot
     from edge.view.sources import open_source
 
@@ -125,7 +125,7 @@ def _view_check(args: argparse.Namespace) -> int:
         print(f"{args.source}: no content")
         return 1
     try:
-        view = decode_view(data)
+        view = make_decoder(config)(data)
     except ViewInvalid as exc:
         print(f"{args.source}: REJECTED, {len(exc.problems)} problem(s):")
         for problem in exc.problems:
@@ -135,7 +135,7 @@ def _view_check(args: argparse.Namespace) -> int:
     counts = snapshot.counts()
     print(f"{args.source}: OK")
     print(f"  format      {view.format}")
-    print(f"  serial      {view.serial}")
+    print(f"  serial      {view.serial}" if view.ordered else f"  version     {view.version}")
     print(f"  generated   {view.generated or '-'}")
     print(f"  networks    {counts['networks']}")
     print(f"  instances   {counts['instances']}")

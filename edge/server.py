@@ -21,9 +21,10 @@ from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics, Syncer, prepare_multiprocess_dir
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env
+from edge.view.formats import make_decoder
 from edge.view.poller import Poller
 from edge.view.snapshot import Preparer
-from edge.view.sources import FileSource, open_source
+from edge.view.sources import FileSource, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
 
@@ -90,18 +91,18 @@ class Gateway:
     async def start(self) -> None:
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
-        source = open_source(config.view.source, config.view)
+        source = configured_source(config)
         state = StateFile(config.view.state_dir, source.description)
         self.services = self._build_services()
         preparers = [p for service in self.services for p in service.preparers]
         if self.control is None:
-            self.poller = Poller(config.view, source, self.store, state, preparers,
+            self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config),
                                  on_outcome=lambda outcome: self.metrics.observe_poll(outcome, self.store))
             await self.poller.load_last_good()
         else:
             # A worker reads what its supervisor accepted; it never writes the state file.
             follower = FileSource(state.path, config.view.max_size)
-            self.poller = Poller(config.view, follower, self.store, None, preparers)
+            self.poller = Poller(config.view, follower, self.store, None, preparers, decode=make_decoder(config))
             self._supervised = SupervisedRefresh(self.control)
             self._supervised.poller = self.poller
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))

@@ -34,8 +34,9 @@ from edge.config import Config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics
+from edge.view.formats import make_decoder
 from edge.view.poller import PollOutcome, Poller
-from edge.view.sources import open_source
+from edge.view.sources import configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
 
@@ -96,9 +97,9 @@ class Supervisor:
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         await asyncio.to_thread(prepare_shared_secrets, config)
-        source = open_source(config.view.source, config.view)
+        source = configured_source(config)
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
-                             on_outcome=self._poll_finished)
+                             decode=make_decoder(config), on_outcome=self._poll_finished)
         await self.poller.load_last_good()
         for slot in self.slots:
             self._spawn(slot)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
+from edge.config import Config
 from edge.errors import ViewInvalid
 from edge.view.model import View
 from edge.view.parse import parse_view
@@ -21,6 +23,22 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 # Below this size one json.loads call is short enough not to matter.
 _INCREMENTAL_THRESHOLD = 1 << 20
+
+
+def make_decoder(config: Config) -> Callable[[bytes], View]:
+    """The decoder for the configured view format (``auto``: Eucalyptus GNI by its XML root)."""
+    from edge.eucalyptus.gni import GniOptions, decode_gni, is_gni
+
+    euca = config.eucalyptus
+    options = GniOptions(name_style=euca.name_style, dns_domain=euca.dns_domain, region=euca.region)
+    chosen = config.view.format
+
+    def decode(data: bytes) -> View:
+        if chosen == "eucalyptus-gni" or (chosen == "auto" and is_gni(data)):
+            return decode_gni(data, options)
+        return decode_view(data)
+
+    return decode
 
 
 def decode_view(data: bytes) -> View:

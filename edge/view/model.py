@@ -91,6 +91,9 @@ class Interface:
     ipv6s: tuple[str, ...] = ()
     security_groups: tuple[SecurityGroup, ...] = ()
     owner_id: str | None = None
+    metadata_sources: tuple[str, ...] = ()
+    """Extra addresses this interface's metadata requests arrive from on default-network
+    listeners, when a proxy in the path rewrites them (Eucalyptus VPC ``255.x.y.z`` addresses)."""
 
     @property
     def primary_ip(self) -> str:
@@ -167,5 +170,9 @@ class View:
     networks: tuple[Network, ...]
     instances: tuple[Instance, ...]
     format: str = FORMAT
+    version: str = ""
+    """A content identifier for formats without a serial (a different version is a new view)."""
+    ordered: bool = True
+    """True when ``serial`` orders views; False when only ``version`` tells them apart."""
     extensions: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     """Source-specific facts a source format carries beyond ``edge-view/1``."""

@@ -387,11 +387,13 @@ def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems) 
             continue
         seen_ids[instance.id] = where
         for interface in instance.interfaces:
-            for address in interface.private_ips + interface.ipv6s:
-                key = (interface.network, address)
+            keys = [(interface.network, a) for a in interface.private_ips + interface.ipv6s]
+            keys += [(DEFAULT_NETWORK, a) for a in interface.metadata_sources]
+            for key in keys:
+                address = key[1]
                 owner = seen_private.get(key)
                 if owner is not None:
-                    problems.add(where, f"private address {address} in network {interface.network!r} "
+                    problems.add(where, f"private address {address} in network {key[0]!r} "
                                         f"is also used by {owner}")
                 else:
                     seen_private[key] = instance.id
@@ -541,12 +543,13 @@ def _parse_interface(item: dict[str, Any], where: str, cidr_table: _CidrTable, p
         if group_id is not None:
             groups.append(SecurityGroup(id=group_id, name=name if name is not None else group_id))
     owner_id = r.str("owner_id")
+    metadata_sources = _address_list(r, "metadata_sources", where, canonical_ipv4, "IPv4 address", problems)
     if len(problems.items) != before or interface_id is None or mac is None:
         return None
     return Interface(
         id=interface_id, mac=mac, device_index=device_index or 0, network=network, subnet=subnet,
         private_ips=private_ips, public_ip=canonical_ip(public_ip) if public_ip else None, ipv6s=ipv6s,
-        security_groups=tuple(groups), owner_id=owner_id,
+        security_groups=tuple(groups), owner_id=owner_id, metadata_sources=metadata_sources,
     )
 
 
@@ -737,5 +740,10 @@ def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | 
     owner_id = get("owner_id")
     if owner_id is not None and type(owner_id) is not str:
         return None
+    sources = get("metadata_sources")
+    if sources is not None:
+        if type(sources) is not list or any(canonical_ipv4(a) != a for a in sources):
+            return None
+        sources = tuple(sources)
     return Interface(interface_id, mac, device_index, network, subnet, tuple(raw_ips), public_ip, ipv6s,
-                     tuple(groups), owner_id)
+                     tuple(groups), owner_id, sources or ())

@@ -249,12 +249,16 @@ class Poller:
         return None if current is None else current.serial
 
     def _build(self, data: bytes, current_serial: int | None) -> Snapshot | None:
-        """Runs in a worker thread: decode, check the serial, index, prepare."""
+        """Runs in a worker thread: decode, check the serial (or version), index, prepare."""
         view = self.decode(data)
-        if current_serial is not None:
-            if view.serial < current_serial:
-                raise _Stale(view.serial)
-            if view.serial == current_serial:
+        current = self.store.current
+        if current_serial is not None and current is not None:
+            if view.ordered and current.view.ordered:
+                if view.serial < current_serial:
+                    raise _Stale(view.serial)
+                if view.serial == current_serial:
+                    return None
+            elif view.version and view.version == current.view.version:
                 return None
         return build_snapshot(view, self.preparers)
 

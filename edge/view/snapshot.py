@@ -214,6 +214,8 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
                 if network == DEFAULT_NETWORK and ":" not in address:
                     flat_prefixes.add(address.rsplit(".", 1)[0])
             assert primary_name is not None
+            for address in interface.metadata_sources:
+                by_private[(DEFAULT_NETWORK, address)] = attachment
             for address in interface.ipv6s:
                 by_private[(network, address)] = attachment
                 add(primary_name, LocalRecord("AAAA", address, ttl), network)

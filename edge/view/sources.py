@@ -23,7 +23,7 @@ from email.utils import formatdate
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from edge.config import ViewConfig
+from edge.config import Config, ViewConfig
 from edge.errors import SourceError, ViewTooLarge
 
 USER_AGENT = "edge-view-poller/1"
@@ -237,3 +237,12 @@ def open_source(spec: str, config: ViewConfig) -> ViewSource:
     if "://" in spec:
         raise SourceError(f"unsupported view source {spec!r} (use a file path, http(s):// URL, etcd:// key or demo)")
     return FileSource(spec, config.max_size)
+
+
+def configured_source(config: Config) -> ViewSource:
+    """The gateway's view source: ``view.source``, with eucanetd's intip map bundled in when configured."""
+    source = open_source(config.view.source, config.view)
+    if config.eucalyptus.intip_map_file:
+        from edge.eucalyptus.source import GniWithIntipMap
+        return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size)
+    return source

@@ -1,0 +1,192 @@
+"""The Eucalyptus controller's metadata service, behind a cache that outlives it.
+
+The GNI carries identity and network facts only; image, type, keys,
+user-data, block devices, IAM and the identity document come from the cloud
+controller's metadata service (``http://CLC:8773/latest/...``).  This client
+asks it on the instance's behalf the way eucanetd's nginx does (by source
+address, or ``Euca-Instance-Id``), caches every answer per (instance, path),
+asks once however many requests wait for the same answer, and keeps serving
+what it cached while the controller is unreachable (``stale_if_error``), so
+booted instances keep their keys and user-data through a controller outage.
+
+Credentials are the exception: a credential document is never served after
+its ``Expiration``, stale or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cachetools import LRUCache
+
+from edge.config import EucalyptusConfig
+from edge.logs import event
+
+log = logging.getLogger("edge.eucalyptus")
+
+MAX_BODY = 1 << 20
+CREDENTIALS_PREFIX = "meta-data/iam/security-credentials/"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerAnswer:
+    status: int
+    body: bytes
+    content_type: str
+    fetched_at: float
+    fresh_until: float
+    usable_until: float
+    """Past this, the answer is not served even when the controller is down."""
+
+    @property
+    def stale(self) -> bool:
+        return time.time() >= self.fresh_until
+
+
+class ControllerUnavailable(Exception):
+    """The controller did not answer and nothing usable was cached."""
+
+
+@dataclass(slots=True)
+class ControllerStats:
+    fetches: int = 0
+    failures: int = 0
+    hits: int = 0
+    stale_served: int = 0
+    coalesced: int = 0
+
+
+class ControllerMetadata:
+    def __init__(self, config: EucalyptusConfig) -> None:
+        self.configure(config)
+        self.cache: LRUCache[tuple[str, str], ControllerAnswer] = LRUCache(config.controller_cache_entries)
+        self.inflight: dict[tuple[str, str], asyncio.Future[ControllerAnswer]] = {}
+        self.stats = ControllerStats()
+
+    def configure(self, config: EucalyptusConfig) -> None:
+        self.config = config
+        parts = urlsplit(config.controller_url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = parts.scheme == "https"
+        self.prefix = parts.path.rstrip("/")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    def cached(self, instance_id: str, path: str, now: float | None = None) -> ControllerAnswer | None:
+        """A fresh cached answer, without I/O (the hot path's first look)."""
+        answer = self.cache.get((instance_id, path))
+        if answer is not None and (time.time() if now is None else now) < answer.fresh_until:
+            self.stats.hits += 1
+            return answer
+        return None
+
+    async def fetch(self, instance_id: str, address: str, path: str) -> ControllerAnswer:
+        """The controller's answer for ``path`` (relative, e.g. ``latest/meta-data/ami-id``).
+
+        Raises :class:`ControllerUnavailable` when the controller fails and no
+        cached answer may still be served.
+        """
+        key = (instance_id, path)
+        fresh = self.cached(instance_id, path)
+        if fresh is not None:
+            return fresh
+        pending = self.inflight.get(key)
+        if pending is not None:
+            self.stats.coalesced += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ControllerAnswer] = asyncio.get_running_loop().create_future()
+        self.inflight[key] = future
+        try:
+            answer = await self._refresh(key, address)
+            future.set_result(answer)
+            return answer
+        except ControllerUnavailable as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self.inflight[key]
+
+    async def _refresh(self, key: tuple[str, str], address: str) -> ControllerAnswer:
+        instance_id, path = key
+        self.stats.fetches += 1
+        try:
+            status, content_type, body = await asyncio.wait_for(self._get(instance_id, address, path),
+                                                                self.config.controller_timeout)
+            if status >= 500:
+                raise OSError(f"controller answered HTTP {status}")
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            self.stats.failures += 1
+            previous = self.cache.get(key)
+            if previous is not None and time.time() < previous.usable_until:
+                self.stats.stale_served += 1
+                event(log, logging.WARNING, "controller unreachable; serving cached answer", instance=instance_id,
+                      path=path, age=round(time.time() - previous.fetched_at), error=str(exc) or type(exc).__name__)
+                return previous
+            raise ControllerUnavailable(str(exc) or type(exc).__name__) from None
+        now = time.time()
+        fresh_until = now + self.config.controller_ttl
+        usable_until = fresh_until + self.config.controller_stale_if_error
+        if status != 200:
+            # "Not there" is an answer too, but a short-lived one.
+            usable_until = fresh_until = now + min(self.config.controller_ttl, 5.0)
+        elif CREDENTIALS_PREFIX in path and not path.endswith("/"):
+            expires = _expiration(body)
+            if expires is not None:
+                fresh_until = min(fresh_until, expires - 300)
+                usable_until = expires
+        answer = ControllerAnswer(status, body, content_type, now, fresh_until, usable_until)
+        if status == 200 or key not in self.cache:
+            self.cache[key] = answer
+        return answer
+
+    async def _get(self, instance_id: str, address: str, path: str) -> tuple[int, str, bytes]:
+        headers = [f"GET {self.prefix}/{path} HTTP/1.1", f"Host: {self.host}", "Connection: close",
+                   "User-Agent: edge-controller-fallback/1"]
+        if self.config.controller_identity == "instance-id":
+            headers.append(f"Euca-Instance-Id: {instance_id}")
+        else:
+            headers.append(f"X-Forwarded-For: {address}")
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
+        try:
+            writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            fields = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                fields[name.strip().lower()] = value.strip()
+            length = fields.get("content-length")
+            if length is not None:
+                if int(length) > MAX_BODY:
+                    raise ValueError("controller answer too large")
+                body = await reader.readexactly(int(length))
+            else:
+                body = await reader.read(MAX_BODY + 1)
+                if len(body) > MAX_BODY:
+                    raise ValueError("controller answer too large")
+            return status, fields.get("content-type", "text/plain"), body
+        except asyncio.IncompleteReadError as exc:
+            raise OSError(f"controller closed the connection early ({len(exc.partial)} bytes)") from None
+        except (IndexError, asyncio.LimitOverrunError) as exc:
+            raise ValueError(f"malformed controller answer: {exc}") from None
+        finally:
+            writer.close()
+
+
+def _expiration(body: bytes) -> float | None:
+    try:
+        text = json.loads(body)["Expiration"]
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,42 @@
+"""Follow the GNI and eucanetd's intip map together, as one view source."""
+
+from __future__ import annotations
+
+from edge.errors import SourceError
+from edge.eucalyptus.gni import bundle
+from edge.view.sources import FileSource, ViewSource
+
+
+class GniWithIntipMap:
+    """Delivers the GNI with the intip map bundled in whenever either of them changes.
+
+    A missing map file is not an error (EDGE mode has none, and eucanetd may not
+    have written it yet): the GNI is delivered alone.
+    """
+
+    def __init__(self, gni: ViewSource, map_path: str, max_size: int) -> None:
+        self.gni = gni
+        self.map = FileSource(map_path, max_size)
+        self.description = f"{gni.description}+intip:{map_path}"
+        self._gni: bytes | None = None
+        self._map: bytes | None = None
+
+    async def fetch(self) -> bytes | None:
+        gni = await self.gni.fetch()
+        try:
+            intip = await self.map.fetch()
+        except SourceError as exc:
+            if "no such file" not in str(exc):
+                raise
+            intip = None
+            changed_map = self._map is not None
+            self._map = None
+        else:
+            changed_map = intip is not None
+            if intip is not None:
+                self._map = intip
+        if gni is not None:
+            self._gni = gni
+        if self._gni is None or (gni is None and not changed_map):
+            return None
+        return bundle(self._gni, self._map)

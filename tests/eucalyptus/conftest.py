@@ -1,0 +1,93 @@
+"""Fixtures for the Eucalyptus drop-in: GNI documents, intip maps, a stand-in controller."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+@dataclass
+class StandInController:
+    """The controller's metadata service on port 8773, reduced to what the tests need.
+
+    It identifies the instance the way the real one does: ``Euca-Instance-Id``
+    (trusted from localhost) or the ``X-Forwarded-For`` address.
+    """
+
+    by_address: dict[str, str] = field(default_factory=dict)
+    """private address -> instance id"""
+    data: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """instance id -> relative path (``latest/meta-data/ami-id``) -> body"""
+    down: bool = False
+    delay: float = 0.0
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    url: str = ""
+
+    def add(self, instance_id: str, address: str, credentials_expiration: str | None = None) -> None:
+        self.by_address[address] = instance_id
+        suffix = instance_id[-4:]
+        self.data[instance_id] = {
+            "latest/meta-data/": b"ami-id\nhostname\ninstance-id\ninstance-type\nlocal-ipv4\npublic-keys/",
+            "latest/meta-data/ami-id": f"emi-{suffix}0000".encode(),
+            "latest/meta-data/instance-type": b"m1.small",
+            "latest/meta-data/instance-id": instance_id.encode(),
+            "latest/meta-data/public-keys/": b"0=admin",
+            "latest/meta-data/public-keys/0/openssh-key": f"ssh-rsa AAAA{suffix} admin".encode(),
+            "latest/user-data": f"#!/bin/sh\necho {instance_id}\n".encode(),
+            "latest/meta-data/iam/security-credentials/role": json.dumps({
+                "Code": "Success", "AccessKeyId": f"AKID{suffix}", "SecretAccessKey": "secret",
+                "Token": "token", "Expiration": credentials_expiration or "2099-01-01T00:00:00Z"}).encode(),
+        }
+
+
+def _handler(controller: StandInController) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if controller.delay:
+                time.sleep(controller.delay)
+            instance_id = self.headers.get("Euca-Instance-Id") or controller.by_address.get(
+                self.headers.get("X-Forwarded-For", ""), "")
+            path = self.path.lstrip("/")
+            controller.requests.append((instance_id, path))
+            body = controller.data.get(instance_id, {}).get(path)
+            status = 200 if body is not None else 404
+            body = body if body is not None else b"not found"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def controller() -> Iterator[StandInController]:
+    stand_in = StandInController()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(stand_in))
+    server.daemon_threads = True
+    port = server.server_address[1]
+    stand_in.url = f"http://127.0.0.1:{port}/"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield stand_in
+    server.shutdown()
+    server.server_close()
