@@ -2,26 +2,52 @@
 
 from __future__ import annotations
 
+import ctypes
 import socket
+import struct
 import time
 
 import pytest
 from imds_harness import demo, parse, request
 
 ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
 
 
-def capture_socket() -> socket.socket:
+def tcp_source_port_filter(port: int) -> list[tuple[int, int, int, int]]:
+    """Classic BPF for ``ip and tcp src port PORT`` on an Ethernet-framed device (lo)."""
+    return [
+        (0x28, 0, 0, 12),          # ldh [12]             ethertype
+        (0x15, 0, 8, 0x0800),      # jeq IPv4, else drop
+        (0x30, 0, 0, 23),          # ldb [23]             protocol
+        (0x15, 0, 6, 6),           # jeq TCP, else drop
+        (0x28, 0, 0, 20),          # ldh [20]             fragment offset
+        (0x45, 4, 0, 0x1FFF),      # jset -> drop fragments
+        (0xB1, 0, 0, 14),          # ldxb 4*([14]&0xf)    IP header length
+        (0x48, 0, 0, 14),          # ldh [x+14]           TCP source port
+        (0x15, 0, 1, port),        # jeq PORT
+        (0x06, 0, 0, 0x40000),     # ret: accept
+        (0x06, 0, 0, 0),           # ret: drop
+    ]
+
+
+def capture_socket(port: int) -> socket.socket:
     try:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sock.bind(("lo", 0))
     except (PermissionError, OSError, AttributeError) as exc:
         pytest.skip(f"cannot capture on lo with AF_PACKET: {exc}")
+    # Other tests load loopback heavily: filter in the kernel so only the server's packets queue up.
+    program = b"".join(struct.pack("HBBI", *instruction) for instruction in tcp_source_port_filter(port))
+    buffer = ctypes.create_string_buffer(program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HL", len(program) // 8, ctypes.addressof(buffer)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("lo", 0))
     sock.settimeout(0.2)
     return sock
 
 
-def responses_seen(sock: socket.socket, server_port: int, marker: bytes, seconds: float = 2.0) -> list[int]:
+def responses_seen(sock: socket.socket, server_port: int, marker: bytes, seconds: float = 5.0) -> list[int]:
     """IP TTLs of IPv4/TCP packets from ``server_port`` whose payload contains ``marker``."""
     ttls = []
     deadline = time.monotonic() + seconds
@@ -44,7 +70,7 @@ def responses_seen(sock: socket.socket, server_port: int, marker: bytes, seconds
 
 def test_token_answer_carries_the_hop_limit_and_reads_do_not(start):
     server = start(demo(**{"i-0de0000000000002": {"metadata_options": {"hop_limit": 3}}}))
-    sock = capture_socket()
+    sock = capture_socket(server.port)
     with sock:
         raw = request(server.port, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "77"},
                       source="127.0.0.2")
