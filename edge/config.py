@@ -175,6 +175,8 @@ class DnsConfig:
     """Forwarded queries one TCP connection may have outstanding at once."""
     nameserver: str = ""
     """Name in the NS and SOA records of the local zones; ``ns.<internal_domain>`` when empty."""
+    instance_data_address: str = "169.254.169.254"
+    """Address answered for ``instance-data`` and ``instance-data.<internal_domain>`` (Eucalyptus); empty disables."""
     udp_receive_buffer: int = 4 * 1024 * 1024
     """Receive buffer of each DNS UDP socket in bytes, so bursts queue instead of dropping; 0 keeps the system default."""
 
@@ -433,6 +435,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
         if not 512 <= config.edns_payload <= 65535:
             raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
+        if config.instance_data_address and parse_resolver_address(config.instance_data_address) is None:
+            raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:
             raise ConfigError(f"{prefix}udp_receive_buffer must not be negative")
         for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined"):

@@ -46,7 +46,7 @@ class DnsService:
         self.policy = RecursionPolicy(dns.recursion_cidrs)
         self.limiter = RateLimiter(dns.rate_limit, dns.rate_limit_clients)
         self.engine = Engine(dns, self.forwarder, self.policy)
-        self.preparers: list[Preparer] = [make_preparer(dns.nameserver)]
+        self.preparers: list[Preparer] = [make_preparer(dns.nameserver, dns.instance_data_address)]
         self.stats = DnsStats()
         self.connections: set[DnsStreamProtocol] = set()
         self.closing = False
@@ -156,4 +156,4 @@ class DnsService:
         self.limiter.rate = dns.rate_limit
         self.limiter.burst = max(dns.rate_limit, 1.0)
         self.limiter.max_clients = dns.rate_limit_clients
-        self.preparers[:] = [make_preparer(dns.nameserver)]
+        self.preparers[:] = [make_preparer(dns.nameserver, dns.instance_data_address)]

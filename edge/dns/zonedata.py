@@ -44,6 +44,8 @@ class DnsData:
     """Network (None: every network) -> apex -> zone."""
     empty_non_terminals: dict[str, tuple[bool, frozenset[str]]]
     """Name -> (a descendant is visible to everyone, networks a descendant is visible to)."""
+    extra_names: dict[str, tuple[LocalRecord, ...]] = field(default_factory=dict)
+    """Names edge adds for everyone (``instance-data``), unless the view has them."""
     memo: dict[str, dict[bytes, object]] = field(default_factory=dict)
     """Network -> question key -> rendered answer (or the not-local marker)."""
     memo_limit: int = 100_000
@@ -65,7 +67,9 @@ class DnsData:
 
     def records(self, network: str, name: str) -> tuple[LocalRecord, ...]:
         entry = self.names.get(name)  # type: ignore[attr-defined]
-        return entry.records_for(network) if entry is not None else ()
+        if entry is None:
+            return self.extra_names.get(name, ())
+        return entry.records_for(network)
 
     def is_empty_non_terminal(self, network: str, name: str) -> bool:
         found = self.empty_non_terminals.get(name)
@@ -84,16 +88,18 @@ class DnsData:
             self.memo_size += 1
 
 
-def make_preparer(nameserver: str = "", memo_limit: int = 100_000) -> Callable[[Snapshot], None]:
+def make_preparer(nameserver: str = "", instance_data_address: str = "",
+                  memo_limit: int = 100_000) -> Callable[[Snapshot], None]:
     """A preparer that fills ``snapshot.extras["dns"]``; ``nameserver`` names the NS of local zones."""
 
     def prepare(snapshot: Snapshot) -> None:
-        snapshot.extras[EXTRAS_KEY] = build_dns_data(snapshot, nameserver, memo_limit)
+        snapshot.extras[EXTRAS_KEY] = build_dns_data(snapshot, nameserver, instance_data_address, memo_limit)
 
     return prepare
 
 
-def build_dns_data(snapshot: Snapshot, nameserver: str = "", memo_limit: int = 100_000) -> DnsData:
+def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_address: str = "",
+                   memo_limit: int = 100_000) -> DnsData:
     cloud = snapshot.view.cloud
     ns_name = (nameserver or f"ns.{cloud.internal_domain}").rstrip(".").lower()
     serial = snapshot.view.serial & 0xFFFFFFFF
@@ -116,7 +122,17 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", memo_limit: int = 1
             seen_networks |= networks
             ents[ancestor] = (seen_everyone or everyone, seen_networks)
     frozen = {name: (everyone, frozenset(networks)) for name, (everyone, networks) in ents.items()}
-    return DnsData(snapshot.generation, snapshot.names, zones, frozen, memo_limit=memo_limit)
+    extra: dict[str, tuple[LocalRecord, ...]] = {}
+    if instance_data_address:
+        # Eucalyptus instances find the metadata service by this name, bare or under the internal domain.
+        record = (LocalRecord("AAAA" if ":" in instance_data_address else "A", instance_data_address, cloud.dns_ttl),)
+        extra[f"instance-data.{cloud.internal_domain}"] = record
+        if "instance-data" not in apexes:
+            soa = (ns_name, f"hostmaster.{cloud.internal_domain}", serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE,
+                   cloud.negative_ttl)
+            zones.setdefault(None, {})["instance-data"] = ZoneInfo("instance-data", soa, cloud.dns_ttl, ns_name)
+            extra["instance-data"] = record
+    return DnsData(snapshot.generation, snapshot.names, zones, frozen, extra, memo_limit=memo_limit)
 
 
 def _needs_mark(name: str, snapshot: Snapshot) -> bool:

@@ -259,3 +259,24 @@ def test_reload_changes_upstreams_and_keeps_the_cache(edge_factory, dnsmasq_fact
     assert [r.address for r in ask(server.port, "www.upstream.test").answer[0]] == ["192.0.2.10"]  # cached
     assert [r.address for r in ask(server.port, "fresh.example").answer[0]] == ["192.0.2.99"]
     assert second.queries == 1
+
+
+def test_stop_lets_forwarded_queries_in_flight_finish(edge_factory, scripted):
+    upstream = scripted(delay=0.5)
+    server = edge_factory(upstreams=(f"127.0.0.1:{upstream.port}",))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((INSTANCE, 0))
+        sock.settimeout(3)
+        message = dns.message.make_query("slow.example", "A")
+        sock.sendto(message.to_wire(), ("127.0.0.1", server.port))
+        time.sleep(0.1)
+        started = time.monotonic()
+        server.call(server.service.stop(2.0))
+        assert time.monotonic() - started < 1.5
+        reply = dns.message.from_wire(sock.recv(4096))
+    assert reply.id == message.id and [r.address for r in reply.answer[0]] == ["192.0.2.99"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # listeners are closed now
+        sock.settimeout(0.3)
+        sock.sendto(message.to_wire(), ("127.0.0.1", server.port))
+        with pytest.raises(OSError):
+            sock.recv(4096)

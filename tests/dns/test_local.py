@@ -205,3 +205,11 @@ def test_view_swap_changes_answers(edge, demo):
     assert dig(edge.port, "new.demo.internal").status == "NXDOMAIN"
     edge.load(document)
     assert dig(edge.port, "new.demo.internal").answer == ["new.demo.internal. 60 IN A 127.0.0.77"]
+
+
+def test_instance_data_name(edge, edge_factory):
+    assert dig(edge.port, "instance-data.demo.internal").answer == ["instance-data.demo.internal. 60 IN A 169.254.169.254"]
+    assert dig(edge.port, "instance-data").answer == ["instance-data. 60 IN A 169.254.169.254"]
+    assert dig(edge.port, "instance-data", "AAAA").status == "NOERROR"
+    disabled = edge_factory(instance_data_address="")
+    assert dig(disabled.port, "instance-data.demo.internal").status == "NXDOMAIN"

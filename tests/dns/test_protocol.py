@@ -216,3 +216,15 @@ def test_tcp_garbage_closes_only_that_connection(edge):
         sock.sendall(b"\x00\x03abc")
         assert sock.recv(100) == b""
     assert dig(edge.port, "ip-127-0-0-1.demo.internal", "A", "+tcp").status == "NOERROR"
+
+
+def test_ipv6_listener(edge_factory):
+    try:
+        server = edge_factory(listen=("[::1]:0",))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    result = dig(server.port, "ip-127-0-0-1.demo.internal", "A", server="::1")
+    assert result.status == "NOERROR"
+    assert result.answer == ["ip-127-0-0-1.demo.internal. 60 IN A 127.0.0.1"]
+    # ::1 is no instance: no recursion
+    assert "ra" not in result.flags
