@@ -76,7 +76,7 @@ def test_refresh_that_never_finishes_is_bounded(start):
     # Known instances are answered at once meanwhile.
     begun = time.monotonic()
     assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
-    assert time.monotonic() - begun < 0.5
+    assert time.monotonic() - begun < 1.5
 
 
 def test_no_view_yet_waits_for_the_first(start):
