@@ -88,7 +88,7 @@ class CredentialsConfig:
     kind: str = "none"
     """Where IAM role credentials come from: ``none``, ``process`` or ``http``."""
     command: tuple[str, ...] = ()
-    """``process``: argv printing ``credential_process`` JSON; ``{instance_id}``, ``{account_id}``, ``{role}`` are substituted (also passed as ``EDGE_INSTANCE_ID``, ``EDGE_ACCOUNT_ID``, ``EDGE_ROLE``)."""
+    """``process``: argv printing ``credential_process`` JSON; ``{instance_id}``, ``{account_id}``, ``{role}``, ``{address}`` in it are substituted."""
     url: str = ""
     """``http``: IMDS-compatible base URL; edge asks ``URL`` + role with ``X-Forwarded-For`` set to the instance address (e.g. ``http://ctl:8773/latest/meta-data/iam/security-credentials/``)."""
     timeout: float = 3.0

@@ -15,7 +15,6 @@ import asyncio
 import datetime
 import json
 import logging
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -90,22 +89,23 @@ Fetch = Callable[[Instance, str, str], Awaitable[Credentials]]
 
 
 class ProcessSource:
-    """Runs ``command`` (``{instance_id}``, ``{account_id}``, ``{role}`` substituted) and reads its JSON."""
+    """Runs ``command`` and reads its JSON.
 
-    def __init__(self, command: tuple[str, ...], base_env: dict[str, str] | None = None) -> None:
+    ``{instance_id}``, ``{account_id}``, ``{role}`` and ``{address}`` in the arguments are
+    replaced; the command inherits edge's environment unchanged.
+    """
+
+    def __init__(self, command: tuple[str, ...]) -> None:
         self.command = command
-        self.base_env = base_env if base_env is not None else dict(os.environ)
 
     async def __call__(self, instance: Instance, address: str, role: str) -> Credentials:
         values = {"instance_id": instance.id, "account_id": instance.account_id or "", "role": role,
                   "address": address}
-        argv = [part.format_map(values) for part in self.command]
-        env = dict(self.base_env, EDGE_INSTANCE_ID=instance.id, EDGE_ACCOUNT_ID=instance.account_id or "",
-                   EDGE_ROLE=role, EDGE_INSTANCE_ADDRESS=address)
+        argv = [_substitute(part, values) for part in self.command]
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env)
+                stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
             raise CredentialSourceError(f"cannot run {argv[0]}: {exc.strerror}") from None
         try:
@@ -128,6 +128,13 @@ class ProcessSource:
             raise CredentialSourceError(f"{argv[0]} printed JSON without \"Version\": 1")
         return make_credentials(document.get("AccessKeyId"), document.get("SecretAccessKey"),
                                 document.get("SessionToken"), document.get("Expiration"), time.time())
+
+
+def _substitute(template: str, values: dict[str, str]) -> str:
+    # Plain replacement, not str.format: other braces in an argument stay as they are.
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
 
 
 class HttpSource:

@@ -16,12 +16,11 @@ from edge.config import CredentialsConfig
 CREDENTIALS = "/latest/meta-data/iam/security-credentials/demo-role"
 
 SCRIPT = textwrap.dedent("""
-    import json, os, sys, time
+    import json, sys, time
     plan_path, log_path = sys.argv[1], sys.argv[2]
     plan = json.load(open(plan_path))
     with open(log_path, "a") as log:
-        log.write(json.dumps({"argv": sys.argv[3:], "env": os.environ.get("EDGE_INSTANCE_ID"),
-                              "role": os.environ.get("EDGE_ROLE")}) + "\\n")
+        log.write(json.dumps({"argv": sys.argv[3:]}) + "\\n")
     count = sum(1 for _ in open(log_path))
     time.sleep(plan.get("sleep", 0))
     if plan.get("fail"):
@@ -51,7 +50,8 @@ class Source:
 
     def config(self, **options) -> CredentialsConfig:
         return CredentialsConfig(kind="process", command=(
-            sys.executable, str(self.script), str(self.plan), str(self.log), "{instance_id}", "{account_id}", "{role}"),
+            sys.executable, str(self.script), str(self.plan), str(self.log), "{instance_id}", "{account_id}", "{role}",
+            "{address}", "{unknown}"),
             **options)
 
 
@@ -73,8 +73,7 @@ def test_process_source_and_cache(start, tmp_path):
     raw = request(server.port, "GET", CREDENTIALS)
     assert b'\n  "Code" : "Success",\n' in raw and not raw.endswith(b"\n")
     assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001"
-    assert source.calls == [{"argv": ["i-0de0000000000001", "000123456789", "demo-role"],
-                             "env": "i-0de0000000000001", "role": "demo-role"}]
+    assert source.calls == [{"argv": ["i-0de0000000000001", "000123456789", "demo-role", "127.0.0.1", "{unknown}"]}]
     # Another role name is 404; an instance without a profile has no iam/ at all.
     assert parse(request(server.port, "GET", CREDENTIALS + "x"))[0] == 404
     assert parse(request(server.port, "GET", CREDENTIALS, source="127.0.0.2"))[0] == 404
@@ -144,7 +143,7 @@ def test_http_source_asks_upstream_for_the_instance(start, tmp_path):
         kind="http", url=f"http://127.0.0.1:{upstream.port}/latest/meta-data/iam/security-credentials/"))
     status, answer = get_credentials(gateway.port, source="127.0.0.4")
     assert status == 200 and answer["AccessKeyId"] == "AKIA0001"
-    assert [call["env"] for call in source.calls] == ["i-0de0000000000004"]
+    assert [call["argv"][0] for call in source.calls] == ["i-0de0000000000004"]
     # Cached on the gateway: the upstream is not asked again.
     assert get_credentials(gateway.port, source="127.0.0.4")[0] == 200
     assert len(source.calls) == 1
