@@ -133,8 +133,8 @@ class MetadataConfig:
     """Longest request target; longer is 414."""
     max_header_bytes: int = 16384
     """Largest request header block; larger is 431."""
-    render_cache_size: int = 200_000
-    """Most pre-rendered (instance, path) answers kept per snapshot."""
+    render_cache_size: int = 100_000
+    """Most pre-rendered (instance, request target) answers kept per snapshot (identical answers are shared)."""
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     """IAM credential source (``[metadata.credentials]``)."""
 

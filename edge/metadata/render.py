@@ -30,6 +30,8 @@ class Renderer:
         self._generation = -1
         self._answers: dict[str, dict[bytes, Answer]] = {}
         self._trees: dict[str, Directory] = {}
+        self._shared: dict[tuple[bool, bytes], Response] = {}
+        """One Response per distinct body: most leaves (region, "[]", listings) repeat across instances."""
         self._entries = 0
         self.renders = 0
 
@@ -56,6 +58,7 @@ class Renderer:
         self._generation = generation
         self._answers = {}
         self._trees = {}
+        self._shared = {}
         self._entries = 0
 
     def _render(self, snapshot: Snapshot, instance: Instance, target: bytes) -> Answer | None:
@@ -74,9 +77,16 @@ class Renderer:
         if node is None or isinstance(node, CredentialsLeaf):
             return node
         if isinstance(node, Directory):
-            return responses.text(node.listing)
+            return self._response(node.listing, False)
         if isinstance(node, SignedLeaf):
             signed = self.signer.sign(node.document)
-            return responses.text(getattr(signed, node.kind))
+            return self._response(getattr(signed, node.kind), False)
         assert isinstance(node, Leaf)
-        return responses.binary(node.body) if node.binary else responses.text(node.body)
+        return self._response(node.body, node.binary)
+
+    def _response(self, body: bytes, binary: bool) -> Response:
+        key = (binary, body)
+        found = self._shared.get(key)
+        if found is None:
+            found = self._shared[key] = responses.binary(body) if binary else responses.text(body)
+        return found

@@ -1,0 +1,49 @@
+"""The render memo (pure): keyed by snapshot generation, bounded, identical answers shared."""
+
+from __future__ import annotations
+
+from imds_harness import demo
+
+from edge.metadata.identity import ensure_signer
+from edge.metadata.render import Renderer
+from edge.metadata.responses import Response
+from edge.metadata.tree import split_path
+from edge.view.parse import parse_view
+from edge.view.snapshot import build_snapshot
+
+
+def snapshot_of(document):
+    return build_snapshot(parse_view(document))
+
+
+def test_answers_follow_the_snapshot(tmp_path):
+    renderer = Renderer(ensure_signer(tmp_path), max_entries=1000)
+    first = snapshot_of(demo())
+    instance = first.instances["i-0de0000000000001"]
+    answer = renderer.lookup(first, instance, b"/latest/meta-data/instance-type")
+    assert isinstance(answer, Response) and answer.body == b"t2.micro"
+    assert renderer.lookup(first, instance, b"/latest/meta-data/instance-type") is answer
+    second = snapshot_of(demo(**{"i-0de0000000000001": {"instance_type": "m5.large"}}))
+    changed = renderer.lookup(second, second.instances["i-0de0000000000001"], b"/latest/meta-data/instance-type")
+    assert changed.body == b"m5.large"  # type: ignore[union-attr]
+
+
+def test_memo_is_bounded_and_shares_identical_answers(tmp_path):
+    renderer = Renderer(ensure_signer(tmp_path), max_entries=50)
+    snapshot = snapshot_of(demo())
+    one = snapshot.instances["i-0de0000000000001"]
+    two = snapshot.instances["i-0de0000000000002"]
+    assert renderer.lookup(snapshot, one, b"/latest/meta-data/placement/region") is \
+        renderer.lookup(snapshot, two, b"/2009-04-04/meta-data/placement/region/")
+    for number in range(500):
+        renderer.lookup(snapshot, one, b"/latest/meta-data/no-such-%d" % number)
+        assert renderer._entries <= 50
+    assert renderer.lookup(snapshot, one, b"/latest/meta-data/instance-id").body == b"i-0de0000000000001"  # type: ignore[union-attr]
+
+
+def test_split_path():
+    assert split_path(b"/") == []
+    assert split_path(b"//latest//meta-data/x/?a=b") == ["latest", "meta-data", "x"]
+    assert split_path(b"/latest/meta-data/%69nstance-id") == ["latest", "meta-data", "instance-id"]
+    for bad in (b"latest", b"*", b"/latest/../x", b"/latest/%2e%2e/x", b"/\xff"):
+        assert split_path(bad) is None
