@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import signal
+import time
 
 import pytest
 
-from edge.metadata.tokens import generate_token_key_file, parse_key_file
+from edge.metadata.tokens import generate_token_key_file, issue, parse_key_file
 from tests.fleet.gateway import Gateway
 from tests.support import wait_until
 
@@ -28,6 +29,12 @@ def key_texts(tmp_path) -> tuple[str, str, str]:
     both = path.read_text()
     new_only = "".join(line + "\n" for line in both.splitlines() if not line.startswith("old "))
     return old, both, new_only
+
+
+def old_then_new(both: str) -> str:
+    """Step 1 of the rotation: the new key verifies everywhere but does not sign yet."""
+    lines = [line for line in both.splitlines() if line and not line.startswith("#")]
+    return "\n".join(sorted(lines, key=lambda line: not line.startswith("old "))) + "\n"
 
 
 @pytest.fixture
@@ -59,7 +66,16 @@ def test_rotation_through_etcd_reaches_every_gateway(tmp_path, etcd, gateways) -
     for gateway in (a, b):
         assert gateway.get("/latest/meta-data/instance-id", token=token_old).status == 200
 
-    # 1-2. Add the new key in front: it signs everywhere, the old one still verifies.
+    # 1. Add the new key second: every gateway verifies it before anyone signs with it.
+    instance_id = a.get("/latest/meta-data/instance-id").body.decode()
+    early = issue(parse_key_file(both), instance_id, 300, time.time())
+    assert a.get("/latest/meta-data/instance-id", token=early).status == 401
+    etcd.put(KEY, old_then_new(both))
+    wait_until(lambda: all(g.get("/latest/meta-data/instance-id", token=early).status == 200 for g in (a, b)),
+               timeout=10)
+    assert signing_key_id(a.token()) == old_id and signing_key_id(b.token()) == old_id
+
+    # 2. Make it primary: it signs everywhere, the old one still verifies.
     etcd.put(KEY, both)
     wait_until(lambda: signing_key_id(a.token()) == new_id and signing_key_id(b.token()) == new_id, timeout=10)
     token_new = b.token()
