@@ -196,3 +196,45 @@ class Syncer:
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+
+
+# -- label helpers for the hot paths ----------------------------------------------------------
+
+_HTTP_FAMILIES = {b"meta-data": "meta-data", b"user-data": "user-data", b"dynamic": "dynamic", b"api": "token"}
+_family_memo: dict[bytes, str] = {}
+
+
+def http_family(target: bytes) -> str:
+    """The route family of a metadata request target (a small fixed set, memoized)."""
+    family = _family_memo.get(target)
+    if family is None:
+        parts = [p for p in target.split(b"?", 1)[0].split(b"/") if p]
+        if not parts:
+            family = "versions"
+        elif len(parts) == 1:
+            family = "version"
+        elif parts[1] == b"meta-data" and len(parts) > 2 and parts[2] == b"iam":
+            family = "iam"
+        else:
+            family = _HTTP_FAMILIES.get(parts[1], "other")
+        if len(_family_memo) > 4096:
+            _family_memo.clear()
+        _family_memo[target] = family
+    return family
+
+
+def http_status(response: bytes) -> str:
+    """``b"HTTP/1.1 200 OK..."`` -> ``"200"``."""
+    return response[9:12].decode("ascii", "replace")
+
+
+_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+
+
+def dns_labels(response: bytes) -> tuple[str, str]:
+    """(answer kind, rcode) of a DNS response: ``local`` when authoritative, else ``recursive``."""
+    if len(response) < 4:
+        return "dropped", "NONE"
+    rcode = response[3] & 0x0F
+    name = _RCODES[rcode] if rcode < len(_RCODES) else str(rcode)
+    return ("local" if response[2] & 0x04 else "recursive"), name
