@@ -58,7 +58,7 @@ def _default_state_dir() -> str:
 @dataclass(frozen=True, slots=True)
 class ViewConfig:
     source: str = "demo"
-    """File path, ``http(s)://`` URL, or ``demo`` (the embedded demo view)."""
+    """File path, ``http(s)://`` URL, ``etcd://HOST:PORT[,HOST:PORT...]/KEY`` (``etcds://`` for TLS), or ``demo`` (the embedded demo view)."""
     state_dir: str = field(default_factory=_default_state_dir)
     """Where the last good view is kept (written atomically on every accepted view)."""
     poll_interval: float = 5.0
@@ -70,13 +70,13 @@ class ViewConfig:
     refresh_min_interval: float = 0.5
     """Minimum seconds between polls triggered by "refresh now" requests."""
     connect_timeout: float = 3.0
-    """HTTP source: seconds to connect."""
+    """HTTP and etcd sources: seconds to connect (to each etcd endpoint tried)."""
     read_timeout: float = 10.0
-    """HTTP source: seconds allowed for the whole response."""
+    """HTTP and etcd sources: seconds allowed for the whole response."""
     max_size: int = 256 * 1024 * 1024
     """Largest view document accepted, in bytes."""
     ca_file: str = ""
-    """HTTPS source: CA bundle to verify the server with (system CAs when empty)."""
+    """HTTPS and ``etcds://`` sources: CA bundle to verify the server with (system CAs when empty)."""
     format: str = "auto"
     """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
     max_view_age: float = 0.0
