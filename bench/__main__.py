@@ -1,0 +1,247 @@
+"""One command, one report: every comparison in one run on this machine.
+
+    python -m bench all [--quick] [--no-install] [--output bench/results/latest.md]
+    python -m bench bootstorm [...]      (the boot storm alone, see bench/bootstorm.py)
+
+``all`` checks the peers (installing nginx-light, nsd, dnsmasq-base, wrk,
+dnsperf and knot with apt-get when root and missing), then runs, with servers
+and load generators pinned to different cores and everything on loopback:
+metadata keep-alive and connection per request vs nginx ``return 200``; DNS
+local hits vs NSD, Knot and dnsmasq; DNS forwarded cache hits vs a caching
+dnsmasq; ``edge --workers 1`` vs ``--workers 2``; the boot storm (edge w1, w2,
+classic design); the view pipeline at scale; and (full run) the
+pytest-benchmark hot-path suites with timing.  Each comparison is repeated
+(3 times, once with ``--quick``) and reported as medians with min-max.  The
+Markdown report is written to ``--output`` (and its raw figures next to it as
+JSON) and printed.  Full run about 10-15 minutes, ``--quick`` under 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.common import core_plan, machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    rounds: int
+    metadata_seconds: float
+    dns_seconds: float
+    dns_instances: int
+    storm_instances: int
+    storm_rounds: int
+    scale_sizes: str
+    scale_repeat: int
+    timed_benchmarks: bool
+
+
+FULL = Plan(rounds=3, metadata_seconds=5, dns_seconds=5, dns_instances=1000, storm_instances=1000, storm_rounds=3,
+            scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True)
+QUICK = Plan(rounds=1, metadata_seconds=2, dns_seconds=2, dns_instances=1000, storm_instances=200, storm_rounds=2,
+             scale_sizes="1000,10000", scale_repeat=1, timed_benchmarks=False)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+class Report:
+    """Sections in order; a section that fails says so and the run goes on."""
+
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, str]] = []
+        self.raw: dict[str, object] = {}
+        self.commands: list[str] = []
+        self.timings: list[tuple[str, float]] = []
+
+    def run(self, title: str, body: Callable[[], str]) -> None:
+        log(f"{title} ...")
+        started = time.monotonic()
+        try:
+            text = body()
+        except Exception as exc:
+            traceback.print_exc()
+            text = f"**Not measured: {type(exc).__name__}: {exc}**"
+        elapsed = time.monotonic() - started
+        self.timings.append((title, elapsed))
+        log(f"{title}: {elapsed:.0f} s")
+        self.sections.append((title, text))
+
+
+def run_all(plan: Plan, install: bool, argv: list[str]) -> tuple[str, dict[str, object]]:
+    """(Markdown report, raw figures)."""
+    from bench import bootstorm, peers
+    from bench.report import benchmark_table, comparison, key_values
+
+    started = time.monotonic()
+    missing = peers.ensure_tools(install, log)
+    required_missing = [tool for tool in missing if tool not in peers.OPTIONAL]
+    if required_missing:
+        raise SystemExit(f"missing tools: {', '.join(required_missing)} (install them or run as root)")
+    cores = core_plan()
+    report = Report()
+    report.commands.append("python -m bench " + " ".join(shlex.quote(a) for a in argv))
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as temporary:
+        directory = Path(temporary)
+
+        def metadata_vs_nginx() -> str:
+            samples = []
+            for round_number in range(plan.rounds):
+                round_dir = directory / f"metadata-{round_number}"
+                round_dir.mkdir()
+                samples += peers.metadata_vs_nginx(round_dir, cores, plan.metadata_seconds)
+            report.raw["metadata_vs_nginx"] = [asdict(s) for s in samples]
+            report.commands.append(
+                f"edge: taskset -c {cores.server[0]} python bench/metadata_server.py (one worker, demo view); "
+                f"nginx: taskset -c {cores.server[0]} nginx (worker_processes 1, return 200, config of "
+                f"bench/metadata_load.py); load: taskset -c {cores.client_list} wrk -t1 -c64 -d{plan.metadata_seconds:g}s"
+                f" --latency (close: -c32 -H 'Connection: close') http://127.0.0.1:PORT/latest/meta-data/instance-id")
+            parts = []
+            for mode in ("keep-alive", "connection per request"):
+                parts.append(f"**{mode}**\n\n" + comparison([s for s in samples if s.workload == mode], "edge",
+                                                             "req/s"))
+            return "\n\n".join(parts)
+
+        def metadata_workers() -> str:
+            samples = []
+            for _ in range(plan.rounds):
+                samples += peers.metadata_workers(directory, cores, plan.metadata_seconds)
+            report.raw["metadata_workers"] = [asdict(s) for s in samples]
+            report.commands.append(
+                f"taskset -c {cores.server_list} python -m edge serve --view demo --workers N (metadata.rate = 0); "
+                f"taskset -c {cores.client_list} wrk -t1 -c64 -d{plan.metadata_seconds:g}s --latency "
+                "http://127.0.0.1:PORT/latest/meta-data/instance-id")
+            return comparison(samples, "edge --workers 1", "req/s")
+
+        def dns_peers() -> str:
+            samples = []
+            for _ in range(plan.rounds):
+                samples += peers.dns_load_run(plan.dns_seconds, plan.dns_instances)
+            extra = []
+            for round_number in range(plan.rounds):
+                round_dir = directory / f"dns-{round_number}"
+                round_dir.mkdir()
+                extra += peers.dns_extra(round_dir, cores, plan.dns_seconds, plan.dns_instances)
+            report.raw["dns_load"] = [asdict(s) for s in samples]
+            report.raw["dns_extra"] = [asdict(s) for s in extra]
+            report.commands.append(f"python bench/dns_load.py --seconds {plan.dns_seconds:g} --instances "
+                                   f"{plan.dns_instances} --json   (x{plan.rounds})")
+            report.commands.append(
+                f"Knot / edge serve --workers 1|2 / caching dnsmasq (bench/peers.py dns_extra): servers on cpu "
+                f"{cores.server_list}; taskset -c 0 dnsperf -c 4 -q 200 -t 2 -l {plan.dns_seconds:g} "
+                "(latency: -Q 20000 -v)")
+            hits = [s for s in samples if s.workload == "all hits"]
+            hits += [s for s in extra if s.server == "knot"]
+            forwarded = [s for s in extra if s.workload == "forwarded, cache hits"]
+            workers = [s for s in extra if s.server.startswith("edge --workers")]
+            return ("**Local hits (A and PTR of 1,000 instances), edge vs NSD, Knot, dnsmasq**\n\n"
+                    + comparison(hits, "edge", "qps")
+                    + "\n\n**Forwarded names answered from cache, edge vs dnsmasq forwarding with its cache**\n\n"
+                    + comparison(forwarded, "edge", "qps")
+                    + "\n\n**Local hits, edge serve --workers 1 vs --workers 2**\n\n"
+                    + comparison(workers, "edge --workers 1", "qps"))
+
+        def storm() -> str:
+            result = bootstorm.run_bootstorm(instances=plan.storm_instances, rounds=plan.storm_rounds, cores=cores,
+                                             log=log)
+            report.raw["bootstorm"] = result.to_json()
+            report.commands.append(f"python -m bench.bootstorm --instances {plan.storm_instances} "
+                                   f"--rounds {plan.storm_rounds}")
+            report.commands.extend("  " + c for c in result.commands)
+            return bootstorm.markdown(result)
+
+        def scale() -> str:
+            argv = [sys.executable, "-m", "bench.view_scale", "--sizes", plan.scale_sizes, "--repeat",
+                    str(plan.scale_repeat)]
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            report.commands.append(f"python -m bench.view_scale --sizes {plan.scale_sizes} --repeat "
+                                   f"{plan.scale_repeat}")
+            if done.returncode != 0:
+                raise RuntimeError(f"view_scale failed: {done.stderr.strip()[-500:]}")
+            return ("Targets: 100k instances built in <= 2 s, <= 8 KB resident per instance, loop stall during a "
+                    "swap <= 20 ms.\n\n" + done.stdout.strip())
+
+        def timed() -> str:
+            output = directory / "pytest-benchmark.json"
+            argv = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:randomly", "--benchmark-enable",
+                    "--benchmark-max-time=0.2", "--benchmark-min-rounds=5", f"--benchmark-json={output}"]
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            report.commands.append("python -m pytest bench --benchmark-enable --benchmark-max-time=0.2 "
+                                   "--benchmark-min-rounds=5")
+            if not output.exists():
+                raise RuntimeError(f"pytest-benchmark wrote nothing: {done.stdout.strip()[-500:]}")
+            document = json.loads(output.read_text())
+            report.raw["pytest_benchmark"] = [{"name": b["fullname"], "median_s": b["stats"]["median"]}
+                                              for b in document.get("benchmarks", [])]
+            status = "" if done.returncode == 0 else f"\n\n**pytest exited with {done.returncode}**"
+            return benchmark_table(document) + status
+
+        report.run("Instance metadata: edge vs nginx return 200", metadata_vs_nginx)
+        report.run("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers)
+        report.run("DNS: edge vs NSD, Knot, dnsmasq", dns_peers)
+        report.run("Boot storm: edge vs the classic design", storm)
+        report.run("View pipeline at scale", scale)
+        if plan.timed_benchmarks:
+            report.run("Hot paths (pytest-benchmark)", timed)
+
+    total = time.monotonic() - started
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        f"# Benchmark report, {stamp}{' (quick)' if plan is QUICK else ''}",
+        "",
+        key_values("Machine", machine()),
+        "",
+        f"Pinning: servers on cpu {cores.server_list}, load generators on cpu {cores.client_list} (`taskset`). "
+        f"Rates are medians over the runs with (min-max); server CPU per request is utime+stime of the server's "
+        f"processes over the run (/proc/PID/stat) divided by the requests completed. Ratios are edge / peer: "
+        f"above 1 for rate and below 1 for CPU favour edge. Total time {total / 60:.1f} min.",
+        "",
+        key_values("Versions", peers.versions()),
+    ]
+    if "knotd" in missing:
+        header += ["", "Knot DNS is not installed: no Knot figures."]
+    body = [f"## {title}\n\n{text}" for title, text in report.sections]
+    timings = ", ".join(f"{title.split(':')[0]} {seconds:.0f} s" for title, seconds in report.timings)
+    footer = ["## Commands", "", *("    " + command for command in report.commands), "", f"Section times: {timings}."]
+    markdown = "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n\n" + "\n".join(footer) + "\n"
+    return markdown, report.raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bootstorm"]:
+        from bench.bootstorm import main as bootstorm_main
+        return bootstorm_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    everything = commands.add_parser("all", help="every comparison, one report")
+    everything.add_argument("--quick", action="store_true", help="shorter and fewer runs (under 3 minutes)")
+    everything.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
+    everything.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
+    commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
+    args = parser.parse_args(argv)
+    markdown, raw = run_all(QUICK if args.quick else FULL, not args.no_install, argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(markdown)
+    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    print(markdown)
+    log(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""The native peers edge is compared with: installing them, their versions, and the runs not covered elsewhere.
+
+``bench/metadata_load.py`` (edge vs nginx) and ``bench/dns_load.py`` (edge vs
+NSD and dnsmasq) own their comparisons; this module adds, on the same data
+and with the same pinning:
+
+* DNS local hits on Knot DNS (when installed);
+* DNS forwarded cache hits: edge vs dnsmasq forwarding with its cache, both
+  in front of the same upstream dnsmasq;
+* edge ``--workers 1`` vs ``--workers 2`` (``edge serve``) for metadata
+  keep-alive (wrk) and DNS local hits (dnsperf).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import CorePlan, cpu_seconds, free_port, start_dnsmasq, stop, tool_version, wait_tcp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# tool -> Debian package that provides it
+TOOLS = {"nginx": "nginx-light", "nsd": "nsd", "dnsmasq": "dnsmasq-base", "wrk": "wrk", "dnsperf": "dnsperf",
+         "knotd": "knot", "taskset": "util-linux", "curl": "curl"}
+OPTIONAL = {"knotd"}
+
+
+def ensure_tools(install: bool = True, log: Callable[[str], None] = print) -> list[str]:
+    """Install missing peers with apt-get when root; returns the tools still missing."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
+        packages = sorted({TOOLS[tool] for tool in missing})
+        log(f"installing Debian packages: {' '.join(packages)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env,
+                       stdout=subprocess.DEVNULL, check=False, timeout=600)
+        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    return missing
+
+
+def versions() -> dict[str, str]:
+    edge_rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True).stdout.strip()
+    return {
+        "edge": edge_rev or "unknown",
+        "nginx": tool_version(["nginx", "-v"], r"nginx/(\S+)"),
+        "NSD": tool_version(["nsd", "-v"]),
+        "Knot DNS": tool_version(["knotd", "--version"]),
+        "dnsmasq": tool_version(["dnsmasq", "--version"]),
+        "wrk": tool_version(["wrk", "-v"], r"wrk \S*?(\d+\.\d+\.\d+)"),
+        "dnsperf": _package_version("dnsperf"),
+        "uvloop": _python_version("uvloop"),
+        "httptools": _python_version("httptools"),
+    }
+
+
+def _package_version(package: str) -> str:
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def _python_version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(module)
+    except Exception:
+        return "unknown"
+
+
+# -- measurements -----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Sample:
+    """One measured run of one server on one workload."""
+
+    server: str
+    workload: str
+    rate: float
+    cpu_us: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+
+
+def wrk(port: int, path: str, cores: CorePlan, duration: float, connections: int, close: bool) -> tuple[int, float,
+                                                                                                     float, float, int]:
+    """(requests, requests/s, p50 ms, p99 ms, errors) of one ``wrk -t1`` run."""
+    argv = cores.pin_client(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"])
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}{path}")
+    output = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _latency_ms(re.search(r"50%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _latency_ms(re.search(r"99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
+    errors = 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non_2xx:
+        errors += int(non_2xx.group(1))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return requests, rate, p50, p99, errors
+
+
+def _latency_ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def measure_wrk(server: str, workload: str, pids: list[int], port: int, path: str, cores: CorePlan,
+                duration: float, connections: int, close: bool) -> Sample:
+    before = cpu_seconds(pids)
+    requests, rate, p50, p99, errors = wrk(port, path, cores, duration, connections, close)
+    used = cpu_seconds(pids) - before
+    return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors)
+
+
+def metadata_vs_nginx(directory: Path, cores: CorePlan, duration: float) -> list[Sample]:
+    """edge's metadata worker vs nginx ``return 200``, keep-alive and connection per request (metadata_load.py)."""
+    from bench import metadata_load
+
+    server_cpu = cores.server[0]
+    edge, edge_port = metadata_load.start_edge(server_cpu, directory)
+    nginx, nginx_port = metadata_load.start_nginx(server_cpu, directory)
+    samples = []
+    try:
+        check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{edge_port}{metadata_load.PATH}"],
+                               capture_output=True, text=True).stdout
+        if check != metadata_load.BODY:
+            raise RuntimeError(f"edge answered {check!r} for {metadata_load.PATH}")
+        for mode, connections, close in (("keep-alive", 64, False), ("connection per request", 32, True)):
+            for name, process, port in (("edge", edge, edge_port), ("nginx return 200", nginx, nginx_port)):
+                time.sleep(0.3)
+                samples.append(measure_wrk(name, mode, [process.pid], port, metadata_load.PATH, cores, duration,
+                                           connections, close))
+    finally:
+        stop(edge)
+        stop(nginx)
+    return samples
+
+
+def _edge_serve(directory: Path, cores: CorePlan, workers: int, view: str, config_text: str) -> tuple[
+        subprocess.Popen, int, int]:
+    config = directory / f"edge-serve-w{workers}.toml"
+    config.write_text(config_text)
+    metadata_port, dns_port = free_port(), free_port()
+    argv = cores.pin_server([sys.executable, "-m", "edge", "serve", "--config", str(config), "--view", view,
+                             "--state-dir", str(directory / f"state-w{workers}"), "--workers", str(workers),
+                             "--log-level", "warning", "--metadata-listen", f"127.0.0.1:{metadata_port}",
+                             "--dns-listen", f"127.0.0.1:{dns_port}", "--admin-listen", f"127.0.0.1:{free_port()}"])
+    return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL), metadata_port, dns_port
+
+
+def metadata_workers(directory: Path, cores: CorePlan, duration: float) -> list[Sample]:
+    """``edge serve --workers 1`` vs ``--workers 2``, metadata keep-alive, demo view, rate limit off."""
+    from bench import metadata_load
+
+    samples = []
+    for workers in (1, 2):
+        process, port, _ = _edge_serve(directory, cores, workers, "demo",
+                                       "[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
+        try:
+            _wait_http(port, metadata_load.PATH, metadata_load.BODY)
+            samples.append(measure_wrk(f"edge --workers {workers}", "keep-alive", [process.pid], port,
+                                       metadata_load.PATH, cores, duration, 64, False))
+        finally:
+            stop(process)
+    return samples
+
+
+def _wait_http(port: int, path: str, body: str, timeout: float = 30.0) -> None:
+    wait_tcp(port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                          text=True).stdout == body:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} never answered {path} with {body!r}")
+
+
+@dataclass(slots=True)
+class DnsData:
+    view_path: Path
+    hits: Path
+    forwarded: Path
+    first_name: str
+    zone_texts: dict[str, str]
+
+
+def dns_data(directory: Path, instances: int) -> DnsData:
+    """The same questions dns_load.py asks: every A and PTR of the flat network, shuffled; 1,000 forwarded names."""
+    from edge.dns.zonefile import zone_texts
+    from edge.testing.generate import generate_view
+    from edge.view.parse import parse_view
+    from edge.view.snapshot import build_snapshot
+
+    document = generate_view(instances=instances, networks=1, loopback=True, user_data_bytes=0)
+    view_path = directory / "dns-view.json"
+    view_path.write_text(json.dumps(document))
+    snapshot = build_snapshot(parse_view(document))
+    questions = [f"{name} {record.type}" for name in sorted(snapshot.names)
+                 for record in snapshot.names[name].records_for("") if record.type in ("A", "PTR")]
+    random.Random(1).shuffle(questions)
+    hits = directory / "dns-hits.txt"
+    hits.write_text("\n".join(questions) + "\n")
+    forwarded = directory / "dns-forwarded.txt"
+    forwarded.write_text("".join(f"host{n}.upstream.test A\n" for n in range(1000)))
+    return DnsData(view_path, hits, forwarded, questions[0].split()[0], zone_texts(snapshot, ""))
+
+
+def _knot_conf(directory: Path, port: int, zones: dict[str, str]) -> Path:
+    knot_dir = directory / "knot"
+    knot_dir.mkdir(exist_ok=True)
+    for apex, text in zones.items():
+        (knot_dir / f"{apex}.zone").write_text(text)
+    conf = knot_dir / "knot.conf"
+    conf.write_text(
+        f"server:\n    listen: 127.0.0.1@{port}\n    rundir: {knot_dir}\n    udp-workers: 1\n    tcp-workers: 1\n"
+        f"    background-workers: 1\n"
+        f"database:\n    storage: {knot_dir}\n"
+        f"log:\n  - target: stderr\n    any: error\n"
+        f"template:\n  - id: default\n    storage: {knot_dir}\n    file: \"%s.zone\"\n    journal-content: none\n"
+        f"    zonefile-sync: -1\n    zonefile-load: whole\n"
+        "zone:\n" + "".join(f"  - domain: {apex}\n" for apex in zones))
+    return conf
+
+
+def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) -> list[Sample]:
+    """Knot local hits; edge --workers 1/2 local hits; forwarded cache hits for edge and caching dnsmasq."""
+    from bench import dns_load
+
+    data = dns_data(directory, instances)
+    samples: list[Sample] = []
+    processes: list[subprocess.Popen] = []
+
+    def record(server: str, workload: str, process: subprocess.Popen, port: int, queries: Path) -> None:
+        result = dns_load.measure(server, workload, process.pid, port, queries, seconds)
+        samples.append(Sample(server, workload, result.qps, result.cpu_us_per_query, result.p50_ms, result.p99_ms,
+                              result.lost))
+
+    try:
+        upstream_port = free_port()
+        upstream = start_dnsmasq([f"host-record=host{n}.upstream.test,192.0.2.{n % 250 + 1}" for n in range(1000)],
+                                 directory, upstream_port, cores.pin_client([]),
+                                 ("--local-ttl=3600", "--local=/upstream.test/"))
+        processes.append(upstream)
+        dns_load.wait_udp(upstream_port, "host1.upstream.test")
+
+        if shutil.which("knotd"):
+            knot_port = free_port()
+            knot = subprocess.Popen(cores.pin_server(["knotd", "-c", str(_knot_conf(directory, knot_port,
+                                                                                     data.zone_texts))]),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            processes.append(knot)
+            dns_load.wait_udp(knot_port, data.first_name)
+            record("knot", "all hits", knot, knot_port, data.hits)
+            stop(knot)
+
+        config = (f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
+                  "rate_limit = 0.0\n")
+        for workers in (1, 2):
+            edge, _, dns_port = _edge_serve(directory, cores, workers, str(data.view_path), config)
+            processes.append(edge)
+            dns_load.wait_udp(dns_port, data.first_name)
+            dns_load.dnsperf(dns_port, data.hits, 1)  # first use renders and memoizes each answer
+            record(f"edge --workers {workers}", "all hits", edge, dns_port, data.hits)
+            if workers == 1:
+                dns_load.dnsperf(dns_port, data.forwarded, 1, ("-Q", "5000"))  # fill the cache
+                record("edge", "forwarded, cache hits", edge, dns_port, data.forwarded)
+            stop(edge)
+
+        forwarder_port = free_port()
+        forwarder = start_dnsmasq([f"server=127.0.0.1#{upstream_port}"], directory, forwarder_port,
+                                  cores.pin_server([]), ("--cache-size=10000",))
+        processes.append(forwarder)
+        dns_load.wait_udp(forwarder_port, "host1.upstream.test")
+        dns_load.dnsperf(forwarder_port, data.forwarded, 1, ("-Q", "5000"))
+        record("dnsmasq (forwarding, cache)", "forwarded, cache hits", forwarder, forwarder_port, data.forwarded)
+    finally:
+        for process in processes:
+            stop(process)
+    return samples
+
+
+def dns_load_run(seconds: float, instances: int) -> list[Sample]:
+    """One run of ``bench/dns_load.py --json`` (edge vs NSD vs dnsmasq), parsed."""
+    argv = [sys.executable, str(ROOT / "bench" / "dns_load.py"), "--seconds", f"{seconds:g}", "--instances",
+            str(instances), "--json"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds * 20 + 180)
+    if done.returncode != 0:
+        raise RuntimeError(f"dns_load.py failed ({done.returncode}): {done.stderr[-500:]}")
+    rows, _ = json.JSONDecoder().raw_decode(done.stdout.lstrip())
+    return [Sample(r["server"], r["workload"], r["qps"], r["cpu_us_per_query"], r["p50_ms"], r["p99_ms"], r["lost"])
+            for r in rows]

@@ -1,0 +1,68 @@
+"""Markdown for the one-command benchmark report: comparison tables of repeated runs, machine, versions."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from bench.common import median_range
+from bench.peers import Sample
+
+
+def _spread(values: Sequence[float], digits: int = 0) -> str:
+    middle, low, high = median_range(values)
+    return f"{middle:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
+
+
+def comparison(samples: Sequence[Sample], reference: str, unit: str) -> str:
+    """One table: per server the median (min-max) rate over runs, CPU per request, p50/p99, and ratios to ``reference``.
+
+    Ratios read "reference / this server": above 1 in the rate column and below 1
+    in the CPU column mean the reference (edge) does better.
+    """
+    servers: dict[str, list[Sample]] = {}
+    for sample in samples:
+        servers.setdefault(sample.server, []).append(sample)
+    if not servers:
+        return "_no measurements_"
+    base = servers.get(reference)
+    base_rate = statistics.median(s.rate for s in base) if base else 0.0
+    base_cpu = statistics.median(s.cpu_us for s in base) if base else 0.0
+    lines = [f"| server | runs | {unit} median (min-max) | server CPU us/request median (min-max) | p50 ms | p99 ms "
+             f"| errors | {reference} / this, rate | {reference} / this, CPU per request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for server, runs in servers.items():
+        rate = statistics.median(s.rate for s in runs)
+        cpu = statistics.median(s.cpu_us for s in runs)
+        if server == reference or not base:
+            rate_ratio = cpu_ratio = "-"
+        else:
+            rate_ratio = f"{base_rate / rate:.2f}x" if rate else "-"
+            cpu_ratio = f"{base_cpu / cpu:.2f}x" if cpu else "-"
+        lines.append(
+            f"| {server} | {len(runs)} | {_spread([s.rate for s in runs])} | {_spread([s.cpu_us for s in runs], 1)} "
+            f"| {statistics.median(s.p50_ms for s in runs):.3f} | {statistics.median(s.p99_ms for s in runs):.3f} "
+            f"| {sum(s.errors for s in runs)} | {rate_ratio} | {cpu_ratio} |")
+    return "\n".join(lines)
+
+
+def key_values(title: str, values: dict[str, str]) -> str:
+    return f"{title}: " + ", ".join(f"{key} {value}" for key, value in values.items())
+
+
+def benchmark_table(document: dict) -> str:
+    """pytest-benchmark's JSON as a table of per-call times."""
+    lines = ["| benchmark | median | min | max | rounds |", "|---|---:|---:|---:|---:|"]
+    for bench in document.get("benchmarks", []):
+        stats = bench["stats"]
+        lines.append(f"| {bench['fullname']} | {_time(stats['median'])} | {_time(stats['min'])} "
+                     f"| {_time(stats['max'])} | {stats['rounds']} |")
+    return "\n".join(lines)
+
+
+def _time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.2f} us"
