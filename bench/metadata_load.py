@@ -7,7 +7,7 @@ Reported: requests/s, server CPU per request (utime+stime from /proc/PID/stat
 over the run), p99 latency, and edge/nginx ratios.  Bounded: ``--duration``
 seconds per measurement, ``--rounds`` rounds (medians are reported).
 
-    python bench/metadata_load.py --duration 5 --rounds 3
+    python bench/metadata_load.py --duration 5 --rounds 3 [--bare]
 """
 
 from __future__ import annotations
@@ -64,15 +64,14 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def start_edge(cpu: int, directory: Path) -> tuple[subprocess.Popen, int]:
+def start_python(cpu: int, script: str, *args: str) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, str(HERE / "metadata_server.py"),
-                              "--state-dir", str(directory / "edge-state")],
+    child = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, str(HERE / script), *args],
                              stdout=subprocess.PIPE, text=True, env=env)
     line = child.stdout.readline()  # type: ignore[union-attr]
     if not line.startswith("port="):
         child.kill()
-        raise RuntimeError("edge metadata server did not start")
+        raise RuntimeError(f"{script} did not start")
     port = int(line.strip().split("=")[1])
     wait_listening(port)
     return child, port
@@ -151,6 +150,8 @@ def main() -> int:
     parser.add_argument("--connections-close", type=int, default=32, help="wrk connections, Connection: close")
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--client-cpu", type=int, default=0)
+    parser.add_argument("--bare", action="store_true",
+                        help="also measure bench/metadata_bare.py (uvloop + httptools, fixed answer): the floor")
     args = parser.parse_args()
     args.duration = min(args.duration, 30.0)
     args.rounds = max(1, min(args.rounds, 5))
@@ -160,8 +161,13 @@ def main() -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="edge-metadata-load-") as temporary:
         directory = Path(temporary)
-        edge, edge_port = start_edge(args.server_cpu, directory)
+        edge, edge_port = start_python(args.server_cpu, "metadata_server.py", "--state-dir",
+                                       str(directory / "edge-state"))
         nginx, nginx_port = start_nginx(args.server_cpu, directory)
+        servers = [("edge", edge, edge_port), ("nginx", nginx, nginx_port)]
+        if args.bare:
+            bare, bare_port = start_python(args.server_cpu, "metadata_bare.py")
+            servers.append(("bare uvloop+httptools", bare, bare_port))
         try:
             check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{edge_port}{PATH}"], capture_output=True,
                                    text=True).stdout
@@ -169,11 +175,11 @@ def main() -> int:
             results: dict[tuple[str, str], list[Result]] = {}
             for _ in range(args.rounds):
                 for mode in ("keep-alive", "close"):
-                    for name, pid, port in (("edge", edge.pid, edge_port), ("nginx", nginx.pid, nginx_port)):
+                    for name, child, port in servers:
                         time.sleep(0.5)
-                        results.setdefault((name, mode), []).append(measure(name, pid, port, mode, args))
+                        results.setdefault((name, mode), []).append(measure(name, child.pid, port, mode, args))
         finally:
-            for child in (edge, nginx):
+            for _, child, _ in servers:
                 child.terminate()
                 try:
                     child.wait(5)
