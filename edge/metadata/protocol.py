@@ -1,9 +1,10 @@
 """The HTTP/1.1 connection: a thin asyncio protocol around the httptools parser.
 
-Parser callbacks only collect (and only the callbacks that are needed are
-defined: each costs a Python call per request); the answer is computed and written inline when a
-message is complete (no task per request).  Pipelined requests are answered in
-order: while one waits on the slow path, later ones queue and reading pauses.
+Parser callbacks only collect, and only the callbacks edge needs are defined
+(each one costs a Python call per request); the answer is computed and written
+inline when a message is complete (no task per request).  Pipelined requests
+are answered in order: while one waits on the slow path, later ones queue and
+reading pauses.
 Limits (target length, header block, body, slow heads, queue depth) turn into
 their protocol answer in :mod:`edge.metadata.responses` and close the
 connection; nothing a client sends can grow memory without bound.
@@ -78,6 +79,8 @@ class MetadataProtocol(asyncio.Protocol):
         self.slow_task: asyncio.Task[None] | None = None
         self.counted_source: str | None = None
         self._since_progress = 0
+        """Bytes received since the parser last completed a target or a message: httptools buffers an
+        unfinished header line itself, so this is what bounds it."""
         self._reject: Outcome | None = None
         # per request
         self._target: list[bytes] = []
