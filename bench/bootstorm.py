@@ -53,6 +53,7 @@ FORWARD_ZONE = "upstream.test"
 FORWARDED_NAMES = 20
 TOKEN_TTL = b"21600"
 REQUEST_TIMEOUT = 30.0
+STORM_TIMEOUT = 300.0
 DNS_TIMEOUT = 1.0
 DNS_ATTEMPTS = 3
 
@@ -141,6 +142,11 @@ class _HttpExchange(asyncio.Protocol):
                 f"connection closed after {len(self.buffer)} bytes of an incomplete response"))
 
 
+def _expire(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_exception(asyncio.TimeoutError(f"no complete answer within {REQUEST_TIMEOUT:g} s"))
+
+
 class _DnsExchange(asyncio.DatagramProtocol):
     __slots__ = ("query_id", "done")
 
@@ -198,16 +204,20 @@ class Boot:
                    f"Accept: */*\r\nConnection: close\r\n").encode() + extra + b"\r\n"
         started = time.perf_counter()
         done = loop.create_future()
+        # One timer instead of wait_for: the generator's own cost per request must stay small.
+        timer = loop.call_later(REQUEST_TIMEOUT, _expire, done)
         try:
-            transport, _ = await asyncio.wait_for(loop.create_connection(
+            transport, _ = await loop.create_connection(
                 lambda: _HttpExchange(request, done), self.host, self.metadata_port,
-                local_addr=(self.machine.address, 0)), REQUEST_TIMEOUT)
+                local_addr=(self.machine.address, 0))
             try:
-                raw = await asyncio.wait_for(done, REQUEST_TIMEOUT)
+                raw = await done
             finally:
                 transport.close()
         except (OSError, asyncio.TimeoutError) as exc:
             return self._fail("http " + type(exc).__name__, f"{self.machine.address} {method} {path}: {exc!r}")
+        finally:
+            timer.cancel()
         self.tally.http_seconds.append(time.perf_counter() - started)
         head, _, body = raw.partition(b"\r\n\r\n")
         status = head[9:12]
@@ -331,7 +341,14 @@ async def storm(machines: Sequence[Machine], host: str, metadata_port: int, dns_
             tally.error("bad answer " + type(exc).__name__, f"{machine.address}: {exc!r}")
         tally.finished_at = max(tally.finished_at, time.time())
 
-    await asyncio.gather(*(one(machine) for machine in machines))
+    tasks = [asyncio.ensure_future(one(machine)) for machine in machines]
+    _, unfinished = await asyncio.wait(tasks, timeout=STORM_TIMEOUT)
+    for task in unfinished:
+        task.cancel()
+        tally.error("not finished", f"an instance was still booting after {STORM_TIMEOUT:g} s")
+    if unfinished:
+        await asyncio.wait(unfinished)
+        tally.finished_at = time.time()
     return tally
 
 
