@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -20,11 +21,54 @@ from tests.support import free_port
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
+@dataclass(frozen=True)
+class Tls:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls(directory: Path) -> Tls:
+    """A private CA and a server certificate for 127.0.0.1 signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge test etcd CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    tls = Tls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    tls.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return tls
+
+
 class EtcdServer:
     """One-member cluster on 127.0.0.1 with its own data directory; restartable on the same ports."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, tls: Tls | None = None) -> None:
         self.data_dir = data_dir
+        self.tls = tls
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -34,18 +78,26 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     def url(self, key: str) -> str:
-        return f"etcd://{self.endpoint}/{key}"
+        return f"{'etcds' if self.tls else 'etcd'}://{self.endpoint}/{key}"
+
+    def _context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else None
 
     def start(self, timeout: float = 20.0) -> None:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls = ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file)] if self.tls else []
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [ETCD, "--name", "default", "--data-dir", str(self.data_dir),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"default={peer}", "--log-level", "warn"],
+             "--initial-cluster", f"default={peer}", "--log-level", "warn", *tls],
             stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout
@@ -53,7 +105,7 @@ class EtcdServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as response:
+                with urllib.request.urlopen(f"{client}/health", timeout=1, context=self._context()) as response:
                     if json.loads(response.read()).get("health") == "true":
                         return
             except (OSError, ValueError):
@@ -81,9 +133,9 @@ class EtcdServer:
 
     def call(self, path: str, request: dict) -> dict:
         body = json.dumps(request).encode()
-        req = urllib.request.Request(f"http://{self.endpoint}{path}", data=body, method="POST",
+        req = urllib.request.Request(f"{self.scheme}://{self.endpoint}{path}", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as response:
+        with urllib.request.urlopen(req, timeout=5, context=self._context()) as response:
             return json.loads(response.read())
 
     def put(self, key: str, value: bytes | str) -> int:

@@ -178,3 +178,25 @@ def test_garbage_from_a_member_is_a_source_error() -> None:
     finally:
         thread.join(2)
         listener.close()
+
+
+def test_etcds_verifies_the_member_with_the_configured_ca(tmp_path) -> None:
+    import os
+
+    from tests.etcd.server import ETCD, EtcdServer, make_tls
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip("etcd is not installed (Debian package etcd-server)")
+    tls = make_tls(tmp_path / "tls")
+    server = EtcdServer(tmp_path / "etcd-tls", tls=tls)
+    server.start()
+    try:
+        server.put("edge/view", view_bytes(4))
+        trusted = ViewConfig(connect_timeout=1, read_timeout=1, ca_file=str(tls.ca_file))
+        assert decode_view(fetch(open_source(server.url("edge/view"), trusted))).serial == 4
+        # Without the CA the member is not trusted; plain HTTP to a TLS port fails too.
+        with pytest.raises(SourceError, match="TLS|certificate"):
+            fetch(open_source(server.url("edge/view"), FAST))
+        with pytest.raises(SourceError):
+            fetch(open_source(f"etcd://{server.endpoint}/edge/view", FAST))
+    finally:
+        server.stop()
