@@ -38,14 +38,16 @@ def document(instances: int, serial: int) -> dict:
     return view
 
 
-def convergence(gateways: list[Gateway], source: str, serial: int, since: float, timeout: float = 30) -> dict[str, float]:
+def convergence(gateways: list[Gateway], source: str, serial: int, since: float,
+                timeout: float = 30) -> dict[str, float]:
     seen: dict[str, float] = {}
 
     def watch(gateway: Gateway) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if gateway.get("/latest/meta-data/instance-type", source, timeout=1).body == f"serial-{serial}".encode():
+                answer = gateway.get("/latest/meta-data/instance-type", source, timeout=1)
+                if answer.body == f"serial-{serial}".encode():
                     seen[gateway.name] = time.monotonic() - since
                     return
             except OSError:

@@ -200,3 +200,16 @@ def test_etcds_verifies_the_member_with_the_configured_ca(tmp_path) -> None:
             fetch(open_source(f"etcd://{server.endpoint}/edge/view", FAST))
     finally:
         server.stop()
+
+
+def test_edge_view_check_reads_etcd(etcd) -> None:
+    import subprocess
+    import sys
+    etcd.put("edge/view", view_bytes(9))
+    result = subprocess.run([sys.executable, "-m", "edge", "view", "check", etcd.url("edge/view")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout and "serial      9" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "edge", "view", "check", etcd.url("edge/absent")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "key not found" in result.stdout

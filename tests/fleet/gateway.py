@@ -23,7 +23,10 @@ class Answer:
 
 def imds(host: str, port: int, method: str, path: str, source: str = "127.0.0.1",
          headers: dict[str, str] | None = None, timeout: float = 2.0) -> Answer:
-    """One request to a metadata listener from ``source`` (an instance's address); raises OSError when the gateway is gone."""
+    """One request to a metadata listener from ``source`` (an instance's address).
+
+    Raises OSError when the gateway is gone.
+    """
     connection = http.client.HTTPConnection(host, port, timeout=timeout, source_address=(source, 0))
     try:
         connection.request(method, path, headers=headers or {})

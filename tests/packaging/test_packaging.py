@@ -1,4 +1,4 @@
-"""What operators install: the example configuration, the wheel and sdist, the systemd unit, BIRD and its health check."""
+"""What operators install: example configuration, wheel and sdist, systemd unit, BIRD and its health check."""
 
 from __future__ import annotations
 
