@@ -9,6 +9,10 @@ from __future__ import annotations
 import threading
 import time
 
+import dns.message
+import dns.query
+import dns.rdatatype
+
 from tests.fleet.conftest import BACKOFF_MAX, JITTER, POLL_INTERVAL, Fleet, fleet_document, start_gateways
 from tests.fleet.load import run_clients
 from tests.support import wait_until
@@ -17,12 +21,18 @@ INSTANCE_ID = "/latest/meta-data/instance-id"
 
 
 def answers_everyone(fleet: Fleet, path: str = INSTANCE_ID, expected: dict[str, str] | None = None) -> None:
-    """Every gateway gives every client address its own answer."""
+    """Every gateway gives every client address its own metadata answer, and resolves its neighbours' names."""
     expected = expected or fleet.expected
     for gateway in fleet.gateways:
         for source, instance_id in expected.items():
             answer = gateway.get(path, source=source)
             assert (answer.status, answer.body.decode()) == (200, instance_id), (gateway.name, source)
+        for address in sorted(expected)[:5]:
+            name = "ip-" + address.replace(".", "-") + ".gen.internal."
+            query = dns.message.make_query(name, dns.rdatatype.A)
+            response = dns.query.udp(query, gateway.host, port=gateway.dns_port, timeout=2,
+                                     source=sorted(expected)[-1])
+            assert [r.address for rrset in response.answer for r in rrset] == [address], (gateway.name, name)
 
 
 def time_until_served(fleet: Fleet, path: str, value: str, timeout: float) -> dict[str, float]:
