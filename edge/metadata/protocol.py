@@ -56,7 +56,8 @@ class MetadataProtocol(asyncio.Protocol):
     # Slots: a connection is set up for every request of a typical client, so its cost counts.
     __slots__ = ("service", "network", "limits", "handler", "store", "transport", "peer", "parser",
                  "deadline", "closing", "busy", "queue", "slow_task", "counted_source", "_since_progress",
-                 "_reject", "_target", "_target_size", "_header_size", "_body_size", "_request", "_has_fields")
+                 "_reject", "_target", "_target_size", "_header_size", "_body_size", "_request", "_has_fields",
+                 "writing_paused")
 
     def __init__(self, service: MetadataService, network: str) -> None:
         # global
@@ -74,6 +75,7 @@ class MetadataProtocol(asyncio.Protocol):
         """Service tick by which the next request head must be complete (the service ticker checks)."""
         self.closing = False
         self.busy = False
+        self.writing_paused = False
         self.queue: deque[Request] | None = None
         """Pipelined requests waiting behind one on the slow path (created when first needed)."""
         self.slow_task: asyncio.Task[None] | None = None
@@ -135,6 +137,18 @@ class MetadataProtocol(asyncio.Protocol):
             return
         if self._since_progress > self.limits.max_header_bytes:
             self.fail(Outcome.HEADERS_TOO_LARGE)
+
+    def pause_writing(self) -> None:
+        # A client that pipelines requests without reading the answers stops being read,
+        # so its answers cannot pile up in the write buffer.
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.transport is not None and not self.busy and not self.closing:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still be waiting for answers on the slow path.
@@ -292,5 +306,5 @@ class MetadataProtocol(asyncio.Protocol):
         self.write(result, request)
         while self.queue and not self.busy and not self.closing:
             self.handle(self.queue.popleft())  # type: ignore[union-attr]
-        if not self.busy and not self.closing and self.transport is not None:
+        if not self.busy and not self.closing and not self.writing_paused and self.transport is not None:
             self.transport.resume_reading()

@@ -156,3 +156,36 @@ def test_random_bytes_over_a_real_socket(server, chunks):
         except OSError:  # the server may answer 400 and close before all bytes are sent
             pass
     assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
+
+
+def test_client_that_does_not_read_stops_being_read(offline):
+    """Answers pile up only to the transport's high-water mark: then edge stops reading the client."""
+    service, loop = offline
+
+    class SlowReader(MockTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.buffered = 0
+            self.protocol: MetadataProtocol | None = None
+
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            self.buffered += len(data)
+            if self.buffered > 65536 and self.protocol is not None and not self.protocol.writing_paused:
+                self.protocol.pause_writing()
+
+    async def run() -> tuple[bool, bool]:
+        transport = SlowReader()
+        protocol = MetadataProtocol(service, "")
+        transport.protocol = protocol
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        paused_while_full = transport.paused
+        transport.buffered = 0
+        protocol.resume_writing()
+        resumed = not transport.paused
+        protocol.connection_lost(None)
+        return paused_while_full, resumed
+
+    paused_while_full, resumed = loop.run_until_complete(run())
+    assert paused_while_full and resumed

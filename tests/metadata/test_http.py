@@ -391,3 +391,4 @@ def test_ipv6_listener(start):
         sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: " + value
                      + b"\r\nConnection: close\r\n\r\n")
         assert parse(read_all(sock))[2] == b"i-0de0000000000004"
+
