@@ -471,8 +471,12 @@ def _check(config: Any, prefix: str) -> None:
         if config.timeout <= 0 or config.refresh_ahead < 0 or config.retry_interval <= 0 or config.cache_size < 1:
             raise ConfigError(f"{prefix}timeout and retry_interval must be positive, refresh_ahead >= 0, cache_size >= 1")
     if isinstance(config, FleetConfig):
-        if config.token_key_source and not config.token_key_source.startswith(("etcd://", "etcds://")):
-            raise ConfigError(f"{prefix}token_key_source must be an etcd:// or etcds:// address")
+        if config.token_key_source:
+            from edge.etcd import EtcdAddress, EtcdError
+            try:
+                EtcdAddress.parse(config.token_key_source)
+            except EtcdError as exc:
+                raise ConfigError(f"{prefix}token_key_source: {exc}") from None
         if config.token_key_refresh <= 0:
             raise ConfigError(f"{prefix}token_key_refresh must be positive")
     if isinstance(config, ViewConfig) and config.format not in ("auto", "edge-view", "eucalyptus-gni"):
