@@ -147,14 +147,6 @@ class EtcdClient:
                                     f"{self.max_value}-byte cap")
         return RangeResult(revision, count, kv)
 
-    def put(self, key: bytes, value: bytes) -> int:
-        """Store ``value``; the cluster revision that holds it."""
-        answer = self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
-        try:
-            return int(answer["header"]["revision"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EtcdError(f"{self.address}: malformed put answer: {exc!r}") from None
-
     def call(self, path: str, request: dict[str, object]) -> dict:
         """POST ``request`` to each endpoint in turn until one answers; raises EtcdError listing every failure."""
         body = json.dumps(request).encode()

@@ -128,3 +128,15 @@ def test_no_etcd_and_no_cached_copy_refuses_to_start(tmp_path, etcd) -> None:
     assert gateway.process is not None
     assert gateway.process.wait(20) != 0
     assert "token keys" in gateway.log() and "key not found" in gateway.log()
+
+
+def test_token_key_source_is_checked_when_the_configuration_loads() -> None:
+    from edge.config import load_config
+    from edge.errors import ConfigError
+    config = load_config(env={"EDGE_FLEET_TOKEN_KEY_SOURCE": "etcd://10.0.0.1:2379,10.0.0.2:2379/edge/keys"})
+    assert config.fleet.token_key_source.endswith("/edge/keys")
+    for bad in ("http://10.0.0.1/keys", "etcd://10.0.0.1/keys", "etcd://10.0.0.1:2379"):
+        with pytest.raises(ConfigError, match="fleet.token_key_source"):
+            load_config(env={"EDGE_FLEET_TOKEN_KEY_SOURCE": bad})
+    with pytest.raises(ConfigError, match="token_key_refresh"):
+        load_config(env={"EDGE_FLEET_TOKEN_KEY_REFRESH": "0"})
