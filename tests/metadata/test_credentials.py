@@ -121,7 +121,7 @@ def test_source_failure_serves_cached_until_expiration_never_after(start, tmp_pa
     assert len(source.calls) >= 3  # refreshes were retried, at the retry interval
     time.sleep(max(0.0, expiration - time.time()) + 0.1)
     raw = request(server.port, "GET", CREDENTIALS)
-    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert raw == b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     # The source recovers: fresh credentials again.
     source.set()
     assert get_credentials(server.port)[0] == 200
