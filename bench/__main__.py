@@ -82,7 +82,8 @@ class Report:
         self.sections.append((title, text))
 
 
-def run_all(plan: Plan, install: bool, argv: list[str]) -> tuple[str, dict[str, object]]:
+def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0.010,
+            classic_workers: int = 64) -> tuple[str, dict[str, object]]:
     """(Markdown report, raw figures)."""
     from bench import bootstorm, peers
     from bench.report import benchmark_table, comparison, key_values
@@ -157,10 +158,11 @@ def run_all(plan: Plan, install: bool, argv: list[str]) -> tuple[str, dict[str, 
 
         def storm() -> str:
             result = bootstorm.run_bootstorm(instances=plan.storm_instances, rounds=plan.storm_rounds, cores=cores,
-                                             log=log)
+                                             delay=classic_delay, upstream_workers=classic_workers, log=log)
             report.raw["bootstorm"] = result.to_json()
             report.commands.append(f"python -m bench.bootstorm --instances {plan.storm_instances} "
-                                   f"--rounds {plan.storm_rounds}")
+                                   f"--rounds {plan.storm_rounds} --delay-ms {classic_delay * 1000:g} "
+                                   f"--upstream-workers {classic_workers}")
             report.commands.extend("  " + c for c in result.commands)
             return bootstorm.markdown(result)
 
@@ -231,10 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     everything = commands.add_parser("all", help="every comparison, one report")
     everything.add_argument("--quick", action="store_true", help="shorter and fewer runs (under 3 minutes)")
     everything.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
+    everything.add_argument("--classic-delay-ms", type=float, default=10.0,
+                            help="boot storm: the classic upstream's delay per request")
+    everything.add_argument("--classic-workers", type=int, default=64,
+                            help="boot storm: requests the classic upstream handles at a time")
     everything.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
     commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
     args = parser.parse_args(argv)
-    markdown, raw = run_all(QUICK if args.quick else FULL, not args.no_install, argv)
+    markdown, raw = run_all(QUICK if args.quick else FULL, not args.no_install, argv, args.classic_delay_ms / 1000,
+                            max(1, args.classic_workers))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown)
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2))

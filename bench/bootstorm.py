@@ -34,7 +34,6 @@ import base64
 import json
 import multiprocessing
 import os
-import random
 import statistics
 import subprocess
 import sys
