@@ -233,8 +233,8 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    workers: int = 1
-    """Worker processes sharing the listeners."""
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Worker processes sharing the listeners (default: the number of cores; 1 runs everything in one process)."""
     view: ViewConfig = field(default_factory=ViewConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -513,6 +513,8 @@ def _walk_docs(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) ->
         default = getattr(defaults, f.name)
         if f.default_factory is _default_state_dir:  # type: ignore[comparison-overlap]
             shown = "$STATE_DIRECTORY, else ~/.local/state/edge"
+        elif f.name == "workers" and cls is Config:
+            shown = "number of cores"
         elif isinstance(default, tuple):
             shown = ", ".join(str(d) for d in default)
         elif default is None:
