@@ -75,11 +75,10 @@ class IdentitySigner:
         if cached is not None:
             return cached
         raw = self.key.sign(document, padding.PKCS1v15(), hashes.SHA256())
-        signed = Signatures(
-            signature=_wrap(base64.b64encode(raw)),
-            pkcs7=_wrap(base64.b64encode(self._pkcs7(document))),
-            rsa2048=_wrap(base64.b64encode(self._pkcs7(document))),
-        )
+        # EC2 signs pkcs7 and rsa2048 with different keys; edge has one RSA key, so both leaves
+        # carry the same SignedData (signed once: this runs on the loop, on first request).
+        signed_data = _wrap(base64.b64encode(self._pkcs7(document)))
+        signed = Signatures(signature=_wrap(base64.b64encode(raw)), pkcs7=signed_data, rsa2048=signed_data)
         with self._lock:
             self._cache[document] = signed
         return signed
