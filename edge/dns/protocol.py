@@ -10,6 +10,7 @@ an idle timeout and a cap on connections.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -22,35 +23,54 @@ MAX_TCP_BUFFER = 65535 + 2
 
 
 class DnsDatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, service: DnsService, network: str) -> None:
+    def __init__(self, service: DnsService, network: str, sock: socket.socket | None = None) -> None:
         self.service = service
         self.network = network
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        # Bound once: the per-datagram path does no attribute walks it can avoid.
+        self.allow = service.limiter.allow
+        self.answer = service.engine.answer
+        self.store = service.store
+        self.stats = service.stats
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
-        service = self.service
-        if service.closing:
+        if self.service.closing:
             return
         now = time.monotonic()
         address = addr[0]
-        if not service.limiter.allow(address, now):
+        if not self.allow(address, now):
             return
-        service.stats.udp_queries += 1
-        reply = service.engine.answer(data, service.store.current, self.network, address, now, True)
-        if reply is None:
-            service.stats.dropped += 1
-        elif reply.__class__ is bytes:
-            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+        self.stats.udp_queries += 1
+        reply = self.answer(data, self.store.current, self.network, address, now, True)
+        if reply.__class__ is bytes:
+            self.send(reply, addr)  # type: ignore[arg-type]
+        elif reply is None:
+            self.stats.dropped += 1
         else:
-            service.forward(reply, self._sender(addr), udp=True)  # type: ignore[arg-type]
+            self.service.forward(reply, self._sender(addr), udp=True)  # type: ignore[arg-type]
+
+    def send(self, reply: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+        # A direct sendto on the socket skips the transport's bookkeeping; when the socket
+        # buffer is full the transport queues the datagram instead.
+        if self.sock is not None:
+            try:
+                self.sock.sendto(reply, addr)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # the client is gone (ICMP error) or the socket is closing: nothing to retry
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
 
     def _sender(self, addr: tuple):  # type: ignore[no-untyped-def,type-arg]
         def send(reply: bytes | None) -> None:
             if reply is not None and self.transport is not None and not self.transport.is_closing():
-                self.transport.sendto(reply, addr)
+                self.send(reply, addr)
         return send
 
     def error_received(self, exc: Exception) -> None:

@@ -72,9 +72,17 @@ class DnsService:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(1 if port else 20):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: DnsDatagramProtocol(self, network), local_addr=(host, port), family=family,
-                reuse_port=reuse_port or None)
+                lambda: DnsDatagramProtocol(self, network, sock), sock=sock)
             bound = transport.get_extra_info("sockname")[1]
             try:
                 server = await loop.create_server(
