@@ -1,0 +1,118 @@
+"""A Eucalyptus node run by edge: the GNI as the view, the controller behind a cache, names for instances."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+
+from tests.eucalyptus.conftest import fixture_bytes
+from tests.support import free_port, wait_until
+
+# The EDGE fixture with its instances moved onto loopback, so tests can speak as each of them.
+LOOPBACK_GNI = (fixture_bytes("gni-edge.xml").replace(b"172.16.", b"127.16.")
+                .replace(b'version="3f2a9c1b"', b'version="1oopback"'))
+
+
+def _get(port: int, path: str, source: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as connection:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.fixture
+def node(tmp_path, controller):
+    gni = tmp_path / "global_network_info.xml"
+    gni.write_bytes(LOOPBACK_GNI)
+    controller.add("i-ab6b409c", "127.16.0.11")
+    controller.add("i-0c1d2e3f", "127.16.0.12")
+    ports = {name: free_port() for name in ("metadata", "dns", "admin")}
+    config = tmp_path / "edge.toml"
+    config.write_text(f"""
+workers = 1
+[view]
+source = "{gni}"
+state_dir = "{tmp_path / 'state'}"
+poll_interval = 0.2
+[metadata]
+listen = ["127.0.0.1:{ports['metadata']}"]
+[dns]
+listen = ["127.0.0.1:{ports['dns']}"]
+[admin]
+listen = "127.0.0.1:{ports['admin']}"
+[eucalyptus]
+dns_domain = "cloud.example"
+controller_url = "{controller.url}"
+controller_ttl = 0.5
+controller_stale_if_error = 3600.0
+controller_timeout = 1.0
+""")
+    log = open(tmp_path / "edge.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(config)], stderr=log)
+    state = {"process": process, "ports": ports, "gni": gni, "log": log, "controller": controller}
+    wait_until(lambda: _get(ports["admin"], "/readyz", "127.0.0.1")[0] == 200, timeout=20)
+    yield state
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _query(port: int, name: str, rdtype: str, source: str = "127.16.0.11") -> dns.message.Message:
+    return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=port, timeout=3, source=source)
+
+
+def test_every_instance_answers_metadata_from_the_view(node) -> None:
+    port = node["ports"]["metadata"]
+    for address, instance_id in (("127.16.0.11", "i-ab6b409c"), ("127.16.0.12", "i-0c1d2e3f"),
+                                 ("127.16.0.13", "i-77aa88bb")):
+        status, body = _get(port, "/latest/meta-data/local-ipv4", address)
+        assert (status, body) == (200, address.encode())
+        # The controller's own view of instance-id agrees with the GNI (or the view answers when it lacks one).
+        assert _get(port, "/latest/meta-data/instance-id", address) == (200, instance_id.encode())
+
+
+def test_instance_names_and_instance_data_in_dns(node) -> None:
+    port = node["ports"]["dns"]
+    answer = _query(port, "euca-127-16-0-12.eucalyptus.internal", "A")
+    assert [r.to_text() for r in answer.answer[0]] == ["127.16.0.12"]
+    answer = _query(port, "instance-data", "A")
+    assert [r.to_text() for r in answer.answer[0]] == ["169.254.169.254"]
+    answer = _query(port, "instance-data.eucalyptus.internal", "A")
+    assert [r.to_text() for r in answer.answer[0]] == ["169.254.169.254"]
+    # Split horizon: inside the flat network the public name answers the private address.
+    answer = _query(port, "euca-10-111-200-1.eucalyptus.cloud.example", "A")
+    assert [r.to_text() for r in answer.answer[0]] == ["127.16.0.11"]
+    answer = _query(port, "12.0.16.127.in-addr.arpa", "PTR")
+    assert [r.to_text() for r in answer.answer[0]] == ["euca-127-16-0-12.eucalyptus.internal."]
+
+
+def test_a_changed_gni_version_is_picked_up(node) -> None:
+    gni: Path = node["gni"]
+    changed = LOOPBACK_GNI.replace(b'version="1oopback"', b'version="2changed"').replace(
+        b"<privateIp>127.16.0.13</privateIp>", b"<privateIp>127.16.0.14</privateIp>")
+    temporary = gni.with_suffix(".tmp")
+    temporary.write_bytes(changed)
+    os.replace(temporary, gni)
+    port = node["ports"]["metadata"]
+    wait_until(lambda: _get(port, "/latest/meta-data/local-ipv4", "127.16.0.14") == (200, b"127.16.0.14"),
+               timeout=10)
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{node['ports']['admin']}/view", timeout=3) as response:
+        assert json.loads(response.read())["version"] == "2changed"
