@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import CorePlan, cpu_seconds, free_port, start_dnsmasq, stop, tool_version, wait_tcp
+from bench.common import (CorePlan, cpu_seconds, free_port, read_port_line, start_dnsmasq, stop, tool_version,
+                          wait_tcp)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,27 +128,45 @@ def measure_wrk(server: str, workload: str, pids: list[int], port: int, path: st
     return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors)
 
 
+def _start_script(cores: CorePlan, script: str, *args: str) -> tuple[subprocess.Popen, int]:
+    """One of the bench/ helper servers that print ``port=N`` once listening."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen(cores.pin_server([sys.executable, str(ROOT / "bench" / script), *args]),
+                               stdout=subprocess.PIPE, text=True, env=env)
+    port = read_port_line(process, script)
+    wait_tcp(port)
+    return process, port
+
+
 def metadata_vs_nginx(directory: Path, cores: CorePlan, duration: float) -> list[Sample]:
-    """edge's metadata worker vs nginx ``return 200``, keep-alive and connection per request (metadata_load.py)."""
+    """edge's metadata worker vs nginx ``return 200`` (and the bare uvloop+httptools floor when present),
+    keep-alive and connection per request, with the servers of bench/metadata_load.py."""
     from bench import metadata_load
 
-    server_cpu = cores.server[0]
-    edge, edge_port = metadata_load.start_edge(server_cpu, directory)
-    nginx, nginx_port = metadata_load.start_nginx(server_cpu, directory)
+    processes: list[subprocess.Popen] = []
     samples = []
     try:
+        edge, edge_port = _start_script(cores, "metadata_server.py", "--state-dir", str(directory / "edge-state"))
+        processes.append(edge)
+        nginx, nginx_port = metadata_load.start_nginx(cores.server[0], directory)
+        processes.append(nginx)
+        servers = [("edge", edge, edge_port), ("nginx return 200", nginx, nginx_port)]
+        if (ROOT / "bench" / "metadata_bare.py").exists():
+            bare, bare_port = _start_script(cores, "metadata_bare.py")
+            processes.append(bare)
+            servers.append(("bare uvloop+httptools (floor)", bare, bare_port))
         check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{edge_port}{metadata_load.PATH}"],
                                capture_output=True, text=True).stdout
         if check != metadata_load.BODY:
             raise RuntimeError(f"edge answered {check!r} for {metadata_load.PATH}")
         for mode, connections, close in (("keep-alive", 64, False), ("connection per request", 32, True)):
-            for name, process, port in (("edge", edge, edge_port), ("nginx return 200", nginx, nginx_port)):
+            for name, process, port in servers:
                 time.sleep(0.3)
                 samples.append(measure_wrk(name, mode, [process.pid], port, metadata_load.PATH, cores, duration,
                                            connections, close))
     finally:
-        stop(edge)
-        stop(nginx)
+        for process in processes:
+            stop(process)
     return samples
 
 
