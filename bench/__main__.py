@@ -139,8 +139,8 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                 extra += peers.dns_extra(round_dir, cores, plan.dns_seconds, plan.dns_instances)
             report.raw["dns_load"] = [asdict(s) for s in samples]
             report.raw["dns_extra"] = [asdict(s) for s in extra]
-            report.commands.append(f"python bench/dns_load.py --seconds {plan.dns_seconds:g} --instances "
-                                   f"{plan.dns_instances} --json   (x{plan.rounds})")
+            report.commands.append(f"EDGE_WORKERS=1 python bench/dns_load.py --seconds {plan.dns_seconds:g} "
+                                   f"--instances {plan.dns_instances} --rounds 1 --json   (x{plan.rounds})")
             report.commands.append(
                 f"Knot / edge serve --workers 1|2 / caching dnsmasq (bench/peers.py dns_extra): servers on cpu "
                 f"{cores.server_list}; taskset -c 0 dnsperf -c 4 -q 200 -t 2 -l {plan.dns_seconds:g} "

@@ -315,10 +315,16 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
 
 
 def dns_load_run(seconds: float, instances: int) -> list[Sample]:
-    """One run of ``bench/dns_load.py --json`` (edge vs NSD vs dnsmasq), parsed."""
+    """One round of ``bench/dns_load.py --json`` (edge vs NSD vs dnsmasq), parsed.
+
+    One round per call, so the caller sees every run (dns_load.py reports only
+    medians of its rounds).  ``EDGE_WORKERS=1``: the comparison is one edge
+    worker against one NSD server process, whatever edge's default.
+    """
     argv = [sys.executable, str(ROOT / "bench" / "dns_load.py"), "--seconds", f"{seconds:g}", "--instances",
-            str(instances), "--json"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds * 20 + 180)
+            str(instances), "--rounds", "1", "--json"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds * 20 + 180,
+                          env=dict(os.environ, EDGE_WORKERS="1"))
     if done.returncode != 0:
         raise RuntimeError(f"dns_load.py failed ({done.returncode}): {done.stderr[-500:]}")
     rows, _ = json.JSONDecoder().raw_decode(done.stdout.lstrip())
