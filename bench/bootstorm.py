@@ -257,10 +257,10 @@ class Boot:
         from dnslib import QTYPE, RCODE, DNSRecord
 
         loop = asyncio.get_running_loop()
-        for attempt in range(DNS_ATTEMPTS):
+        started = time.perf_counter()  # a retried query's latency includes the wait before the retry
+        for _ in range(DNS_ATTEMPTS):
             query = DNSRecord.question(name, qtype)
             done = loop.create_future()
-            started = time.perf_counter()
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda: _DnsExchange(query.header.id, done), local_addr=(self.machine.address, 0),
