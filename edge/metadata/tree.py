@@ -219,6 +219,9 @@ def _interface(instance: Instance, interface: Interface, snapshot: Snapshot) -> 
 def split_path(path: bytes) -> list[str] | None:
     """``/latest//meta-data/x/?q`` -> ``["latest", "meta-data", "x"]``; None for targets that are not paths."""
     path = path.split(b"?", 1)[0].split(b"#", 1)[0]
+    if path[:7].lower() == b"http://":
+        # Absolute form (a client that treats edge as its proxy): the path after the authority.
+        path = b"/" + path[7:].partition(b"/")[2]
     if not path.startswith(b"/"):
         return None
     try:

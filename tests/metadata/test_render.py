@@ -45,5 +45,7 @@ def test_split_path():
     assert split_path(b"/") == []
     assert split_path(b"//latest//meta-data/x/?a=b") == ["latest", "meta-data", "x"]
     assert split_path(b"/latest/meta-data/%69nstance-id") == ["latest", "meta-data", "instance-id"]
+    assert split_path(b"http://169.254.169.254/latest/meta-data/") == ["latest", "meta-data"]
+    assert split_path(b"HTTP://169.254.169.254") == []
     for bad in (b"latest", b"*", b"/latest/../x", b"/latest/%2e%2e/x", b"/\xff"):
         assert split_path(bad) is None
