@@ -49,14 +49,15 @@ def question_text(name_wire: bytes) -> str | None:
 
 def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int) -> Answer | object:
     """The authoritative answer for this question and network, or :data:`NOT_LOCAL`."""
+    if qclass not in (CLASS_IN, CLASS_ANY) or qtype in (TYPE_AXFR, TYPE_IXFR):
+        # Other classes (CHAOS version probes) and zone transfers are neither served nor forwarded.
+        return render(name_wire, qtype, qclass, REFUSED, False, ())
     name = question_text(name_wire)
     if name is None:
         return NOT_LOCAL
     zone = data.zone_for(network, name)
     if zone is None:
         return NOT_LOCAL
-    if qclass not in (CLASS_IN, CLASS_ANY) or qtype in (TYPE_AXFR, TYPE_IXFR):
-        return render(name_wire, qtype, qclass, REFUSED, False, ())
     records = _records(data, network, name, zone)
     if not records:
         if data.is_empty_non_terminal(network, name):

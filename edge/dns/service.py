@@ -21,7 +21,7 @@ from edge.dns.forwarder import Forwarder
 from edge.dns.protocol import DnsDatagramProtocol, DnsStreamProtocol
 from edge.dns.ratelimit import RateLimiter
 from edge.dns.zonedata import make_preparer
-from edge.view.snapshot import Preparer
+from edge.view.snapshot import Preparer, Snapshot
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.dns")
@@ -46,13 +46,18 @@ class DnsService:
         self.policy = RecursionPolicy(dns.recursion_cidrs)
         self.limiter = RateLimiter(dns.rate_limit, dns.rate_limit_clients)
         self.engine = Engine(dns, self.forwarder, self.policy)
-        self.preparers: list[Preparer] = [make_preparer(dns.nameserver, dns.instance_data_address)]
+        self.preparers: list[Preparer] = [self._prepare]
         self.stats = DnsStats()
         self.connections: set[DnsStreamProtocol] = set()
         self.closing = False
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _prepare(self, snapshot: Snapshot) -> None:
+        # Reads the configuration at build time, so a reload applies to the next snapshot.
+        dns = self.config.dns
+        make_preparer(dns.nameserver, dns.instance_data_address)(snapshot)
 
     @property
     def addresses(self) -> list[tuple[str, int, str]]:
@@ -164,4 +169,3 @@ class DnsService:
         self.limiter.rate = dns.rate_limit
         self.limiter.burst = max(dns.rate_limit, 1.0)
         self.limiter.max_clients = dns.rate_limit_clients
-        self.preparers[:] = [make_preparer(dns.nameserver, dns.instance_data_address)]

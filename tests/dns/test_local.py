@@ -213,3 +213,13 @@ def test_instance_data_name(edge, edge_factory):
     assert dig(edge.port, "instance-data", "AAAA").status == "NOERROR"
     disabled = edge_factory(instance_data_address="")
     assert dig(disabled.port, "instance-data.demo.internal").status == "NXDOMAIN"
+
+
+def test_reload_applies_nameserver_to_the_next_snapshot(edge, demo):
+    import dataclasses
+    config = dataclasses.replace(edge.config, dns=dataclasses.replace(edge.config.dns, nameserver="ns9.example.net"))
+    edge.run(lambda: edge.service.reload(config))
+    assert dig(edge.port, "demo.internal", "NS").answer == ["demo.internal. 60 IN NS ns.demo.internal."]
+    demo["serial"] = 5
+    edge.load(demo)
+    assert dig(edge.port, "demo.internal", "NS").answer == ["demo.internal. 60 IN NS ns9.example.net."]

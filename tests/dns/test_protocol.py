@@ -228,3 +228,12 @@ def test_ipv6_listener(edge_factory):
     assert result.answer == ["ip-127-0-0-1.demo.internal. 60 IN A 127.0.0.1"]
     # ::1 is no instance: no recursion
     assert "ra" not in result.flags
+
+
+def test_other_classes_and_zone_transfers_are_refused(edge):
+    assert dig(edge.port, "version.bind", "TXT", "-c", "CH", source="127.0.0.1").status == "REFUSED"
+    for name, rtype in [("demo.internal", "AXFR"), ("example.com", "AXFR"), ("demo.internal", "IXFR")]:
+        message = dns.message.make_query(name, rtype)
+        for reply in (dns.query.udp(message, "127.0.0.1", port=edge.port, timeout=3, source="127.0.0.1"),
+                      dns.query.tcp(message, "127.0.0.1", port=edge.port, timeout=3, source="127.0.0.1")):
+            assert reply.rcode() == dns.rcode.REFUSED
