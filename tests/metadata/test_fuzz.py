@@ -22,6 +22,9 @@ from edge.view.snapshot import build_snapshot
 from edge.view.store import ViewStore
 
 STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+FUZZ = {"deadline": None, "derandomize": True, "database": None,
+        "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+"""Deterministic runs: the same examples every time, nothing written to the working tree."""
 
 
 class MockTransport:
@@ -97,7 +100,7 @@ def check_bounded(transport: MockTransport, protocol: MetadataProtocol) -> None:
     assert len(protocol.queue or ()) <= MAX_QUEUED
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, **FUZZ)
 @given(st.lists(st.binary(max_size=512), max_size=8))
 def test_random_bytes(offline, chunks):
     transport, protocol = feed(offline, chunks)
@@ -128,7 +131,7 @@ def requests(draw) -> bytes:
     return method + b" " + path + b" " + version + b"\r\n" + headers + b"\r\n" + body
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, **FUZZ)
 @given(st.lists(requests(), min_size=1, max_size=6), st.integers(min_value=1, max_value=64),
        st.sampled_from(["127.0.0.1", "127.0.0.3", "127.0.9.9"]))
 def test_random_valid_looking_requests(offline, pipelined, chunk_size, peer):
@@ -143,7 +146,7 @@ def test_random_valid_looking_requests(offline, pipelined, chunk_size, peer):
     assert 500 not in statuses
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, **FUZZ)
 @given(st.lists(st.binary(min_size=1, max_size=2048), min_size=1, max_size=4))
 def test_random_bytes_over_a_real_socket(server, chunks):
     with connect(server.port) as sock:
