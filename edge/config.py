@@ -79,6 +79,9 @@ class ViewConfig:
     """HTTPS and ``etcds://`` sources: CA bundle to verify the server with (system CAs when empty)."""
     format: str = "auto"
     """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
+    swap_by_restart_instances: int = 20000
+    """With several workers, a view with at least this many instances is swapped in by starting new workers
+    on it and retiring the old ones, so no serving process stalls while it is built (0: always in place)."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
 

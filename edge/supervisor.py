@@ -9,7 +9,14 @@ Each worker has a socket pair to the supervisor carrying one-byte messages:
 
 * worker -> supervisor ``S``: my listeners are bound and I am serving;
 * worker -> supervisor ``R``: an unknown address asked; please poll the source now;
-* supervisor -> worker ``P``: a poll finished; read the state file now.
+* supervisor -> worker ``P``: a poll finished; read the state file now;
+* supervisor -> worker ``F``: a replacement is coming; stop following the state file.
+
+A view with at least ``view.swap_by_restart_instances`` instances is swapped
+in by restarting the workers one by one: each replacement builds the new
+snapshot in its own process while the old worker keeps serving, binds, reports
+serving, and only then is the old one retired.  No serving process ever stops
+to build a large snapshot.
 
 A worker that dies is restarted (with backoff if it keeps dying); the others
 keep serving.  The supervisor holds the admin listener; ``/metrics`` there
@@ -45,6 +52,7 @@ log = logging.getLogger("edge.supervisor")
 REFRESH = b"R"
 SERVING = b"S"
 POLL_DONE = b"P"
+FREEZE = b"F"
 WORKER_FD_ENV = "EDGE_INTERNAL_CONTROL_FD"
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
@@ -54,16 +62,38 @@ STOP_MARGIN = 3.0
 """Seconds beyond the workers' own delay and grace before a worker is killed."""
 
 
+@dataclass(slots=True, eq=False)
+class Worker:
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    started_at: float
+    reader: asyncio.Task[None] | None = field(default=None, repr=False)
+    serving: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, message: bytes) -> None:
+        try:
+            self.control.send(message)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.control.close()
+
+
 @dataclass(slots=True)
 class WorkerSlot:
     number: int
-    process: subprocess.Popen[bytes] | None = None
-    control: socket.socket | None = None
-    started_at: float = 0.0
+    current: Worker | None = None
+    successor: Worker | None = None
+    """A worker of the next generation, building its snapshot while ``current`` serves."""
     backoff: float = RESTART_BACKOFF_MIN
     restarts: int = 0
-    serving: bool = False
-    reader: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Supervisor:
@@ -81,13 +111,21 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._admin: asyncio.AbstractServer | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._retiring: list[Worker] = []
+        self._served_before = False
+        self._rolling: list[WorkerSlot] = []
+        """Slots still to move to the new generation during a swap by restart."""
 
     def workers_alive(self) -> int:
-        return sum(1 for slot in self.slots if slot.process is not None and slot.process.poll() is None)
+        return sum(1 for w in self._workers() if w.alive)
 
     def workers_serving(self) -> int:
-        return sum(1 for slot in self.slots if slot.serving and slot.process is not None
-                   and slot.process.poll() is None)
+        return sum(1 for slot in self.slots
+                   if any(w is not None and w.serving and w.alive for w in (slot.current, slot.successor)))
+
+    def _workers(self) -> list[Worker]:
+        found = [w for slot in self.slots for w in (slot.current, slot.successor) if w is not None]
+        return found + self._retiring
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,9 +138,9 @@ class Supervisor:
         source = configured_source(config)
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
                              decode=make_decoder(config), on_outcome=self._poll_finished)
-        await self.poller.load_last_good()
+        self._served_before = await self.poller.load_last_good()
         for slot in self.slots:
-            self._spawn(slot)
+            slot.current = self._spawn(slot)
         self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
         if self.store.current is None:
             await self.poller.poll_once()
@@ -116,29 +154,31 @@ class Supervisor:
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _spawn(self, slot: WorkerSlot) -> None:
+    def _spawn(self, slot: WorkerSlot) -> Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         env = {**os.environ, WORKER_FD_ENV: str(theirs.fileno())}
-        slot.process = subprocess.Popen([sys.executable, "-m", "edge", *self.worker_argv], env=env,
-                                        pass_fds=(theirs.fileno(),))
+        process = subprocess.Popen([sys.executable, "-m", "edge", *self.worker_argv], env=env,
+                                   pass_fds=(theirs.fileno(),))
         theirs.close()
-        slot.control = ours
-        slot.started_at = time.monotonic()
-        slot.reader = asyncio.get_running_loop().create_task(self._read_worker(slot, ours))
-        event(log, logging.INFO, "worker started", worker=slot.number, pid=slot.process.pid)
+        worker = Worker(process, ours, time.monotonic())
+        worker.reader = asyncio.get_running_loop().create_task(self._read_worker(slot, worker))
+        event(log, logging.INFO, "worker started", worker=slot.number, pid=process.pid)
+        return worker
 
-    async def _read_worker(self, slot: WorkerSlot, control: socket.socket) -> None:
+    async def _read_worker(self, slot: WorkerSlot, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data = await loop.sock_recv(control, 64)
+                data = await loop.sock_recv(worker.control, 64)
             except OSError:
                 return
             if not data:
                 return
             if SERVING in data:
-                slot.serving = True
+                worker.serving = True
+                if worker is slot.successor:
+                    self._promote(slot)
             if REFRESH in data:
                 self._refresh_soon()
 
@@ -150,24 +190,83 @@ class Supervisor:
 
     def _poll_finished(self, outcome: PollOutcome) -> None:
         self.metrics.observe_poll(outcome, self.store)
+        threshold = self.config.view.swap_by_restart_instances
+        current = self.store.current
+        if (outcome.result == "accepted" and threshold and len(self.slots) > 1 and current is not None
+                and len(current.instances) >= threshold and not self.stopping and self._served_before):
+            self._start_rolling_swap()
+        # Workers that have nothing to serve yet load the first view in place: nothing to stall.
+        self._served_before = self._served_before or current is not None
+        for worker in self._workers():
+            worker.send(POLL_DONE)
+
+    # -- swap by restart --------------------------------------------------------------------------
+
+    def _start_rolling_swap(self) -> None:
+        """Move every slot to a new worker that builds the new view before it serves.
+
+        Serving workers are told to stop following the state file first, so none of
+        them builds the large snapshot in place; each slot's replacement starts,
+        builds, binds and reports serving, then the old worker is retired.
+        """
         for slot in self.slots:
-            if slot.control is not None:
-                try:
-                    slot.control.send(POLL_DONE)
-                except OSError:
-                    pass
+            if slot.current is not None:
+                slot.current.send(FREEZE)
+            if slot.successor is not None:
+                # A replacement that started on the previous view: start over on this one.
+                self._retire(slot.successor)
+                slot.successor = None
+        self._rolling = list(self.slots)
+        event(log, logging.INFO, "swapping the view by restarting workers", workers=len(self.slots),
+              instances=len(self.store.current.instances) if self.store.current else 0)
+        self._roll_next()
+
+    def _roll_next(self) -> None:
+        while self._rolling and not self.stopping:
+            slot = self._rolling.pop(0)
+            if slot.current is None or not slot.current.alive:
+                continue  # the monitor restarts it on the new view anyway
+            slot.successor = self._spawn(slot)
+            return
+
+    def _promote(self, slot: WorkerSlot) -> None:
+        old, slot.current, slot.successor = slot.current, slot.successor, None
+        if old is not None:
+            self._retire(old)
+        event(log, logging.INFO, "worker replaced", worker=slot.number,
+              pid=slot.current.process.pid if slot.current else None)
+        self._roll_next()
+
+    def _retire(self, worker: Worker) -> None:
+        if worker.alive:
+            worker.process.send_signal(signal.SIGTERM)
+        self._retiring.append(worker)
 
     async def _monitor(self) -> None:
         while not self.stopping:
             await asyncio.sleep(0.2)
+            for worker in [w for w in self._retiring if not w.alive]:
+                worker.close()
+                self._retiring.remove(worker)
             for slot in self.slots:
-                process = slot.process
-                if process is None or process.poll() is None or self.stopping:
+                if self.stopping:
+                    break
+                successor = slot.successor
+                if successor is not None and not successor.alive:
+                    event(log, logging.ERROR, "replacement worker exited before serving; retrying",
+                          worker=slot.number, pid=successor.process.pid, code=successor.process.returncode)
+                    successor.close()
+                    slot.successor = None
+                    asyncio.get_running_loop().call_later(slot.backoff, self._respawn_successor, slot)
+                    slot.backoff = min(slot.backoff * 2, RESTART_BACKOFF_MAX)
+                worker = slot.current
+                if worker is None or worker.alive:
                     continue
-                lived = time.monotonic() - slot.started_at
-                event(log, logging.ERROR, "worker exited; restarting", worker=slot.number, pid=process.pid,
-                      code=process.returncode, lived=round(lived, 1), restart_in=slot.backoff)
-                self._discard(slot)
+                lived = time.monotonic() - worker.started_at
+                event(log, logging.ERROR, "worker exited; restarting", worker=slot.number, pid=worker.process.pid,
+                      code=worker.process.returncode, lived=round(lived, 1), restart_in=slot.backoff)
+                worker.close()
+                slot.current = None
                 delay = slot.backoff
                 slot.backoff = RESTART_BACKOFF_MIN if lived > STABLE_AFTER else min(slot.backoff * 2,
                                                                                      RESTART_BACKOFF_MAX)
@@ -176,17 +275,18 @@ class Supervisor:
                 asyncio.get_running_loop().call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: WorkerSlot) -> None:
-        if not self.stopping and slot.process is None:
-            self._spawn(slot)
+        if self.stopping or slot.current is not None:
+            return
+        if slot.successor is not None:
+            # A replacement is already on its way; it takes over once it serves.
+            if slot.successor.serving:
+                self._promote(slot)
+            return
+        slot.current = self._spawn(slot)
 
-    def _discard(self, slot: WorkerSlot) -> None:
-        slot.process = None
-        slot.serving = False
-        if slot.reader is not None:
-            slot.reader.cancel()
-        if slot.control is not None:
-            slot.control.close()
-            slot.control = None
+    def _respawn_successor(self, slot: WorkerSlot) -> None:
+        if not self.stopping and slot.successor is None:
+            slot.successor = self._spawn(slot)
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -199,9 +299,9 @@ class Supervisor:
                 return
             self.config = config
             self.readiness.max_view_age = config.view.max_view_age
-        for slot in self.slots:
-            if slot.process is not None and slot.process.poll() is None:
-                slot.process.send_signal(signal.SIGHUP)
+        for worker in self._workers():
+            if worker.alive:
+                worker.process.send_signal(signal.SIGHUP)
         event(log, logging.INFO, "configuration reloaded", workers=len(self.slots))
 
     async def _shutdown(self, monitor: asyncio.Task[None]) -> None:
@@ -212,18 +312,19 @@ class Supervisor:
         monitor.cancel()
         if self.poller is not None:
             await self.poller.stop()
-        for slot in self.slots:
-            if slot.process is not None and slot.process.poll() is None:
-                slot.process.send_signal(signal.SIGTERM)
+        workers = self._workers()
+        for worker in workers:
+            if worker.alive:
+                worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + admin.shutdown_delay + admin.shutdown_grace + STOP_MARGIN
-        while time.monotonic() < deadline and self.workers_alive():
+        while time.monotonic() < deadline and any(w.alive for w in workers):
             await asyncio.sleep(0.05)
-        for slot in self.slots:
-            if slot.process is not None and slot.process.poll() is None:
-                event(log, logging.WARNING, "worker did not stop in time; killing it", worker=slot.number)
-                slot.process.kill()
-                slot.process.wait()
-            self._discard(slot)
+        for worker in workers:
+            if worker.alive:
+                event(log, logging.WARNING, "worker did not stop in time; killing it", pid=worker.process.pid)
+                worker.process.kill()
+                worker.process.wait()
+            worker.close()
         if self._admin is not None:
             self._admin.close()
         event(log, logging.INFO, "edge stopped")
@@ -244,6 +345,7 @@ class SupervisedRefresh:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.poller: Poller | None = None
+        self.frozen = False
         self._waiters: list[asyncio.Future[None]] = []
 
     async def listen(self) -> None:
@@ -258,9 +360,14 @@ class SupervisedRefresh:
                 event(log, logging.ERROR, "supervisor connection lost; worker exiting")
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            if FREEZE in data and self.poller is not None and not self.frozen:
+                # A replacement worker will serve the next view; this one keeps what it has.
+                self.frozen = True
+                await self.poller.stop()
             if POLL_DONE in data and self.poller is not None:
                 waiters, self._waiters = self._waiters, []
-                await self.poller.poll_once()
+                if not self.frozen:
+                    await self.poller.poll_once()
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(None)

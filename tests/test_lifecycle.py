@@ -207,3 +207,45 @@ def test_metrics_and_view_summary(tmp_path, control_plane, gateways) -> None:
     assert 'edge_view_polls_total{result="accepted"} 1.0' in metrics
     assert 'edge_view_polls_total{result="error"}' in metrics
     assert _get(f"{gateway.admin}/nope")[0] == 404
+
+
+def test_large_view_is_swapped_in_by_replacing_workers(tmp_path, control_plane, gateways) -> None:
+    """Every accepted view counts as large here: replacement workers build it, then take over."""
+    import threading
+
+    _published(control_plane, serial=1)
+    gateway = Gateway(tmp_path, control_plane.url, workers=2, extra=["--poll-interval", "0.3"],
+                      env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "1"})
+    gateways.append(gateway)
+    wait_until(gateway.ready, timeout=20)
+    wait_until(lambda: len(gateway.workers()) == 2, timeout=10)
+    first_generation = set(gateway.workers())
+    answers: list[tuple[int, bytes]] = []
+    errors: list[str] = []
+    running = True
+
+    def client() -> None:
+        while running:
+            try:
+                answers.append(_get(f"{gateway.metadata}/latest/meta-data/instance-id", source="127.0.0.2"))
+            except OSError as exc:
+                errors.append(repr(exc))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        _published(control_plane, serial=2, extra_instance=True)
+        wait_until(lambda: len(gateway.workers()) == 2 and not set(gateway.workers()) & first_generation, timeout=30)
+        assert _get(f"{gateway.metadata}/latest/meta-data/instance-id", source="127.0.0.9") == \
+            (200, b"i-0de00000000late9")
+    finally:
+        running = False
+        thread.join()
+    assert answers and all(answer == (200, b"i-0de0000000000002") for answer in answers)  # never a wrong answer
+    with open("/proc/sys/net/ipv4/tcp_migrate_req") as handle:
+        migrating = handle.read().strip() == "1"
+    # Without tcp_migrate_req a connection queued on a retiring worker's listener can be reset.
+    assert len(errors) <= (0 if migrating else 3), errors
+    logs = gateway.logs()
+    assert "swapping the view by restarting workers" in logs and logs.count("worker replaced") >= 2
