@@ -172,7 +172,8 @@ class HttpSource:
         head, _, body = data.partition(b"\r\n\r\n")
         status_line = head.split(b"\r\n", 1)[0].split()
         if len(status_line) < 2 or status_line[1] != b"200":
-            raise CredentialSourceError(f"{self.url}{role} answered {b' '.join(status_line[1:]).decode(errors='replace')!r}")
+            answered = b" ".join(status_line[1:]).decode(errors="replace")
+            raise CredentialSourceError(f"{self.url}{role} answered {answered!r}")
         if b"transfer-encoding: chunked" in head.lower():
             raise CredentialSourceError(f"{self.url}{role} answered with chunked encoding")
         try:

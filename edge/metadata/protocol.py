@@ -241,7 +241,8 @@ class MetadataProtocol(asyncio.Protocol):
 
     def handle(self, request: Request) -> None:
         self.service.requests += 1
-        result = self.handler.answer(self.store.current, self.peer, request, _time(), _monotonic())  # type: ignore[arg-type]
+        result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
+                                     request, _time(), _monotonic())
         if result.__class__ is bytes:
             self.write(result, request)  # type: ignore[arg-type]
             return

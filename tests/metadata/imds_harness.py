@@ -44,7 +44,8 @@ def add_instance(document: dict[str, Any], number: int, address: str, **fields: 
     template = copy.deepcopy(document["instances"][1])
     template.update(id=f"i-0ad{number:013x}", reservation_id=f"r-0ad{number:05x}")
     interface = template["interfaces"][0]
-    interface.update(id=f"eni-0ad{number:05x}", mac=f"d0:0d:ad:{number >> 16 & 255:02x}:{number >> 8 & 255:02x}:{number & 255:02x}",
+    mac = f"d0:0d:ad:{number >> 16 & 255:02x}:{number >> 8 & 255:02x}:{number & 255:02x}"
+    interface.update(id=f"eni-0ad{number:05x}", mac=mac,
                      private_ips=[address], public_ip=None)
     template.update(fields)
     document["instances"].append(template)

@@ -21,7 +21,8 @@ def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("handler")
     keys = tokens.ensure_key_file(directory / "keys")
     handler = build_handler(make_config(directory, rate=0.0), keys, ensure_signer(directory))
-    snapshot = build_snapshot(parse_view(demo(**{"i-0de0000000000004": {"metadata_options": {"endpoint": "disabled"}}})))
+    disabled = {"i-0de0000000000004": {"metadata_options": {"endpoint": "disabled"}}}
+    snapshot = build_snapshot(parse_view(demo(**disabled)))
     return handler, snapshot, keys
 
 

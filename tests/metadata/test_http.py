@@ -279,7 +279,8 @@ def test_keep_alive_connection_serves_many_requests(server):
     with connect(server.port) as sock:
         for _ in range(20):
             sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")
-            expected = b"HTTP/1.1 200 OK\r\nServer: EC2ws\r\nContent-Type: text/plain\r\nContent-Length: 18\r\n\r\n" + I1.encode()
+            expected = (b"HTTP/1.1 200 OK\r\nServer: EC2ws\r\nContent-Type: text/plain\r\nContent-Length: 18\r\n\r\n"
+                        + I1.encode())
             got = b""
             while len(got) < len(expected):
                 got += sock.recv(4096)

@@ -28,7 +28,8 @@ class Process:
         line = self.child.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("port="):
             self.child.kill()
-            pytest.fail(f"metadata process did not start: {line!r} {self.child.stderr.read()}")  # type: ignore[union-attr]
+            errors = self.child.stderr.read()  # type: ignore[union-attr]
+            pytest.fail(f"metadata process did not start: {line!r} {errors}")
         self.port = int(line.strip().split("=")[1])
 
     def stop(self) -> None:
