@@ -88,6 +88,7 @@ class DnsStreamProtocol(asyncio.Protocol):
         self.buffer = b""
         self.pending = 0
         self.paused = False
+        self.write_paused = False
         # idle timeout
         self.last_activity = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -122,12 +123,15 @@ class DnsStreamProtocol(asyncio.Protocol):
         self.last_activity = now = time.monotonic()
         buffer = self.buffer + data if self.buffer else data
         service = self.service
-        while len(buffer) >= 2:
-            size = (buffer[0] << 8) | buffer[1]
-            if len(buffer) < size + 2:
+        size = len(buffer)
+        position = 0
+        # Walk by offset: slicing the rest of a large read after every message would be quadratic.
+        while size - position >= 2:
+            end = position + 2 + ((buffer[position] << 8) | buffer[position + 1])
+            if end > size:
                 break
-            message = buffer[2:size + 2]
-            buffer = buffer[size + 2:]
+            message = buffer[position + 2:end]
+            position = end
             service.stats.tcp_queries += 1
             reply = service.engine.answer(message, service.store.current, self.network, self.address, now, False)
             if reply is None:
@@ -143,7 +147,7 @@ class DnsStreamProtocol(asyncio.Protocol):
                 if self.pending >= service.config.dns.tcp_max_pipelined and not self.paused:
                     self.paused = True
                     self.transport.pause_reading()  # type: ignore[union-attr]
-        self.buffer = buffer
+        self.buffer = buffer[position:] if position < size else b""
 
     def write(self, reply: bytes) -> None:
         transport = self.transport
@@ -157,8 +161,19 @@ class DnsStreamProtocol(asyncio.Protocol):
             self.write(reply)
         if self.paused and self.pending < self.service.config.dns.tcp_max_pipelined:
             self.paused = False
-            if self.transport is not None and not self.transport.is_closing():
+            if not self.write_paused and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        # A client that sends queries but does not read answers stops being read from.
+        self.write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -237,3 +237,24 @@ def test_other_classes_and_zone_transfers_are_refused(edge):
         for reply in (dns.query.udp(message, "127.0.0.1", port=edge.port, timeout=3, source="127.0.0.1"),
                       dns.query.tcp(message, "127.0.0.1", port=edge.port, timeout=3, source="127.0.0.1")):
             assert reply.rcode() == dns.rcode.REFUSED
+
+
+def test_tcp_client_that_never_reads_is_paused_not_buffered_forever(edge):
+    wire = query_bytes()
+    frame = struct.pack("!H", len(wire)) + wire
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=3) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        pending = b""
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            pending = pending or frame * 64
+            try:
+                pending = pending[sock.send(pending):]
+            except BlockingIOError:
+                time.sleep(0.001)
+        buffered = edge.run(lambda: max(c.transport.get_write_buffer_size() for c in edge.service.connections))
+        assert buffered < 512 * 1024
+        assert edge.service.stats.dropped == 0
+    # and it still serves everyone else
+    assert dig(edge.port, "ip-127-0-0-1.demo.internal", "A", "+tcp").status == "NOERROR"
