@@ -1,6 +1,6 @@
 """One command, one report: every comparison in one run on this machine.
 
-    python -m bench all [--quick] [--no-install] [--output bench/results/latest.md]
+    python -m bench all [--quick] [--only SECTIONS] [--no-install] [--output bench/results/latest.md]
     python -m bench bootstorm [...]      (the boot storm alone, see bench/bootstorm.py)
 
 ``all`` checks the peers (installing nginx-light, nsd, dnsmasq-base, wrk,
@@ -82,8 +82,11 @@ class Report:
         self.sections.append((title, text))
 
 
+SECTIONS = ("metadata", "workers", "dns", "bootstorm", "scale", "hotpaths")
+
+
 def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0.010,
-            classic_workers: int = 64) -> tuple[str, dict[str, object]]:
+            classic_workers: int = 64, only: tuple[str, ...] = SECTIONS) -> tuple[str, dict[str, object]]:
     """(Markdown report, raw figures)."""
     from bench import bootstorm, peers
     from bench.report import benchmark_table, comparison, key_values
@@ -192,13 +195,17 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
             status = "" if done.returncode == 0 else f"\n\n**pytest exited with {done.returncode}**"
             return benchmark_table(document) + status
 
-        report.run("Instance metadata: edge vs nginx return 200", metadata_vs_nginx)
-        report.run("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers)
-        report.run("DNS: edge vs NSD, Knot, dnsmasq", dns_peers)
-        report.run("Boot storm: edge vs the classic design", storm)
-        report.run("View pipeline at scale", scale)
-        if plan.timed_benchmarks:
-            report.run("Hot paths (pytest-benchmark)", timed)
+        sections = {
+            "metadata": ("Instance metadata: edge vs nginx return 200", metadata_vs_nginx),
+            "workers": ("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers),
+            "dns": ("DNS: edge vs NSD, Knot, dnsmasq", dns_peers),
+            "bootstorm": ("Boot storm: edge vs the classic design", storm),
+            "scale": ("View pipeline at scale", scale),
+            "hotpaths": ("Hot paths (pytest-benchmark)", timed),
+        }
+        for key, (title, body) in sections.items():
+            if key in only and (key != "hotpaths" or plan.timed_benchmarks):
+                report.run(title, body)
 
     total = time.monotonic() - started
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -237,11 +244,17 @@ def main(argv: list[str] | None = None) -> int:
                             help="boot storm: the classic upstream's delay per request")
     everything.add_argument("--classic-workers", type=int, default=64,
                             help="boot storm: requests the classic upstream handles at a time")
+    everything.add_argument("--only", default=",".join(SECTIONS),
+                            help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     everything.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
     commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
     args = parser.parse_args(argv)
+    only = tuple(part for part in args.only.split(",") if part)
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     markdown, raw = run_all(QUICK if args.quick else FULL, not args.no_install, argv, args.classic_delay_ms / 1000,
-                            max(1, args.classic_workers))
+                            max(1, args.classic_workers), only)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown)
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2))
