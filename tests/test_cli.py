@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 
-import pytest
 
 from edge.view.demo import demo_document
 from tests.support import free_port, wait_until

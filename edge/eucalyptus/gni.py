@@ -255,7 +255,7 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
     instances: list[dict[str, Any]] = []
     eni_owner: dict[str, tuple[str, int]] = {}
     holder = root.find("instances")
-    for index, element in enumerate(holder.findall("instance") if holder is not None else ()):
+    for element in holder.findall("instance") if holder is not None else ():
         instance_id = element.get("name", "")
         interfaces = []
         nics = element.find("networkInterfaces")
