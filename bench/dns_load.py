@@ -88,15 +88,17 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    total = 0
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its descendants."""
+    user = system = 0
     for member in process_tree(pid):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICKS, system / TICKS
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Result:
     completed: int
     lost: int
     cpu_us_per_query: float
+    user_share: float = 0.0
+    """Fraction of the server's CPU time spent in user space (the rest is the kernel's)."""
     p50_ms: float = 0.0
     p99_ms: float = 0.0
 
@@ -118,13 +122,15 @@ def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = (
 
 
 def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float) -> Result:
-    before = cpu_seconds(pid)
+    user_before, system_before = cpu_seconds(pid)
     output = dnsperf(port, queries, seconds)
-    used = cpu_seconds(pid) - before
+    user_after, system_after = cpu_seconds(pid)
+    user, system = user_after - user_before, system_after - system_before
+    used = user + system
     completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     lost = int(re.search(r"Queries lost:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6)
+    result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6, user / max(used, 1e-9))
     # Latency at a fixed, moderate rate, one line per query.
     verbose = dnsperf(port, queries, min(seconds, 3), ("-Q", "20000", "-v"))
     latencies = sorted(float(m) for m in re.findall(r"^> \w+ .* ([\d.]+)$", verbose, re.MULTILINE))
@@ -257,14 +263,16 @@ def main() -> int:
                               int(statistics.median(s.completed for s in samples)),
                               int(statistics.median(s.lost for s in samples)),
                               statistics.median(s.cpu_us_per_query for s in samples),
+                              statistics.median(s.user_share for s in samples),
                               statistics.median(s.p50_ms for s in samples),
                               statistics.median(s.p99_ms for s in samples)))
     if options.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
-    print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'user %':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7}")
     for r in results:
         print(f"{r.server:8} {r.workload:24} {r.qps:9.0f} {r.lost:6d} {r.cpu_us_per_query:9.2f} "
-              f"{r.p50_ms:7.3f} {r.p99_ms:7.3f}")
+              f"{r.user_share * 100:7.0f} {r.p50_ms:7.3f} {r.p99_ms:7.3f}")
     by = {(r.server, r.workload): r for r in results}
     edge_hits, nsd_hits, dnsmasq_hits = by[("edge", "all hits")], by[("nsd", "all hits")], by[("dnsmasq", "all hits")]
     fwd = by[("edge", "forwarded, cache hits")]

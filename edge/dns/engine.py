@@ -50,17 +50,18 @@ class Engine:
         self.configure(config)
 
     def configure(self, config: DnsConfig) -> None:
+        self._snapshot: Snapshot | None = None  # per-snapshot caches are rebuilt with the new settings
         self.payload = config.edns_payload
         self.opt_plain = opt_record(config.edns_payload, False)
         self.opt_do = opt_record(config.edns_payload, True)
 
     def answer(self, data: bytes, snapshot: Snapshot | None, network: str, address: str, now: float,
                udp: bool = True) -> bytes | Forward | None:
-        if snapshot is None:
-            return self.error_reply(data, SERVFAIL, False)
-        table = snapshot.extras.get(EXTRAS_KEY)
-        if table is None:
-            table = dns_data(snapshot)
+        if snapshot is not self._snapshot:
+            if snapshot is None:
+                return self.error_reply(data, SERVFAIL, False)
+            self._switch(snapshot)
+        table = self._table
         size = len(data)
         # Fast path: QUERY opcode, not a response, one question, nothing else but maybe one plain OPT.
         if size > 16 and not data[2] & 0xF8 and data[4:10] == _PLAIN_COUNTS:
@@ -79,10 +80,17 @@ class Engine:
                 else:
                     opt = None
                 if opt is not None:
-                    found = table.memo_for(network).get(data[HEADER:end].lower() + data[end:qend])  # type: ignore[union-attr]
+                    memo = self._memos.get(network)
+                    if memo is None:
+                        memo = self._memos[network] = table.memo_for(network)
+                    found = memo.get(data[HEADER:end].lower() + data[end:qend])
                     if found is not None:
+                        if network:
+                            recursion = self.policy.allowed(snapshot, network, address)
+                        else:
+                            recursion = self._recursion_memo[address]
                         if found is NOT_LOCAL:
-                            if self.policy.allowed(snapshot, network, address):
+                            if recursion:
                                 key = data[HEADER:end].lower() + data[end:qend] + (b"\x01" if opt is self.opt_do
                                                                                     else b"\x00")
                                 entry = self.forwarder.lookup(key, now)
@@ -93,8 +101,7 @@ class Engine:
                                         return self._truncate(reply, data, qend, opt)
                                     return reply
                         else:
-                            reply = found.assemble(data, qend, data[2] & 1,  # type: ignore[attr-defined]
-                                                   self.policy.allowed(snapshot, network, address), opt)
+                            reply = found.assemble(data, qend, data[2] & 1, recursion, opt)  # type: ignore[attr-defined]
                             if udp and len(reply) > limit:
                                 return self._truncate(reply, data, qend, opt)
                             return reply
@@ -107,6 +114,14 @@ class Engine:
         except Exception:
             log.exception("dns: unexpected error answering a query from %s", address)
             return self.error_reply(data, SERVFAIL, self._recursion(snapshot, network, address))
+
+    def _switch(self, snapshot: Snapshot) -> None:
+        """Per-snapshot lookups, cached so a query does not repeat them."""
+        table = snapshot.extras.get(EXTRAS_KEY)
+        self._table = table if table is not None else dns_data(snapshot)  # type: ignore[assignment]
+        self._memos: dict[str, dict[bytes, object]] = {}
+        self._recursion_memo = _FlatNetworkRecursion(self.policy, snapshot)
+        self._snapshot = snapshot
 
     def _recursion(self, snapshot: Snapshot, network: str, address: str) -> bool:
         try:
@@ -166,3 +181,20 @@ class Engine:
             log.warning("dns: forwarding failed unexpectedly: %r", error)
         return self.error_reply(query.data, rcode, True)
 
+
+
+class _FlatNetworkRecursion(dict):  # type: ignore[type-arg]
+    """Source address -> may recurse, for the flat network of one snapshot (bounded; refilled on demand)."""
+
+    LIMIT = 65536
+
+    def __init__(self, policy: RecursionPolicy, snapshot: Snapshot) -> None:
+        super().__init__()
+        self.policy = policy
+        self.snapshot = snapshot
+
+    def __missing__(self, address: str) -> bool:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        found = self[address] = self.policy.allowed(self.snapshot, "", address)
+        return found
