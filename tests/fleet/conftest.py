@@ -96,7 +96,9 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
     probe = sorted(expected_ids(document))[0]
     gateways = [Gateway(f"gw{n + 1}", host, plane.url, root / f"gw{n + 1}", list(common), dict(env), probe)
                 for n, host in enumerate(GATEWAY_HOSTS)]
-    # The third gateway also enforces a maximum view age, to show readiness following it.
+    # The second gateway runs two workers behind a supervisor (as production does on every core);
+    # the third also enforces a maximum view age, to show readiness following it.
+    gateways[1].extra_args[-1] = "2"
     gateways[2].env["EDGE_VIEW_MAX_VIEW_AGE"] = "2"
     start_gateways(gateways)
     for gateway in gateways:
