@@ -180,6 +180,8 @@ class DnsConfig:
     """Name in the NS and SOA records of the local zones; ``ns.<internal_domain>`` when empty."""
     instance_data_address: str = "169.254.169.254"
     """Address answered for ``instance-data`` and ``instance-data.<internal_domain>`` (Eucalyptus); empty disables."""
+    answer_memo_size: int = 200_000
+    """Rendered local answers (and not-local markers) kept per view, over all networks; it starts over when full."""
     udp_receive_buffer: int = 4 * 1024 * 1024
     """Receive buffer of each DNS UDP socket in bytes, so bursts queue instead of dropping; 0 keeps the system default."""
 
@@ -442,7 +444,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:
             raise ConfigError(f"{prefix}udp_receive_buffer must not be negative")
-        for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined"):
+        for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined",
+                     "answer_memo_size"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
     if isinstance(config, MetadataConfig):

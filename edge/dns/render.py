@@ -8,6 +8,7 @@ the question and the stored bytes fit every spelling of the name.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ class Answer:
         return data[:2] + self.prefixes[index] + data[HEADER:qend] + self.body + opt
 
 
+@functools.lru_cache(maxsize=1024)
 def prefixes(base_flags: int, ancount: int, nscount: int, arcount: int) -> tuple[bytes, ...]:
+    """The eight header variants; shared by every answer with the same flags and counts."""
     out = []
     for index in range(8):
         flags = base_flags | QR | (RD_FLAG if index & 4 else 0) | (RA if index & 2 else 0)

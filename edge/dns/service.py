@@ -57,7 +57,7 @@ class DnsService:
     def _prepare(self, snapshot: Snapshot) -> None:
         # Reads the configuration at build time, so a reload applies to the next snapshot.
         dns = self.config.dns
-        make_preparer(dns.nameserver, dns.instance_data_address)(snapshot)
+        make_preparer(dns.nameserver, dns.instance_data_address, dns.answer_memo_size)(snapshot)
 
     @property
     def addresses(self) -> list[tuple[str, int, str]]:

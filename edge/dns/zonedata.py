@@ -82,10 +82,14 @@ class DnsData:
         return table
 
     def remember(self, table: dict[bytes, object], key: bytes, answer: object) -> None:
-        # Bounded so a flood of random names cannot grow the memo without limit.
-        if self.memo_size < self.memo_limit:
-            table[key] = answer
-            self.memo_size += 1
+        # Bounded so a flood of random names cannot grow the memo without limit; when full it
+        # starts over, so names still in use are rendered again once and stay fast.
+        if self.memo_size >= self.memo_limit:
+            for each in self.memo.values():
+                each.clear()
+            self.memo_size = 0
+        table[key] = answer
+        self.memo_size += 1
 
 
 def make_preparer(nameserver: str = "", instance_data_address: str = "",

@@ -135,3 +135,14 @@ def test_names_outside_local_zones_are_not_local():
     assert answer_local(data, "", encode_name("example.com"), 1, 1) is NOT_LOCAL
     assert answer_local(data, "", encode_name("5.0.0.10.in-addr.arpa"), 12, 1) is NOT_LOCAL
     assert answer_local(data, "", b"\x05a.b\x00c\x04demo\x08internal\x00", 1, 1) is NOT_LOCAL
+
+
+def test_answer_memo_is_bounded_and_starts_over():
+    from edge.dns.zonedata import make_preparer
+    snapshot = build_snapshot(parse_view(demo_document()), [make_preparer(memo_limit=10)])
+    data = snapshot.extras["dns"]
+    table = data.memo_for("")
+    for index in range(25):
+        data.remember(table, b"key%d" % index, NOT_LOCAL)
+        assert data.memo_size <= 10
+    assert b"key24" in table and b"key0" not in table
