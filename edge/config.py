@@ -440,7 +440,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
         if not 512 <= config.edns_payload <= 65535:
             raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
-        if config.instance_data_address and parse_resolver_address(config.instance_data_address) is None:
+        from edge.view.parse import canonical_ip
+        if config.instance_data_address and canonical_ip(config.instance_data_address) != config.instance_data_address:
             raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:
             raise ConfigError(f"{prefix}udp_receive_buffer must not be negative")

@@ -25,6 +25,8 @@ def test_dns_keys_from_toml_and_environment(tmp_path):
     ("EDGE_DNS_UPSTREAM_TIMEOUT", "0"),
     ("EDGE_DNS_CACHE_SIZE", "0"),
     ("EDGE_DNS_RATE_LIMIT", "-1"),
+    ("EDGE_DNS_INSTANCE_DATA_ADDRESS", "169.254.169.254:80"),
+    ("EDGE_DNS_ANSWER_MEMO_SIZE", "0"),
 ])
 def test_bad_dns_values_are_rejected(key, value):
     with pytest.raises(ConfigError):
