@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import http.client
-import socket
 import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PATH = "/latest/meta-data/instance-id"
@@ -52,7 +52,9 @@ def _one(gateway: tuple[str, int], source: str, timeout: float) -> tuple[str, in
     try:
         try:
             connection.connect()
-        except (ConnectionRefusedError, socket.timeout, TimeoutError):
+        except OSError:
+            # Refused, reset during the handshake (a listener dying with the connection in its
+            # backlog) or timed out: nothing was sent.
             return "refused", 0, b""
         try:
             connection.request("GET", PATH)
@@ -62,6 +64,34 @@ def _one(gateway: tuple[str, int], source: str, timeout: float) -> tuple[str, in
             return "broken", 0, b""
     finally:
         connection.close()
+
+
+def _run_pool(worker: Callable[[int], None], threads: int, reports: list[LoadReport],
+              duration: float) -> LoadReport:
+    """Run ``worker(n)`` on ``threads`` threads; a worker that crashes fails the run instead of vanishing."""
+    failures: list[BaseException] = []
+
+    def guarded(number: int) -> None:
+        try:
+            worker(number)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            failures.append(exc)
+
+    began = time.monotonic()
+    pool = [threading.Thread(target=guarded, args=(n,), daemon=True) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(duration + 30)
+    if failures:
+        raise failures[0]
+    if any(thread.is_alive() for thread in pool):
+        raise RuntimeError("a client thread did not finish")
+    total = LoadReport()
+    for report in reports:
+        total.merge(report)
+    total.seconds = time.monotonic() - began
+    return total
 
 
 def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], duration: float, threads: int = 6,
@@ -117,14 +147,60 @@ def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], durat
             else:
                 report.unanswered += 1
 
-    began = time.monotonic()
-    pool = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(duration + 30)
-    total = LoadReport()
-    for report in reports:
-        total.merge(report)
-    total.seconds = time.monotonic() - began
-    return total
+    return _run_pool(worker, threads, reports, duration)
+
+
+def run_dns_clients(gateways: list[tuple[str, int]], expected: dict[str, str], domain: str, duration: float,
+                    threads: int = 2, timeout: float = 0.5) -> LoadReport:
+    """Every client address resolves a neighbour's name over UDP for ``duration`` seconds.
+
+    As with HTTP, the flow goes to the gateway the source address hashes to; a
+    query that times out (the gateway is gone) is retried on the next one, which
+    the client keeps using, as a stub resolver moves on to its next server.
+    ``refused`` stays 0 here: a lost UDP query shows up as ``in_flight_errors``.
+    """
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    addresses = sorted(expected)
+    reports = [LoadReport() for _ in range(threads)]
+    stop_at = time.monotonic() + duration
+
+    def worker(number: int) -> None:
+        report = reports[number]
+        mine = addresses[number::threads]
+        down: set[int] = set()
+        index = 0
+        while time.monotonic() < stop_at and mine:
+            source = mine[index % len(mine)]
+            target = addresses[(index * 7 + number) % len(addresses)]
+            index += 1
+            name = "ip-" + target.replace(".", "-") + "." + domain + "."
+            start = _flow_hash(source) % len(gateways)
+            for step in range(len(gateways)):
+                choice = (start + step) % len(gateways)
+                if choice in down and step < len(gateways) - 1:
+                    continue
+                host, port = gateways[choice]
+                try:
+                    response = dns.query.udp(dns.message.make_query(name, dns.rdatatype.A), host, port=port,
+                                             timeout=timeout, source=source)
+                except (dns.exception.Timeout, OSError):
+                    report.in_flight_errors += 1
+                    down.add(choice)
+                    continue
+                if response.rcode() != 0:
+                    report.bad_status += 1
+                    continue
+                if [r.address for rrset in response.answer for r in rrset] != [target]:
+                    report.wrong += 1
+                else:
+                    report.answered += 1
+                    report.per_gateway[f"{host}:{port}"] += 1
+                break
+            else:
+                report.unanswered += 1
+
+    return _run_pool(worker, threads, reports, duration)
