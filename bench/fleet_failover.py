@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fleet import conftest as fleet_setup  # noqa: E402
 from tests.fleet.gateway import Gateway  # noqa: E402
-from tests.fleet.load import LoadReport, run_clients  # noqa: E402
+from tests.fleet.load import LoadReport, run_clients, run_dns_clients  # noqa: E402
 
 HOSTS = ("127.0.1.1", "127.0.1.2", "127.0.1.3")
 
@@ -67,7 +67,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of load per round")
     parser.add_argument("--instances", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=8, help="client threads")
+    parser.add_argument("--threads", type=int, default=8, help="metadata client threads")
+    parser.add_argument("--dns-threads", type=int, default=2, help="DNS resolver threads (UDP, 0.5 s timeout)")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--jitter", type=float, default=0.2)
     parser.add_argument("--outage", type=float, default=3.0, help="seconds the control plane is down per round")
@@ -91,7 +92,10 @@ def main() -> int:
                 for n, host in enumerate(HOSTS)]
     fleet_setup.start_gateways(gateways)
     endpoints = [(g.host, g.metadata_port) for g in gateways]
+    dns_endpoints = [(g.host, g.dns_port) for g in gateways]
     totals = LoadReport()
+    dns_totals = LoadReport()
+    dns_lost: list[int] = []
     in_flight: list[int] = []
     spreads_up: list[float] = []
     spreads_after_outage: list[float] = []
@@ -101,14 +105,23 @@ def main() -> int:
     try:
         for round_number in range(args.rounds):
             victim = gateways[round_number % len(gateways)]
+            dns_reports: list[LoadReport] = []
+            resolvers = threading.Thread(target=lambda: dns_reports.append(run_dns_clients(
+                dns_endpoints, expected, "gen.internal", duration=args.duration, threads=args.dns_threads)))
+            resolvers.start()
             killer = threading.Timer(args.duration / 3, victim.kill)
             killer.start()
             report = run_clients(endpoints, expected, duration=args.duration, threads=args.threads)
             killer.join()
+            resolvers.join()
             totals.merge(report)
             totals.seconds += report.seconds
             in_flight.append(report.in_flight_errors)
-            print(f"round {round_number + 1}: kill -9 {victim.name}: {report.summary()}", flush=True)
+            dns_totals.merge(dns_reports[0])
+            dns_totals.seconds += dns_reports[0].seconds
+            dns_lost.append(dns_reports[0].in_flight_errors)
+            print(f"round {round_number + 1}: kill -9 {victim.name}: metadata {report.summary()}", flush=True)
+            print(f"round {round_number + 1}: kill -9 {victim.name}: DNS {dns_reports[0].summary()}", flush=True)
             victim.start(wait=False)
             restart_to_answer.append(victim.wait_answering())
 
@@ -146,6 +159,10 @@ def main() -> int:
     print(f"  errors in flight       {sum(in_flight)} over {args.rounds} kills "
           f"(max {max(in_flight)} per kill, {args.threads} client threads)")
     print(f"  connections refused    {totals.refused} (then retried on the next gateway)")
+    print(f"  DNS answered           {dns_totals.answered} ({dns_totals.answered / dns_totals.seconds:.0f}/s), "
+          f"wrong {dns_totals.wrong}, unanswered {dns_totals.unanswered}, "
+          f"queries lost with the gateway {sum(dns_lost)} (max {max(dns_lost)} per kill, "
+          f"{args.dns_threads} resolver threads)")
     print(f"  restart to first answer median {statistics.median(restart_to_answer):.2f}s "
           f"max {max(restart_to_answer):.2f}s")
     print(f"  convergence, plane up: spread median {statistics.median(spreads_up):.3f}s "
@@ -154,7 +171,8 @@ def main() -> int:
     print(f"  convergence after outage: spread median {statistics.median(spreads_after_outage):.3f}s "
           f"max {max(spreads_after_outage):.3f}s; last gateway median {statistics.median(worst_after_outage):.3f}s "
           f"max {max(worst_after_outage):.3f}s")
-    return 0 if totals.wrong == 0 and totals.unanswered == 0 else 1
+    clean = totals.wrong == 0 and totals.unanswered == 0 and dns_totals.wrong == 0 and dns_totals.unanswered == 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":
