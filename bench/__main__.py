@@ -47,10 +47,12 @@ class Plan:
     scale_sizes: str
     scale_repeat: int
     timed_benchmarks: bool
+    storm_targets: tuple[str, ...] = ("edge-w1", "edge-w2", "classic")
 
 
 FULL = Plan(rounds=3, metadata_seconds=5, dns_seconds=5, dns_instances=1000, storm_instances=1000, storm_rounds=3,
-            scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True)
+            scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True,
+            storm_targets=("edge-w1", "edge-w2", "edge-w1-http", "classic"))
 QUICK = Plan(rounds=1, metadata_seconds=2, dns_seconds=2, dns_instances=1000, storm_instances=200, storm_rounds=2,
              scale_sizes="1000,10000", scale_repeat=1, timed_benchmarks=False)
 
@@ -110,10 +112,11 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                 samples += peers.metadata_vs_nginx(round_dir, cores, plan.metadata_seconds)
             report.raw["metadata_vs_nginx"] = [asdict(s) for s in samples]
             report.commands.append(
-                f"edge: taskset -c {cores.server[0]} python bench/metadata_server.py (one worker, demo view); "
+                f"edge: taskset -c {cores.server_list} python bench/metadata_server.py (one worker, demo view); "
                 f"nginx: taskset -c {cores.server[0]} nginx (worker_processes 1, return 200, config of "
-                f"bench/metadata_load.py); load: taskset -c {cores.client_list} wrk -t1 -c64 -d{plan.metadata_seconds:g}s"
-                f" --latency (close: -c32 -H 'Connection: close') http://127.0.0.1:PORT/latest/meta-data/instance-id")
+                f"bench/metadata_load.py); floor: taskset -c {cores.server_list} python bench/metadata_bare.py; "
+                f"load: taskset -c {cores.client_list} wrk -t1 -c64 -d{plan.metadata_seconds:g}s --latency "
+                "(close: -c32 -H 'Connection: close') http://127.0.0.1:PORT/latest/meta-data/instance-id")
             parts = []
             for mode in ("keep-alive", "connection per request"):
                 parts.append(f"**{mode}**\n\n" + comparison([s for s in samples if s.workload == mode], "edge",
@@ -161,11 +164,12 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
 
         def storm() -> str:
             result = bootstorm.run_bootstorm(instances=plan.storm_instances, rounds=plan.storm_rounds, cores=cores,
-                                             delay=classic_delay, upstream_workers=classic_workers, log=log)
+                                             targets=plan.storm_targets, delay=classic_delay,
+                                             upstream_workers=classic_workers, log=log)
             report.raw["bootstorm"] = result.to_json()
             report.commands.append(f"python -m bench.bootstorm --instances {plan.storm_instances} "
-                                   f"--rounds {plan.storm_rounds} --delay-ms {classic_delay * 1000:g} "
-                                   f"--upstream-workers {classic_workers}")
+                                   f"--rounds {plan.storm_rounds} --targets {','.join(plan.storm_targets)} "
+                                   f"--delay-ms {classic_delay * 1000:g} --upstream-workers {classic_workers}")
             report.commands.extend("  " + c for c in result.commands)
             return bootstorm.markdown(result)
 

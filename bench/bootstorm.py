@@ -410,13 +410,18 @@ printf '{"Version": 1, "AccessKeyId": "ASIA%s", "SecretAccessKey": "bootstorm-se
 """
 
 
-def start_edge(workers: int, view_path: Path, directory: Path, cores: CorePlan, forward_port: int) -> Running:
-    script = directory / "credentials.sh"
-    script.write_text(CREDENTIALS_SCRIPT)
-    script.chmod(0o755)
+def start_edge(workers: int, view_path: Path, directory: Path, cores: CorePlan, forward_port: int,
+               credentials_url: str = "") -> Running:
+    """edge serving the view; credentials from a ``process`` script, or from ``credentials_url`` when given."""
+    if credentials_url:
+        credentials = f'kind = "http"\nurl = "{credentials_url}"\n'
+    else:
+        script = directory / "credentials.sh"
+        script.write_text(CREDENTIALS_SCRIPT)
+        script.chmod(0o755)
+        credentials = f'kind = "process"\ncommand = ["{script}"]\n'
     config = directory / f"edge-w{workers}.toml"
-    config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{forward_port}"]\n\n'
-                      f'[metadata.credentials]\nkind = "process"\ncommand = ["{script}"]\n')
+    config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{forward_port}"]\n\n[metadata.credentials]\n{credentials}')
     metadata_port, dns_port = free_port(), free_port()
     argv = cores.pin_server([
         sys.executable, "-m", "edge", "serve", "--config", str(config), "--view", str(view_path),
@@ -424,12 +429,28 @@ def start_edge(workers: int, view_path: Path, directory: Path, cores: CorePlan, 
         "--metadata-listen", f"127.0.0.1:{metadata_port}", "--dns-listen", f"127.0.0.1:{dns_port}",
         "--admin-listen", f"127.0.0.1:{free_port()}"])
     process = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL)
-    command = " ".join(argv) + f"   # {config.name}: dns.upstreams, metadata.credentials kind=process"
+    kind = "http" if credentials_url else "process"
+    command = " ".join(argv) + f"   # {config.name}: dns.upstreams, metadata.credentials kind={kind}"
     return Running(f"edge --workers {workers}", metadata_port, dns_port, [process], [process.pid], [command])
 
 
 def start_target(target: str, document: dict, view_path: Path, directory: Path, cores: CorePlan, forward_port: int,
                  delay: float, upstream_workers: int) -> Running:
+    if target.startswith("edge-w") and target.endswith("-http"):
+        # Credentials from the central service over HTTP (once per instance and role) instead of a process.
+        from bench.classic import start_upstream
+        upstream, port, command = start_upstream(view_path, cores, delay, upstream_workers)
+        try:
+            running = start_edge(int(target[6:-5]), view_path, directory, cores, forward_port,
+                                 f"http://127.0.0.1:{port}/latest/meta-data/iam/security-credentials/")
+        except BaseException:
+            stop(upstream)
+            raise
+        running.name += f" (credentials over HTTP from the {delay * 1000:g} ms service)"
+        running.processes.append(upstream)
+        running.server_pids.append(upstream.pid)
+        running.commands.append(command)
+        return running
     if target.startswith("edge-w"):
         return start_edge(int(target[6:]), view_path, directory, cores, forward_port)
     if target == "classic":
@@ -599,7 +620,8 @@ def markdown(report: BootstormReport) -> str:
         f"{report.instances} instances booting at once, {report.rounds} round(s) per target (fresh server each "
         f"round); servers on cpu {report.cores.server_list}, load generator ({report.client_processes} process(es)) "
         f"on cpu {report.cores.client_list}. Classic upstream: {report.delay_ms:g} ms per request, "
-        f"{report.upstream_workers} requests at a time. Server CPU includes helper processes (credential source).",
+        f"{report.upstream_workers} requests at a time. Server CPU includes helper processes and services "
+        "(credential source).",
         "",
         "| target | booted/s median (min-max) | booted | HTTP p50 / p99 / max ms | DNS p50 / p99 / max ms "
         "| requests per boot | server CPU us/request | errors | generator CPU |",
@@ -614,7 +636,8 @@ def markdown(report: BootstormReport) -> str:
         lines.append(
             f"| {runs[0].target} | {rate:,.1f} ({low:,.1f}-{high:,.1f}) | "
             f"{min(r.booted for r in runs)}/{runs[0].instances} | "
-            f"{statistics.median(r.http_p50_ms for r in runs):.1f} / {statistics.median(r.http_p99_ms for r in runs):.1f}"
+            f"{statistics.median(r.http_p50_ms for r in runs):.1f} / "
+            f"{statistics.median(r.http_p99_ms for r in runs):.1f}"
             f" / {max(r.http_max_ms for r in runs):.0f} | "
             f"{statistics.median(r.dns_p50_ms for r in runs):.2f} / {statistics.median(r.dns_p99_ms for r in runs):.1f}"
             f" / {max(r.dns_max_ms for r in runs):.0f} | {per_boot:.1f} | {cpu:,.0f} | "
@@ -638,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=1000, help="instances booting at once (max 5000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per target (max 10)")
-    parser.add_argument("--targets", default="edge-w1,edge-w2,classic")
+    parser.add_argument("--targets", default="edge-w1,edge-w2,classic",
+                        help="edge-wN (credentials from a process), edge-wN-http (from the slow service), classic")
     parser.add_argument("--delay-ms", type=float, default=10.0, help="classic upstream: delay per request")
     parser.add_argument("--upstream-workers", type=int, default=64,
                         help="classic upstream: requests handled at a time")

@@ -57,7 +57,8 @@ def answer(state: UpstreamState, method: str, target: str, headers: dict[str, st
     """What the central service answers (pure apart from the token table)."""
     from edge.metadata.tree import VERSION_LISTING, CredentialsLeaf, Directory, Leaf, resolve, split_path, version_root
 
-    caller = headers.get("x-real-ip", "")
+    # nginx names the caller in X-Real-IP; edge's http credential source in X-Forwarded-For.
+    caller = headers.get("x-real-ip") or headers.get("x-forwarded-for", "").split(",")[0].strip()
     attachment = state.snapshot.attachment_for("", caller)  # type: ignore[attr-defined]
     if attachment is None:
         return 404, b"unknown instance"
@@ -200,18 +201,23 @@ def dnsmasq_lines(document: dict, forward_zone: str, forward_port: int) -> list[
     return lines
 
 
+def start_upstream(view_path: Path, cores: CorePlan, delay: float, workers: int) -> tuple[subprocess.Popen, int, str]:
+    """The slow central metadata service on the server cores: (process, port, command)."""
+    argv = cores.pin_server([sys.executable, "-m", "bench.classic", "upstream", "--view", str(view_path),
+                             "--delay-ms", f"{delay * 1000:g}", "--workers", str(workers)])
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return process, read_port_line(process, "classic metadata upstream"), " ".join(argv)
+
+
 def start_classic(document: dict, view_path: Path, directory: Path, cores: CorePlan, forward_zone: str,
                   forward_port: int, delay: float, workers: int) -> ClassicStack:
     """nginx -> upstream metadata service, and dnsmasq, all pinned to the server cores."""
     processes: list[subprocess.Popen] = []
     commands: list[str] = []
     try:
-        upstream_argv = cores.pin_server([sys.executable, "-m", "bench.classic", "upstream", "--view", str(view_path),
-                                          "--delay-ms", f"{delay * 1000:g}", "--workers", str(workers)])
-        upstream = subprocess.Popen(upstream_argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        upstream, upstream_port, command = start_upstream(view_path, cores, delay, workers)
         processes.append(upstream)
-        commands.append(" ".join(upstream_argv))
-        upstream_port = read_port_line(upstream, "classic metadata upstream")
+        commands.append(command)
 
         port = free_port()
         conf = directory / "classic-nginx.conf"

@@ -204,7 +204,8 @@ def machine() -> dict[str, str]:
         pass
     memory = ""
     try:
-        total_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+        found = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+        total_kb = int(found.group(1))  # type: ignore[union-attr]
         memory = f"{total_kb / 2**20:.1f} GiB"
     except (OSError, AttributeError):
         pass

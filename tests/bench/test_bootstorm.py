@@ -84,6 +84,20 @@ def test_every_instance_boots_completely_against_edge(world, tmp_path: Path) -> 
 
 @needs_servers
 @pytest.mark.timeout(60)
+def test_edge_with_credentials_over_http_from_the_slow_service(world, tmp_path: Path) -> None:
+    document, view_path, forward_port = world
+    running = bootstorm.start_target("edge-w1-http", document, view_path, tmp_path, CORES, forward_port,
+                                     delay=0.001, upstream_workers=8)
+    assert "credentials over HTTP" in running.name and len(running.server_pids) == 2
+    result = storm_against(running, bootstorm.machines_of(document))
+
+    assert result.errors == 0, result.error_examples
+    assert result.booted == INSTANCES
+    assert result.http_requests == expected_http_requests(document)
+
+
+@needs_servers
+@pytest.mark.timeout(60)
 def test_wrong_answers_are_counted_as_errors(world, tmp_path: Path) -> None:
     """Same addresses, other instance ids: the generator must notice instead of counting boots."""
     document, view_path, forward_port = world
