@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from edge.dns.zonefile import zone_texts  # noqa: E402
 from edge.testing.generate import generate_view  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
-from edge.view.snapshot import build_snapshot  # noqa: E402
+from edge.view.snapshot import build_snapshot, reverse_name  # noqa: E402
 
 SERVER_CORE = "1"
 CLIENT_CORE = "0"
@@ -113,6 +113,8 @@ class Result:
     """Fraction of the server's CPU time spent in user space (the rest is the kernel's)."""
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    rcodes: str = ""
+    """dnsperf's response code summary: every workload here should be all NOERROR."""
 
 
 def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = ()) -> str:
@@ -130,7 +132,9 @@ def measure(name: str, workload: str, pid: int, port: int, queries: Path, second
     completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     lost = int(re.search(r"Queries lost:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6, user / max(used, 1e-9))
+    rcodes = re.search(r"Response codes:\s+(.*)", output)
+    result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6, user / max(used, 1e-9),
+                    rcodes=rcodes.group(1).strip() if rcodes else "")
     # Latency at a fixed, moderate rate, one line per query.
     verbose = dnsperf(port, queries, min(seconds, 3), ("-Q", "20000", "-v"))
     latencies = sorted(float(m) for m in re.findall(r"^> \w+ .* ([\d.]+)$", verbose, re.MULTILINE))
@@ -222,7 +226,7 @@ def main() -> int:
                                stderr=subprocess.DEVNULL)
         processes.append(nsd)
 
-        # dnsmasq with the same records as host-record lines (it derives the PTRs itself).
+        # dnsmasq with the same records: host-record lines, plus ptr-record where it cannot derive the PTR.
         dnsmasq_port = free_port()
         dnsmasq_conf = work / "dnsmasq.conf"
         lines = []
@@ -230,6 +234,12 @@ def main() -> int:
             for record in entry.records_for(""):
                 if record.type == "A":
                     lines.append(f"host-record={name},{record.value}")
+        # host-record derives PTRs for its own addresses; public addresses need explicit ones.
+        derived = {reverse_name(line.rsplit(",", 1)[1]) for line in lines}
+        for name, entry in sorted(snapshot.names.items()):
+            for record in entry.records_for(""):
+                if record.type == "PTR" and name not in derived:
+                    lines.append(f"ptr-record={name},{record.value}")
         dnsmasq_conf.write_text("\n".join(lines) + "\n")
         dnsmasq = subprocess.Popen(
             ["taskset", "-c", SERVER_CORE, "dnsmasq", "--keep-in-foreground", f"--conf-file={dnsmasq_conf}",
@@ -265,14 +275,15 @@ def main() -> int:
                               statistics.median(s.cpu_us_per_query for s in samples),
                               statistics.median(s.user_share for s in samples),
                               statistics.median(s.p50_ms for s in samples),
-                              statistics.median(s.p99_ms for s in samples)))
+                              statistics.median(s.p99_ms for s in samples),
+                              samples[-1].rcodes))
     if options.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'user %':>7} {'p50 ms':>7} "
           f"{'p99 ms':>7}")
     for r in results:
         print(f"{r.server:8} {r.workload:24} {r.qps:9.0f} {r.lost:6d} {r.cpu_us_per_query:9.2f} "
-              f"{r.user_share * 100:7.0f} {r.p50_ms:7.3f} {r.p99_ms:7.3f}")
+              f"{r.user_share * 100:7.0f} {r.p50_ms:7.3f} {r.p99_ms:7.3f}  {r.rcodes}")
     by = {(r.server, r.workload): r for r in results}
     edge_hits, nsd_hits, dnsmasq_hits = by[("edge", "all hits")], by[("nsd", "all hits")], by[("dnsmasq", "all hits")]
     fwd = by[("edge", "forwarded, cache hits")]
