@@ -559,12 +559,16 @@ class BootstormReport:
 
 
 def run_bootstorm(instances: int = 1000, rounds: int = 3, targets: Sequence[str] = ("edge-w1", "edge-w2", "classic"),
-                  delay: float = 0.010, upstream_workers: int = 64, client_processes: int = 1,
+                  delay: float = 0.010, upstream_workers: int = 64, client_processes: int | None = None,
                   cores: CorePlan | None = None, log=print) -> BootstormReport:
-    """Every target ``rounds`` times (interleaved), each round on a freshly started server."""
+    """Every target ``rounds`` times (interleaved), each round on a freshly started server.
+
+    ``client_processes`` defaults to one load generator process per client core.
+    """
     from edge.testing.generate import generate_view
 
     cores = cores or core_plan()
+    client_processes = client_processes or len(cores.client)
     raise_open_files_limit()
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cores.client)
@@ -666,13 +670,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="classic upstream: delay per request")
     parser.add_argument("--upstream-workers", type=int, default=64,
                         help="classic upstream: requests handled at a time")
-    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--client-processes", type=int, help="load generator processes (default: one per core "
+                        "of the load generator's half of the machine)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     report = run_bootstorm(
         instances=max(2, min(args.instances, 5000)), rounds=max(1, min(args.rounds, 10)),
         targets=[t for t in args.targets.split(",") if t], delay=args.delay_ms / 1000,
-        upstream_workers=args.upstream_workers, client_processes=max(1, args.client_processes),
+        upstream_workers=args.upstream_workers,
+        client_processes=max(1, args.client_processes) if args.client_processes else None,
         log=lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2))

@@ -1,0 +1,45 @@
+"""``python -m bench all`` end to end on its cheapest section, and how a failing section is reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import Report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("nginx", "nsd", "dnsmasq", "wrk", "dnsperf", "taskset")),
+                    reason="the runner refuses to start without its peers")
+@pytest.mark.timeout(90)
+def test_one_command_writes_the_report(tmp_path: Path) -> None:
+    output = tmp_path / "latest.md"
+    done = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--only", "scale", "--no-install",
+                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=85)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    assert report.startswith("# Benchmark report, ") and "(quick)" in report.splitlines()[0]
+    assert "Machine: cores " in report and "cpu model " in report
+    assert "Versions: edge " in report and "nginx 1." in report
+    assert "## View pipeline at scale" in report and "| 1,000 |" in report and "| 10,000 |" in report
+    assert "    python -m bench.view_scale --sizes 1000,10000 --repeat 1" in report
+    assert done.stdout.strip() == report.strip()
+    assert "| 10,000 |" in json.loads(output.with_suffix(".json").read_text())["view_scale"]
+    assert "## Boot storm" not in report
+
+
+def test_a_failing_section_is_reported_and_the_run_goes_on() -> None:
+    report = Report()
+
+    def broken() -> str:
+        raise RuntimeError("nginx did not start")
+
+    report.run("Broken", broken)
+    report.run("Fine", lambda: "table")
+    assert report.sections == [("Broken", "**Not measured: RuntimeError: nginx did not start**"), ("Fine", "table")]
