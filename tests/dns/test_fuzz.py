@@ -42,7 +42,8 @@ def check(data: bytes, udp: bool) -> None:
                 assert len(reply) <= 1232
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600), st.booleans())
 def test_random_bytes(data, udp):
     check(data, udp)
@@ -65,7 +66,8 @@ def mutated(draw):
     return bytes(data)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(mutated(), st.booleans())
 def test_mutated_valid_queries(data, udp):
     check(data, udp)
