@@ -24,6 +24,11 @@ load generator's CPU use (near 100% means the generator, not the server, set
 the pace).
 
     python -m bench.bootstorm [--instances 1000] [--rounds 3] [--targets edge-w1,edge-w2,classic]
+
+Targets: ``edge-wN`` is ``edge serve --workers N`` with IAM credentials from a
+``process`` source (a shell script); ``edge-wN-http`` takes them over HTTP
+from the same slow central service the classic design uses; ``classic`` is
+described in :mod:`bench.classic`.
 """
 
 from __future__ import annotations
@@ -178,10 +183,6 @@ class Tally:
         self.errors[kind] += 1
         if len(self.examples) < 10:
             self.examples.append(detail)
-
-
-class BootFailed(Exception):
-    pass
 
 
 class Boot:
@@ -652,6 +653,10 @@ def markdown(report: BootstormReport) -> str:
             if target != "classic" and classic_rate > 0 and cpu > 0:
                 lines.append(f"\n{target} vs classic: {rate / classic_rate:.1f}x instances booted per second, "
                              f"{classic_cpu / cpu:.1f}x less server CPU per request.")
+    retries = [(r.target, r.dns_retries) for runs in report.results.values() for r in runs if r.dns_retries]
+    if retries:
+        lines.append("\nDNS queries sent again after a 1 s timeout: "
+                     + "; ".join(f"{t}: {n}" for t, n in retries))
     errors = [(r.target, kind, count) for runs in report.results.values() for r in runs
               for kind, count in r.error_kinds.items()]
     if errors:
