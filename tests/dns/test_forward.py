@@ -106,7 +106,7 @@ def test_failover_past_a_dead_and_a_silent_upstream(edge_factory, dnsmasq_factor
     dead_port = free_port()
     try:
         server = edge_factory(upstreams=(f"127.0.0.1:{dead_port}", f"127.0.0.1:{silent.getsockname()[1]}",
-                                         upstream.address), upstream_timeout=0.3)
+                                         upstream.address), upstream_timeout=0.5)
         reply = ask(server.port, "www.upstream.test")
         assert [r.address for r in reply.answer[0]] == ["192.0.2.10"]
         stats = server.service.forwarder.stats
