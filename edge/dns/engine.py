@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from edge.config import DnsConfig
 from edge.dns.acl import RecursionPolicy
-from edge.dns.errors import SERVFAIL, DnsError, Refused, Unanswerable
+from edge.dns.errors import EDE_STALE_ANSWER, SERVFAIL, DnsError, Refused, Unanswerable
 from edge.dns.forwarder import CachedAnswer, Forwarder, cache_key
 from edge.dns.local import NOT_LOCAL, answer_local
 from edge.dns.wire import HEADER, PLAIN_UDP_PAYLOAD, Query, error_reply, opt_record, parse_query, truncated
@@ -110,7 +110,7 @@ class Engine:
         except Unanswerable:
             return None
         except DnsError as exc:
-            return self.error_reply(data, exc.rcode, self._recursion(snapshot, network, address))
+            return self.error_reply(data, exc.rcode, self._recursion(snapshot, network, address), exc.ede)
         except Exception:
             log.exception("dns: unexpected error answering a query from %s", address)
             return self.error_reply(data, SERVFAIL, self._recursion(snapshot, network, address))
@@ -157,6 +157,8 @@ class Engine:
 
     def forwarded_reply(self, query: Query, entry: CachedAnswer, now: float, udp: bool) -> bytes:
         opt = self.opt_for(query)
+        if opt and entry.stale:
+            opt = opt_record(self.payload, query.do, 0, EDE_STALE_ANSWER)
         reply = (query.data[:2] + entry.prefixes[(2 if query.rd else 0) | (1 if opt else 0)]
                  + query.data[HEADER:query.qend] + entry.body_at(now) + opt)
         return self._fit(reply, query, opt, udp)
@@ -171,15 +173,15 @@ class Engine:
     def _truncate(self, reply: bytes, data: bytes, qend: int, opt: bytes) -> bytes:
         return truncated(reply, Query(data, 0, qend, b"", 0, 0), opt)
 
-    def error_reply(self, data: bytes, rcode: int, recursion: bool) -> bytes | None:
+    def error_reply(self, data: bytes, rcode: int, recursion: bool, ede: int | None = None) -> bytes | None:
         """The one mapping from a failed query to its reply (None: drop)."""
-        return error_reply(data, rcode, recursion, self.payload)
+        return error_reply(data, rcode, recursion, self.payload, ede)
 
     def failed_forward(self, query: Query, error: BaseException) -> bytes | None:
-        rcode = error.rcode if isinstance(error, DnsError) else SERVFAIL
         if not isinstance(error, DnsError):
             log.warning("dns: forwarding failed unexpectedly: %r", error)
-        return self.error_reply(query.data, rcode, True)
+            return self.error_reply(query.data, SERVFAIL, True)
+        return self.error_reply(query.data, error.rcode, True, error.ede)
 
 
 

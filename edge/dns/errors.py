@@ -13,10 +13,17 @@ REFUSED = 5
 BADVERS = 16
 
 
+EDE_STALE_ANSWER = 3
+EDE_PROHIBITED = 18
+EDE_NO_REACHABLE_AUTHORITY = 22
+
+
 class DnsError(EdgeError):
     """A query that gets an error reply."""
 
     rcode = SERVFAIL
+    ede: int | None = None
+    """Extended DNS Error code (RFC 8914) sent to EDNS clients."""
 
 
 class Unanswerable(DnsError):
@@ -45,9 +52,11 @@ class Refused(DnsError):
     """The client may not ask this (recursion for a client that is not allowed to recurse)."""
 
     rcode = REFUSED
+    ede = EDE_PROHIBITED
 
 
 class ServFail(DnsError):
     """No upstream answered and nothing usable is cached."""
 
     rcode = SERVFAIL
+    ede = EDE_NO_REACHABLE_AUTHORITY

@@ -174,9 +174,13 @@ def _read_additional(query: Query, skipped: int, arcount: int) -> None:
             raise BadVers("EDNS version above 0")
 
 
-def opt_record(payload: int, do: bool, ext_rcode: int = 0) -> bytes:
-    """Our OPT pseudo-record: root owner, version 0, DO echoed, no options."""
-    return _OPT.pack(0, TYPE_OPT, payload, ext_rcode, 0, DO_BIT if do else 0, 0)
+OPTION_EDE = 15
+
+
+def opt_record(payload: int, do: bool, ext_rcode: int = 0, ede: int | None = None) -> bytes:
+    """Our OPT pseudo-record: root owner, version 0, DO echoed; an Extended DNS Error if given (RFC 8914)."""
+    options = b"" if ede is None else struct.pack("!HHH", OPTION_EDE, 2, ede)
+    return _OPT.pack(0, TYPE_OPT, payload, ext_rcode, 0, DO_BIT if do else 0, len(options)) + options
 
 
 def header(query_id: bytes, flags: int, qdcount: int, ancount: int, nscount: int, arcount: int) -> bytes:
@@ -202,7 +206,7 @@ def truncated(reply: bytes, query: Query, opt: bytes) -> bytes:
     return (reply[:2] + _HEADER.pack(0, flags, 1, 0, 0, 1 if opt else 0)[2:] + query.question + opt)
 
 
-def error_reply(data: bytes, rcode: int, recursion: bool, edns_payload: int) -> bytes | None:
+def error_reply(data: bytes, rcode: int, recursion: bool, edns_payload: int, ede: int | None = None) -> bytes | None:
     """The reply to a query that failed with ``rcode``: header, the question if readable, OPT if any."""
     if len(data) < HEADER:
         return None
@@ -224,7 +228,7 @@ def error_reply(data: bytes, rcode: int, recursion: bool, edns_payload: int) -> 
                 except BadVers:
                     pass
                 if query.edns:
-                    opt = opt_record(edns_payload, query.do, rcode >> 4)
+                    opt = opt_record(edns_payload, query.do, rcode >> 4, ede)
         except FormErr:
             pass
     out_flags = QR | (flags & (RD | CD | 0x7800)) | (RA if recursion else 0) | (rcode & 0xF)

@@ -280,3 +280,18 @@ def test_stop_lets_forwarded_queries_in_flight_finish(edge_factory, scripted):
         sock.sendto(message.to_wire(), ("127.0.0.1", server.port))
         with pytest.raises(OSError):
             sock.recv(4096)
+
+
+def test_extended_dns_errors_for_edns_clients(edge_factory, dnsmasq_factory):
+    upstream = dnsmasq_factory(*UPSTREAM_RECORDS, ttl=1)
+    server = edge_factory(upstreams=(upstream.address,), serve_stale=30.0)
+    refused = dig(server.port, "example.com", "A", source="127.0.0.9")
+    assert refused.status == "REFUSED" and "EDE: 18" in refused.raw
+    dig(server.port, "www.upstream.test", source=INSTANCE)
+    upstream.stop()
+    time.sleep(1.2)
+    stale = dig(server.port, "www.upstream.test", source=INSTANCE)
+    assert stale.status == "NOERROR" and "EDE: 3" in stale.raw and stale.answer[0].split()[1] == "30"
+    failed = dig(server.port, "never-seen.upstream.test", source=INSTANCE)
+    assert failed.status == "SERVFAIL" and "EDE: 22" in failed.raw
+    assert "EDE" not in dig(server.port, "example.com", "A", "+noedns", source="127.0.0.9").raw
