@@ -5,7 +5,8 @@ In the classic layout every metadata request crosses a proxy on the node
 up and answers; DNS comes from a dnsmasq with one ``host-record`` per instance
 that forwards everything else.  The central service is modelled by
 :func:`serve_upstream`: it answers the same EC2 paths for the same instances
-(the caller is named by ``X-Real-IP``, which nginx sets), holds each request
+(the caller is named by ``X-Real-IP``, which nginx sets, or by
+``X-Forwarded-For`` when edge asks it for credentials), holds each request
 for ``delay`` seconds, and handles at most ``workers`` requests at a time, like
 a service with a fixed worker thread pool doing a database round trip per
 request.  Both knobs are printed with the results.
@@ -26,8 +27,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import CorePlan, free_port, read_port_line, start_dnsmasq, wait_tcp
+
+if TYPE_CHECKING:
+    from edge.metadata.tree import Directory
+    from edge.view.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +49,8 @@ _CREDENTIALS = json.dumps({
 class UpstreamState:
     """The metadata service's own data: the view's instances and the tokens it handed out."""
 
-    snapshot: object
-    trees: dict[str, object] = field(default_factory=dict)
+    snapshot: Snapshot
+    trees: dict[str, Directory] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,7 +65,7 @@ def answer(state: UpstreamState, method: str, target: str, headers: dict[str, st
 
     # nginx names the caller in X-Real-IP; edge's http credential source in X-Forwarded-For.
     caller = headers.get("x-real-ip") or headers.get("x-forwarded-for", "").split(",")[0].strip()
-    attachment = state.snapshot.attachment_for("", caller)  # type: ignore[attr-defined]
+    attachment = state.snapshot.attachment_for("", caller)
     if attachment is None:
         return 404, b"unknown instance"
     parts = split_path(target.encode())
@@ -83,8 +89,8 @@ def answer(state: UpstreamState, method: str, target: str, headers: dict[str, st
     instance = attachment.instance
     tree = state.trees.get(instance.id)
     if tree is None:
-        tree = state.trees[instance.id] = version_root(instance, state.snapshot)  # type: ignore[arg-type]
-    node = resolve(tree, parts[1:])  # type: ignore[arg-type]
+        tree = state.trees[instance.id] = version_root(instance, state.snapshot)
+    node = resolve(tree, parts[1:])
     if isinstance(node, Directory):
         return 200, node.listing
     if isinstance(node, Leaf):
