@@ -203,7 +203,7 @@ def main() -> int:
         config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
                           f"rate_limit = 0.0\n")
         edge = subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "edge", "serve", "--config", str(config),
+            ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "edge", "serve", "--workers", "1", "--config", str(config),
              "--view", str(work / "view.json"), "--state-dir", str(work / "state"), "--log-level", "warning",
              "--dns-listen", f"127.0.0.1:{edge_port}", "--metadata-listen", f"127.0.0.1:{free_port()}",
              "--admin-listen", f"127.0.0.1:{free_port()}"], cwd=ROOT, stderr=subprocess.DEVNULL)
