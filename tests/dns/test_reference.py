@@ -144,7 +144,7 @@ def test_kdig_sees_the_same(edge, nsd_port):
         pytest.skip("kdig not installed")
 
     def kdig(port: int, name: str, rtype: str) -> list[str]:
-        output = subprocess.run(["kdig", f"@127.0.0.1", "-p", str(port), name, rtype, "+noall", "+answer",
+        output = subprocess.run(["kdig", "@127.0.0.1", "-p", str(port), name, rtype, "+noall", "+answer",
                                  "+authority", "+time=2", "+retry=0"], capture_output=True, text=True, timeout=10)
         return sorted(output.stdout.split("\n"))
 
