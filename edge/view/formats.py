@@ -4,6 +4,11 @@ A large JSON document is decoded piece by piece (one ``raw_decode`` per
 instance) rather than with one ``json.loads`` call: a single C call over a
 100 MB document would hold the interpreter lock for a second and stall the
 event loop that keeps serving while the new view is built in a thread.
+
+:func:`decode_view_reusing` goes further for a new serial of a view already
+served: an instance whose document text is exactly that of the previous
+document is neither decoded nor validated again; its previous
+:class:`~edge.view.model.Instance` is reused (see :mod:`edge.view.delta`).
 """
 
 from __future__ import annotations
@@ -12,33 +17,53 @@ import codecs
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edge.config import Config
 from edge.errors import ViewInvalid
-from edge.view.model import View
-from edge.view.parse import parse_view
+from edge.view.model import Instance, View
+from edge.view.parse import Reused, parse_view
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_LEADING_ID = re.compile(r'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
 _DECODER = json.JSONDecoder()
 # Below this size one json.loads call is short enough not to matter.
 _INCREMENTAL_THRESHOLD = 1 << 20
 
 
+class FormatDecoder:
+    """The decoder for the configured view format (``auto``: Eucalyptus GNI by its XML root).
+
+    ``speaks_view(data)`` tells the poller when ``data`` is an ``edge-view/1`` document,
+    which it may then decode with :func:`decode_view_reusing`.
+    """
+
+    __slots__ = ("chosen", "options")
+
+    def __init__(self, config: Config) -> None:
+        from edge.eucalyptus.gni import GniOptions
+
+        euca = config.eucalyptus
+        self.options = GniOptions(name_style=euca.name_style, dns_domain=euca.dns_domain, region=euca.region)
+        self.chosen = config.view.format
+
+    def speaks_view(self, data: bytes) -> bool:
+        from edge.eucalyptus.gni import is_gni
+
+        return not (self.chosen == "eucalyptus-gni" or (self.chosen == "auto" and is_gni(data)))
+
+    def __call__(self, data: bytes) -> View:
+        if self.speaks_view(data):
+            return decode_view(data)
+        from edge.eucalyptus.gni import decode_gni
+
+        return decode_gni(data, self.options)
+
+
 def make_decoder(config: Config) -> Callable[[bytes], View]:
     """The decoder for the configured view format (``auto``: Eucalyptus GNI by its XML root)."""
-    from edge.eucalyptus.gni import GniOptions, decode_gni, is_gni
-
-    euca = config.eucalyptus
-    options = GniOptions(name_style=euca.name_style, dns_domain=euca.dns_domain, region=euca.region)
-    chosen = config.view.format
-
-    def decode(data: bytes) -> View:
-        if chosen == "eucalyptus-gni" or (chosen == "auto" and is_gni(data)):
-            return decode_gni(data, options)
-        return decode_view(data)
-
-    return decode
+    return FormatDecoder(config)
 
 
 def decode_view(data: bytes) -> View:
@@ -63,6 +88,83 @@ def decode_view(data: bytes) -> View:
         _drop_gradually(document)
 
 
+Fingerprint = tuple[int, int]
+"""(length, hash) of an instance's document text."""
+
+
+@dataclass(slots=True)
+class DecodeMemo:
+    """What :func:`decode_view_reusing` remembers of the last accepted document.
+
+    Instances are recognised by the length and hash of their text rather than by keeping
+    the text (about 1 KB per instance).  Python's string hash is SipHash keyed at random per
+    process (PEP 456), so two different texts of equal length that also collide on 64 bits
+    are not a practical concern; the memo never leaves the process.
+    """
+
+    by_id: dict[str, tuple[int, int, Instance]]
+    order: list[str]
+    """Instance ids in document order: the candidate for elements that do not start with ``id``."""
+    cloud: object
+    networks: object
+
+
+@dataclass(slots=True)
+class Decoded:
+    view: View
+    memo: DecodeMemo
+    reused: int
+    """Instances taken over from the previous document unchanged."""
+    cross_checked: bool
+    """False: rules across instances (unique ids, addresses, MACs) are left to :mod:`edge.view.delta`."""
+
+
+def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
+    """:func:`decode_view`, reusing the instances of ``memo``'s document whose text is unchanged.
+
+    Rules that span instances are skipped (``cross_checked`` False) only when the document
+    keeps ``memo``'s cloud and networks and reuses at least half of its instances: the
+    caller then builds by delta, which enforces them.  Raises :class:`ViewInvalid`.
+    """
+    if data[:64].lstrip().startswith(b"<"):
+        raise ViewInvalid(["XML documents are not an edge-view/1 view"])
+    stream = _decode_stream(data, memo)
+    document = stream.result
+    same_networks = memo is not None and type(document) is dict and document.get("networks") == memo.networks
+    if stream.reused and not same_networks:
+        # Instances were validated against the old networks' CIDRs: decode them afresh.
+        stream = _decode_stream(data, None)
+        document = stream.result
+    delta = (same_networks and memo is not None and document.get("cloud") == memo.cloud
+             and stream.reused * 2 >= len(stream.spans))
+    try:
+        view = parse_view(document, cross_check=not delta)
+        if len(view.instances) != len(stream.spans):
+            raise ViewInvalid(["$.instances: not one instance per element"])  # pragma: no cover - parse drops none
+        by_id = {}
+        for instance, entry in zip(view.instances, stream.spans):
+            by_id[instance.id] = entry if len(entry) == 3 else (entry[0], entry[1], instance)  # type: ignore[misc]
+        kept = DecodeMemo(by_id, [i.id for i in view.instances], document.get("cloud"), document.get("networks"))
+        document.pop("cloud", None)
+        document.pop("networks", None)
+    finally:
+        _drop_gradually(document)
+    return Decoded(view, kept, stream.reused, cross_checked=not delta)
+
+
+def _decode_stream(data: bytes, memo: DecodeMemo | None) -> _StreamingObject:
+    stream = _StreamingObject(data, memo, record=True)
+    try:
+        stream.result = stream.decode()
+    except UnicodeDecodeError as exc:
+        raise ViewInvalid([f"not valid UTF-8: {exc}"]) from None
+    except json.JSONDecodeError as exc:
+        raise ViewInvalid([f"not valid JSON: {exc}"]) from None
+    except RecursionError:
+        raise ViewInvalid(["not valid JSON: nested too deeply"]) from None
+    return stream
+
+
 def _drop_gradually(document: Any) -> None:
     """Free the decoded document member by member (one huge free would stall the loop)."""
     if type(document) is dict:
@@ -83,12 +185,20 @@ class _StreamingObject:
 
     CHUNK = 1 << 20
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, memo: DecodeMemo | None = None, record: bool = False) -> None:
         self.data = memoryview(data)
         self.offset = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = ""
         self.pos = 0
+        self.dropped = 0
+        """Characters of the document before ``text`` (consumed and let go)."""
+        self.memo = memo
+        self.record = record
+        self.spans: list[Fingerprint | tuple[int, int, Instance]] = []
+        """Per element of ``instances``: its fingerprint, or the memo entry it reused."""
+        self.reused = 0
+        self.result: Any = None
 
     def _more(self) -> bool:
         if self.offset >= len(self.data):
@@ -97,6 +207,7 @@ class _StreamingObject:
         self.offset += len(chunk)
         final = self.offset >= len(self.data)
         # Drop what has been consumed so the window stays about one chunk long.
+        self.dropped += self.pos
         self.text = self.text[self.pos:] + self.decoder.decode(chunk, final)
         self.pos = 0
         return True
@@ -146,7 +257,7 @@ class _StreamingObject:
                 self._expect(":", "Expecting ':' delimiter")
                 if self._skip_ws() == "[":
                     self.pos += 1
-                    result[key] = self._array()
+                    result[key] = self._instances() if key == "instances" and self.record else self._array()
                 else:
                     result[key] = self._value()
                 following = self._skip_ws()
@@ -173,3 +284,50 @@ class _StreamingObject:
                 return items
             if following != ",":
                 raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)
+
+    def _instances(self) -> list[Any]:
+        """``_array`` for the instances, fingerprinting each element and reusing unchanged ones."""
+        items: list[Any] = []
+        spans = self.spans = []
+        self.reused = 0
+        memo = self.memo
+        if self._skip_ws() == "]":
+            self.pos += 1
+            return items
+        while True:
+            self._skip_ws()
+            item = self._reuse(memo, len(items)) if memo is not None else None
+            if item is None:
+                start = self.dropped + self.pos
+                item = self._value()
+                text = self.text[start - self.dropped:self.pos]
+                spans.append((len(text), hash(text)))
+            items.append(item)
+            following = self._skip_ws()
+            self.pos += 1
+            if following == "]":
+                return items
+            if following != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)
+
+    def _reuse(self, memo: DecodeMemo, index: int) -> Reused | None:
+        """The previous instance if the element at ``pos`` has exactly its previous text."""
+        leading = _LEADING_ID.match(self.text, self.pos)
+        if leading is not None:
+            entry = memo.by_id.get(leading.group(1))
+        elif index < len(memo.order):
+            entry = memo.by_id.get(memo.order[index])
+        else:
+            return None
+        if entry is None:
+            return None
+        length = entry[0]
+        while self.pos + length > len(self.text):
+            if not self._more():
+                return None
+        if hash(self.text[self.pos:self.pos + length]) != entry[1]:
+            return None
+        self.pos += length
+        self.spans.append(entry)
+        self.reused += 1
+        return Reused(entry[2])

@@ -199,8 +199,25 @@ def parse_view_bytes(data: bytes) -> View:
     return parse_view(document)
 
 
-def parse_view(document: object) -> View:
-    """Validate a decoded document; raises :class:`ViewInvalid` listing every problem."""
+class Reused:
+    """An element of ``instances`` whose document text is that of an already validated instance.
+
+    The decoder puts these in place of decoded objects when it recognises unchanged text,
+    so neither decoding nor validating is repeated for it.
+    """
+
+    __slots__ = ("instance",)
+
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+
+
+def parse_view(document: object, cross_check: bool = True) -> View:
+    """Validate a decoded document; raises :class:`ViewInvalid` listing every problem.
+
+    ``cross_check=False`` skips the rules that span instances (unique ids, addresses,
+    MACs): only for a caller that enforces them itself (see :mod:`edge.view.delta`).
+    """
     problems = _Problems()
     if type(document) is not dict:
         raise ViewInvalid([f"$: expected a JSON object, got {_type_name(document)}"])
@@ -215,7 +232,7 @@ def parse_view(document: object) -> View:
     generated = top.str("generated")
     cloud = _parse_cloud(top.dict("cloud") or {}, problems)
     networks, cidr_table = _parse_networks(top, problems)
-    instances = _parse_instances(top, cidr_table, problems)
+    instances = _parse_instances(top, cidr_table, problems, cross_check)
     if problems.items:
         raise ViewInvalid(problems.items)
     assert serial is not None
@@ -369,17 +386,28 @@ def _parse_networks(top: _Reader, problems: _Problems) -> tuple[tuple[Network, .
     return tuple(networks), table
 
 
-def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems) -> tuple[Instance, ...]:
+def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems,
+                     cross_check: bool = True) -> tuple[Instance, ...]:
     instances: list[Instance] = []
     seen_ids: dict[str, str] = {}
     seen_private: dict[tuple[str, str], str] = {}
     seen_public: dict[str, str] = {}
     seen_macs: dict[str, str] = {}
-    for where, item in top.objects("instances", required=True):
-        instance = _fast_instance(item, cidr_table)
-        if instance is None:
-            instance = _parse_instance(item, where, cidr_table, problems)
-        if instance is None:
+    for index, item in enumerate(top.list("instances", required=True) or ()):
+        where = f"$.instances[{index}]"
+        if type(item) is Reused:
+            instance = item.instance
+        elif type(item) is not dict:
+            problems.add(where, f"expected object, got {_type_name(item)}")
+            continue
+        else:
+            instance = _fast_instance(item, cidr_table)
+            if instance is None:
+                instance = _parse_instance(item, where, cidr_table, problems)
+            if instance is None:
+                continue
+        if not cross_check:
+            instances.append(instance)
             continue
         previous = seen_ids.get(instance.id)
         if previous is not None:

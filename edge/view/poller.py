@@ -10,6 +10,12 @@ Safety rules: a document is validated whole before it is swapped; a lower
 serial never replaces a higher one and an equal serial is "unchanged"; every
 accepted document is written to the state directory so a restart without the
 control plane serves the last good view at once.
+
+A new serial of the view being served is built as a delta of the current
+snapshot when it can be (:mod:`edge.view.delta`): unchanged instances are not
+decoded, validated or indexed again.  What that needs from the last build is
+kept in ``_memo``, which never refers to a snapshot, only to values the
+snapshots share.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from dataclasses import dataclass
 from edge.config import ViewConfig
 from edge.errors import SourceError, StateError, ViewInvalid
 from edge.logs import event
-from edge.view.formats import decode_view
+from edge.view.delta import apply_delta, applies
+from edge.view.formats import DecodeMemo, Decoded, decode_view, decode_view_reusing
 from edge.view.model import View
-from edge.view.release import release_gradually
-from edge.view.snapshot import Preparer, Snapshot, build_snapshot
+from edge.view.release import release_gradually, release_memo
+from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked
 from edge.view.sources import ViewSource
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
@@ -73,6 +80,18 @@ def _building() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass(slots=True)
+class BuildMemo:
+    """What the build of snapshot ``generation`` leaves for building the next one as a delta."""
+
+    generation: int
+    decoded: DecodeMemo | None
+    """None when the document was not ``edge-view/1`` JSON (Eucalyptus GNI is always built in full)."""
+    index: IndexState
+    delta: bool = False
+    """Whether this build was a delta (reported in logs and benchmarks)."""
+
+
 class _Stale(Exception):
     def __init__(self, serial: int) -> None:
         self.serial = serial
@@ -94,7 +113,9 @@ class Poller:
         self._last_poll_started = 0.0
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
-        self._releases: set[asyncio.Task[bool]] = set()
+        self._releases: set[asyncio.Task[object]] = set()
+        self._memo: BuildMemo | None = None
+        self._pending: BuildMemo | None = None
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -250,8 +271,26 @@ class Poller:
 
     def _build(self, data: bytes, current_serial: int | None) -> Snapshot | None:
         """Runs in a worker thread: decode, check the serial (or version), index, prepare."""
-        view = self.decode(data)
         current = self.store.current
+        memo = self._memo
+        if memo is None or current is None or memo.generation != current.generation:
+            memo = None
+        decoded: Decoded | None = None
+        delta: tuple[Snapshot, IndexState] | None = None
+        if self._speaks_view(data):
+            decoded = decode_view_reusing(data, memo.decoded if memo is not None else None)
+            view = decoded.view
+            if not decoded.cross_checked:
+                assert memo is not None and current is not None
+                if applies(current, view):
+                    delta = apply_delta(current, memo.index, view)
+                if delta is None:
+                    # A rule across instances is broken (or the delta cannot apply): the full
+                    # parser explains which, or validates the view for a full build.
+                    view = decode_view(data)
+                    decoded = None
+        else:
+            view = self.decode(data)
         if current_serial is not None and current is not None:
             if view.ordered and current.view.ordered:
                 if view.serial < current_serial:
@@ -260,7 +299,26 @@ class Poller:
                     return None
             elif view.version and view.version == current.view.version:
                 return None
-        return build_snapshot(view, self.preparers)
+        del current
+        if delta is not None:
+            snapshot, state = delta
+            for prepare in self.preparers:
+                prepare(snapshot)
+        else:
+            snapshot, state = build_snapshot_tracked(view, self.preparers)
+        self._pending = BuildMemo(snapshot.generation, decoded.memo if decoded is not None else None, state,
+                                  delta=delta is not None)
+        return snapshot
+
+    def _speaks_view(self, data: bytes) -> bool:
+        if self.decode is decode_view:
+            return True
+        speaks = getattr(self.decode, "speaks_view", None)
+        return speaks is not None and speaks(data)
+
+    @property
+    def last_build_was_delta(self) -> bool:
+        return self._memo is not None and self._memo.delta
 
     def _swap(self, snapshot: Snapshot, loaded_from: str) -> None:
         holder = [self.store.current] if self.store.current is not None else []
@@ -268,8 +326,16 @@ class Poller:
         # Long-lived snapshot objects need no cycle collection; freezing them keeps
         # later collections (which hold the interpreter lock) short while serving.
         gc.freeze()
+        pending, self._pending = self._pending, None
+        previous_memo = [self._memo] if self._memo is not None else []
+        self._memo = pending if pending is not None and pending.generation == snapshot.generation else None
+        loop = asyncio.get_running_loop()
         if holder:
-            task = asyncio.get_running_loop().create_task(asyncio.to_thread(release_gradually, holder))
+            task = loop.create_task(asyncio.to_thread(release_gradually, holder))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+        if previous_memo:
+            task = loop.create_task(asyncio.to_thread(release_memo, previous_memo))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
 

@@ -10,6 +10,12 @@ This is safe only because nothing else refers to the old snapshot any more:
 the store points at the new one and handlers read the store once per request.
 The reference count is checked first; if anyone still holds the snapshot
 (a request waiting on an upstream, say), it is left to ordinary reclamation.
+
+A snapshot built as a delta (:mod:`edge.view.delta`) shares most values with
+the one it replaced: instances, attachments, name entries.  Only containers are
+emptied here (dicts, lists, the attributes of protocol extras), never the
+values in them, so shared values simply lose one reference and live on in the
+new snapshot; only what nobody else refers to is freed.
 """
 
 from __future__ import annotations
@@ -71,3 +77,14 @@ def _empty(container: Any) -> None:
         for value in attributes.values():
             if isinstance(value, (dict, list)):
                 _empty(value)
+
+
+def release_memo(holder: list[Any]) -> None:
+    """Free a replaced build memo (``Poller._memo``) in batches, like a snapshot's indexes."""
+    memo = holder.pop()
+    decoded, index = memo.decoded, memo.index
+    del memo
+    if decoded is not None:
+        _empty(decoded.by_id)
+        _empty(decoded.order)
+    _empty(index.contributors)

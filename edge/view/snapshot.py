@@ -128,16 +128,27 @@ def _public_reverse_zone(address: str) -> str:
 
 
 class _NameTable:
-    """Accumulates records per name and horizon while a snapshot is built."""
+    """Accumulates records per name and horizon while a snapshot is built.
 
-    __slots__ = ("everyone", "scoped", "public_override")
+    With ``contributors`` set, it also notes which instance (``owner``) added
+    each name, so a later build can recompute just the names a change touches.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("everyone", "scoped", "public_override", "contributors", "owner")
+
+    def __init__(self, contributors: dict[str, str | tuple[str, ...]] | None = None) -> None:
         self.everyone: dict[str, list[LocalRecord]] = {}
         self.scoped: dict[str, dict[str, list[LocalRecord]]] = {}
         self.public_override: dict[str, dict[str, list[LocalRecord]]] = {}
+        self.contributors = contributors
+        self.owner: str | None = None
 
     def add(self, name: str, record: LocalRecord, network: str | None = None) -> None:
+        contributors = self.contributors
+        if contributors is not None and self.owner is not None:
+            owner = contributors.setdefault(name, self.owner)
+            if owner is not self.owner:
+                add_contributor(contributors, name, self.owner)
         if network is None:
             bucket = self.everyone.get(name)
             if bucket is None:
@@ -159,15 +170,20 @@ class _NameTable:
         """Within ``network``, ``record`` replaces the public address records of ``name``."""
         self.public_override.setdefault(name, {}).setdefault(network, []).append(record)
 
-    def freeze(self) -> dict[str, NameEntry]:
+    def touched(self) -> set[str]:
+        return self.everyone.keys() | self.scoped.keys() | self.public_override.keys()
+
+    def freeze(self, only: set[str] | None = None) -> dict[str, NameEntry]:
         out: dict[str, NameEntry] = {}
         everyone, scoped, overrides = self.everyone, self.scoped, self.public_override
         for name, by_network in scoped.items():
-            if name in everyone or name in overrides:
+            if name in everyone or name in overrides or (only is not None and name not in only):
                 continue
             # The common case: a private name or PTR that exists only inside networks.
             out[name] = NameEntry((), tuple((network, tuple(records)) for network, records in sorted(by_network.items())))
         for name in everyone.keys() | overrides.keys():
+            if only is not None and name not in only:
+                continue
             common = tuple(dict.fromkeys(everyone.get(name, ())))
             own = scoped.get(name, {})
             replace = overrides.get(name, {})
@@ -181,24 +197,76 @@ class _NameTable:
         return out
 
 
-def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
-    """Index ``view``; then run each preparer so protocols can add derived data."""
-    cloud = view.cloud
-    ttl = cloud.dns_ttl
-    private_name = cloud.private_name
-    public_name = cloud.public_name
-    instances: dict[str, Instance] = {}
-    by_private: dict[tuple[str, str], Attachment] = {}
-    by_public: dict[str, Attachment] = {}
-    by_mac: dict[str, Attachment] = {}
-    names = _NameTable()
-    add = names.add
-    flat_prefixes: set[str] = set()
-    public_zones: set[str] = set()
-    network_ids = {n.id for n in view.networks} | {DEFAULT_NETWORK}
+def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
+    """Note that ``instance_id`` adds records to ``name`` (most names have exactly one contributor)."""
+    owner = contributors.get(name)
+    if owner is None:
+        contributors[name] = instance_id
+    elif type(owner) is str:
+        if owner != instance_id:
+            contributors[name] = (owner, instance_id)
+    elif instance_id not in owner:
+        contributors[name] = owner + (instance_id,)
 
-    for instance in view.instances:
-        instances[instance.id] = instance
+
+def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
+    owner = contributors.get(name)
+    if owner is None:
+        return
+    if type(owner) is str:
+        if owner == instance_id:
+            del contributors[name]
+        return
+    rest = tuple(i for i in owner if i != instance_id)
+    if not rest:
+        del contributors[name]
+    else:
+        contributors[name] = rest[0] if len(rest) == 1 else rest
+
+
+def contributor_ids(contributors: dict[str, str | tuple[str, ...]], name: str) -> tuple[str, ...]:
+    owner = contributors.get(name)
+    if owner is None:
+        return ()
+    return (owner,) if type(owner) is str else owner  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class IndexState:
+    """What a full build learns beyond the snapshot itself, so the next build can apply a delta.
+
+    Counts (not sets) of flat-network /24 prefixes and public reverse zones, because a zone
+    disappears only when the last address in it does.
+    """
+
+    contributors: dict[str, str | tuple[str, ...]]
+    """Name -> id (or ids) of the instances that add records to it (``dns_records`` not included)."""
+    flat_prefixes: dict[str, int]
+    public_zones: dict[str, int]
+
+
+@dataclass(slots=True)
+class _Indexer:
+    """Adds one instance to the indexes: the one definition full and incremental builds share."""
+
+    ttl: int
+    private_name: Callable[[str], str]
+    public_name: Callable[[str], str]
+    by_private: dict[tuple[str, str], Attachment]
+    by_public: dict[str, Attachment]
+    by_mac: dict[str, Attachment]
+    names: _NameTable
+    flat_prefixes: dict[str, int]
+    public_zones: dict[str, int]
+
+    def index(self, instance: Instance) -> None:
+        ttl = self.ttl
+        private_name, public_name = self.private_name, self.public_name
+        by_private, by_public, by_mac = self.by_private, self.by_public, self.by_mac
+        names = self.names
+        add = names.add
+        names.owner = instance.id
+        flat_prefixes = self.flat_prefixes
         for interface in instance.interfaces:
             attachment = Attachment(instance, interface)
             network = interface.network
@@ -212,7 +280,8 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
                 add(name, LocalRecord("AAAA" if ":" in address else "A", address, ttl), network)
                 add(reverse_name(address), LocalRecord("PTR", name, ttl), network)
                 if network == DEFAULT_NETWORK and ":" not in address:
-                    flat_prefixes.add(address.rsplit(".", 1)[0])
+                    prefix = address.rsplit(".", 1)[0]
+                    flat_prefixes[prefix] = flat_prefixes.get(prefix, 0) + 1
             assert primary_name is not None
             for address in interface.metadata_sources:
                 by_private[(DEFAULT_NETWORK, address)] = attachment
@@ -227,23 +296,54 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
                 add(name, LocalRecord("AAAA" if ":" in public else "A", public, ttl))
                 names.override(name, network, LocalRecord("A", interface.primary_ip, ttl))
                 add(reverse_name(public), LocalRecord("PTR", name, ttl))
-                public_zones.add(_public_reverse_zone(public))
+                zone = _public_reverse_zone(public)
+                self.public_zones[zone] = self.public_zones.get(zone, 0) + 1
+        names.owner = None
 
-    for record in cloud.dns_records:
-        add(record.name, LocalRecord(record.type, record.value, record.ttl))
 
-    zones = _zones(view, flat_prefixes, public_zones)
+def _indexer(view: View, names: _NameTable) -> _Indexer:
+    cloud = view.cloud
+    return _Indexer(cloud.dns_ttl, cloud.private_name, cloud.public_name, {}, {}, {}, names, {}, {})
+
+
+def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
+    """Index ``view``; then run each preparer so protocols can add derived data."""
+    return build_snapshot_tracked(view, preparers)[0]
+
+
+def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = ()) -> tuple[Snapshot, IndexState]:
+    """:func:`build_snapshot`, also returning what :mod:`edge.view.delta` needs for the next build."""
+    state = IndexState({}, {}, {})
+    names = _NameTable(state.contributors)
+    indexer = _indexer(view, names)
+    indexer.flat_prefixes, indexer.public_zones = state.flat_prefixes, state.public_zones
+    instances: dict[str, Instance] = {}
+    index = indexer.index
+    for instance in view.instances:
+        instances[instance.id] = instance
+        index(instance)
+    for record in view.cloud.dns_records:
+        names.add(record.name, LocalRecord(record.type, record.value, record.ttl))
     snapshot = Snapshot(
         view=view, generation=next(_generations), built_at=time.time(), instances=instances,
-        by_private=by_private, by_public=by_public, by_mac=by_mac, names=names.freeze(),
-        zones=zones, network_ids=frozenset(network_ids),
+        by_private=indexer.by_private, by_public=indexer.by_public, by_mac=indexer.by_mac, names=names.freeze(),
+        zones=_zones(view, state.flat_prefixes.keys(), state.public_zones.keys()),
+        network_ids=network_ids_of(view),
     )
     for prepare in preparers:
         prepare(snapshot)
-    return snapshot
+    return snapshot, state
 
 
-def _zones(view: View, flat_prefixes: set[str], public_zones: set[str]) -> tuple[Zone, ...]:
+def network_ids_of(view: View) -> frozenset[str]:
+    return frozenset({n.id for n in view.networks} | {DEFAULT_NETWORK})
+
+
+def next_generation() -> int:
+    return next(_generations)
+
+
+def _zones(view: View, flat_prefixes: Iterable[str], public_zones: Iterable[str]) -> tuple[Zone, ...]:
     cloud = view.cloud
     zones = {Zone(cloud.internal_domain), Zone(cloud.public_domain)}
     declared_flat = False
