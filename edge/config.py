@@ -198,6 +198,8 @@ class FleetConfig:
 class AdminConfig:
     listen: Listen | None = Listen("127.0.0.1", 9169)
     """Operations listener (health, readiness, metrics); empty string disables it."""
+    metrics: bool = True
+    """Count requests for ``/metrics``; off, the hot paths skip even their plain counters."""
     shutdown_delay: float = 0.5
     """On SIGTERM, seconds readiness answers 503 before the listeners close (time to withdraw routes)."""
     shutdown_grace: float = 5.0
@@ -462,7 +464,6 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_url_bytes must be >= 256 and max_header_bytes >= 1024")
         if bool(config.identity_key_file) != bool(config.identity_cert_file):
             raise ConfigError(f"{prefix}identity_key_file and identity_cert_file must be set together")
-        import ipaddress
         for cidr in config.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)

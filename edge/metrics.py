@@ -17,15 +17,19 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
+from time import monotonic
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_SAMPLE = 8
+"""Time one request in this many: reading the clock and bucketing on every request costs more
+than the histogram is worth; counts are exact, the latency histogram is a 1-in-8 sample."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Tally:
     """Plain counters a protocol bumps per request; exported by :meth:`Metrics.sync`."""
 
@@ -36,11 +40,44 @@ class Tally:
     latency_sum: float = 0.0
     events: dict[tuple[str, str], int] = field(default_factory=dict)
     """(counter name, label value) -> count, for the subsystem counters below."""
+    raw: dict[Any, int] = field(default_factory=dict)
+    """Undecoded request keys from the reply fast paths; labelled at sync time."""
+    countdown: int = 1
+    """Replies until the next one is timed."""
 
     def request(self, family: str, status: str) -> None:
         key = (family, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+
+    def dns_reply(self, reply: bytes, started: float) -> None:
+        """Count one DNS reply by (authoritative?, rcode), and time one reply in LATENCY_SAMPLE."""
+        key = (reply[2] & 4) << 2 | reply[3] & 15
+        raw = self.raw
+        raw[key] = raw.get(key, 0) + 1
+        countdown = self.countdown - 1
+        if countdown:
+            self.countdown = countdown
+        else:
+            self.countdown = LATENCY_SAMPLE
+            self._sampled(monotonic() - started)
+
+    def http_reply(self, target: bytes, response: bytes, started: float) -> None:
+        """Count one metadata answer by (route family, status), and time one answer in LATENCY_SAMPLE."""
+        key = (_family_memo.get(target) or http_family(target), response[9:12])
+        raw = self.raw
+        raw[key] = raw.get(key, 0) + 1
+        countdown = self.countdown - 1
+        if countdown:
+            self.countdown = countdown
+        else:
+            self.countdown = LATENCY_SAMPLE
+            self._sampled(monotonic() - started)
+
+    def _sampled(self, seconds: float) -> None:
+        # One timed request stands for LATENCY_SAMPLE requests in the histogram.
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += LATENCY_SAMPLE
+        self.latency_sum += seconds * LATENCY_SAMPLE
 
     def latency(self, seconds: float) -> None:
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -49,6 +86,25 @@ class Tally:
     def count(self, name: str, label: str = "", amount: int = 1) -> None:
         key = (name, label)
         self.events[key] = self.events.get(key, 0) + amount
+
+
+class NullTally(Tally):
+    """A tally that counts nothing: what services use when metrics are turned off."""
+
+    def request(self, family: str, status: str) -> None:
+        pass
+
+    def dns_reply(self, reply: bytes, started: float) -> None:
+        pass
+
+    def http_reply(self, target: bytes, response: bytes, started: float) -> None:
+        pass
+
+    def latency(self, seconds: float) -> None:
+        pass
+
+    def count(self, name: str, label: str = "", amount: int = 1) -> None:
+        pass
 
 
 # Subsystem counters that tallies may carry: name -> (metric name, help, label name).
@@ -103,10 +159,22 @@ class Metrics:
         self._tallies.append(tally)
         return tally
 
+    def adopt(self, tally: Tally) -> None:
+        """Export a tally a service created for itself."""
+        if all(known is not tally for known in self._tallies):
+            self._tallies.append(tally)
+
     def sync(self) -> None:
         """Copy what the tallies counted since the last sync into the prometheus objects."""
         for tally in self._tallies:
             seen = self._exported.setdefault(id(tally), {})
+            for raw_key, total in list(tally.raw.items()):
+                family, status = _labels_of(raw_key)
+                key = ("x", raw_key)
+                delta = total - seen.get(key, 0)
+                if delta:
+                    self.requests.labels(tally.protocol, family, status).inc(delta)
+                    seen[key] = total
             for (family, status), total in list(tally.requests.items()):
                 delta = total - seen.get(("r", family, status), 0)
                 if delta:
@@ -229,6 +297,14 @@ def http_status(response: bytes) -> str:
 
 
 _RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+
+
+def _labels_of(raw_key: Any) -> tuple[str, str]:
+    if isinstance(raw_key, int):  # DNS: AA bit << 2 | rcode
+        rcode = raw_key & 15
+        return ("local" if raw_key & 16 else "recursive"), (_RCODES[rcode] if rcode < len(_RCODES) else str(rcode))
+    family, status = raw_key
+    return family, status.decode("ascii", "replace")
 
 
 def dns_labels(response: bytes) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from edge.admin import AdminRoutes, Readiness, start_admin
 from edge.config import Config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import event
-from edge.metrics import Metrics, Syncer, prepare_multiprocess_dir
+from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env
 from edge.view.formats import make_decoder
 from edge.view.poller import Poller
@@ -94,6 +94,14 @@ class Gateway:
         source = configured_source(config)
         state = StateFile(config.view.state_dir, source.description)
         self.services = self._build_services()
+        for service in self.services:
+            tally = getattr(service, "tally", None)
+            if tally is None:
+                continue
+            if config.admin.metrics:
+                self.metrics.adopt(tally)
+            else:
+                service.tally = NullTally(tally.protocol)  # type: ignore[attr-defined]
         preparers = [p for service in self.services for p in service.preparers]
         if self.control is None:
             self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config),

@@ -116,6 +116,8 @@ class ForwarderStats:
     served_stale: int = 0
     servfail: int = 0
     cache_stores: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 def cache_key(query: Query) -> bytes:
@@ -174,6 +176,7 @@ class Forwarder:
         if second == self.hot_second:
             entry = self.hot.get(key)
             if entry is not None and now < entry.expires:
+                self.stats.cache_hits += 1
                 return entry
         else:
             self.hot = {}
@@ -181,10 +184,13 @@ class Forwarder:
         try:
             entry = self.cache[key]  # item access: several times cheaper than TLRUCache.get
         except KeyError:
+            self.stats.cache_misses += 1
             return None
         if now < entry.expires:
             self.hot[key] = entry
+            self.stats.cache_hits += 1
             return entry
+        self.stats.cache_misses += 1
         return None
 
     async def resolve(self, query: Query, view_upstreams: tuple[str, ...]) -> CachedAnswer:

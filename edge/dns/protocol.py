@@ -14,8 +14,6 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-
-
 if TYPE_CHECKING:
     from edge.dns.service import DnsService
 
@@ -33,6 +31,7 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
         self.answer = service.engine.answer
         self.store = service.store
         self.stats = service.stats
+        self.tally = service.tally
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -43,15 +42,18 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
         now = time.monotonic()
         address = addr[0]
         if not self.allow(address, now):
+            self.tally.count("rate_limited", "dns")
             return
         self.stats.udp_queries += 1
         reply = self.answer(data, self.store.current, self.network, address, now, True)
         if reply.__class__ is bytes:
             self.send(reply, addr)  # type: ignore[arg-type]
+            self.tally.dns_reply(reply, now)  # type: ignore[arg-type]
         elif reply is None:
             self.stats.dropped += 1
+            self.tally.request("dropped", "NONE")
         else:
-            self.service.forward(reply, self._sender(addr), udp=True)  # type: ignore[arg-type]
+            self.service.forward(reply, self._sender(addr, now), udp=True)  # type: ignore[arg-type]
 
     def send(self, reply: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
         # A direct sendto on the socket skips the transport's bookkeeping; when the socket
@@ -67,10 +69,11 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
-    def _sender(self, addr: tuple):  # type: ignore[no-untyped-def,type-arg]
+    def _sender(self, addr: tuple, received: float):  # type: ignore[no-untyped-def,type-arg]
         def send(reply: bytes | None) -> None:
             if reply is not None and self.transport is not None and not self.transport.is_closing():
                 self.send(reply, addr)
+                self.tally.dns_reply(reply, received)
         return send
 
     def error_received(self, exc: Exception) -> None:
@@ -141,9 +144,10 @@ class DnsStreamProtocol(asyncio.Protocol):
                 return
             if reply.__class__ is bytes:
                 self.write(reply)  # type: ignore[arg-type]
+                service.tally.dns_reply(reply, now)  # type: ignore[arg-type]
             else:
                 self.pending += 1
-                service.forward(reply, self.write_forwarded, udp=False)  # type: ignore[arg-type]
+                service.forward(reply, self._forwarded_writer(now), udp=False)  # type: ignore[arg-type]
                 if self.pending >= service.config.dns.tcp_max_pipelined and not self.paused:
                     self.paused = True
                     self.transport.pause_reading()  # type: ignore[union-attr]
@@ -153,6 +157,13 @@ class DnsStreamProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    def _forwarded_writer(self, received: float):  # type: ignore[no-untyped-def]
+        def write(reply: bytes | None) -> None:
+            if reply is not None:
+                self.service.tally.dns_reply(reply, received)
+            self.write_forwarded(reply)
+        return write
 
     def write_forwarded(self, reply: bytes | None) -> None:
         self.pending -= 1

@@ -22,6 +22,7 @@ from edge.dns.protocol import DnsDatagramProtocol, DnsStreamProtocol
 from edge.dns.ratelimit import RateLimiter
 from edge.dns.zonedata import make_preparer
 from edge.view.snapshot import Preparer, Snapshot
+from edge.metrics import Tally
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.dns")
@@ -48,6 +49,8 @@ class DnsService:
         self.engine = Engine(dns, self.forwarder, self.policy)
         self.preparers: list[Preparer] = [self._prepare]
         self.stats = DnsStats()
+        self.tally = Tally("dns")
+        """Per-request counts and latencies; the composition root exports them as metrics."""
         self.connections: set[DnsStreamProtocol] = set()
         self.closing = False
         self._transports: list[asyncio.DatagramTransport] = []
@@ -155,6 +158,17 @@ class DnsService:
             await server.wait_closed()
         self._servers.clear()
         self._transports.clear()
+
+    def export_metrics(self) -> None:
+        """Copy the plain counters into the tally's subsystem totals (called once a second)."""
+        events = self.tally.events
+        stats = self.forwarder.stats
+        events[("dns_cache", "hit")] = stats.cache_hits
+        events[("dns_cache", "miss")] = stats.cache_misses
+        events[("dns_cache", "stale")] = stats.served_stale
+        events[("dns_upstream_errors", "failure")] = stats.upstream_failures
+        events[("dns_upstream_errors", "mismatched")] = stats.mismatched
+        events[("connections_refused", "dns")] = self.stats.tcp_refused
 
     def reload(self, config: Config) -> None:
         """New limits, upstreams and recursion CIDRs; the cache and open connections are kept."""
