@@ -21,7 +21,7 @@ caller then runs the full parser, which explains the problem.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from edge.view.model import DEFAULT_NETWORK, Instance, View
 from edge.view.snapshot import (
@@ -65,6 +65,7 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     by_public = dict(previous.by_public)
     by_mac = dict(previous.by_mac)
     contributors = dict(state.contributors)
+    shared = set(state.shared)
     flat_prefixes = dict(state.flat_prefixes)
     public_zones = dict(state.public_zones)
     cloud = view.cloud
@@ -82,7 +83,7 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
             del by_mac[interface.mac]
         contribution = _contribution(view, instance)
         for name in contribution.names.touched():
-            drop_contributor(contributors, name, instance.id)
+            drop_contributor(contributors, name, instance.id, shared)
         affected |= contribution.names.touched()
         _subtract(flat_prefixes, contribution.flat_prefixes)
         _subtract(public_zones, contribution.public_zones)
@@ -99,11 +100,13 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
         if _self_conflict(instance, contribution):
             return None
         for name in contribution.names.touched():
-            add_contributor(contributors, name, instance.id)
+            add_contributor(contributors, name, instance.id, shared)
         affected |= contribution.names.touched()
         _add(flat_prefixes, contribution.flat_prefixes)
         _add(public_zones, contribution.public_zones)
 
+    if shared and _reordered(previous.view, view, new_ids, old_instances):
+        affected |= shared
     names = dict(previous.names)
     if affected:
         # Every instance that adds to an affected name contributes again, in document order,
@@ -135,7 +138,13 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     )
     for prepare in preparers:
         prepare(snapshot)
-    return snapshot, IndexState(contributors, flat_prefixes, public_zones)
+    return snapshot, IndexState(contributors, shared, flat_prefixes, public_zones)
+
+
+def _reordered(old: View, new: View, new_ids: dict[str, None], old_instances: Mapping[str, Instance]) -> bool:
+    """Whether instances in both views appear in another order (names shared by several move)."""
+    return ([i.id for i in old.instances if i.id in new_ids]
+            != [i.id for i in new.instances if i.id in old_instances])
 
 
 def _scratch(view: View, table: _NameTable) -> _Indexer:

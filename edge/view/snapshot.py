@@ -134,13 +134,15 @@ class _NameTable:
     each name, so a later build can recompute just the names a change touches.
     """
 
-    __slots__ = ("everyone", "scoped", "public_override", "contributors", "owner")
+    __slots__ = ("everyone", "scoped", "public_override", "contributors", "shared", "owner")
 
-    def __init__(self, contributors: dict[str, str | tuple[str, ...]] | None = None) -> None:
+    def __init__(self, contributors: dict[str, str | tuple[str, ...]] | None = None,
+                 shared: set[str] | None = None) -> None:
         self.everyone: dict[str, list[LocalRecord]] = {}
         self.scoped: dict[str, dict[str, list[LocalRecord]]] = {}
         self.public_override: dict[str, dict[str, list[LocalRecord]]] = {}
         self.contributors = contributors
+        self.shared = shared if shared is not None else set()
         self.owner: str | None = None
 
     def add(self, name: str, record: LocalRecord, network: str | None = None) -> None:
@@ -148,7 +150,7 @@ class _NameTable:
         if contributors is not None and self.owner is not None:
             owner = contributors.setdefault(name, self.owner)
             if owner is not self.owner:
-                add_contributor(contributors, name, self.owner)
+                add_contributor(contributors, name, self.owner, self.shared)
         if network is None:
             bucket = self.everyone.get(name)
             if bucket is None:
@@ -197,19 +199,22 @@ class _NameTable:
         return out
 
 
-def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
-    """Note that ``instance_id`` adds records to ``name`` (most names have exactly one contributor)."""
+def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str,
+                    shared: set[str]) -> None:
+    """Note that ``instance_id`` adds records to ``name``; ``shared`` collects names with several."""
     owner = contributors.get(name)
     if owner is None:
         contributors[name] = instance_id
     elif type(owner) is str:
         if owner != instance_id:
             contributors[name] = (owner, instance_id)
+            shared.add(name)
     elif instance_id not in owner:
         contributors[name] = owner + (instance_id,)
 
 
-def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
+def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str,
+                     shared: set[str]) -> None:
     owner = contributors.get(name)
     if owner is None:
         return
@@ -218,10 +223,11 @@ def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, 
             del contributors[name]
         return
     rest = tuple(i for i in owner if i != instance_id)
-    if not rest:
-        del contributors[name]
+    if len(rest) == 1:
+        contributors[name] = rest[0]
+        shared.discard(name)
     else:
-        contributors[name] = rest[0] if len(rest) == 1 else rest
+        contributors[name] = rest
 
 
 def contributor_ids(contributors: dict[str, str | tuple[str, ...]], name: str) -> tuple[str, ...]:
@@ -241,6 +247,8 @@ class IndexState:
 
     contributors: dict[str, str | tuple[str, ...]]
     """Name -> id (or ids) of the instances that add records to it (``dns_records`` not included)."""
+    shared: set[str]
+    """Names several instances add to: their records' order follows the instances' order."""
     flat_prefixes: dict[str, int]
     public_zones: dict[str, int]
 
@@ -313,8 +321,8 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
 
 def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = ()) -> tuple[Snapshot, IndexState]:
     """:func:`build_snapshot`, also returning what :mod:`edge.view.delta` needs for the next build."""
-    state = IndexState({}, {}, {})
-    names = _NameTable(state.contributors)
+    state = IndexState({}, set(), {}, {})
+    names = _NameTable(state.contributors, state.shared)
     indexer = _indexer(view, names)
     indexer.flat_prefixes, indexer.public_zones = state.flat_prefixes, state.public_zones
     instances: dict[str, Instance] = {}
