@@ -9,7 +9,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from imds_harness import demo, parse, request
+from imds_harness import demo, exchange, parse, request
 
 from edge.config import CredentialsConfig
 
@@ -152,3 +152,17 @@ def test_http_source_asks_upstream_for_the_instance(start, tmp_path):
 def test_http_source_refused_upstream_is_unavailable(start):
     gateway = start(credentials=CredentialsConfig(kind="http", url="http://127.0.0.1:9/creds/", timeout=1.0))
     assert parse(request(gateway.port, "GET", CREDENTIALS))[0] == 503
+
+
+def test_pipelined_requests_behind_a_slow_one_keep_their_order(start, tmp_path):
+    source = Source(tmp_path, sleep=0.5)
+    server = start(credentials=source.config())
+    paths = [CREDENTIALS, "/latest/meta-data/instance-id", "/latest/meta-data/nothing", CREDENTIALS,
+             "/latest/meta-data/local-ipv4"]
+    data = b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths)
+    raw = exchange(server.port, data + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    order = [raw.index(marker) for marker in (b'"AccessKeyId" : "AKIA0001"', b"i-0de0000000000001",
+                                              b"404 - Not Found", b"127.0.0.1", b"\nlatest")]
+    assert order == sorted(order)
+    assert raw.count(b"HTTP/1.1 200 OK") == 5 and raw.count(b'"AccessKeyId"') == 2
+    assert len(source.calls) == 1
