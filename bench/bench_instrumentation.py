@@ -45,3 +45,57 @@ def test_dns_udp_local_hit(benchmark, counted: bool) -> None:
     benchmark(protocol.datagram_received, wire, ("127.0.0.1", 5353))
     assert transport.sent >= 1
     assert bool(service.tally.raw) == counted
+
+
+class _HttpTransport:
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data):
+        self.written += len(data)
+
+    def close(self):
+        pass
+
+    def is_closing(self):
+        return False
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "uncounted"])
+def test_metadata_keep_alive_request(benchmark, tmp_path, counted: bool) -> None:
+    import uvloop
+
+    from edge.config import Listen, MetadataConfig, ViewConfig
+    from edge.metadata import tokens
+    from edge.metadata.identity import ensure_signer
+    from edge.metadata.protocol import MetadataProtocol
+    from edge.metadata.service import MetadataService, build_handler
+
+    config = Config(view=ViewConfig(state_dir=str(tmp_path)),
+                    metadata=MetadataConfig(listen=(Listen("127.0.0.1", 0),), rate=0.0))
+    handler = build_handler(config, tokens.ensure_key_file(tmp_path / "keys"), ensure_signer(tmp_path))
+    store = ViewStore("bench")
+    store.swap(build_snapshot(parse_view(demo_document())), "source")
+    loop = uvloop.new_event_loop()
+
+    async def make() -> tuple[MetadataService, MetadataProtocol]:
+        service = MetadataService(config, store, lambda: None)  # type: ignore[arg-type]
+        service.handler = handler
+        if not counted:
+            service.tally = NullTally("http")
+        protocol = MetadataProtocol(service, "")
+        protocol.connection_made(_HttpTransport())  # type: ignore[arg-type]
+        return service, protocol
+
+    service, protocol = loop.run_until_complete(make())
+    data = (b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+            b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n")
+    benchmark(protocol.data_received, data)
+    assert protocol.transport.written > 0  # type: ignore[union-attr]
+    assert bool(service.tally.raw) == counted
+    loop.close()

@@ -207,6 +207,33 @@ def test_metrics_and_view_summary(tmp_path, control_plane, gateways) -> None:
     assert _get(f"{gateway.admin}/nope")[0] == 404
 
 
+def test_requests_are_counted_by_protocol_family_and_status(tmp_path, control_plane, gateways) -> None:
+    import dns.message
+    import dns.query
+
+    _published(control_plane)
+    gateway = Gateway(tmp_path, control_plane.url, workers=2)
+    gateways.append(gateway)
+    wait_until(gateway.ready, timeout=20)
+    for _ in range(3):
+        dns.query.udp(dns.message.make_query("ip-127-0-0-1.demo.internal", "A"), "127.0.0.1",
+                      port=gateway.ports["dns"], timeout=3)
+    dns.query.udp(dns.message.make_query("nope.demo.internal", "A"), "127.0.0.1", port=gateway.ports["dns"], timeout=3)
+    for _ in range(2):
+        _get(f"{gateway.metadata}/latest/meta-data/instance-id")
+    _get(f"{gateway.metadata}/latest/meta-data/nope")
+
+    def counted() -> bool:
+        text = _get(f"{gateway.admin}/metrics")[1]
+        return (_metric(text, b'edge_requests_total{family="local",protocol="dns",status="NOERROR"}') == 3
+                and _metric(text, b'edge_requests_total{family="local",protocol="dns",status="NXDOMAIN"}') == 1
+                and _metric(text, b'edge_requests_total{family="meta-data",protocol="http",status="200"}') == 2
+                and _metric(text, b'edge_requests_total{family="meta-data",protocol="http",status="404"}') == 1)
+
+    # Workers sync once a second; the supervisor's /metrics sums them.
+    wait_until(counted, timeout=10)
+
+
 def test_large_view_is_swapped_in_by_replacing_workers(tmp_path, control_plane, gateways) -> None:
     """Every accepted view counts as large here: replacement workers build it, then take over."""
     import threading

@@ -40,6 +40,8 @@ class Request:
     """Set by the handler: send the answer with this IP TTL / hop limit, then close."""
     waited: bool = False
     """The service already waited for a fresher view for this request."""
+    started: float = 0.0
+    """Monotonic time the request was complete (for the latency histogram)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,9 @@ class MetadataHandler:
         """token -> (instance id, expiry) of tokens that verified: skips the MAC on repeat reads."""
         self.max_verified = 100_000
         self.tokens_issued = 0
+        self.tokens_verified = 0
+        self.tokens_rejected = 0
+        self.throttled = 0
 
     def set_keys(self, keys: tokens.TokenKeys) -> None:
         self.keys = keys
@@ -101,13 +106,16 @@ class MetadataHandler:
         if not options.endpoint_enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         if not self.limiter.allow(instance.id, mono):
+            self.throttled += 1
             return self.refuse(Outcome.THROTTLED, request)
         ttl_line = None
         token = request.token
         if token is not None:
             remaining = self._verify(token, instance.id, now)
             if remaining <= 0:
+                self.tokens_rejected += 1
                 return self.refuse(Outcome.UNAUTHORIZED, request)
+            self.tokens_verified += 1
             ttl_line = self._ttl_line(remaining)
         elif options.tokens_required:
             return self.refuse(Outcome.UNAUTHORIZED, request)
@@ -144,6 +152,7 @@ class MetadataHandler:
         if not instance.metadata_options.endpoint_enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         if not self.limiter.allow(instance.id, mono):
+            self.throttled += 1
             return self.refuse(Outcome.THROTTLED, request)
         token = tokens.issue(self.keys, instance.id, ttl, now)
         self.tokens_issued += 1

@@ -241,8 +241,9 @@ class MetadataProtocol(asyncio.Protocol):
 
     def handle(self, request: Request) -> None:
         self.service.requests += 1
+        request.started = mono = _monotonic()
         result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
-                                     request, _time(), _monotonic())
+                                     request, _time(), mono)
         if result.__class__ is bytes:
             self.write(result, request)  # type: ignore[arg-type]
             return
@@ -258,6 +259,7 @@ class MetadataProtocol(asyncio.Protocol):
         if request.hop_limit:
             self.set_hop_limit(request.hop_limit)
         transport.write(data)
+        self.service.tally.http_reply(request.target, data, request.started)
         if request.keep_alive:
             self.deadline = self.service.idle_deadline
         else:

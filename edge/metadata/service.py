@@ -27,6 +27,7 @@ from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
 from edge.metadata.protocol import MetadataProtocol
 from edge.metadata.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
+from edge.metrics import Tally
 from edge.view.snapshot import Preparer
 from edge.view.store import ViewStore
 
@@ -98,7 +99,9 @@ class MetadataService:
         """Incremented by the ticker; connection deadlines are in ticks so requests never read a clock for them."""
         self.idle_deadline = 0
         """The deadline a connection gets when it starts waiting for a request head."""
-        # plain counters (a later metrics module exports them)
+        self.tally = Tally("http")
+        """Per-request counts and latencies; the composition root exports them as metrics."""
+        # plain counters, exported by export_metrics
         self.requests = 0
         self.refreshes = 0
         self.rejected = 0
@@ -184,6 +187,21 @@ class MetadataService:
             return False
         self.handler.set_keys(keys)
         return True
+
+    def export_metrics(self) -> None:
+        """Copy the plain counters into the tally's subsystem totals (called once a second)."""
+        events = self.tally.events
+        handler = self.handler
+        if handler is not None:
+            events[("tokens", "issued")] = handler.tokens_issued
+            events[("tokens", "verified")] = handler.tokens_verified
+            events[("tokens", "rejected")] = handler.tokens_rejected
+            events[("rate_limited", "http")] = handler.throttled
+            credentials = handler.credentials
+            events[("credential_fetches", "ok")] = max(0, credentials.fetches - credentials.failures)
+            events[("credential_fetches", "error")] = credentials.failures
+        events[("unknown_source_refreshes", "http")] = self.refreshes
+        events[("connections_refused", "http")] = self.refused_connections
 
     # -- connections -----------------------------------------------------------------------------
 
