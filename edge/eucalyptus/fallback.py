@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge.eucalyptus.controller import ControllerAnswer, ControllerMetadata
+from edge.eucalyptus.controller import ControllerAnswer, ControllerMetadata, ControllerUnavailable
 from edge.metadata.responses import ANSWERS, BINARY, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, split_path
 from edge.view.model import Instance
@@ -45,6 +45,14 @@ class ControllerAnswers:
     def __init__(self, controller: ControllerMetadata) -> None:
         self.controller = controller
         self._rendered: dict[tuple[str, str], tuple[ControllerAnswer, Response]] = {}
+
+    async def fetch(self, instance_id: str, address: str, path: str) -> Response | None:
+        """The controller's answer (fresh, or stale while it is down); None if it has none to give."""
+        try:
+            answer = await self.controller.fetch(instance_id, address, path)
+        except ControllerUnavailable:
+            return None
+        return self.render(instance_id, path, answer)
 
     def cached(self, instance_id: str, path: str, now: float) -> Response | None:
         answer = self.controller.cached(instance_id, path, now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge.eucalyptus.fallback import ControllerAnswers, NeedController, controller_path
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
 from edge.metadata.identify import Peer, attachment_for
@@ -42,6 +43,8 @@ class Request:
     """The service already waited for a fresher view for this request."""
     started: float = 0.0
     """Monotonic time the request was complete (for the latency histogram)."""
+    skip_controller: bool = False
+    """The controller could not answer this request: answer it from the view."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,7 @@ class NeedCredentials:
     ttl_line: bytes | None
 
 
-Pending = UnknownSource | NeedCredentials
+Pending = UnknownSource | NeedCredentials | NeedController
 
 
 class MetadataHandler:
@@ -72,6 +75,8 @@ class MetadataHandler:
         self._verified: dict[bytes, tuple[str, int]] = {}
         """token -> (instance id, expiry) of tokens that verified: skips the MAC on repeat reads."""
         self.max_verified = 100_000
+        self.controller: ControllerAnswers | None = None
+        """Eucalyptus: the controller's metadata service, asked first for every metadata path."""
         self.tokens_issued = 0
         self.tokens_verified = 0
         self.tokens_rejected = 0
@@ -120,6 +125,17 @@ class MetadataHandler:
         elif options.tokens_required:
             return self.refuse(Outcome.UNAUTHORIZED, request)
 
+        controller = self.controller
+        if controller is not None and not request.skip_controller:
+            path = controller_path(target)
+            if path is not None:
+                cached = controller.cached(instance.id, path, now)
+                if cached is None:
+                    return NeedController(instance, attachment.interface.primary_ip, path, ttl_line)
+                if cached.status == 200:
+                    return self._wire(cached, ttl_line, request.keep_alive, head_only)
+                # The controller has nothing there: the view may (instance id, addresses, network).
+
         found = self.renderer.lookup(snapshot, instance, target)
         if found is None:
             return self.refuse(Outcome.NOT_FOUND, request)
@@ -167,6 +183,19 @@ class MetadataHandler:
 
     def refuse(self, outcome: Outcome, request: Request) -> bytes:
         return ANSWERS[outcome].wire(request.keep_alive, request.method == b"HEAD")
+
+    @staticmethod
+    def _wire(found: Response, ttl_line: bytes | None, keep_alive: bool, head_only: bool) -> bytes:
+        if ttl_line is None:
+            return found.wire(keep_alive, head_only)
+        return found.wire_with(ttl_line, keep_alive, head_only)
+
+    def finish_controller(self, pending: NeedController, found: Response | None, request: Request) -> bytes | None:
+        """The controller's answer, or None when the view should answer instead."""
+        if found is None or found.status != 200:
+            request.skip_controller = True
+            return None
+        return self._wire(found, pending.ttl_line, request.keep_alive, request.method == b"HEAD")
 
     def finish_credentials(self, pending: NeedCredentials, found: Response | None, request: Request) -> bytes:
         if found is None:

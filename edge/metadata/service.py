@@ -114,6 +114,7 @@ class MetadataService:
         keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
                                                         load_identity_signer(self.config)))
         self.handler = build_handler(self.config, keys, signer)
+        self._configure_controller(self.config)
         self.fleet_keys.configure(self.config)
         loop = asyncio.get_running_loop()
         for listen in self.config.metadata.listen:
@@ -178,6 +179,7 @@ class MetadataService:
         handler.credentials.configure(source_from_config(metadata.credentials), metadata.credentials)
         self.limits = ProtocolLimits.of(metadata)
         self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
+        self._configure_controller(config)
         self.config = config
         log.info("metadata configuration reloaded keys=%d", len(keys.by_id))
 
@@ -187,6 +189,19 @@ class MetadataService:
             return False
         self.handler.set_keys(keys)
         return True
+
+    def _configure_controller(self, config: Config) -> None:
+        """Eucalyptus: ask the controller's metadata service first (cached, stale while it is down)."""
+        if not config.eucalyptus.controller_url:
+            self.handler.controller = None
+            return
+        current = self.handler.controller
+        if current is None:
+            from edge.eucalyptus.controller import ControllerMetadata
+            from edge.eucalyptus.fallback import ControllerAnswers
+            self.handler.controller = ControllerAnswers(ControllerMetadata(config.eucalyptus))
+        else:
+            current.controller.configure(config.eucalyptus)
 
     def export_metrics(self) -> None:
         """Copy the plain counters into the tally's subsystem totals (called once a second)."""

@@ -63,6 +63,11 @@ def _handler(controller: StandInController) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             if controller.delay:
                 time.sleep(controller.delay)
+            if controller.down:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             instance_id = self.headers.get("Euca-Instance-Id") or controller.by_address.get(
                 self.headers.get("X-Forwarded-For", ""), "")
             path = self.path.lstrip("/")

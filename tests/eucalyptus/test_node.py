@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import signal
 import socket
 import subprocess
@@ -116,3 +117,48 @@ def test_a_changed_gni_version_is_picked_up(node) -> None:
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{node['ports']['admin']}/view", timeout=3) as response:
         assert json.loads(response.read())["version"] == "2changed"
+
+
+def test_controller_only_paths_are_cached_and_served_through_an_outage(node) -> None:
+    port, controller = node["ports"]["metadata"], node["controller"]
+    source = "127.16.0.11"
+    assert _get(port, "/latest/meta-data/ami-id", source) == (200, b"emi-409c0000")
+    assert _get(port, "/latest/meta-data/instance-type", source) == (200, b"m1.small")
+    assert _get(port, "/latest/meta-data/public-keys/0/openssh-key", source) == (200, b"ssh-rsa AAAA409c admin")
+    status, body = _get(port, "/latest/user-data", source)
+    assert (status, body) == (200, b"#!/bin/sh\necho i-ab6b409c\n")
+    # The controller saw each path once, on the instance's behalf.
+    assert ("i-ab6b409c", "latest/meta-data/ami-id") in controller.requests
+    asked = len(controller.requests)
+    for _ in range(5):
+        assert _get(port, "/latest/meta-data/ami-id", source)[0] == 200
+    assert len(controller.requests) <= asked + 1  # cached (ttl 0.5 s): at most one refresh meanwhile
+
+    controller.down = True  # the controller fails (503)...
+    time.sleep(0.6)  # past the ttl: every answer is now stale
+    assert _get(port, "/latest/meta-data/ami-id", source) == (200, b"emi-409c0000")
+    controller.down, controller.delay = False, 3.0  # ...then hangs past the timeout
+    time.sleep(0.6)
+    started = time.monotonic()
+    assert _get(port, "/latest/user-data", source) == (200, b"#!/bin/sh\necho i-ab6b409c\n")
+    assert _get(port, "/latest/meta-data/public-keys/0/openssh-key", source) == (200, b"ssh-rsa AAAA409c admin")
+    assert time.monotonic() - started < 5
+    # Never asked before the outage: what the view knows still answers, the rest is 404.
+    assert _get(port, "/latest/meta-data/local-ipv4", "127.16.0.12") == (200, b"127.16.0.12")
+    assert _get(port, "/latest/meta-data/instance-type", "127.16.0.12")[0] == 404
+
+
+def test_imdsv2_tokens_stay_edges_own_with_a_controller(node) -> None:
+    port = node["ports"]["metadata"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.16.0.11", 0)) as connection:
+        connection.sendall(b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"
+                           b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    token = data.partition(b"\r\n\r\n")[2].decode()
+    assert data.startswith(b"HTTP/1.1 200") and len(token) > 20
+    status, body = _get(port, "/latest/meta-data/ami-id", "127.16.0.11", {"X-aws-ec2-metadata-token": token})
+    assert (status, body) == (200, b"emi-409c0000")
+    assert _get(port, "/latest/meta-data/ami-id", "127.16.0.11", {"X-aws-ec2-metadata-token": "bogus"})[0] == 401
+    assert not any("api/token" in path for _, path in node["controller"].requests)
