@@ -161,7 +161,8 @@ def _config(args: argparse.Namespace) -> int:
         print("|---|---|---|---|")
         for key, kind, default, text in key_table():
             env = "EDGE_" + key.upper().replace(".", "_")
-            print(f"| `{key}` (`{env}`) | {kind} | `{default}` | {text} |".replace("``", "`"))
+            shown = f"`{default}`" if default else "(empty)"
+            print(f"| `{key}` (`{env}`) | {kind} | {shown} | {text.replace('``', '`')} |")
         return 0
     config = load_config(getattr(args, "config", None), os.environ, {})
     print(config)
