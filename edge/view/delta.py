@@ -49,15 +49,14 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
                 preparers: Iterable[Preparer] = ()) -> tuple[Snapshot, IndexState] | None:
     """The snapshot of ``view`` built from ``previous``; None when the view breaks a uniqueness rule."""
     old_instances = previous.instances
-    added: list[Instance] = []
-    new_ids: dict[str, None] = {}
-    for instance in view.instances:
-        new_ids[instance.id] = None
-        if old_instances.get(instance.id) is not instance:
-            added.append(instance)
+    old_get = old_instances.get
+    # Python-level loops rather than one C-level set operation over 100k ids: the build
+    # thread must hand the interpreter lock back to the event loop every few milliseconds.
+    added = [instance for instance in view.instances if old_get(instance.id) is not instance]
+    new_ids = dict.fromkeys([instance.id for instance in view.instances])
     if len(new_ids) != len(view.instances):
         return None  # duplicate instance ids
-    removed = [old_instances[i] for i in old_instances.keys() - new_ids.keys()]
+    removed = [instance for key, instance in old_instances.items() if key not in new_ids]
     removed += [old_instances[i.id] for i in added if i.id in old_instances]
 
     instances = dict(old_instances)

@@ -311,23 +311,33 @@ class _StreamingObject:
                 raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)
 
     def _reuse(self, memo: DecodeMemo, index: int) -> Reused | None:
-        """The previous instance if the element at ``pos`` has exactly its previous text."""
-        leading = _LEADING_ID.match(self.text, self.pos)
-        if leading is not None:
-            entry = memo.by_id.get(leading.group(1))
-        elif index < len(memo.order):
+        """The previous instance if the element at ``pos`` has exactly its previous text.
+
+        The candidate is the previous element at the same position (right unless instances
+        were added or removed before this one), else the previous instance with the id the
+        element starts with.
+        """
+        if index < len(memo.order):
             entry = memo.by_id.get(memo.order[index])
-        else:
+            if entry is not None and self._same_text(entry):
+                return self._reused(entry)
+        leading = _LEADING_ID.match(self.text, self.pos)
+        if leading is None:
             return None
-        if entry is None:
-            return None
+        entry = memo.by_id.get(leading.group(1))
+        if entry is not None and self._same_text(entry):
+            return self._reused(entry)
+        return None
+
+    def _same_text(self, entry: tuple[int, int, Instance]) -> bool:
         length = entry[0]
         while self.pos + length > len(self.text):
             if not self._more():
-                return None
-        if hash(self.text[self.pos:self.pos + length]) != entry[1]:
-            return None
-        self.pos += length
+                return False
+        return hash(self.text[self.pos:self.pos + length]) == entry[1]
+
+    def _reused(self, entry: tuple[int, int, Instance]) -> Reused:
+        self.pos += entry[0]
         self.spans.append(entry)
         self.reused += 1
         return Reused(entry[2])

@@ -394,21 +394,24 @@ def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems,
     seen_public: dict[str, str] = {}
     seen_macs: dict[str, str] = {}
     for index, item in enumerate(top.list("instances", required=True) or ()):
-        where = f"$.instances[{index}]"
         if type(item) is Reused:
             instance = item.instance
+            if not cross_check:
+                instances.append(instance)
+                continue
         elif type(item) is not dict:
-            problems.add(where, f"expected object, got {_type_name(item)}")
+            problems.add(f"$.instances[{index}]", f"expected object, got {_type_name(item)}")
             continue
         else:
             instance = _fast_instance(item, cidr_table)
             if instance is None:
-                instance = _parse_instance(item, where, cidr_table, problems)
+                instance = _parse_instance(item, f"$.instances[{index}]", cidr_table, problems)
             if instance is None:
                 continue
-        if not cross_check:
-            instances.append(instance)
-            continue
+            if not cross_check:
+                instances.append(instance)
+                continue
+        where = f"$.instances[{index}]"
         previous = seen_ids.get(instance.id)
         if previous is not None:
             problems.add(f"{where}.id", f"duplicate instance id {instance.id!r} (also at {previous})")

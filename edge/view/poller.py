@@ -261,7 +261,7 @@ class Poller:
         if snapshot is None:
             return PollOutcome("unchanged", serial=current)
         event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,
-              previous=current, **snapshot.counts())
+              previous=current, build="delta" if self.last_build_was_delta else "full", **snapshot.counts())
         await self._persist(data)
         return PollOutcome("accepted", serial=snapshot.serial)
 
