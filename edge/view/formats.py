@@ -128,7 +128,12 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
     """
     if data[:64].lstrip().startswith(b"<"):
         raise ViewInvalid(["XML documents are not an edge-view/1 view"])
-    stream = _decode_stream(data, memo)
+    try:
+        stream = _decode_stream(data, memo)
+    except ViewInvalid:
+        # Not JSON at all: report it exactly as decode_view does.
+        decode_view(data)
+        raise
     document = stream.result
     same_networks = memo is not None and type(document) is dict and document.get("networks") == memo.networks
     if stream.reused and not same_networks:

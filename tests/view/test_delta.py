@@ -395,3 +395,26 @@ def test_delta_survives_release_of_the_replaced_snapshot() -> None:
     uvloop.run(scenario())
     assert poller.last_build_was_delta
     _assert_same(store.current, build_snapshot(decode_view(_encode(document, None))))
+
+
+@pytest.mark.parametrize("text", [b"{not json", b'{"format": "edge-view/1", "serial": 3, "instances": [}', b"[1, 2]",
+                                  b'{"format": "edge-view/1", "serial": 3, "instances": {}}', b"\xff\xfe"])
+def test_broken_documents_after_a_served_view_are_reported_as_without_one(text: bytes) -> None:
+    views = Views(random.Random(3))
+    document = views.document(5)
+    source = MemorySource()
+    store = ViewStore("memory")
+    poller = Poller(ViewConfig(state_dir="/nonexistent"), source, store, None)
+    with pytest.raises(ViewInvalid) as expected:
+        decode_view(text)
+
+    async def scenario() -> str:
+        source.pending = _encode(document, None)
+        assert (await poller.poll_once()).result == "accepted"
+        source.pending = text
+        outcome = await poller.poll_once()
+        assert outcome.result == "rejected"
+        return outcome.error
+
+    assert uvloop.run(scenario()) == str(expected.value)
+    assert store.current.serial == 1
