@@ -53,11 +53,19 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     # Python-level loops rather than one C-level set operation over 100k ids: the build
     # thread must hand the interpreter lock back to the event loop every few milliseconds.
     added = [instance for instance in view.instances if old_get(instance.id) is not instance]
-    new_ids = dict.fromkeys([instance.id for instance in view.instances])
+    new_ids: set[str] = set()
+    remember = new_ids.add
+    for instance in view.instances:
+        remember(instance.id)
     if len(new_ids) != len(view.instances):
         return None  # duplicate instance ids
     removed = [instance for key, instance in old_instances.items() if key not in new_ids]
     removed += [old_instances[i.id] for i in added if i.id in old_instances]
+    reordered = bool(state.shared) and _reordered(previous.view, view, new_ids, old_instances)
+    # Emptied here rather than freed at return: one free of 100k entries is one long C call.
+    pop = new_ids.pop
+    while new_ids:
+        pop()
 
     instances = dict(old_instances)
     by_private = dict(previous.by_private)
@@ -99,27 +107,31 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
         if _self_conflict(instance, contribution):
             return None
         for name in contribution.names.touched():
-            add_contributor(contributors, name, instance.id, shared)
+            add_contributor(contributors, name, instance.id)
         affected |= contribution.names.touched()
         _add(flat_prefixes, contribution.flat_prefixes)
         _add(public_zones, contribution.public_zones)
 
-    if shared and _reordered(previous.view, view, new_ids, old_instances):
+    if reordered:
         affected |= shared
     names = dict(previous.names)
     if affected:
         # Every instance that adds to an affected name contributes again, in document order,
         # so records within a name come out in the order a full build gives them.
         needed = {i for name in affected for i in contributor_ids(contributors, name)}
-        table = _NameTable()
-        indexer = _scratch(view, table)
+        table = _NameTable({}, set(), only=affected)
+        indexer = _Indexer(cloud.dns_ttl, cloud.private_name, cloud.public_name, _DISCARD, _DISCARD, _DISCARD,
+                           table, {}, {})
         for instance in view.instances:
             if instance.id in needed:
                 indexer.index(instance)
         for record in cloud.dns_records:
             if record.name in affected:
                 table.add(record.name, LocalRecord(record.type, record.value, record.ttl))
-        fresh = table.freeze(only=affected)
+        fresh = table.freeze()
+        # The scratch table saw every contributor of the affected names, in document order.
+        shared -= affected
+        shared |= table.shared & affected
         for name in affected:
             entry = fresh.get(name)
             if entry is None:
@@ -140,10 +152,20 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     return snapshot, IndexState(contributors, shared, flat_prefixes, public_zones)
 
 
-def _reordered(old: View, new: View, new_ids: dict[str, None], old_instances: Mapping[str, Instance]) -> bool:
+def _reordered(old: View, new: View, new_ids: set[str], old_instances: Mapping[str, Instance]) -> bool:
     """Whether instances in both views appear in another order (names shared by several move)."""
     return ([i.id for i in old.instances if i.id in new_ids]
             != [i.id for i in new.instances if i.id in old_instances])
+
+
+class _Discard(dict):  # type: ignore[type-arg]
+    """An index that keeps nothing: recomputing names needs none of the attachments."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 
 def _scratch(view: View, table: _NameTable) -> _Indexer:

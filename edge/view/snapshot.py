@@ -134,23 +134,31 @@ class _NameTable:
     each name, so a later build can recompute just the names a change touches.
     """
 
-    __slots__ = ("everyone", "scoped", "public_override", "contributors", "shared", "owner")
+    __slots__ = ("everyone", "scoped", "public_override", "contributors", "shared", "owner", "only")
 
     def __init__(self, contributors: dict[str, str | tuple[str, ...]] | None = None,
-                 shared: set[str] | None = None) -> None:
+                 shared: set[str] | None = None, only: set[str] | None = None) -> None:
         self.everyone: dict[str, list[LocalRecord]] = {}
         self.scoped: dict[str, dict[str, list[LocalRecord]]] = {}
         self.public_override: dict[str, dict[str, list[LocalRecord]]] = {}
         self.contributors = contributors
         self.shared = shared if shared is not None else set()
         self.owner: str | None = None
+        self.only = only
+        """When set, names outside it are ignored (a delta build recomputing a few names)."""
 
     def add(self, name: str, record: LocalRecord, network: str | None = None) -> None:
+        if self.only is not None and name not in self.only:
+            return
         contributors = self.contributors
         if contributors is not None and self.owner is not None:
             owner = contributors.setdefault(name, self.owner)
             if owner is not self.owner:
-                add_contributor(contributors, name, self.owner, self.shared)
+                # Another instance already added to this name; if to this very horizon, the
+                # order of the two instances in the document shows in the records.
+                if name in self.everyone if network is None else network in self.scoped.get(name, ()):
+                    self.shared.add(name)
+                add_contributor(contributors, name, self.owner)
         if network is None:
             bucket = self.everyone.get(name)
             if bucket is None:
@@ -170,7 +178,12 @@ class _NameTable:
 
     def override(self, name: str, network: str, record: LocalRecord) -> None:
         """Within ``network``, ``record`` replaces the public address records of ``name``."""
-        self.public_override.setdefault(name, {}).setdefault(network, []).append(record)
+        if self.only is not None and name not in self.only:
+            return
+        bucket = self.public_override.setdefault(name, {}).setdefault(network, [])
+        if bucket and self.contributors is not None and type(self.contributors.get(name)) is tuple:
+            self.shared.add(name)
+        bucket.append(record)
 
     def touched(self) -> set[str]:
         return self.everyone.keys() | self.scoped.keys() | self.public_override.keys()
@@ -199,16 +212,14 @@ class _NameTable:
         return out
 
 
-def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str,
-                    shared: set[str]) -> None:
-    """Note that ``instance_id`` adds records to ``name``; ``shared`` collects names with several."""
+def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
+    """Note that ``instance_id`` adds records to ``name``."""
     owner = contributors.get(name)
     if owner is None:
         contributors[name] = instance_id
     elif type(owner) is str:
         if owner != instance_id:
             contributors[name] = (owner, instance_id)
-            shared.add(name)
     elif instance_id not in owner:
         contributors[name] = owner + (instance_id,)
 
@@ -248,7 +259,9 @@ class IndexState:
     contributors: dict[str, str | tuple[str, ...]]
     """Name -> id (or ids) of the instances that add records to it (``dns_records`` not included)."""
     shared: set[str]
-    """Names several instances add to: their records' order follows the instances' order."""
+    """Names to which several instances add records in one horizon (say, two addresses rendering the
+    same name): their records' order follows the instances' order in the document.  Overlapping
+    networks reusing an address do not count: each network is its own horizon."""
     flat_prefixes: dict[str, int]
     public_zones: dict[str, int]
 
