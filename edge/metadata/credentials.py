@@ -26,6 +26,7 @@ from cachetools import LRUCache
 from edge.config import CredentialsConfig
 from edge.errors import EdgeError
 from edge.metadata.responses import Response, text
+from edge.metadata.spawner import CommandError, CommandRunner
 from edge.view.model import Instance
 
 log = logging.getLogger("edge.metadata.credentials")
@@ -95,29 +96,23 @@ class ProcessSource:
     replaced; the command inherits edge's environment unchanged.
     """
 
-    def __init__(self, command: tuple[str, ...]) -> None:
+    def __init__(self, command: tuple[str, ...], runner: CommandRunner | None = None) -> None:
         self.command = command
+        # Commands are started by a small helper process: forking the server itself
+        # would copy its page tables and stall the event loop on every call.
+        self.runner = runner or CommandRunner()
 
     async def __call__(self, instance: Instance, address: str, role: str) -> Credentials:
         values = {"instance_id": instance.id, "account_id": instance.account_id or "", "role": role,
                   "address": address}
         argv = [_substitute(part, values) for part in self.command]
         try:
-            child = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            raise CredentialSourceError(f"cannot run {argv[0]}: {exc.strerror}") from None
-        try:
-            stdout, stderr = await child.communicate()
-        except asyncio.CancelledError:
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
-            raise
-        if child.returncode != 0:
+            returncode, stdout, stderr = await self.runner.run(argv)
+        except CommandError as exc:
+            raise CredentialSourceError(str(exc)) from None
+        if returncode != 0:
             raise CredentialSourceError(
-                f"{argv[0]} exited with {child.returncode}: {stderr[:200].decode(errors='replace').strip()}")
+                f"{argv[0]} exited with {returncode}: {stderr[:200].decode(errors='replace').strip()}")
         if len(stdout) > MAX_OUTPUT:
             raise CredentialSourceError(f"{argv[0]} printed more than {MAX_OUTPUT} bytes")
         try:
@@ -198,6 +193,14 @@ def source_from_config(config: CredentialsConfig) -> Fetch | None:
 Key = tuple[str, str]
 
 
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class CredentialCache:
     """(instance id, role) -> credentials; at most one fetch per key in flight."""
 
@@ -211,10 +214,19 @@ class CredentialCache:
         self._cache: LRUCache[Key, Credentials] = LRUCache(maxsize=config.cache_size)
         self._retry_after: dict[Key, float] = {}
         self._inflight: dict[Key, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.fetches = 0
         self.failures = 0
 
     def configure(self, source: Fetch | None, config: CredentialsConfig) -> None:
+        previous = self.source
+        if isinstance(previous, ProcessSource) and previous is not source:
+            if isinstance(source, ProcessSource):
+                source.runner = previous.runner  # one helper process across reloads
+            elif _loop_running():
+                task = asyncio.get_running_loop().create_task(previous.runner.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         self.source = source
         self.timeout = config.timeout
         self.refresh_ahead = config.refresh_ahead
@@ -285,3 +297,5 @@ class CredentialCache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(self.source, ProcessSource):
+            await self.source.runner.close()

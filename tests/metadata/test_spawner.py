@@ -1,0 +1,88 @@
+"""Credential commands run from a small helper process, never forked from the server itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import uvloop
+
+from edge.metadata.credentials import CredentialSourceError, ProcessSource
+from edge.metadata.spawner import CommandError, CommandRunner
+from edge.view.model import Instance, Interface
+
+INSTANCE = Instance(id="i-0123", account_id="000123456789",
+                    interfaces=(Interface("eni-1", "d0:0d:00:00:00:01", 0, "", None, ("10.0.0.5",)),))
+
+
+def test_commands_are_children_of_the_helper_not_of_the_server() -> None:
+    runner = CommandRunner()
+
+    async def scenario():
+        rc, out, err = await runner.run(["sh", "-c", "echo $PPID; echo oops >&2; exit 3"])
+        assert rc == 3 and err == b"oops\n"
+        parent = int(out)
+        assert parent != os.getpid()
+        with open(f"/proc/{parent}/cmdline", "rb") as handle:
+            assert b"edge.metadata.spawner" in handle.read()
+        await runner.close()
+
+    uvloop.run(scenario())
+
+
+def test_concurrent_commands_and_missing_programs() -> None:
+    runner = CommandRunner()
+
+    async def scenario():
+        results = await asyncio.gather(*(runner.run(["sh", "-c", f"sleep 0.2; echo {n}"]) for n in range(20)))
+        assert sorted(int(out) for _, out, _ in results) == list(range(20))
+        with pytest.raises(CommandError, match="cannot run /nonexistent/credential-helper"):
+            await runner.run(["/nonexistent/credential-helper"])
+        await runner.close()
+
+    uvloop.run(scenario())
+
+
+def test_cancelling_a_call_kills_its_command(tmp_path) -> None:
+    runner = CommandRunner()
+    marker = tmp_path / "finished"
+
+    async def scenario():
+        task = asyncio.create_task(runner.run(["sh", "-c", f"sleep 1; touch {marker}"]))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.2)
+        assert not marker.exists()
+        await runner.close()
+
+    uvloop.run(scenario())
+
+
+def test_a_dead_helper_is_replaced(tmp_path) -> None:
+    script = tmp_path / "creds.sh"
+    script.write_text('#!/bin/sh\nprintf \'{"Version": 1, "AccessKeyId": "AKID%s", "SecretAccessKey": "s", '
+                      '"SessionToken": "t", "Expiration": "2099-01-01T00:00:00Z"}\' "$1"\n')
+    script.chmod(0o755)
+    source = ProcessSource((str(script), "{instance_id}"))
+
+    async def scenario():
+        first = await source(INSTANCE, "10.0.0.5", "web")
+        assert first.access_key_id == "AKIDi-0123"
+        helper = source.runner._process
+        assert helper is not None
+        os.kill(helper.pid, signal.SIGKILL)
+        await helper.wait()
+        await asyncio.sleep(0.1)
+        second = await source(INSTANCE, "10.0.0.5", "web")
+        assert second.access_key_id == "AKIDi-0123"
+        assert source.runner._process is not None and source.runner._process.pid != helper.pid
+        bad = ProcessSource(("/nonexistent/creds",), runner=source.runner)
+        with pytest.raises(CredentialSourceError, match="cannot run"):
+            await bad(INSTANCE, "10.0.0.5", "web")
+        await source.runner.close()
+
+    uvloop.run(scenario())
