@@ -37,7 +37,7 @@ from edge.view.delta import apply_delta, applies
 from edge.view.formats import DecodeMemo, Decoded, decode_view, decode_view_reusing
 from edge.view.model import View
 from edge.view.release import release_gradually, release_memo
-from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked
+from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked, remember_counts
 from edge.view.sources import ViewSource
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
@@ -306,6 +306,7 @@ class Poller:
                 prepare(snapshot)
         else:
             snapshot, state = build_snapshot_tracked(view, self.preparers)
+        remember_counts(snapshot)
         self._pending = BuildMemo(snapshot.generation, decoded.memo if decoded is not None else None, state,
                                   delta=delta is not None)
         return snapshot

@@ -89,12 +89,24 @@ class Snapshot:
         return self.by_private.get((network, address))
 
     def counts(self) -> dict[str, int]:
+        """Sizes for logs and ``/view``; counted once, in the build thread, by :func:`remember_counts`."""
+        cached = self.extras.get(COUNTS_KEY)
+        if cached is not None:
+            return dict(cached)  # type: ignore[call-overload]
         return {
             "networks": len(self.view.networks),
             "instances": len(self.instances),
             "interfaces": sum(len(i.interfaces) for i in self.view.instances),
             "names": len(self.names),
         }
+
+
+COUNTS_KEY = "view.counts"
+
+
+def remember_counts(snapshot: Snapshot) -> None:
+    """Count once, off the event loop: counting interfaces walks every instance."""
+    snapshot.extras[COUNTS_KEY] = snapshot.counts()
 
 
 Preparer = Callable[[Snapshot], None]
