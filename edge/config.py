@@ -80,8 +80,9 @@ class ViewConfig:
     format: str = "auto"
     """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
     swap_by_restart_instances: int = 20000
-    """With several workers, a view with at least this many instances is swapped in by starting new workers
-    on it and retiring the old ones, so no serving process stalls while it is built (0: always in place)."""
+    """With several workers, a view with at least this many instances that needs a full build (not a delta of
+    the served one) is swapped in by starting new workers on it and retiring the old ones, so no serving process
+    stalls while it is built (0: always in place)."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
 

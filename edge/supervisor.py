@@ -12,8 +12,9 @@ Each worker has a socket pair to the supervisor carrying one-byte messages:
 * supervisor -> worker ``P``: a poll finished; read the state file now;
 * supervisor -> worker ``F``: a replacement is coming; stop following the state file.
 
-A view with at least ``view.swap_by_restart_instances`` instances is swapped
-in by restarting the workers one by one: each replacement builds the new
+A view with at least ``view.swap_by_restart_instances`` instances that needs a
+full build (not a delta of the served view) is swapped in by restarting the
+workers one by one: each replacement builds the new
 snapshot in its own process while the old worker keeps serving, binds, reports
 serving, and only then is the old one retired.  No serving process ever stops
 to build a large snapshot.
@@ -192,8 +193,12 @@ class Supervisor:
         self.metrics.observe_poll(outcome, self.store)
         threshold = self.config.view.swap_by_restart_instances
         current = self.store.current
+        # A delta build (few instances changed) is cheap enough to do in place; a full build
+        # of a large view is left to replacement workers.
+        full_build = self.poller is not None and not self.poller.last_build_was_delta
         if (outcome.result == "accepted" and threshold and len(self.slots) > 1 and current is not None
-                and len(current.instances) >= threshold and not self.stopping and self._served_before):
+                and len(current.instances) >= threshold and full_build and not self.stopping
+                and self._served_before):
             self._start_rolling_swap()
         # Workers that have nothing to serve yet load the first view in place: nothing to stall.
         self._served_before = self._served_before or current is not None

@@ -90,9 +90,11 @@ def gateways() -> Iterator[list[Gateway]]:
         gateway.stop()
 
 
-def _published(control_plane, serial: int = 1, extra_instance: bool = False) -> dict:
+def _published(control_plane, serial: int = 1, extra_instance: bool = False, dns_ttl: int | None = None) -> dict:
     document = demo_document()
     document["serial"] = serial
+    if dns_ttl is not None:
+        document["cloud"]["dns_ttl"] = dns_ttl  # a change of cloud settings: a full build, never a delta
     if extra_instance:
         late = copy.deepcopy(document["instances"][3])
         late["id"] = "i-0de00000000late9"
@@ -260,7 +262,7 @@ def test_large_view_is_swapped_in_by_replacing_workers(tmp_path, control_plane, 
     thread = threading.Thread(target=client)
     thread.start()
     try:
-        _published(control_plane, serial=2, extra_instance=True)
+        _published(control_plane, serial=2, extra_instance=True, dns_ttl=30)
         wait_until(lambda: len(gateway.workers()) == 2 and not set(gateway.workers()) & first_generation, timeout=30)
         assert _get(f"{gateway.metadata}/latest/meta-data/instance-id", source="127.0.0.9") == \
             (200, b"i-0de00000000late9")
@@ -274,3 +276,14 @@ def test_large_view_is_swapped_in_by_replacing_workers(tmp_path, control_plane, 
     assert len(errors) <= (0 if migrating else 3), errors
     logs = gateway.logs()
     assert "swapping the view by restarting workers" in logs and logs.count("worker replaced") >= 2
+    # A new serial that only adds an instance is a delta: built in place, no workers replaced.
+    second_generation = set(gateway.workers())
+    document = _published(control_plane, serial=3, extra_instance=True, dns_ttl=30)
+    late = copy.deepcopy(document["instances"][-1])
+    late["id"], late["interfaces"][0]["private_ips"] = "i-0de0000000late10", ["127.0.0.10"]
+    late["interfaces"][0].update(id="eni-late10", mac="d0:0d:de:00:00:9a")
+    document["instances"].append(late)
+    control_plane.publish(document)
+    wait_until(lambda: _get(f"{gateway.metadata}/latest/meta-data/instance-id", source="127.0.0.10")
+               == (200, b"i-0de0000000late10"), timeout=20)
+    assert set(gateway.workers()) == second_generation
