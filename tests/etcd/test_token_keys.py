@@ -37,6 +37,10 @@ def old_then_new(both: str) -> str:
     return "\n".join(sorted(lines, key=lambda line: not line.startswith("old "))) + "\n"
 
 
+SPREAD = 8
+"""Requests per gateway that make it very likely every worker answered at least one."""
+
+
 @pytest.fixture
 def gateways(tmp_path, etcd):
     started: list[Gateway] = []
@@ -71,24 +75,28 @@ def test_rotation_through_etcd_reaches_every_gateway(tmp_path, etcd, gateways) -
     early = issue(parse_key_file(both), instance_id, 300, time.time())
     assert a.get("/latest/meta-data/instance-id", token=early).status == 401
     etcd.put(KEY, old_then_new(both))
-    wait_until(lambda: all(g.get("/latest/meta-data/instance-id", token=early).status == 200 for g in (a, b)),
-               timeout=10)
+    # Every worker of every gateway reads etcd on its own schedule: ask each gateway several times
+    # (each request is a new connection, spread over its workers) before calling a step done.
+    wait_until(lambda: all(g.get("/latest/meta-data/instance-id", token=early).status == 200
+                           for g in (a, b) for _ in range(SPREAD)), timeout=20)
     assert signing_key_id(a.token()) == old_id and signing_key_id(b.token()) == old_id
 
     # 2. Make it primary: it signs everywhere, the old one still verifies.
     etcd.put(KEY, both)
-    wait_until(lambda: signing_key_id(a.token()) == new_id and signing_key_id(b.token()) == new_id, timeout=10)
+    wait_until(lambda: all(signing_key_id(g.token()) == new_id for g in (a, b) for _ in range(SPREAD)), timeout=20)
     token_new = b.token()
     for gateway in (a, b):
-        assert gateway.get("/latest/meta-data/instance-id", token=token_old).status == 200
-        assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
+        for _ in range(SPREAD):
+            assert gateway.get("/latest/meta-data/instance-id", token=token_old).status == 200
+            assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
 
     # 3. Retire the old key: its tokens stop verifying on every gateway; the new ones keep working.
     etcd.put(KEY, new_only)
     wait_until(lambda: all(g.get("/latest/meta-data/instance-id", token=token_old).status == 401
-                           for g in (a, b)), timeout=10)
+                           for g in (a, b) for _ in range(SPREAD)), timeout=20)
     for gateway in (a, b):
-        assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
+        for _ in range(SPREAD):
+            assert gateway.get("/latest/meta-data/instance-id", token=token_new).status == 200
 
     # Garbage in etcd is refused and logged; the keys in use stay.
     etcd.put(KEY, "not a key file\n")
