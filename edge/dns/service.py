@@ -19,7 +19,7 @@ from edge.dns.acl import RecursionPolicy
 from edge.dns.engine import Engine, Forward
 from edge.dns.forwarder import Forwarder
 from edge.dns.protocol import DnsDatagramProtocol, DnsStreamProtocol
-from edge.dns.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter
 from edge.dns.zonedata import make_preparer
 from edge.view.snapshot import Preparer, Snapshot
 from edge.metrics import Tally
@@ -45,7 +45,8 @@ class DnsService:
         dns = config.dns
         self.forwarder = Forwarder(dns)
         self.policy = RecursionPolicy(dns.recursion_cidrs)
-        self.limiter = RateLimiter(dns.rate_limit, dns.rate_limit_clients)
+        # The AWS resolver allows 1024 packets/s per interface; a burst of one second of that.
+        self.limiter = RateLimiter(dns.rate_limit, max(dns.rate_limit, 1.0), dns.rate_limit_clients)
         self.engine = Engine(dns, self.forwarder, self.policy)
         self.preparers: list[Preparer] = [self._prepare]
         self.stats = DnsStats()
@@ -182,4 +183,4 @@ class DnsService:
         self.policy.configure(dns.recursion_cidrs)
         self.limiter.rate = dns.rate_limit
         self.limiter.burst = max(dns.rate_limit, 1.0)
-        self.limiter.max_clients = dns.rate_limit_clients
+        self.limiter.max_entries = dns.rate_limit_clients

@@ -15,7 +15,7 @@ from edge.eucalyptus.fallback import ControllerAnswers, NeedController, controll
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
 from edge.metadata.identify import Peer, attachment_for
-from edge.metadata.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path

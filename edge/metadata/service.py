@@ -25,7 +25,7 @@ from edge.metadata.handler import MetadataHandler
 from edge.metadata.identify import TrustedProxies
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
 from edge.metadata.protocol import MetadataProtocol
-from edge.metadata.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
 from edge.view.snapshot import Preparer

@@ -9,7 +9,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from edge.dns.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter
 
 
 def burst(port: int, source: str, count: int, name: str = "ip-127-0-0-1.demo.internal") -> int:
@@ -33,7 +33,7 @@ def test_rate_limit_per_source_address(edge_factory):
     server = edge_factory(rate_limit=50.0)
     answered = burst(server.port, "127.0.0.1", 300)
     assert 50 <= answered < 120  # the burst allowance plus what refills while sending
-    assert server.service.limiter.limited >= 150
+    assert server.service.limiter.refused >= 150
     # another client is unaffected
     assert burst(server.port, "127.0.0.2", 20) == 20
 
@@ -46,19 +46,19 @@ def test_rate_limit_refills(edge_factory):
 
 
 def test_rate_limiter_memory_is_bounded():
-    limiter = RateLimiter(10.0, max_clients=100)
+    limiter = RateLimiter(10.0, burst=10.0, max_entries=100)
     for index in range(10_000):
         limiter.allow(f"10.0.{index // 256}.{index % 256}", 0.0)
-        assert len(limiter.buckets) <= 100
+        assert len(limiter) <= 100
 
 
 def test_rate_limiter_token_bucket_arithmetic():
-    limiter = RateLimiter(10.0)
+    limiter = RateLimiter(10.0, burst=10.0, max_entries=100)
     assert all(limiter.allow("a", 0.0) for _ in range(10))
     assert not limiter.allow("a", 0.0)
     assert limiter.allow("a", 0.1)  # one token back after 100 ms
     assert not limiter.allow("a", 0.1)
-    assert RateLimiter(0.0).allow("a", 0.0)  # disabled
+    assert RateLimiter(0.0, burst=1.0, max_entries=100).allow("a", 0.0)  # disabled
 
 
 def test_small_any_from_a_stranger_gets_no_large_answer(edge_factory, demo):

@@ -10,7 +10,7 @@ import pytest
 
 from edge.errors import ConfigError
 from edge.metadata import tokens
-from edge.metadata.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter
 
 NOW = 1_800_000_000.0
 

@@ -1,25 +1,27 @@
-"""Per-instance token buckets with bounded memory.
+"""Token buckets per client, with bounded memory: one limiter for metadata (per instance) and DNS (per address).
 
 A bucket that has refilled completely is indistinguishable from a new one, so
 when the table is full the full buckets are dropped without losing anything;
-only if every tracked instance is still busy is the whole table reset.
+only if every tracked client is still busy is the whole table reset, so a
+flood of spoofed sources costs at most one table.
 """
 
 from __future__ import annotations
 
 
 class RateLimiter:
-    __slots__ = ("rate", "burst", "max_entries", "_buckets", "throttled")
+    __slots__ = ("rate", "burst", "max_entries", "_buckets", "refused")
 
-    def __init__(self, rate: float, burst: int, max_entries: int) -> None:
+    def __init__(self, rate: float, burst: float, max_entries: int) -> None:
         self.rate = rate
+        """Tokens per second; 0 turns the limiter off."""
         self.burst = float(burst)
         self.max_entries = max_entries
         self._buckets: dict[str, list[float]] = {}
-        self.throttled = 0
+        self.refused = 0
 
     def allow(self, key: str, now: float) -> bool:
-        """Take one token from ``key``'s bucket at monotonic time ``now``."""
+        """Take one token from ``key``'s bucket at monotonic time ``now``; False when it is empty."""
         if self.rate <= 0:
             return True
         bucket = self._buckets.get(key)
@@ -34,7 +36,7 @@ class RateLimiter:
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            self.throttled += 1
+            self.refused += 1
             return False
         bucket[0] = tokens - 1.0
         return True
