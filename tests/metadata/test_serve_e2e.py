@@ -26,7 +26,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(port: int, child: subprocess.Popen, timeout: float = 20.0) -> None:
+def wait_for(port: int, child: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -50,7 +50,7 @@ def edge_serve(tmp_path):
         argv = [sys.executable, "-m", "edge", "serve", "--config", str(config_path), "--view", str(view),
                 "--metadata-listen", f"127.0.0.1:{port}", "--dns-listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
                 "--admin-listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
-                "--poll-interval", "60"]
+                "--poll-interval", "60", "--workers", "1"]
         if key_file is not None:
             argv += ["--token-key-file", str(key_file)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
