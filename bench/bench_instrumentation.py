@@ -10,6 +10,7 @@ from __future__ import annotations
 import dns.message
 import pytest
 
+from bench.bench_metadata import _Transport as HttpTransport
 from edge.config import Config, DnsConfig
 from edge.dns.protocol import DnsDatagramProtocol
 from edge.dns.service import DnsService
@@ -47,25 +48,6 @@ def test_dns_udp_local_hit(benchmark, counted: bool) -> None:
     assert bool(service.tally.raw) == counted
 
 
-class _HttpTransport:
-    __slots__ = ("written",)
-
-    def __init__(self) -> None:
-        self.written = 0
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data):
-        self.written += len(data)
-
-    def close(self):
-        pass
-
-    def is_closing(self):
-        return False
-
-
 @pytest.mark.parametrize("counted", [True, False], ids=["counted", "uncounted"])
 def test_metadata_keep_alive_request(benchmark, tmp_path, counted: bool) -> None:
     import uvloop
@@ -89,7 +71,7 @@ def test_metadata_keep_alive_request(benchmark, tmp_path, counted: bool) -> None
         if not counted:
             service.tally = NullTally("http")
         protocol = MetadataProtocol(service, "")
-        protocol.connection_made(_HttpTransport())  # type: ignore[arg-type]
+        protocol.connection_made(HttpTransport())  # type: ignore[arg-type]
         return service, protocol
 
     service, protocol = loop.run_until_complete(make())

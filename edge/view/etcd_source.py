@@ -16,11 +16,11 @@ default).
 from __future__ import annotations
 
 import asyncio
-import zlib
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewTooLarge
 from edge.etcd import EtcdAddress, EtcdClient, EtcdError, EtcdValueTooLarge, RangeResult
+from edge.view.sources import gunzip_capped
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -63,7 +63,7 @@ class EtcdSource:
         self.value_fetches += 1
         data = result.kv.value
         if data.startswith(_GZIP_MAGIC):
-            data = self._gunzip(data)
+            data = gunzip_capped(data, self.max_size, self.description, "value")
         self.revision = result.kv.mod_revision
         return data
 
@@ -75,14 +75,3 @@ class EtcdSource:
         except EtcdError as exc:
             raise SourceError(str(exc)) from None
 
-    def _gunzip(self, data: bytes) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            plain = inflater.decompress(data, self.max_size + 1)
-        except zlib.error as exc:
-            raise SourceError(f"{self.description}: corrupt gzip value: {exc}") from None
-        if len(plain) > self.max_size or inflater.unconsumed_tail:
-            raise ViewTooLarge(f"{self.description}: decompressed value is over the {self.max_size}-byte cap")
-        if not inflater.eof:
-            raise SourceError(f"{self.description}: gzip value truncated")
-        return plain

@@ -19,7 +19,6 @@ import ssl
 import time
 import zlib
 from dataclasses import dataclass
-from email.utils import formatdate
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -172,7 +171,7 @@ class HttpSource:
                 raise SourceError(f"{self.url}: body truncated after {len(body)} of {length} bytes")
             encoding = (response.getheader("Content-Encoding") or "identity").lower()
             if encoding == "gzip":
-                body = self._gunzip(body)
+                body = gunzip_capped(body, self._max_size, self.url, "body")
             elif encoding != "identity":
                 raise SourceError(f"{self.url}: unsupported Content-Encoding {encoding!r}")
             self._etag = response.getheader("ETag")
@@ -206,21 +205,20 @@ class HttpSource:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _gunzip(self, body: bytes) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(body, self._max_size + 1)
-        except zlib.error as exc:
-            raise SourceError(f"{self.url}: corrupt gzip body: {exc}") from None
-        if len(data) > self._max_size or inflater.unconsumed_tail:
-            raise ViewTooLarge(f"{self.url}: decompressed body is over the {self._max_size}-byte cap")
-        if not inflater.eof:
-            raise SourceError(f"{self.url}: gzip body truncated")
-        return data
 
 
-def http_date(timestamp: float) -> str:
-    return formatdate(timestamp, usegmt=True)
+def gunzip_capped(data: bytes, max_size: int, where: str, what: str) -> bytes:
+    """Inflate a gzip ``what`` (body, value) without ever holding more than ``max_size`` bytes."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(data, max_size + 1)
+    except zlib.error as exc:
+        raise SourceError(f"{where}: corrupt gzip {what}: {exc}") from None
+    if len(plain) > max_size or inflater.unconsumed_tail:
+        raise ViewTooLarge(f"{where}: decompressed {what} is over the {max_size}-byte cap")
+    if not inflater.eof:
+        raise SourceError(f"{where}: gzip {what} truncated")
+    return plain
 
 
 def open_source(spec: str, config: ViewConfig) -> ViewSource:
