@@ -23,7 +23,7 @@ from typing import Any
 from edge.config import Config
 from edge.errors import ViewInvalid
 from edge.view.model import Instance, View
-from edge.view.parse import Reused, parse_view
+from edge.view.parse import Reused, instance_validator, parse_view
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LEADING_ID = re.compile(r'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
@@ -262,7 +262,10 @@ class _StreamingObject:
                 self._expect(":", "Expecting ':' delimiter")
                 if self._skip_ws() == "[":
                     self.pos += 1
-                    result[key] = self._instances() if key == "instances" and self.record else self._array()
+                    if key == "instances":
+                        result[key] = self._instances(instance_validator(result))
+                    else:
+                        result[key] = self._array()
                 else:
                     result[key] = self._value()
                 following = self._skip_ws()
@@ -290,10 +293,15 @@ class _StreamingObject:
             if following != ",":
                 raise json.JSONDecodeError("Expecting ',' delimiter", self.text, self.pos - 1)
 
-    def _instances(self) -> list[Any]:
-        """``_array`` for the instances, fingerprinting each element and reusing unchanged ones."""
+    def _instances(self, validate: Callable[[Any], Any] | None) -> list[Any]:
+        """``_array`` for the instances: each element validated as soon as it is decoded.
+
+        With ``record``, each element is also fingerprinted, and elements unchanged since
+        the memo's document are reused rather than decoded.
+        """
         items: list[Any] = []
         spans = self.spans = []
+        record = self.record
         self.reused = 0
         memo = self.memo
         if self._skip_ws() == "]":
@@ -305,8 +313,11 @@ class _StreamingObject:
             if item is None:
                 start = self.dropped + self.pos
                 item = self._value()
-                text = self.text[start - self.dropped:self.pos]
-                spans.append((len(text), hash(text)))
+                if record:
+                    text = self.text[start - self.dropped:self.pos]
+                    spans.append((len(text), hash(text)))
+                if validate is not None:
+                    item = validate(item)
             items.append(item)
             following = self._skip_ws()
             self.pos += 1

@@ -200,16 +200,45 @@ def parse_view_bytes(data: bytes) -> View:
 
 
 class Reused:
-    """An element of ``instances`` whose document text is that of an already validated instance.
+    """An element of ``instances`` that is already a validated :class:`Instance`.
 
-    The decoder puts these in place of decoded objects when it recognises unchanged text,
-    so neither decoding nor validating is repeated for it.
+    The decoder puts these in place of decoded objects when it recognises unchanged text
+    (so neither decoding nor validating is repeated for it) or when it validated the
+    element as soon as it was decoded (see :func:`instance_validator`).
     """
 
     __slots__ = ("instance",)
 
     def __init__(self, instance: Instance) -> None:
         self.instance = instance
+
+
+def instance_validator(document_so_far: dict[str, Any]) -> Callable[[Any], Any] | None:
+    """A function that validates one decoded element of ``instances`` on its own, or None.
+
+    A streaming decoder calls it on each element as soon as the element is decoded, so the
+    decoded objects of one instance are freed before the next one is decoded: peak memory
+    stays near one instance's worth, and the long-lived objects of the snapshot are not left
+    scattered among freed ones (a fragmented heap the allocator cannot give back).  Elements
+    the fast validator does not accept are returned unchanged for :func:`parse_view` to
+    explain.  None when ``networks`` has not been decoded yet or has problems (instances
+    are validated against its CIDRs).
+    """
+    networks = document_so_far.get("networks")
+    if networks is None or type(networks) is not list:
+        return None
+    problems = _Problems()
+    _, cidr_table = _parse_networks(_Reader({"networks": networks}, "$", problems), problems)
+    if problems.items:
+        return None
+
+    def validate(item: Any) -> Any:
+        if type(item) is not dict:
+            return item
+        instance = _fast_instance(item, cidr_table)
+        return item if instance is None else Reused(instance)
+
+    return validate
 
 
 def parse_view(document: object, cross_check: bool = True) -> View:

@@ -164,3 +164,40 @@ def test_streaming_decoder_across_tiny_chunks(monkeypatch) -> None:
             decode_view(broken)
     with pytest.raises(ViewInvalid, match="expected a JSON object"):
         decode_view(b"[" + b"1," * 40 + b"1]")
+
+
+@pytest.mark.parametrize("networks_first", [True, False])
+def test_streaming_decoder_validates_as_it_decodes_and_explains_the_rest(monkeypatch, networks_first: bool) -> None:
+    # Large documents are validated instance by instance while they are decoded; the
+    # answer (and every problem reported) must not depend on that, nor on member order.
+    from edge.view import formats
+    monkeypatch.setattr(formats, "_INCREMENTAL_THRESHOLD", 0)
+    monkeypatch.setattr(formats._StreamingObject, "CHUNK", 4096)
+    document = generate_view(instances=60, networks=3)
+    if not networks_first:
+        document = {"instances": document.pop("instances"), **document}
+    data = json.dumps(document).encode()
+    assert decode_view(data) == parse_view(json.loads(data))
+
+    document["instances"][5]["interfaces"][0]["private_ips"] = ["10.0.0.05"]
+    document["instances"][6]["launch_index"] = 1.5
+    document["instances"][9]["id"] = document["instances"][8]["id"]
+    with pytest.raises(ViewInvalid) as caught:
+        decode_view(json.dumps(document).encode())
+    assert caught.value.problems == _problems(json.loads(json.dumps(document)))
+    assert len(caught.value.problems) == 3, caught.value.problems
+    assert "$.instances[9].id" in " ".join(caught.value.problems)
+
+
+def test_streaming_decoder_checks_instances_against_the_documents_own_networks(monkeypatch) -> None:
+    from edge.view import formats
+    monkeypatch.setattr(formats, "_INCREMENTAL_THRESHOLD", 0)
+    document = generate_view(instances=20, networks=2)
+    vpc = next(i for i in document["instances"] if i["interfaces"][0].get("network"))
+    network = next(n for n in document["networks"] if n["id"] == vpc["interfaces"][0]["network"])
+    network["cidrs"] = ["198.51.100.0/24"]
+    network["subnets"] = []
+    with pytest.raises(ViewInvalid) as caught:
+        decode_view(json.dumps(document).encode())
+    assert f"is outside network {network['id']!r} CIDRs" in caught.value.problems[0]
+    assert caught.value.problems == _problems(json.loads(json.dumps(document)))
