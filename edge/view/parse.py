@@ -17,6 +17,7 @@ import ipaddress
 import json
 import re
 import socket
+from sys import intern
 from collections.abc import Callable
 from typing import Any
 
@@ -621,8 +622,24 @@ def _parse_interface(item: dict[str, Any], where: str, cidr_table: _CidrTable, p
 
 _OPTIONAL_STR_FIELDS = ("reservation_id", "account_id", "image_id", "kernel_id", "ramdisk_id",
                         "instance_type", "architecture", "launch_time", "availability_zone")
+_SHARED_STR_FIELDS = frozenset({"account_id", "image_id", "kernel_id", "ramdisk_id", "instance_type",
+                                "architecture", "launch_time", "availability_zone"})
+"""Fields most instances share a handful of values of: one string object per value (``sys.intern``)
+instead of one per instance saves about 0.9 KB per instance with the other shared fields below."""
+_PAIRS_CACHE: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+_PAIRS_CACHE_LIMIT = 4096
 _OPTIONS_CACHE: dict[tuple[object, object, object, object], MetadataOptions] = {}
 _GROUP_CACHE: dict[tuple[str, str], SecurityGroup] = {}
+
+
+def _shared_pairs(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """One tuple per distinct mapping (block device mappings repeat across instances of an image)."""
+    shared = _PAIRS_CACHE.get(pairs)
+    if shared is None:
+        if len(_PAIRS_CACHE) >= _PAIRS_CACHE_LIMIT:
+            return pairs
+        shared = _PAIRS_CACHE[pairs] = pairs
+    return shared
 
 
 def _fast_str_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
@@ -633,7 +650,8 @@ def _fast_str_pairs(value: object) -> tuple[tuple[str, str], ...] | None:
     for v in value.values():
         if type(v) is not str:
             return None
-    return tuple(value.items())
+    # Keys (tag keys, device names) repeat across instances: one string object per key.
+    return tuple(zip(map(intern, value), value.values()))
 
 
 def _fast_instance(item: dict[str, Any], cidr_table: _CidrTable) -> Instance | None:
@@ -663,7 +681,7 @@ def _fast_instance(item: dict[str, Any], cidr_table: _CidrTable) -> Instance | N
         if value is not None:
             if type(value) is not str:
                 return None
-            optional[key] = value
+            optional[key] = intern(value) if key in _SHARED_STR_FIELDS else value
     launch_index = get("launch_index")
     if launch_index is not None:
         if type(launch_index) is not int:
@@ -680,14 +698,17 @@ def _fast_instance(item: dict[str, Any], cidr_table: _CidrTable) -> Instance | N
             name, openssh = key.get("name"), key.get("openssh")
             if type(name) is not str or type(openssh) is not str:
                 return None
-            keys.append(PublicKey(name, openssh))
+            # Key pairs are shared by every instance launched with them.
+            keys.append(PublicKey(intern(name), intern(openssh)))
         optional["public_keys"] = tuple(keys)
     user_data = get("user_data")
     if user_data is not None:
         if type(user_data) is not str:
             return None
         try:
-            optional["user_data"] = base64.b64decode(user_data, validate=True)
+            # Stricter than b64decode(validate=True) (padding rules): anything it refuses
+            # goes to the explaining parser, which decides as b64decode does.
+            optional["user_data"] = binascii.a2b_base64(user_data, strict_mode=True)
         except (binascii.Error, ValueError):
             return None
     iam = get("iam")
@@ -697,13 +718,13 @@ def _fast_instance(item: dict[str, Any], cidr_table: _CidrTable) -> Instance | N
         arn, profile_id, role = iam.get("instance_profile_arn"), iam.get("instance_profile_id"), iam.get("role")
         if type(arn) is not str or type(profile_id) is not str or type(role) is not str or not role or "/" in role:
             return None
-        optional["iam"] = IamProfile(arn, profile_id, role)
+        optional["iam"] = IamProfile(intern(arn), profile_id, intern(role))
     for key in ("tags", "block_devices"):
         pairs = _fast_str_pairs(get(key))
         if pairs is None:
             return None
         if pairs:
-            optional[key] = pairs
+            optional[key] = _shared_pairs(pairs) if key == "block_devices" else pairs
     codes = get("product_codes")
     if codes is not None:
         if type(codes) is not list or any(type(c) is not str for c in codes):
@@ -744,12 +765,16 @@ def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | 
         network = DEFAULT_NETWORK
     elif type(network) is not str:
         return None
+    else:
+        network = intern(network)
     cidrs = cidr_table.get(network)
     if cidrs is None and network != DEFAULT_NETWORK:
         return None
     subnet = get("subnet")
-    if subnet is not None and type(subnet) is not str:
-        return None
+    if subnet is not None:
+        if type(subnet) is not str:
+            return None
+        subnet = intern(subnet)
     raw_ips = get("private_ips")
     if type(raw_ips) is not list or not raw_ips:
         return None
@@ -798,8 +823,10 @@ def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | 
                 cached = _GROUP_CACHE.setdefault(key, SecurityGroup(*key)) if len(_GROUP_CACHE) < 65536 else SecurityGroup(*key)
             groups.append(cached)
     owner_id = get("owner_id")
-    if owner_id is not None and type(owner_id) is not str:
-        return None
+    if owner_id is not None:
+        if type(owner_id) is not str:
+            return None
+        owner_id = intern(owner_id)
     sources = get("metadata_sources")
     if sources is not None:
         if type(sources) is not list or any(canonical_ipv4(a) != a for a in sources):
