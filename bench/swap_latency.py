@@ -1,14 +1,21 @@
 """Latency under steady load while a large view is swapped in, and time from new serial to serving.
 
-Usage: ``python -m bench.swap_latency [--instances 100000] [--rate 1000] [--workers 1,2]``
+Usage: ``python -m bench.swap_latency [--instances 100000] [--rate 1000] [--workers 1,2] [--change delta,full]``
 
-For each worker count: generate a view of N instances (flat network on
-127.x.y.z), start edge on it, run a steady keep-alive client from one instance
-address at a fixed request rate, publish a new serial that adds one instance,
-and report p50/p99/max latency for the requests sent during the swap window
+For each worker count and kind of change: generate a view of N instances (flat
+network on 127.x.y.z), start edge on it (pinned to cpu 1 on a machine with
+several cores; the client runs on cpu 0), run a steady keep-alive client from
+one instance address at a fixed request rate, publish a new serial that adds
+one instance, and report p50/p99/max latency for the requests sent during the swap window
 (publish -> every worker serving the new view), the longest gap between two
 answers, and the time from the new serial at the source to the new instance
 being answered.  Bounded: one swap per worker count, a few seconds each.
+
+``delta``: the new serial only adds the instance, so every process builds it
+as a delta of the served snapshot.  ``full``: the new serial also changes
+``cloud`` (the DNS TTL), which forces a full build: with several workers and a
+view of at least ``view.swap_by_restart_instances`` instances, replacement
+workers build it while the old ones keep serving.
 Traffic stays on loopback.
 """
 
@@ -84,7 +91,15 @@ async def _probe_new_instance(port: int, source: str) -> bool:
         return False
 
 
-def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_threshold: int) -> dict:
+def _pinning() -> tuple[list[str], int | None]:
+    """(command prefix for the server, cpu for this client) when there are cores to separate."""
+    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return [], None
+    return ["taskset", "-c", "1"], 0
+
+
+def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_threshold: int,
+            change: str = "delta") -> dict:
     from edge.testing.generate import generate_view
 
     view_path = workdir / "view.json"
@@ -93,8 +108,11 @@ def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_th
     ports = {name: _free_port() for name in ("metadata", "dns", "admin")}
     state = workdir / f"state-{workers}"
     shutil.rmtree(state, ignore_errors=True)
+    server_prefix, client_cpu = _pinning()
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge", "serve", "--view", str(view_path), "--workers", str(workers),
+        [*server_prefix, sys.executable, "-m", "edge", "serve", "--view", str(view_path), "--workers", str(workers),
          "--state-dir", str(state), "--metadata-listen", f"127.0.0.1:{ports['metadata']}",
          "--dns-listen", f"127.0.0.1:{ports['dns']}", "--admin-listen", f"127.0.0.1:{ports['admin']}",
          "--poll-interval", "0.5", "--log-level", "warning"],
@@ -122,6 +140,8 @@ def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_th
                                        private_ips=[new_address], public_ip=None)]
         document["instances"].append(newcomer)
         document["serial"] = 2
+        if change == "full":
+            document["cloud"]["dns_ttl"] = int(document["cloud"].get("dns_ttl", 60)) + 1
         staged = workdir / "view-serial-2.json"
         staged.write_text(json.dumps(document))
         del document
@@ -156,7 +176,7 @@ def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_th
             times = [sent for sent, _ in samples]
             gaps = [b - a for a, b in zip(times, times[1:]) if a >= published]
             return {
-                "instances": instances, "workers": workers, "rate": rate,
+                "instances": instances, "workers": workers, "rate": rate, "change": change,
                 "baseline_p99_ms": 1000 * _quantile(baseline, 0.99),
                 "swap_p50_ms": 1000 * _quantile(during, 0.50),
                 "swap_p99_ms": 1000 * _quantile(during, 0.99),
@@ -189,20 +209,25 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=100000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--change", default="delta,full",
+                        help="kinds of new serial: delta (one instance added) and/or full (cloud changed too)")
     parser.add_argument("--restart-threshold", type=int, default=20000,
                         help="view.swap_by_restart_instances for the runs (0: always swap in place)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        for workers in (int(w) for w in args.workers.split(",")):
-            rows.append(run_one(args.instances, workers, args.rate, Path(directory), args.restart_threshold))
+        for change in args.change.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                rows.append(run_one(args.instances, workers, args.rate, Path(directory), args.restart_threshold,
+                                    change))
     print(f"Steady keep-alive load at {args.rate:g} req/s from one instance while serial 2 of a "
-          f"{args.instances:,}-instance view is swapped in (poll interval 0.5 s).\n")
-    print("| workers | baseline p99 | swap p50 | swap p99 | swap max | longest gap | new serial -> served | reconnects |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.instances:,}-instance view is swapped in (poll interval 0.5 s); server pinned to cpu 1, "
+          f"client to cpu 0.\n")
+    print("| new serial | workers | baseline p99 | swap p50 | swap p99 | swap max | longest gap | new serial -> served | reconnects |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         served = f"{r['serial_to_serving_s']:.2f} s" if r["serial_to_serving_s"] is not None else "not served"
-        print(f"| {r['workers']} | {r['baseline_p99_ms']:.2f} ms | {r['swap_p50_ms']:.2f} ms | "
+        print(f"| {r['change']} | {r['workers']} | {r['baseline_p99_ms']:.2f} ms | {r['swap_p50_ms']:.2f} ms | "
               f"{r['swap_p99_ms']:.2f} ms | {r['swap_max_ms']:.1f} ms | {r['longest_gap_ms']:.1f} ms | {served} "
               f"| {r['reconnects']} |")
     print("\n```json\n" + json.dumps(rows, indent=1) + "\n```")

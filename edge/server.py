@@ -30,6 +30,10 @@ from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.server")
 
+FIRST_VIEW_WAIT = 60.0
+"""How long a worker started with no view on disk waits for the supervisor's first poll
+before binding anyway (a first build of a very large view takes tens of seconds)."""
+
 
 class Service(Protocol):
     preparers: list[Preparer]
@@ -115,6 +119,8 @@ class Gateway:
             self._supervised.poller = self.poller
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
             await self.poller.poll_once()
+            if self.store.current is None:
+                await self._supervised.first_poll(FIRST_VIEW_WAIT)
         for service in self.services:
             await service.start(reuse_port=self.control is not None)
         if self.control is None:

@@ -352,6 +352,8 @@ class SupervisedRefresh:
         self.poller: Poller | None = None
         self.frozen = False
         self._waiters: list[asyncio.Future[None]] = []
+        self._polled = asyncio.Event()
+        """Set once the supervisor has finished a poll and this worker has read its result."""
 
     async def listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -373,9 +375,22 @@ class SupervisedRefresh:
                 waiters, self._waiters = self._waiters, []
                 if not self.frozen:
                     await self.poller.poll_once()
+                self._polled.set()
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(None)
+
+    async def first_poll(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the supervisor's first poll result has been read.
+
+        A worker started before the supervisor has any view would otherwise bind and answer
+        every instance as unknown (after ``metadata.unknown_source_wait``) until the view
+        lands; not yet bound, it leaves connections to workers that can answer them.
+        """
+        try:
+            await asyncio.wait_for(self._polled.wait(), timeout)
+        except asyncio.TimeoutError:
+            event(log, logging.WARNING, "no view from the supervisor yet; serving without one", waited=timeout)
 
     def serving(self) -> None:
         try:

@@ -138,6 +138,25 @@ def test_workers_share_the_listeners_and_a_dead_worker_is_replaced(tmp_path, con
     assert gateway.stop() == 0
 
 
+def test_workers_started_before_the_first_view_do_not_answer_without_it(tmp_path, control_plane, gateways) -> None:
+    # A fresh gateway (nothing on disk) whose control plane takes a while to answer: a worker
+    # bound before the view arrives would make a known instance wait and then get "not found".
+    _published(control_plane)
+    control_plane.mode, control_plane.hang_seconds = "hang", 4.0
+    gateway = Gateway(tmp_path, control_plane.url, workers=2)
+    gateways.append(gateway)
+    answers: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + 30
+    while not answers and time.monotonic() < deadline:
+        try:
+            answers.append(_get(f"{gateway.metadata}/latest/meta-data/instance-id", timeout=10))
+        except OSError:
+            time.sleep(0.05)  # nothing listening yet
+    assert answers == [(200, b"i-0de0000000000001")], gateway.logs()
+    control_plane.mode = "normal"
+    assert gateway.stop() == 0
+
+
 def test_unknown_instance_triggers_one_supervised_refresh(tmp_path, control_plane, gateways) -> None:
     _published(control_plane, serial=1)
     gateway = Gateway(tmp_path, control_plane.url, workers=2, extra=["--poll-interval", "60"])
