@@ -114,3 +114,48 @@ def test_udp_protocol_callback(benchmark):
     wire = dns.message.make_query("ip-127-0-0-1.demo.internal", "A").to_wire()
     benchmark(protocol.datagram_received, wire, (INSTANCE, 5353))
     assert transport.sent >= 1
+
+
+@pytest.mark.parametrize("way", ["batch", "socket"])
+def test_udp_listener_batch_of_64(benchmark, way):
+    """One wake-up of a UDP listener with 64 queries waiting: receive, answer, send (loopback, real syscalls).
+
+    The median is per batch; divide by 64 for a query.  ``batch`` is recvmmsg/sendmmsg, ``socket``
+    recvfrom/sendto per datagram.
+    """
+    import socket
+
+    from edge.dns.datagrams import BATCH, BatchDatagrams, SocketDatagrams
+
+    store = ViewStore()
+    service = DnsService(Config(dns=DnsConfig(rate_limit=0.0)), store)
+    store.swap(build_snapshot(parse_view(demo_document()), service.preparers), "source")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((INSTANCE, 0))
+    listener.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((INSTANCE, 0))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client.setblocking(False)
+    protocol = DnsDatagramProtocol(service, "", listener)
+    if way == "socket":
+        protocol.datagrams = SocketDatagrams(listener)
+    elif not isinstance(protocol.datagrams, BatchDatagrams):
+        pytest.skip("no recvmmsg/sendmmsg here")
+    wire = dns.message.make_query("ip-127-0-0-1.demo.internal", "A").to_wire()
+    target = listener.getsockname()
+
+    def fill():
+        try:
+            while True:
+                client.recv(4096)
+        except BlockingIOError:
+            pass
+        for _ in range(BATCH):
+            client.sendto(wire, target)
+        return (), {}
+
+    benchmark.pedantic(protocol.readable, setup=fill, rounds=300)
+    assert client.recv(4096)[:2] == wire[:2]
+    listener.close()
+    client.close()

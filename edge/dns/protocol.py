@@ -1,7 +1,8 @@
 """Thin UDP and TCP protocols: frame, rate-limit, hand bytes to the engine, write what it returns.
 
-Local answers and cache hits are written inside ``datagram_received`` /
-``data_received``; only forwarded questions leave the callback, through
+Local answers and cache hits are written inside the callback that read the
+query (a UDP listener's reader callback, which takes a batch of waiting
+datagrams, or ``data_received``); only forwarded questions leave it, through
 :meth:`DnsService.forward`.  TCP follows RFC 7766: length-prefixed messages,
 several per connection, replies written as they complete (clients match IDs),
 an idle timeout and a cap on connections.
@@ -10,22 +11,37 @@ an idle timeout and a cap on connections.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from typing import TYPE_CHECKING
 
+from edge.dns.datagrams import datagrams_for
+
 if TYPE_CHECKING:
     from edge.dns.service import DnsService
+
+log = logging.getLogger("edge.dns")
 
 MAX_TCP_BUFFER = 65535 + 2
 
 
-class DnsDatagramProtocol(asyncio.DatagramProtocol):
+class DnsDatagramProtocol:
+    """One UDP listening socket, read from the event loop's reader callback and answered inline.
+
+    Each wake-up takes a batch of waiting queries (:mod:`edge.dns.datagrams`), answers
+    the local ones and cache hits, and sends their replies together; forwarded questions
+    are answered later with a ``sendto`` on the same socket.
+    """
+
     def __init__(self, service: DnsService, network: str, sock: socket.socket | None = None) -> None:
         self.service = service
         self.network = network
-        self.transport: asyncio.DatagramTransport | None = None
         self.sock = sock
+        self.datagrams = datagrams_for(sock) if sock is not None else None
+        self.transport: asyncio.DatagramTransport | None = None
+        """Where replies go when there is no socket (benchmarks hand in a collecting transport)."""
+        self.loop: asyncio.AbstractEventLoop | None = None
         # Bound once: the per-datagram path does no attribute walks it can avoid.
         self.allow = service.limiter.allow
         self.answer = service.engine.answer
@@ -33,10 +49,61 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
         self.stats = service.stats
         self.tally = service.tally
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self) -> None:
+        assert self.sock is not None
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self.readable)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.loop is not None:
+            self.loop.remove_reader(self.sock.fileno())  # type: ignore[union-attr]
+        self.sock.close()  # type: ignore[union-attr]
+
+    @property
+    def closed(self) -> bool:
+        return self.sock is None or self.sock.fileno() < 0
+
+    def readable(self) -> None:
+        datagrams = self.datagrams
+        received = datagrams.receive()  # type: ignore[union-attr]
+        if not received or self.service.closing:
+            return  # while stopping, queries are read and ignored so the socket does not stay readable
+        now = time.monotonic()
+        snapshot = self.store.current
+        network = self.network
+        allow, answer, tally = self.allow, self.answer, self.tally
+        queries = 0
+        try:
+            for index, (data, address) in enumerate(received):
+                if not allow(address, now):
+                    tally.count("rate_limited", "dns")
+                    continue
+                queries += 1
+                try:
+                    reply = answer(data, snapshot, network, address, now, True)
+                    if reply.__class__ is bytes:
+                        datagrams.reply(index, reply)  # type: ignore[union-attr,arg-type]
+                        tally.dns_reply(reply, now)  # type: ignore[arg-type]
+                    elif reply is None:
+                        self.stats.dropped += 1
+                        tally.request("dropped", "NONE")
+                    else:
+                        sender = self._sender(datagrams.source(index), now)  # type: ignore[union-attr]
+                        self.service.forward(reply, sender, udp=True)  # type: ignore[arg-type]
+                except Exception:
+                    # One bad query costs its own answer, not the rest of the batch.
+                    log.exception("dns: unexpected error on a UDP query from %s", address)
+        finally:
+            # Replies queued so far go out now: the next batch reuses the source addresses they point at.
+            self.stats.udp_queries += queries
+            dropped = datagrams.flush()  # type: ignore[union-attr]
+            if dropped:
+                self.stats.udp_replies_dropped += dropped
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+        """Answer one datagram (the same steps as :meth:`readable`, for callers that hold one)."""
         if self.service.closing:
             return
         now = time.monotonic()
@@ -55,30 +122,27 @@ class DnsDatagramProtocol(asyncio.DatagramProtocol):
         else:
             self.service.forward(reply, self._sender(addr, now), udp=True)  # type: ignore[arg-type]
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
     def send(self, reply: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
-        # A direct sendto on the socket skips the transport's bookkeeping; when the socket
-        # buffer is full the transport queues the datagram instead.
-        if self.sock is not None:
-            try:
-                self.sock.sendto(reply, addr)
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                return  # the client is gone (ICMP error) or the socket is closing: nothing to retry
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
+        """Send one reply now; when the kernel will not take it, drop it (a UDP server never waits)."""
+        if self.sock is None:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.sendto(reply, addr)
+            return
+        try:
+            self.sock.sendto(reply, addr)
+        except OSError:
+            # Send buffer full, or the client gone (ICMP error), or the socket closed: nothing to retry.
+            self.stats.udp_replies_dropped += 1
 
     def _sender(self, addr: tuple, received: float):  # type: ignore[no-untyped-def,type-arg]
         def send(reply: bytes | None) -> None:
-            if reply is not None and self.transport is not None and not self.transport.is_closing():
+            if reply is not None and not self.closed:
                 self.send(reply, addr)
                 self.tally.dns_reply(reply, received)
         return send
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier replies (client gone); nothing to do for the listener.
-        pass
 
 
 class DnsStreamProtocol(asyncio.Protocol):

@@ -36,6 +36,8 @@ class DnsStats:
     tcp_refused: int = 0
     forwarded: int = 0
     dropped: int = 0
+    udp_replies_dropped: int = 0
+    """Replies the kernel would not take (send buffer full): dropped, as a UDP server does, never waited for."""
 
 
 class DnsService:
@@ -54,7 +56,7 @@ class DnsService:
         """Per-request counts and latencies; the composition root exports them as metrics."""
         self.connections: set[DnsStreamProtocol] = set()
         self.closing = False
-        self._transports: list[asyncio.DatagramTransport] = []
+        self._udp: list[DnsDatagramProtocol] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -67,9 +69,9 @@ class DnsService:
     def addresses(self) -> list[tuple[str, int, str]]:
         """(host, port, network) actually bound, UDP listeners first (ports resolved when 0 was asked)."""
         out = []
-        for transport in self._transports:
-            name = transport.get_extra_info("sockname")
-            out.append((name[0], name[1], transport.get_protocol().network))  # type: ignore[attr-defined]
+        for listener in self._udp:
+            name = listener.sock.getsockname()  # type: ignore[union-attr]
+            out.append((name[0], name[1], listener.network))
         return out
 
     async def start(self, reuse_port: bool = False) -> None:
@@ -90,29 +92,28 @@ class DnsService:
             except OSError:
                 sock.close()
                 raise
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: DnsDatagramProtocol(self, network, sock), sock=sock)
-            bound = transport.get_extra_info("sockname")[1]
+            bound = sock.getsockname()[1]
             try:
                 server = await loop.create_server(
                     lambda: DnsStreamProtocol(self, network), host=host, port=bound, family=family,
                     reuse_address=True, reuse_port=reuse_port or None)
             except OSError:
-                transport.close()
+                sock.close()
                 if port or attempt == 19:
                     raise
                 continue
-            self._grow_receive_buffer(transport)
-            self._transports.append(transport)
+            self._grow_receive_buffer(sock)
+            listener = DnsDatagramProtocol(self, network, sock)
+            listener.start()
+            self._udp.append(listener)
             self._servers.append(server)
             log.info("dns listening on %s port %d (udp+tcp) network=%r", host, bound, network)
             return
 
-    def _grow_receive_buffer(self, transport: asyncio.DatagramTransport) -> None:
+    def _grow_receive_buffer(self, sock: socket.socket) -> None:
         size = self.config.dns.udp_receive_buffer
         if not size:
             return
-        sock = transport.get_extra_info("socket")
         try:
             # FORCE passes net.core.rmem_max when we have CAP_NET_ADMIN; otherwise take what is allowed.
             sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
@@ -153,12 +154,12 @@ class DnsService:
             task.cancel()
         for connection in list(self.connections):
             connection.close()
-        for transport in self._transports:
-            transport.close()
+        for listener in self._udp:
+            listener.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        self._transports.clear()
+        self._udp.clear()
 
     def export_metrics(self) -> None:
         """Copy the plain counters into the tally's subsystem totals (called once a second)."""

@@ -258,3 +258,177 @@ def test_tcp_client_that_never_reads_is_paused_not_buffered_forever(edge):
         assert edge.service.stats.dropped == 0
     # and it still serves everyone else
     assert dig(edge.port, "ip-127-0-0-1.demo.internal", "A", "+tcp").status == "NOERROR"
+
+
+# UDP listeners read a batch of waiting datagrams per wake-up (recvmmsg where the platform has it,
+# recvfrom otherwise) and send the replies together: each reply must still reach its own client.
+
+@pytest.fixture(params=["batch", "socket"])
+def datagrams(request, monkeypatch):
+    """Run the test with both ways of moving datagrams."""
+    from edge.dns import datagrams, protocol
+    if request.param == "socket":
+        monkeypatch.setattr(protocol, "datagrams_for", datagrams.SocketDatagrams)
+    elif datagrams._CALLS is None:
+        pytest.skip("no recvmmsg/sendmmsg here")
+    return request.param
+
+
+def expected_rcode(query: dns.message.Message) -> int:
+    name = query.question[0].name.to_text()
+    return dns.rcode.NXDOMAIN if name.startswith("nope") else dns.rcode.NOERROR
+
+
+def test_a_burst_from_many_clients_is_answered_to_each(edge_factory, datagrams):
+    server = edge_factory()
+    clients = []
+    try:
+        for number in range(8):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((f"127.0.0.{number % 4 + 1}", 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(3)
+            clients.append((sock, {}))
+        # More than one batch's worth, sent before anything is read, interleaved across clients.
+        for round_ in range(40):
+            for number, (sock, sent) in enumerate(clients):
+                kind = (round_ + number) % 4
+                if kind == 0:
+                    query = dns.message.make_query(f"ip-127-0-0-{number % 4 + 1}.demo.internal", "A")
+                elif kind == 1:
+                    query = dns.message.make_query(f"nope{round_}.demo.internal", "A", use_edns=0)
+                elif kind == 2:
+                    query = dns.message.make_query("1.0.0.127.in-addr.arpa", "PTR")
+                else:
+                    query = dns.message.make_query("IP-127-0-0-2.demo.internal", "A", want_dnssec=True)
+                sent[query.id] = query
+                sock.sendto(query.to_wire(), ("127.0.0.1", server.port))
+        for sock, sent in clients:
+            for _ in range(len(sent)):
+                reply = dns.message.from_wire(sock.recv(4096))
+                query = sent.pop(reply.id)  # an answer to this client's own question, once
+                assert reply.question == query.question
+                assert reply.rcode() == expected_rcode(query)
+                assert (reply.edns >= 0) == (query.edns >= 0)
+            assert not sent
+    finally:
+        for sock, _ in clients:
+            sock.close()
+    assert server.service.stats.udp_queries == 8 * 40
+
+
+def test_a_burst_mixing_good_malformed_and_refused_queries(edge_factory, datagrams):
+    server = edge_factory()
+    good = dns.message.make_query("ip-127-0-0-1.demo.internal", "A")
+    two_questions = bytearray(dns.message.make_query("ip-127-0-0-1.demo.internal", "A").to_wire())
+    two_questions[4:6] = b"\x00\x02"
+    unreadable = b"\x12\x34\x01"
+    stranger = dns.message.make_query("example.com", "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as outsider:
+        sock.bind(("127.0.0.1", 0))
+        outsider.bind((STRANGER, 0))
+        for sock_ in (sock, outsider):
+            sock_.settimeout(3)
+        for _ in range(30):
+            sock.sendto(unreadable, ("127.0.0.1", server.port))
+            sock.sendto(bytes(two_questions), ("127.0.0.1", server.port))
+            outsider.sendto(stranger.to_wire(), ("127.0.0.1", server.port))
+            sock.sendto(good.to_wire(), ("127.0.0.1", server.port))
+        rcodes = [dns.message.from_wire(sock.recv(4096)).rcode() if index % 2 == 0 else sock.recv(4096)[3] & 0xF
+                  for index in range(60)]
+        assert rcodes.count(dns.rcode.FORMERR) == 30 and rcodes.count(dns.rcode.NOERROR) == 30
+        refused = [dns.message.from_wire(outsider.recv(4096)) for _ in range(30)]
+        assert all(r.rcode() == dns.rcode.REFUSED and r.id == stranger.id for r in refused)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)  # the unreadable ones were dropped
+    assert server.service.stats.dropped == 30
+
+
+def test_a_large_query_is_read_whole(edge_factory, datagrams):
+    server = edge_factory()
+    option = dns.edns.GenericOption(65001, b"x" * 9000)
+    query = dns.message.make_query("ip-127-0-0-1.demo.internal", "A", use_edns=0, options=[option])
+    reply = raw_udp(server.port, query.to_wire(max_size=65535))
+    assert reply is not None
+    parsed = dns.message.from_wire(reply)
+    assert parsed.rcode() == dns.rcode.NOERROR and parsed.id == query.id
+    assert parsed.answer[0][0].address == "127.0.0.1"
+
+
+def test_forwarded_and_local_answers_in_one_burst(edge_factory, dnsmasq_factory, datagrams):
+    from tests.dns.conftest import UPSTREAM_RECORDS
+    upstream = dnsmasq_factory(*UPSTREAM_RECORDS, ttl=60)
+    server = edge_factory(upstreams=(upstream.address,))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(3)
+        sent = {}
+        for index in range(24):
+            name = "www.upstream.test" if index % 3 == 0 else f"ip-127-0-0-{index % 4 + 1}.demo.internal"
+            query = dns.message.make_query(name, "A")
+            sent[query.id] = query
+            sock.sendto(query.to_wire(), ("127.0.0.1", server.port))
+        for _ in range(24):
+            reply = dns.message.from_wire(sock.recv(4096))
+            query = sent.pop(reply.id)
+            name = query.question[0].name.to_text()
+            expected = "192.0.2.10" if name == "www.upstream.test." else "127.0.0." + name.split(".")[0][-1]
+            assert reply.rcode() == dns.rcode.NOERROR and reply.answer[0][0].address == expected
+
+
+def test_ipv6_burst_from_several_clients(edge_factory, datagrams):
+    try:
+        server = edge_factory(listen=("[::1]:0",))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    clients = []
+    try:
+        for _ in range(4):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.bind(("::1", 0))
+            sock.settimeout(3)
+            clients.append((sock, {}))
+        for _ in range(20):
+            for sock, sent in clients:
+                query = dns.message.make_query("ip-127-0-0-1.demo.internal", "A")
+                sent[query.id] = query
+                sock.sendto(query.to_wire(), ("::1", server.port))
+        for sock, sent in clients:
+            for _ in range(len(sent)):
+                reply = dns.message.from_wire(sock.recv(4096))
+                sent.pop(reply.id)
+                assert reply.answer[0][0].address == "127.0.0.1"
+    finally:
+        for sock, _ in clients:
+            sock.close()
+
+
+def test_stopping_listener_reads_and_ignores_queries(edge_factory, datagrams):
+    server = edge_factory()
+    server.service.closing = True  # as stop() sets it before waiting for forwarded queries
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.3)
+        for _ in range(100):
+            sock.sendto(query_bytes(), ("127.0.0.1", server.port))
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+        # drained, so the loop is not woken again and again for the same queries
+        deadline = time.monotonic() + 3
+        while receive_queue(server.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receive_queue(server.port) == 0
+    assert server.service.stats.udp_queries == 0
+
+
+def receive_queue(port: int) -> int:
+    """Bytes waiting in the receive queue of the UDP socket bound to 127.0.0.1:``port`` (/proc/net/udp)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as table:
+        for line in table:
+            fields = line.split()
+            if fields[1] == local:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no UDP socket on port {port}")
