@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,120 @@ def test_machines_follow_the_view() -> None:
     assert first.private_name == "ip-" + first.address.replace(".", "-") + ".gen.internal"
     assert first.neighbour_address == machines[1].address
     assert first.ptr_name == ".".join(reversed(first.address.split("."))) + ".in-addr.arpa"
+
+
+def test_markdown_report_states_the_ceilings() -> None:
+    def result(target: str, rate: float) -> bootstorm.StormResult:
+        return bootstorm.StormResult(
+            target=target, instances=10, booted=10, seconds=1.0, boots_per_second=rate, http_requests=550,
+            dns_queries=40, dns_retries=0, http_p50_ms=1, http_p99_ms=2, http_max_ms=3, dns_p50_ms=1,
+            dns_p99_ms=2, dns_max_ms=3, errors=0, error_kinds={}, error_examples=[], server_cpu_seconds=1,
+            server_cpu_us_per_request=50, client_cpu_share=0.5, client_cpu_us_per_request=42)
+
+    report = bootstorm.BootstormReport(
+        instances=10, rounds=1, delay_ms=10, upstream_workers=64, client_processes=1,
+        cores=CorePlan(server=(1,), client=(0,)),
+        results={"edge-w1": [result("edge --workers 1", 150)], "classic": [result("classic", 75)]},
+        commands=[], connection_ceiling_rps=14_300)
+    text = bootstorm.markdown(report)
+
+    # 64 / 10 ms = 6,400 requests/s over 55 HTTP requests per boot; 14,300 / 55 = 260 boots/s.
+    assert "64 / 10 ms = 6,400 requests/s, 116.4 boots/s at 55.0 HTTP requests per boot (measured: 75.0)" in text
+    assert "reached 14,300 requests/s in this run, 260.0 boots/s" in text
+    assert "5x the classic design is 375.0 boots/s, 1.4x that ceiling: out of reach on this machine" in text
+    assert "| 50% (42) |" in text
+    report.connection_ceiling_rps = None
+    assert "Ceiling, this machine" not in bootstorm.markdown(report)
+
+
+def _reply(question: bootstorm.DnsQuestion, *records: str, rcode: int = 0) -> bytes:
+    from dnslib import RR, DNSRecord
+
+    reply = DNSRecord.parse(question.query).reply()
+    reply.header.rcode = rcode
+    for record in records:
+        reply.add_answer(*RR.fromZone(record))
+    return reply.pack()
+
+
+def test_dns_answers_are_checked() -> None:
+    own = bootstorm.dns_question("ip-127-0-0-5.gen.internal", "A", "127.0.0.5", 4660)
+    ptr = bootstorm.dns_question("5.0.0.127.in-addr.arpa", "PTR", "ip-127-0-0-5.gen.internal", 4661)
+    assert own.query[:2] == b"\x12\x34"
+
+    assert bootstorm.dns_problem(own, _reply(own, "ip-127-0-0-5.gen.internal. 60 A 127.0.0.5")) is None
+    assert bootstorm.dns_problem(ptr, _reply(ptr, "5.0.0.127.in-addr.arpa. 60 PTR ip-127-0-0-5.gen.internal.")) \
+        is None
+    # Not one record alone, but the one wanted: still right.
+    assert bootstorm.dns_problem(own, _reply(own, "ip-127-0-0-5.gen.internal. 60 A 127.0.0.5",
+                                             "ip-127-0-0-5.gen.internal. 60 TXT hello")) is None
+    assert bootstorm.dns_problem(own, _reply(own, "ip-127-0-0-5.gen.internal. 60 A 127.0.0.6")) == (
+        "wrong answer", "ip-127-0-0-5.gen.internal A: ['127.0.0.6'] != [127.0.0.5]")
+    assert bootstorm.dns_problem(own, _reply(own, "ip-127-0-0-5.gen.internal. 60 A 127.0.0.5",
+                                             "ip-127-0-0-5.gen.internal. 60 A 127.0.0.7"))[0] == "wrong answer"
+    # The right data in a record of another type is not the answer.
+    assert bootstorm.dns_problem(ptr, _reply(ptr, "5.0.0.127.in-addr.arpa. 60 CNAME ip-127-0-0-5.gen.internal."))[0] \
+        == "wrong answer"
+    assert bootstorm.dns_problem(own, _reply(own, rcode=3))[0] == "dns NXDOMAIN"
+    assert bootstorm.dns_problem(own, b"\x12\x34\x81")[0].startswith("bad answer")
+
+
+def test_response_length() -> None:
+    assert bootstorm.response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab") == 43
+    assert bootstorm.response_length(b"HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length:3\r\nA: b\r\n\r\n") == 57
+    assert bootstorm.response_length(b"HTTP/1.1 200 OK\r\nContent-Len") == -1
+    assert bootstorm.response_length(b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nbody until the end") == 0
+
+
+def _serve_once_per_connection(answers: list[list[bytes]]) -> tuple[int, threading.Thread]:
+    """A TCP server on loopback answering its n-th connection with the pieces ``answers[n]`` (sent apart),
+    then closing it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve() -> None:
+        with listener:
+            for pieces in answers:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(65536)
+                    for piece in pieces:
+                        connection.sendall(piece)
+                        time.sleep(0.05)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+def test_http_answers_in_pieces_are_put_together_and_cut_short_ones_are_errors() -> None:
+    port, server = _serve_once_per_connection([
+        [b"HTTP/1.1 200 OK\r\nContent-", b"Length: 5\r\n\r\nab", b"cde"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"],
+        [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"],
+    ])
+    machine = bootstorm.machines_of(generate_view(instances=2, networks=1, loopback=True))[0]
+    tally = bootstorm.Tally()
+    boot = bootstorm.Boot(machine, tally)
+    bodies = []
+
+    def program() -> bootstorm.Program:
+        for _ in range(3):
+            bodies.append((yield from boot.http(b"GET", b"/x", b" HTTP/1.1\r\nConnection: close\r\n\r\n")))
+
+    assert bootstorm.Storm("127.0.0.1", port, 0, tally).run([program()], 10.0) == 0
+    server.join(5)
+
+    assert bodies == [b"abcde", None, None]
+    assert tally.errors == {"http ConnectionError": 1, "http 404": 1}
+    assert len(tally.http_seconds) == 2
+
+
+def test_a_target_that_is_not_there_is_an_error_per_instance() -> None:
+    machines = bootstorm.machines_of(generate_view(instances=3, networks=1, loopback=True))
+    closed = bootstorm.free_port()
+    tally, _ = bootstorm.run_storm(machines, "127.0.0.1", closed, closed)
+
+    assert tally.booted == 0
+    assert tally.errors == {"http ConnectionRefusedError": 3}
