@@ -2,7 +2,8 @@
 
 ``python -m pytest bench/bench_metadata.py --benchmark-enable`` measures
 ``MetadataHandler.answer`` (identify, authorise, look up, produce bytes) and the
-whole protocol path (httptools parse + answer + write to a collecting transport).
+whole protocol path (httptools parse + answer + write to a collecting transport), on a
+kept-alive connection and for a connection opened for one request.
 """
 
 from __future__ import annotations
@@ -124,4 +125,31 @@ def test_protocol_keep_alive_request(benchmark, setup):
             b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n")
     benchmark(protocol.data_received, data)
     assert protocol.transport.written > 0  # type: ignore[union-attr]
+    loop.close()
+
+
+def test_protocol_connection_per_request(benchmark, setup):
+    """A connection for one request, as real clients do: set-up, parse, answer, close and clean-up
+    (everything of edge's per connection except the socket work uvloop does)."""
+    config, handler, store, _ = setup
+    loop = uvloop.new_event_loop()
+    service = MetadataService(config, store, lambda: None)  # type: ignore[arg-type]
+    service.handler = handler
+    data = (b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+            b"User-Agent: curl/7.88.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+
+    def connection() -> _Transport:
+        transport = _Transport()
+        protocol = MetadataProtocol(service, "")
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(data)
+        protocol.connection_lost(None)
+        return transport
+
+    async def run() -> None:
+        assert connection().written > 0
+        benchmark(connection)
+
+    loop.run_until_complete(run())
+    assert not service.connections and not service.per_source
     loop.close()

@@ -92,7 +92,9 @@ class MetadataHandler:
         target = request.target
         head_only = method == b"HEAD"
         if method == b"GET" or head_only:
-            if b"api/token" in target and _is_token_path(target):
+            # find, not ``in``: bytes.__contains__ first tries the operand as an integer and formats
+            # (then discards) a TypeError on every request.
+            if target.find(b"api/token") >= 0 and _is_token_path(target):
                 return self.refuse(Outcome.TOKEN_METHOD, request)
         elif method == b"PUT":
             return self._put(snapshot, peer, request, now, mono)
@@ -103,9 +105,16 @@ class MetadataHandler:
 
         if snapshot is None:
             return self._unknown(peer.network, peer.address, request)
-        network, address, attachment = attachment_for(snapshot, peer, request.forwarded_for, request.network_header)
-        if attachment is None:
-            return self._unknown(network, address, request)
+        if not peer.trusted and peer.generation == snapshot.generation:
+            # What attachment_for answers for a peer asking as itself, already looked up in this snapshot.
+            attachment = peer.attachment
+            if attachment is None:
+                return self._unknown(peer.network, peer.address, request)
+        else:
+            network, address, attachment = attachment_for(snapshot, peer, request.forwarded_for,
+                                                          request.network_header)
+            if attachment is None:
+                return self._unknown(network, address, request)
         instance = attachment.instance
         options = instance.metadata_options
         if not options.endpoint_enabled:
@@ -145,7 +154,9 @@ class MetadataHandler:
                 return NeedCredentials(instance, attachment.interface.primary_ip, found.role, ttl_line)
             found = credentials
         if ttl_line is None:
-            return found.wire(request.keep_alive, head_only)
+            if head_only:
+                return found.head_keep_alive if request.keep_alive else found.head_close
+            return found.keep_alive if request.keep_alive else found.close
         return found.wire_with(ttl_line, request.keep_alive, head_only)
 
     def _put(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float, mono: float) -> bytes | Pending:

@@ -23,7 +23,7 @@ import httptools
 
 from edge.eucalyptus.fallback import NeedController
 from edge.metadata.handler import NeedCredentials, Pending, Request, UnknownSource
-from edge.metadata.identify import Peer, canonical_peer
+from edge.metadata.identify import Peer
 from edge.metadata.responses import ANSWERS, Outcome
 
 if TYPE_CHECKING:
@@ -98,26 +98,52 @@ class MetadataProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        service = self.service
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else ""
-        if ":" in address:
-            address = canonical_peer(address)
-        proxies = self.service.trusted_proxies
-        self.peer = Peer(address, self.network, bool(proxies.networks) and address in proxies)
-        if not self.service.connection_opened(self):
+        peer = service.peers.get(address)
+        if peer is None or peer.network != self.network:
+            peer = service.new_peer(address, self.network)
+        self.peer = peer
+        # The connection caps are counted here rather than in a service method: this runs once per
+        # request for most clients.
+        source = peer.address
+        per_source = service.per_source
+        count = per_source.get(source, 0)
+        connections = service.connections
+        limits = self.limits
+        if len(connections) >= limits.max_connections or count >= limits.max_connections_per_source:
+            service.refused_connections += 1
             self.closing = True
             transport.write(ANSWERS[Outcome.THROTTLED].close)
             transport.close()
             return
-        self.deadline = self.service.idle_deadline
+        per_source[source] = count + 1
+        connections.add(self)
+        self.counted_source = source
+        self.deadline = service.idle_deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.service.connection_closed(self)
+        source = self.counted_source
+        if source is not None:
+            self.counted_source = None
+            service = self.service
+            service.connections.discard(self)
+            per_source = service.per_source
+            count = per_source.get(source, 0) - 1
+            if count > 0:
+                per_source[source] = count
+            else:
+                per_source.pop(source, None)
         if self.slow_task is not None and not self.slow_task.done():
             self.slow_task.cancel()
         if self.queue:
             self.queue.clear()
+        # The parser refers back to this protocol: without that cycle the connection is freed as soon
+        # as uvloop lets go of it, instead of by the cycle collector (which would run every few
+        # hundred connections).
+        del self.parser
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -230,29 +256,51 @@ class MetadataProtocol(asyncio.Protocol):
             self._request = Request(b"", b"")
             self._has_fields = False
             return
-        self.handle(request)
-        if self.busy:
+        # handle() and write(), written out: this is the path of nearly every request.
+        service = self.service
+        request.started = mono = _monotonic()
+        result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
+                                     request, _time(), mono)
+        if result.__class__ is not bytes:
+            self.wait(request, result)  # type: ignore[arg-type]
             self._request = Request(b"", b"")
-        elif self._has_fields or request.hop_limit:
+            self._has_fields = False
+            return
+        if request.hop_limit:
+            self.set_hop_limit(request.hop_limit)
+        transport = self.transport
+        assert transport is not None
+        transport.write(result)  # type: ignore[arg-type]
+        service.tally.http_reply(request.target, result, mono)  # type: ignore[arg-type]
+        if request.keep_alive:
+            self.deadline = service.idle_deadline
+        else:
+            self.closing = True
+            transport.close()
+        if self._has_fields or request.hop_limit:
             request.token = request.token_ttl = request.forwarded_for = request.network_header = None
             request.hop_limit = 0
-        self._has_fields = False
+            self._has_fields = False
 
     # -- answering -------------------------------------------------------------------------------
 
     def handle(self, request: Request) -> None:
-        self.service.requests += 1
+        """Answer a request that waited in the queue (the same steps as on_message_complete)."""
         request.started = mono = _monotonic()
         result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
                                      request, _time(), mono)
         if result.__class__ is bytes:
             self.write(result, request)  # type: ignore[arg-type]
-            return
+        else:
+            self.wait(request, result)  # type: ignore[arg-type]
+
+    def wait(self, request: Request, pending: Pending) -> None:
+        """Stop reading and answer ``request`` on the slow path; later requests queue behind it."""
         self.busy = True
         self.deadline = _NEVER
         assert self.transport is not None
         self.transport.pause_reading()
-        self.slow_task = asyncio.get_running_loop().create_task(self.slow(request, result))  # type: ignore[arg-type]
+        self.slow_task = asyncio.get_running_loop().create_task(self.slow(request, pending))
 
     def write(self, data: bytes, request: Request) -> None:
         transport = self.transport

@@ -10,9 +10,11 @@ address the current view does not know yet ask the view poller to refresh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from edge.etcd import FleetTokenKeys, read_fleet_token_keys
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
 from edge.metadata.handler import MetadataHandler
-from edge.metadata.identify import TrustedProxies
+from edge.metadata.identify import Peer, TrustedProxies, canonical_peer
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
 from edge.metadata.protocol import MetadataProtocol
 from edge.ratelimit import RateLimiter
@@ -35,6 +37,11 @@ log = logging.getLogger("edge.metadata")
 
 TOKEN_KEY_FILE = "token-keys"
 
+PEERS_REMEMBERED = 16_384
+"""Source addresses whose :class:`Peer` is reused by their next connection; the oldest is forgotten
+first, one at a time (a Peer may hold the last reference to an instance of a replaced view, so
+dropping thousands at once could stall the loop the way freeing a whole snapshot would)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProtocolLimits:
@@ -42,11 +49,14 @@ class ProtocolLimits:
     keep_alive: bool
     max_url_bytes: int
     max_header_bytes: int
+    max_connections: int
+    max_connections_per_source: int
     max_body_bytes: int = 64 * 1024
 
     @classmethod
     def of(cls, config: MetadataConfig) -> ProtocolLimits:
-        return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes)
+        return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes,
+                   config.max_connections, config.max_connections_per_source)
 
 
 def token_key_path(config: Config) -> Path:
@@ -91,6 +101,10 @@ class MetadataService:
         self.servers: list[asyncio.Server] = []
         self.connections: set[MetadataProtocol] = set()
         self.per_source: dict[str, int] = {}
+        """Open connections per source address; the protocol counts them (caps in ``limits``)."""
+        self.peers: OrderedDict[str, Peer] = OrderedDict()
+        """Socket peer name -> its Peer: an instance opens a connection per request, so its identity
+        (and the attachment it last looked up) carry over instead of being rebuilt every time."""
         self.stopping = False
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_started = 0.0
@@ -102,7 +116,6 @@ class MetadataService:
         self.tally = Tally("http")
         """Per-request counts and latencies; the composition root exports them as metrics."""
         # plain counters, exported by export_metrics
-        self.requests = 0
         self.refreshes = 0
         self.rejected = 0
         self.timeouts = 0
@@ -119,10 +132,9 @@ class MetadataService:
         loop = asyncio.get_running_loop()
         for listen in self.config.metadata.listen:
             network = listen.network
-
-            def factory(network: str = network) -> MetadataProtocol:
-                return MetadataProtocol(self, network)
-
+            # A partial rather than a closure: the loop calls it for every connection, and it makes
+            # the protocol without a Python frame of its own.
+            factory = functools.partial(MetadataProtocol, self, network)
             server = await loop.create_server(factory, listen.host, listen.port, reuse_port=reuse_port or None,
                                               backlog=2048)
             self.servers.append(server)
@@ -179,6 +191,7 @@ class MetadataService:
         handler.credentials.configure(source_from_config(metadata.credentials), metadata.credentials)
         self.limits = ProtocolLimits.of(metadata)
         self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
+        self.peers = OrderedDict()
         self._configure_controller(config)
         self.config = config
         log.info("metadata configuration reloaded keys=%d", len(keys.by_id))
@@ -220,29 +233,17 @@ class MetadataService:
 
     # -- connections -----------------------------------------------------------------------------
 
-    def connection_opened(self, connection: MetadataProtocol) -> bool:
-        metadata = self.config.metadata
-        address = connection.peer.address if connection.peer else ""
-        count = self.per_source.get(address, 0)
-        if len(self.connections) >= metadata.max_connections or count >= metadata.max_connections_per_source:
-            self.refused_connections += 1
-            return False
-        self.per_source[address] = count + 1
-        connection.counted_source = address
-        self.connections.add(connection)
-        return True
-
-    def connection_closed(self, connection: MetadataProtocol) -> None:
-        if connection.counted_source is None:
-            return
-        self.connections.discard(connection)
-        address = connection.counted_source
-        connection.counted_source = None
-        count = self.per_source.get(address, 0) - 1
-        if count > 0:
-            self.per_source[address] = count
-        else:
-            self.per_source.pop(address, None)
+    def new_peer(self, address: str, network: str) -> Peer:
+        """The Peer of a connection from ``address`` (the socket's peer name) to a listener on ``network``;
+        remembered for the next connection from the same address."""
+        canonical = canonical_peer(address) if ":" in address else address
+        proxies = self.trusted_proxies
+        peer = Peer(canonical, network, bool(proxies.networks) and canonical in proxies)
+        peers = self.peers
+        peers[address] = peer
+        if len(peers) > PEERS_REMEMBERED:
+            peers.popitem(last=False)
+        return peer
 
     def _tick(self) -> None:
         """Close connections whose request head is overdue (one timer for all of them)."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from imds_harness import connect, demo, exchange, parse, read_all, request, token
+from imds_harness import add_instance, connect, demo, exchange, make_config, parse, read_all, request, token
 
 from edge.metadata.responses import NOT_FOUND_PAGE
 from edge.metadata.tree import VERSIONS
@@ -352,6 +352,85 @@ def test_connection_caps(start):
     time.sleep(0.2)
     assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
     assert server.call(lambda: len(server.service.per_source)) == 0
+
+
+def test_connections_are_counted_out_however_they_end(start):
+    server = start(max_connections_per_source=4, max_connections=8)
+    for _ in range(50):
+        assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
+    with connect(server.port) as sock:  # several answers on one connection, then the client closes
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        while len(statuses_of(sock.recv(65536))) < 1:
+            pass
+    assert exchange(server.port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    held = [connect(server.port) for _ in range(4)]
+    try:
+        time.sleep(0.1)
+        assert exchange(server.port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 429 ")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert server.call(lambda: (len(server.service.connections), server.service.per_source)) == (0, {})
+    # The cap still counts from zero: four at once are let in again.
+    held = [connect(server.port) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert [parse(read_all(sock))[0] for sock in held] == [200] * 4
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_each_connection_is_identified_in_the_current_view(start):
+    server = start(unknown_source_wait=0.2)
+    path = "/latest/meta-data/instance-id"
+    assert parse(request(server.port, "GET", path, source="127.0.0.5"))[0] == 404
+    server.swap(add_instance(demo(), 5, "127.0.0.5"))
+    assert parse(request(server.port, "GET", path, source="127.0.0.5"))[2] == b"i-0ad0000000000005"
+    server.swap(demo())
+    assert parse(request(server.port, "GET", path, source="127.0.0.5"))[0] == 404
+
+
+def test_same_source_on_listeners_of_two_networks(start):
+    from edge.config import Listen
+    server = start(listen=(Listen("127.0.0.1", 0), Listen("127.0.0.1", 0, "vpc-demo")))
+    flat, vpc = server.ports
+    path = "/latest/meta-data/instance-id"
+    for _ in range(3):
+        assert parse(request(flat, "GET", path))[2] == I1.encode()
+        assert parse(request(vpc, "GET", path))[2] == b"i-0de1000000000001"
+
+
+def test_remembered_sources_are_bounded(start, monkeypatch):
+    import edge.metadata.service
+    monkeypatch.setattr(edge.metadata.service, "PEERS_REMEMBERED", 3)
+    server = start(unknown_source_wait=0.1)
+    path = "/latest/meta-data/instance-id"
+    expected = {"127.0.0.1": 200, "127.0.0.2": 200, "127.0.0.3": 401, "127.0.0.4": 200, "127.0.9.9": 404}
+    for _ in range(2):
+        assert {source: parse(request(server.port, "GET", path, source=source))[0] for source in expected} == expected
+    assert server.call(lambda: list(server.service.peers)) == ["127.0.0.3", "127.0.0.4", "127.0.9.9"]
+
+
+def test_reload_decides_anew_who_is_a_trusted_proxy(start, tmp_path):
+    server = start(unknown_source_wait=0.2)
+    path = "/latest/meta-data/instance-id"
+    forwarded = {"X-Forwarded-For": "127.0.0.2"}
+    assert parse(request(server.port, "GET", path, forwarded, "127.0.0.100"))[0] == 404
+    with connect(server.port, "127.0.0.100") as held:  # opened before the reload: keeps its old standing
+        while server.call(lambda: len(server.service.connections)) == 0:
+            time.sleep(0.01)
+        trusting = make_config(tmp_path, unknown_source_wait=0.2, trusted_proxies=("127.0.0.100/32",))
+        server.call(lambda: server.service.reload(trusting))
+        assert parse(request(server.port, "GET", path, forwarded, "127.0.0.100"))[2] == b"i-0de0000000000002"
+        held.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nX-Forwarded-For: 127.0.0.2\r\n"
+                     b"Connection: close\r\n\r\n")
+        assert parse(read_all(held))[0] == 404
+    server.call(lambda: server.service.reload(make_config(tmp_path, unknown_source_wait=0.2)))
+    assert parse(request(server.port, "GET", path, forwarded, "127.0.0.100"))[0] == 404
+    assert parse(request(server.port, "GET", path, source="127.0.0.2"))[2] == b"i-0de0000000000002"
 
 
 def test_rate_limit_per_instance(start):
