@@ -106,8 +106,10 @@ class CommandRunner:
                 future.set_result((int(message["rc"]), base64.b64decode(message["out"]),
                                    base64.b64decode(message["err"])))
         await process.wait()
-        log.warning("credential command helper exited status=%s; it is restarted on the next command",
-                    process.returncode)
+        if process is self._process:
+            # Not closed by us (close() lets go of the process first): say so once.
+            log.warning("credential command helper exited status=%s; it is restarted on the next command",
+                        process.returncode)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(CommandError("the command helper exited"))

@@ -86,3 +86,24 @@ def test_a_dead_helper_is_replaced(tmp_path) -> None:
         await source.runner.close()
 
     uvloop.run(scenario())
+
+
+def test_only_an_unexpected_helper_exit_is_logged(caplog) -> None:
+    runner = CommandRunner()
+
+    async def scenario():
+        await runner.run(["true"])
+        helper = runner._process
+        assert helper is not None
+        os.kill(helper.pid, signal.SIGKILL)
+        await helper.wait()
+        await asyncio.sleep(0.2)
+        assert "credential command helper exited" in caplog.text
+        caplog.clear()
+        await runner.run(["true"])  # a new helper
+        await runner.close()
+        await asyncio.sleep(0.2)
+
+    with caplog.at_level("WARNING", logger="edge.metadata"):
+        uvloop.run(scenario())
+    assert "credential command helper exited" not in caplog.text
