@@ -93,7 +93,10 @@ class ProcessSource:
     """Runs ``command`` and reads its JSON.
 
     ``{instance_id}``, ``{account_id}``, ``{role}`` and ``{address}`` in the arguments are
-    replaced; the command inherits edge's environment unchanged.
+    replaced; the command inherits edge's environment unchanged.  Calls that come to the
+    same command line while it runs share that run: in a boot storm every instance of an
+    account asks for its role at about the same moment, and a command that takes only the
+    account and role then runs once instead of once per instance.
     """
 
     def __init__(self, command: tuple[str, ...], runner: CommandRunner | None = None) -> None:
@@ -101,13 +104,33 @@ class ProcessSource:
         # Commands are started by a small helper process: forking the server itself
         # would copy its page tables and stall the event loop on every call.
         self.runner = runner or CommandRunner()
+        self._running: dict[tuple[str, ...], _SharedRun] = {}
+        self.runs = 0
+        """Commands started (calls that joined a running one do not count)."""
+
+    async def _run(self, argv: list[str]) -> tuple[int, bytes, bytes]:
+        key = tuple(argv)
+        shared = self._running.get(key)
+        if shared is None:
+            self.runs += 1
+            shared = self._running[key] = _SharedRun(asyncio.ensure_future(self.runner.run(argv)))
+            shared.task.add_done_callback(lambda _task: self._running.pop(key, None)
+                                          if self._running.get(key) is shared else None)
+        shared.callers += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.callers -= 1
+            if not shared.callers and not shared.task.done():
+                # Every caller gave up (timeouts): stop the command, as a lone caller would.
+                shared.task.cancel()
 
     async def __call__(self, instance: Instance, address: str, role: str) -> Credentials:
         values = {"instance_id": instance.id, "account_id": instance.account_id or "", "role": role,
                   "address": address}
         argv = [_substitute(part, values) for part in self.command]
         try:
-            returncode, stdout, stderr = await self.runner.run(argv)
+            returncode, stdout, stderr = await self._run(argv)
         except CommandError as exc:
             raise CredentialSourceError(str(exc)) from None
         if returncode != 0:
@@ -123,6 +146,12 @@ class ProcessSource:
             raise CredentialSourceError(f"{argv[0]} printed JSON without \"Version\": 1")
         return make_credentials(document.get("AccessKeyId"), document.get("SecretAccessKey"),
                                 document.get("SessionToken"), document.get("Expiration"), time.time())
+
+
+@dataclass(slots=True)
+class _SharedRun:
+    task: asyncio.Future[tuple[int, bytes, bytes]]
+    callers: int = 0
 
 
 def _substitute(template: str, values: dict[str, str]) -> str:

@@ -107,3 +107,63 @@ def test_only_an_unexpected_helper_exit_is_logged(caplog) -> None:
     with caplog.at_level("WARNING", logger="edge.metadata"):
         uvloop.run(scenario())
     assert "credential command helper exited" not in caplog.text
+
+
+def _instance(number: int) -> Instance:
+    return Instance(id=f"i-{number:04d}", account_id="000123456789",
+                    interfaces=(Interface(f"eni-{number}", f"d0:0d:00:00:00:{number:02x}", 0, "", None,
+                                          (f"10.0.0.{number}",)),))
+
+
+def test_concurrent_calls_with_the_same_command_line_share_one_run(tmp_path) -> None:
+    script = tmp_path / "creds.sh"
+    count = tmp_path / "runs"
+    script.write_text(f'#!/bin/sh\necho x >> {count}\nsleep 0.3\n'
+                      'printf \'{"Version": 1, "AccessKeyId": "AKID%s", "SecretAccessKey": "s", '
+                      '"SessionToken": "t", "Expiration": "2099-01-01T00:00:00Z"}\' "$1"\n')
+    script.chmod(0o755)
+    per_role = ProcessSource((str(script), "{account_id}-{role}"))
+    per_instance = ProcessSource((str(script), "{instance_id}"), runner=per_role.runner)
+
+    async def scenario():
+        shared = await asyncio.gather(*(per_role(_instance(n), f"10.0.0.{n}", "web") for n in range(1, 21)))
+        assert {c.access_key_id for c in shared} == {"AKID000123456789-web"}
+        assert per_role.runs == 1 and count.read_text().count("x") == 1
+        own = await asyncio.gather(*(per_instance(_instance(n), f"10.0.0.{n}", "web") for n in range(1, 11)))
+        assert sorted(c.access_key_id for c in own) == sorted(f"AKIDi-{n:04d}" for n in range(1, 11))
+        assert per_instance.runs == 10
+        # Once a run is over, the next call starts a new one.
+        await per_role(_instance(1), "10.0.0.1", "web")
+        assert per_role.runs == 2
+        await per_role.runner.close()
+
+    uvloop.run(scenario())
+
+
+def test_a_shared_run_stops_only_when_every_caller_gave_up(tmp_path) -> None:
+    script = tmp_path / "slow.sh"
+    marker = tmp_path / "finished"
+    script.write_text(f'#!/bin/sh\nsleep 1\ntouch {marker}\n'
+                      'printf \'{"Version": 1, "AccessKeyId": "A", "SecretAccessKey": "s", '
+                      '"Expiration": "2099-01-01T00:00:00Z"}\'\n')
+    script.chmod(0o755)
+    source = ProcessSource((str(script), "{role}"))
+
+    async def scenario():
+        impatient = asyncio.create_task(source(_instance(1), "10.0.0.1", "web"))
+        patient = asyncio.create_task(source(_instance(2), "10.0.0.2", "web"))
+        await asyncio.sleep(0.2)
+        impatient.cancel()
+        assert (await patient).access_key_id == "A"  # the other caller's cancel did not stop the run
+        assert marker.exists()
+        marker.unlink()
+        lone = asyncio.create_task(source(_instance(3), "10.0.0.3", "db"))
+        await asyncio.sleep(0.2)
+        lone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+        await asyncio.sleep(1.2)
+        assert not marker.exists()  # the last caller gave up: the command was stopped
+        await source.runner.close()
+
+    uvloop.run(scenario())
