@@ -163,6 +163,8 @@ def test_answer_fits_a_small_client_payload_or_truncates(edge_factory, demo):
 def test_tcp_pipelined_queries_on_one_connection(edge):
     names = ["ip-127-0-0-1.demo.internal", "nope.demo.internal", "demo.example", "ip-127-0-0-2.demo.internal"]
     messages = [dns.message.make_query(name, "A") for name in names]
+    for number, message in enumerate(messages):
+        message.id = number  # unique: replies are matched by id
     payload = b"".join(struct.pack("!H", len(w)) + w for w in (m.to_wire() for m in messages))
     with socket.create_connection(("127.0.0.1", edge.port), timeout=3) as sock:
         sock.sendall(payload[:7])  # split mid-message: framing must not care
@@ -301,6 +303,7 @@ def test_a_burst_from_many_clients_is_answered_to_each(edge_factory, datagrams):
                     query = dns.message.make_query("1.0.0.127.in-addr.arpa", "PTR")
                 else:
                     query = dns.message.make_query("IP-127-0-0-2.demo.internal", "A", want_dnssec=True)
+                query.id = round_ * 8 + number  # unique per client: replies are matched by id
                 sent[query.id] = query
                 sock.sendto(query.to_wire(), ("127.0.0.1", server.port))
         for sock, sent in clients:
@@ -368,6 +371,7 @@ def test_forwarded_and_local_answers_in_one_burst(edge_factory, dnsmasq_factory,
         for index in range(24):
             name = "www.upstream.test" if index % 3 == 0 else f"ip-127-0-0-{index % 4 + 1}.demo.internal"
             query = dns.message.make_query(name, "A")
+            query.id = index  # unique: replies are matched by id
             sent[query.id] = query
             sock.sendto(query.to_wire(), ("127.0.0.1", server.port))
         for _ in range(24):
@@ -390,9 +394,10 @@ def test_ipv6_burst_from_several_clients(edge_factory, datagrams):
             sock.bind(("::1", 0))
             sock.settimeout(3)
             clients.append((sock, {}))
-        for _ in range(20):
+        for round_ in range(20):
             for sock, sent in clients:
                 query = dns.message.make_query("ip-127-0-0-1.demo.internal", "A")
+                query.id = round_  # unique per client: replies are matched by id
                 sent[query.id] = query
                 sock.sendto(query.to_wire(), ("::1", server.port))
         for sock, sent in clients:
