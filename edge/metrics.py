@@ -119,6 +119,8 @@ EVENT_COUNTERS: dict[str, tuple[str, str, str]] = {
     "dns_upstream_errors": ("edge_dns_upstream_errors_total", "Upstream resolver failures by kind", "kind"),
     "connections_refused": ("edge_connections_refused_total", "Connections refused by the connection caps",
                             "protocol"),
+    "replies_dropped": ("edge_replies_dropped_total", "Answers the kernel would not take (UDP send buffer full)",
+                        "protocol"),
 }
 
 

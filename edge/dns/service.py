@@ -171,6 +171,7 @@ class DnsService:
         events[("dns_upstream_errors", "failure")] = stats.upstream_failures
         events[("dns_upstream_errors", "mismatched")] = stats.mismatched
         events[("connections_refused", "dns")] = self.stats.tcp_refused
+        events[("replies_dropped", "dns")] = self.stats.udp_replies_dropped
 
     def reload(self, config: Config) -> None:
         """New limits, upstreams and recursion CIDRs; the cache and open connections are kept."""
