@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     everything.add_argument("--only", default=",".join(SECTIONS),
                             help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     everything.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
+    everything.add_argument("--record", action="store_true",
+                            help="also put the report in bench/RESULTS.md, replacing its latest one-command report")
     commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
     args = parser.parse_args(argv)
     only = tuple(part for part in args.only.split(",") if part)
@@ -265,7 +267,30 @@ def main(argv: list[str] | None = None) -> int:
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2))
     print(markdown)
     log(f"written to {args.output}")
+    if args.record:
+        record(markdown, RESULTS)
+        log(f"recorded in {RESULTS}")
     return 0
+
+
+RESULTS = ROOT / "bench" / "RESULTS.md"
+LATEST_START = "<!-- latest-report:start -->"
+LATEST_END = "<!-- latest-report:end -->"
+
+
+def record(markdown: str, results: Path) -> None:
+    """Replace the latest one-command report kept in ``results`` (between its markers) with ``markdown``.
+
+    The report's headings move down two levels so they nest under the file's own; the
+    subsystem sections and the history around the markers are kept as they are.
+    """
+    text = results.read_text()
+    start, end = text.find(LATEST_START), text.find(LATEST_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{results} has no {LATEST_START} ... {LATEST_END} section to replace")
+    nested = "\n".join("##" + line if line.startswith("#") else line for line in markdown.splitlines())
+    nested = nested.replace("### Benchmark report", "## Latest one-command report", 1)
+    results.write_text(text[:start + len(LATEST_START)] + "\n" + nested.strip() + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -43,3 +43,22 @@ def test_a_failing_section_is_reported_and_the_run_goes_on() -> None:
     report.run("Broken", broken)
     report.run("Fine", lambda: "table")
     assert report.sections == [("Broken", "**Not measured: RuntimeError: nginx did not start**"), ("Fine", "table")]
+
+
+def test_record_replaces_only_the_latest_report(tmp_path) -> None:
+    from bench.__main__ import LATEST_END, LATEST_START, record
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Benchmark results\n\nintro\n\n{LATEST_START}\n## Latest one-command report, old\n\nold "
+                       f"figures\n{LATEST_END}\n\n## View pipeline\n\nkept\n")
+    record("# Benchmark report, 2026-11-25 17:00 UTC\n\nMachine: x\n\n## Boot storm\n\n| a |\n", results)
+    text = results.read_text()
+    assert "old figures" not in text and "intro" in text and "## View pipeline\n\nkept" in text
+    inside = text[text.index(LATEST_START):text.index(LATEST_END)]
+    assert "## Latest one-command report, 2026-11-25 17:00 UTC" in inside and "#### Boot storm" in inside
+
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("# no markers\n")
+    with pytest.raises(SystemExit):
+        record("# Benchmark report", unmarked)
+    assert unmarked.read_text() == "# no markers\n"
