@@ -16,14 +16,9 @@ import pytest
 from imds_harness import add_instance, demo, parse, request, token
 
 from edge.metadata.tokens import generate_token_key_file
+from tests.support import free_port
 
 ROOT = Path(__file__).parent.parent.parent
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(port: int, child: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -48,7 +43,7 @@ def edge_serve(tmp_path):
         config_path = tmp_path / "edge.toml"
         config_path.write_text(config)
         argv = [sys.executable, "-m", "edge", "serve", "--config", str(config_path), "--view", str(view),
-                "--metadata-listen", f"127.0.0.1:{port}", "--dns-listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                "--metadata-listen", f"127.0.0.1:{port}", "--dns-listen", f"127.0.0.1:{free_port()}",
                 "--admin-listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
                 "--poll-interval", "60", "--workers", "1"]
         if key_file is not None:
