@@ -17,8 +17,8 @@ import ipaddress
 import json
 import re
 import socket
-from sys import intern
 from collections.abc import Callable
+from sys import intern
 from typing import Any
 
 from edge.errors import ViewInvalid
