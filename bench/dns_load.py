@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import process_tree  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
 from edge.testing.generate import generate_view  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
@@ -74,18 +75,6 @@ def wait_udp(port: int, name: str, timeout: float = 20.0) -> None:
             except OSError:
                 time.sleep(0.1)
     raise RuntimeError(f"server on port {port} did not answer")
-
-
-def process_tree(pid: int) -> list[int]:
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            out.extend(process_tree(int(child)))
-    return out
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
