@@ -1,13 +1,18 @@
-"""One metadata worker (demo view, no admin, no DNS) for load tests.
+"""One metadata service in its own process (no admin, no DNS), for load tests and multi-process tests.
 
-``python bench/metadata_server.py --listen 127.0.0.1:PORT --state-dir DIR`` prints ``port=N`` when
-listening and serves until SIGTERM.  The rate limit is off: the load generator is one "instance".
+``python bench/metadata_server.py --listen 127.0.0.1:PORT --state-dir DIR [--token-key-file FILE]
+[--view FILE] [--limits off|default]`` prints ``port=N`` when listening and serves until SIGTERM.
+
+The view is the demo view unless ``--view`` names a document.  ``--limits off`` (the default)
+turns the per-instance rate limit and connection cap off, because a load generator is one
+"instance"; ``--limits default`` keeps the server's defaults, as a gateway runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 
 import uvloop
@@ -24,12 +29,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--token-key-file", default="")
+    parser.add_argument("--view", default="")
+    parser.add_argument("--limits", choices=("off", "default"), default="off")
     args = parser.parse_args()
+    limits = {"rate": 0.0, "max_connections_per_source": 100_000} if args.limits == "off" else {}
     config = Config(view=ViewConfig(state_dir=args.state_dir),
-                    metadata=MetadataConfig(listen=(Listen.parse(args.listen),), rate=0.0,
-                                            max_connections_per_source=100_000))
-    store = ViewStore("bench")
-    store.swap(build_snapshot(parse_view(demo_document())), "source")
+                    metadata=MetadataConfig(listen=(Listen.parse(args.listen),), token_key_file=args.token_key_file,
+                                            **limits))
+    if args.view:
+        with open(args.view) as handle:
+            document = json.load(handle)
+    else:
+        document = demo_document()
+    store = ViewStore("process")
+    store.swap(build_snapshot(parse_view(document)), "source")
 
     async def refresh() -> None:
         return None
@@ -40,7 +54,7 @@ async def main() -> None:
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     await stopping.wait()
-    await service.stop(0.5)
+    await service.stop(1.0)
 
 
 if __name__ == "__main__":

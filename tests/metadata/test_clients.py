@@ -185,8 +185,8 @@ def test_ec2_metadata_in_a_network_namespace(tmp_path):
         view.write_text(json.dumps(document))
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         server = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, str(Path(__file__).parent / "imds_process.py"),
-             "--listen", "169.254.169.254:80", "--state-dir", str(tmp_path / "state"), "--view", str(view)],
+            ["ip", "netns", "exec", name, sys.executable, str(ROOT / "bench" / "metadata_server.py"),
+             "--limits", "default", "--listen", "169.254.169.254:80", "--state-dir", str(tmp_path / "state"), "--view", str(view)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = server.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("port=80"), server.stderr.read()  # type: ignore[union-attr]

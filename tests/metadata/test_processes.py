@@ -18,7 +18,8 @@ ROOT = HERE.parent.parent
 
 class Process:
     def __init__(self, state_dir: Path, key_file: Path | None = None, view: Path | None = None) -> None:
-        argv = [sys.executable, str(HERE / "imds_process.py"), "--state-dir", str(state_dir)]
+        argv = [sys.executable, str(ROOT / "bench" / "metadata_server.py"), "--limits", "default",
+                "--state-dir", str(state_dir)]
         if key_file is not None:
             argv += ["--token-key-file", str(key_file)]
         if view is not None:
