@@ -10,6 +10,7 @@ from __future__ import annotations
 import dns.message
 import pytest
 
+from bench.bench_dns import CollectingTransport
 from bench.bench_metadata import _Transport as HttpTransport
 from edge.config import Config, DnsConfig
 from edge.dns.protocol import DnsDatagramProtocol
@@ -19,17 +20,6 @@ from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
 from edge.view.store import ViewStore
-
-
-class CollectingTransport:
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def sendto(self, data: bytes, addr: object) -> None:
-        self.sent += 1
-
-    def is_closing(self) -> bool:
-        return False
 
 
 @pytest.mark.parametrize("counted", [True, False], ids=["counted", "uncounted"])
