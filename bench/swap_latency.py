@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from bench.common import free_port
 
 
 def _write_view(path: Path, document: dict) -> None:
@@ -105,7 +100,7 @@ def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_th
     view_path = workdir / "view.json"
     document = generate_view(instances=instances, networks=1, loopback=True, serial=1)
     _write_view(view_path, document)
-    ports = {name: _free_port() for name in ("metadata", "dns", "admin")}
+    ports = {name: free_port() for name in ("metadata", "dns", "admin")}
     state = workdir / f"state-{workers}"
     shutil.rmtree(state, ignore_errors=True)
     server_prefix, client_cpu = _pinning()
