@@ -1,9 +1,14 @@
 """Turn document bytes into a :class:`View`, whatever format the source speaks.
 
-A large JSON document is decoded piece by piece (one ``raw_decode`` per
-instance) rather than with one ``json.loads`` call: a single C call over a
-100 MB document would hold the interpreter lock for a second and stall the
-event loop that keeps serving while the new view is built in a thread.
+A large JSON document is decoded piece by piece rather than with one call: a
+single C call over a 100 MB document would hold the interpreter lock for a
+second and stall the event loop that keeps serving while the new view is built
+in a thread.  The fast path (:class:`_ByteStream`) cuts the document's bytes
+into batches of a few hundred instances (:mod:`edge.view.scan`) and decodes
+each instance by type with msgspec (:mod:`edge.view.wire`).  Anything it does
+not expect sends the whole document to the reference path
+(:class:`_StreamingObject`: one ``json`` ``raw_decode`` per instance, then the
+explaining parser), which reports problems exactly.
 
 :func:`decode_view_reusing` goes further for a new serial of a view already
 served: an instance whose document text is exactly that of the previous
@@ -20,13 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from edge.config import Config
 from edge.errors import ViewInvalid
 from edge.view.model import Instance, View
-from edge.view.parse import Reused, instance_validator, parse_view
+from edge.view.parse import Reused, _CidrTable, _fast_instance, cidr_table_of, instance_validator, parse_view
+from edge.view.scan import elements_end, likely_elements_ends, skip_whitespace, string_end, value_end
+from edge.view.wire import INSTANCE_DECODER, PrefixTable, instance_from_wire, prefix_table
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LEADING_ID = re.compile(r'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
+_LEADING_ID_BYTES = re.compile(rb'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
 _DECODER = json.JSONDecoder()
 # Below this size one json.loads call is short enough not to matter.
 _INCREMENTAL_THRESHOLD = 1 << 20
@@ -75,7 +85,8 @@ def decode_view(data: bytes) -> View:
         if len(data) < _INCREMENTAL_THRESHOLD:
             document = json.loads(data.decode("utf-8"))
         else:
-            document = _StreamingObject(data).decode()
+            fast = _ByteStream(data, None, record=False)
+            document = fast.result if fast.decode() else _StreamingObject(data).decode()
     except UnicodeDecodeError as exc:
         raise ViewInvalid([f"not valid UTF-8: {exc}"]) from None
     except json.JSONDecodeError as exc:
@@ -157,7 +168,10 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
     return Decoded(view, kept, stream.reused, cross_checked=not delta)
 
 
-def _decode_stream(data: bytes, memo: DecodeMemo | None) -> _StreamingObject:
+def _decode_stream(data: bytes, memo: DecodeMemo | None) -> _ByteStream | _StreamingObject:
+    fast = _ByteStream(data, memo, record=True)
+    if fast.decode():
+        return fast
     stream = _StreamingObject(data, memo, record=True)
     try:
         stream.result = stream.decode()
@@ -357,3 +371,190 @@ class _StreamingObject:
         self.spans.append(entry)
         self.reused += 1
         return Reused(entry[2])
+
+
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+class _GiveUp(Exception):
+    """The fast path met something it leaves to the reference path."""
+
+
+class _ByteStream:
+    """The fast path of the streaming decoder, on the document's bytes.
+
+    Top-level members other than ``instances`` are small and decoded whole.  The
+    ``instances`` array is cut into batches of about :attr:`BATCH` bytes; each batch is
+    split into its elements' raw bytes by one msgspec call, and each element is then
+    recognised (``memo``), or decoded by type and validated (:mod:`edge.view.wire`), or,
+    when the typed path doubts it, decoded as plain JSON for the validators of
+    :mod:`edge.view.parse`.  :meth:`decode` returns False, having decided nothing, when
+    the document is not what this path expects: not UTF-8 JSON, ``networks`` missing or
+    after ``instances``, or brackets inside strings that defeat the cutting.
+    """
+
+    BATCH = 1 << 18
+    TRIES = 4
+    """Candidate cuts tried before counting brackets to find one."""
+
+    def __init__(self, data: bytes, memo: DecodeMemo | None, record: bool) -> None:
+        self.data = data
+        self.memo = memo
+        self.record = record
+        self.spans: list[Fingerprint | tuple[int, int, Instance]] = []
+        """Per element of ``instances``: its fingerprint, or the memo entry it reused."""
+        self.reused = 0
+        self.result: Any = None
+
+    def decode(self) -> bool:
+        try:
+            self.result = self._object()
+        except (_GiveUp, msgspec.DecodeError, UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+            self.spans, self.reused, self.result = [], 0, None
+            return False
+        return True
+
+    def _object(self) -> dict[str, Any]:
+        data = self.data
+        pos = skip_whitespace(data, 0)
+        if data[pos:pos + 1] != b"{":
+            raise _GiveUp
+        pos = skip_whitespace(data, pos + 1)
+        result: dict[str, Any] = {}
+        if data[pos:pos + 1] == b"}":
+            pos += 1
+        else:
+            while True:
+                end = string_end(data, pos)
+                if end is None:
+                    raise _GiveUp
+                key = msgspec.json.decode(data[pos:end])
+                pos = skip_whitespace(data, end)
+                if data[pos:pos + 1] != b":":
+                    raise _GiveUp
+                pos = skip_whitespace(data, pos + 1)
+                if key == "instances" and data[pos:pos + 1] == b"[":
+                    table = cidr_table_of(result)
+                    if table is None or key in result:
+                        raise _GiveUp
+                    result[key], end = self._instances(pos + 1, table, prefix_table(table))
+                else:
+                    end = value_end(data, pos)
+                    if end is None:
+                        raise _GiveUp
+                    result[key] = msgspec.json.decode(data[pos:end])
+                pos = skip_whitespace(data, end)
+                following = data[pos:pos + 1]
+                pos += 1
+                if following == b"}":
+                    break
+                if following != b",":
+                    raise _GiveUp
+                pos = skip_whitespace(data, pos)
+        if skip_whitespace(data, pos) != len(data):
+            raise _GiveUp
+        return result
+
+    def _instances(self, pos: int, table: _CidrTable, prefixes: PrefixTable) -> tuple[list[Any], int]:
+        """The elements of the array whose first element is at or after ``pos``, and the end of the array."""
+        data = self.data
+        items: list[Any] = []
+        pos = skip_whitespace(data, pos)
+        if data[pos:pos + 1] == b"]":
+            return items, pos + 1
+        while True:
+            raws = None
+            for end in likely_elements_ends(data, pos + self.BATCH, self.TRIES):
+                raws = self._batch(pos, end)
+                if raws is not None:
+                    break
+            else:
+                end = elements_end(data, pos, pos + self.BATCH)
+                raws = self._batch(pos, end)
+            if raws is None:
+                # The guess was wrong (a string holds brackets, or the array ended early):
+                # take the elements one at a time until the cutting works again.
+                end = elements_end(data, pos, pos)
+                raws = self._batch(pos, end)
+                if raws is None:
+                    end = self._exact_end(pos)
+                    raws = [data[pos:end]]
+            for raw in raws:
+                items.append(self._element(raw, len(items), table, prefixes))
+            assert end is not None
+            pos = skip_whitespace(data, end)
+            following = data[pos:pos + 1]
+            if following == b"]":
+                return items, pos + 1
+            if following != b",":
+                raise _GiveUp
+            pos = skip_whitespace(data, pos + 1)
+
+    def _exact_end(self, pos: int) -> int:
+        """The end of the object at ``pos``, found by a JSON decoder (which brackets in strings cannot fool)."""
+        data = self.data
+        if data[pos:pos + 1] != b"{":
+            raise _GiveUp
+        window = 1 << 16
+        while True:
+            text, _ = codecs.utf_8_decode(data[pos:pos + window], "strict", False)
+            try:
+                _, end = _DECODER.raw_decode(text)
+            except json.JSONDecodeError:
+                if pos + window >= len(data):
+                    raise _GiveUp from None
+                window *= 4
+                continue
+            return pos + len(text[:end].encode("utf-8"))
+
+    def _batch(self, start: int, end: int | None) -> list[msgspec.Raw] | None:
+        if end is None or end <= start:
+            return None
+        try:
+            raws = _RAWS.decode(b"[" + self.data[start:end] + b"]")
+        except msgspec.DecodeError:
+            return None
+        return raws or None
+
+    def _element(self, raw: msgspec.Raw | bytes, index: int, table: _CidrTable, prefixes: PrefixTable) -> Any:
+        text = bytes(raw)
+        memo = self.memo
+        fingerprint = None
+        if memo is not None:
+            fingerprint = (len(text), hash(text))
+            entry = self._recognised(memo, text, fingerprint, index)
+            if entry is not None:
+                self.spans.append(entry)
+                self.reused += 1
+                return Reused(entry[2])
+        if self.record:
+            self.spans.append(fingerprint or (len(text), hash(text)))
+        try:
+            instance = instance_from_wire(INSTANCE_DECODER.decode(text), table, prefixes)
+        except msgspec.ValidationError:
+            instance = None
+        if instance is not None:
+            return Reused(instance)
+        # The typed path doubts it: the reference validators decide, and explain.
+        item = json.loads(text)
+        if type(item) is dict:
+            instance = _fast_instance(item, table)
+            if instance is not None:
+                return Reused(instance)
+        return item
+
+    @staticmethod
+    def _recognised(memo: DecodeMemo, text: bytes, fingerprint: Fingerprint,
+                    index: int) -> tuple[int, int, Instance] | None:
+        """The memo entry whose text ``text`` is: the previous element at ``index``, or the one with its id."""
+        if index < len(memo.order):
+            entry = memo.by_id.get(memo.order[index])
+            if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
+                return entry
+        leading = _LEADING_ID_BYTES.match(text)
+        if leading is None:
+            return None
+        entry = memo.by_id.get(leading.group(1).decode("utf-8", "replace"))
+        if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
+            return entry
+        return None

@@ -214,6 +214,16 @@ class Reused:
         self.instance = instance
 
 
+def cidr_table_of(document_so_far: dict[str, Any]) -> _CidrTable | None:
+    """The CIDRs of each network in ``networks``; None when it is missing or has problems."""
+    networks = document_so_far.get("networks")
+    if networks is None or type(networks) is not list:
+        return None
+    problems = _Problems()
+    _, cidr_table = _parse_networks(_Reader({"networks": networks}, "$", problems), problems)
+    return None if problems.items else cidr_table
+
+
 def instance_validator(document_so_far: dict[str, Any]) -> Callable[[Any], Any] | None:
     """A function that validates one decoded element of ``instances`` on its own, or None.
 
@@ -225,12 +235,8 @@ def instance_validator(document_so_far: dict[str, Any]) -> Callable[[Any], Any] 
     explain.  None when ``networks`` has not been decoded yet or has problems (instances
     are validated against its CIDRs).
     """
-    networks = document_so_far.get("networks")
-    if networks is None or type(networks) is not list:
-        return None
-    problems = _Problems()
-    _, cidr_table = _parse_networks(_Reader({"networks": networks}, "$", problems), problems)
-    if problems.items:
+    cidr_table = cidr_table_of(document_so_far)
+    if cidr_table is None:
         return None
 
     def validate(item: Any) -> Any:

@@ -18,29 +18,26 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from edge.view.model import DEFAULT_NETWORK, Instance, Interface, View
+from edge.view.model import DEFAULT_NETWORK, Instance, Interface, Value, View
 
 _generations = itertools.count(1)
 
 
-@dataclass(frozen=True, slots=True)
-class Attachment:
+class Attachment(Value):
     """An instance as seen through one of its interfaces (who is asking)."""
 
     instance: Instance
     interface: Interface
 
 
-@dataclass(frozen=True, slots=True)
-class LocalRecord:
+class LocalRecord(Value):
     type: str
     """``A``, ``AAAA``, ``PTR``, ``CNAME``, ``TXT``, ``SRV``, ``MX`` or ``NS``."""
     value: str
     ttl: int
 
 
-@dataclass(frozen=True, slots=True)
-class NameEntry:
+class NameEntry(Value):
     """The records of one owner name, by horizon."""
 
     everyone: tuple[LocalRecord, ...] = ()
@@ -55,8 +52,7 @@ class NameEntry:
         return self.everyone
 
 
-@dataclass(frozen=True, slots=True)
-class Zone:
+class Zone(Value):
     """A local zone apex; ``network`` None means it is served to every network."""
 
     apex: str

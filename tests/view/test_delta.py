@@ -22,7 +22,7 @@ import uvloop
 
 from edge.config import ViewConfig
 from edge.errors import ViewInvalid
-from edge.view.formats import _StreamingObject, decode_view
+from edge.view.formats import _ByteStream, _StreamingObject, decode_view
 from edge.view.model import DEFAULT_NETWORK
 from edge.view.poller import Poller
 from edge.view.snapshot import Snapshot, build_snapshot
@@ -332,10 +332,15 @@ def _run_chain(seed: int, steps: int) -> dict[str, int]:
     return tally
 
 
-@pytest.mark.parametrize("chunk", [1 << 20, 97], ids=["one-chunk", "small-chunks"])
-def test_delta_builds_equal_full_builds_over_random_mutations(chunk, monkeypatch) -> None:
-    # Small chunks make instance texts straddle the decoder's window, as in a 100 MB document.
-    monkeypatch.setattr(_StreamingObject, "CHUNK", chunk)
+@pytest.mark.parametrize("path", ["bytes, one batch", "bytes, small batches", "reference, one chunk",
+                                  "reference, small chunks"])
+def test_delta_builds_equal_full_builds_over_random_mutations(path, monkeypatch) -> None:
+    # Small batches and chunks cut documents where a 100 MB document is cut.
+    if path.startswith("reference"):
+        monkeypatch.setattr(_ByteStream, "decode", lambda self: False)
+        monkeypatch.setattr(_StreamingObject, "CHUNK", 97 if "small" in path else 1 << 20)
+    elif "small" in path:
+        monkeypatch.setattr(_ByteStream, "BATCH", 97)
     totals = {"delta": 0, "full": 0, "rejected": 0}
     for seed in range(40):
         for key, count in _run_chain(seed, steps=12).items():

@@ -1,0 +1,140 @@
+"""The fast decoding path of large views (bytes cut into batches, instances decoded by type).
+
+Whatever path a document takes, the view (or the problems reported) must be exactly
+what the reference gives: ``parse_view(json.loads(data))``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge.errors import ViewInvalid
+from edge.testing.generate import generate_view
+from edge.view import formats
+from edge.view.formats import decode_view, decode_view_reusing
+from edge.view.parse import parse_view
+from edge.view.scan import elements_end, value_end
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    monkeypatch.setattr(formats, "_INCREMENTAL_THRESHOLD", 0)
+    monkeypatch.setattr(formats._ByteStream, "BATCH", 600)
+
+
+def _fast(data: bytes) -> formats._ByteStream:
+    stream = formats._ByteStream(data, None, record=True)
+    assert stream.decode(), "the fast path gave up"
+    return stream
+
+
+def _reference(data: bytes):
+    return parse_view(json.loads(data))
+
+
+def _varied_document(instances: int = 40) -> dict:
+    document = generate_view(instances=instances, networks=3)
+    items = document["instances"]
+    items[0]["interfaces"][0]["metadata_sources"] = ["255.0.0.9"]
+    items[1]["interfaces"][0]["ipv6s"] = ["2001:db8::5"]
+    items[2]["interfaces"][0]["mac"] = items[2]["interfaces"][0]["mac"].upper()  # typed path doubts it
+    items[3]["tags"] = {"Name": "caf\u00e9 \u2603", "brackets": "[[{ unbalanced", "quote": 'say "}]"'}
+    items[4]["interfaces"].append({**items[4]["interfaces"][0], "id": "eni-second", "device_index": 1,
+                                   "mac": "d0:0d:ff:ff:ff:01", "public_ip": None,
+                                   "private_ips": [items[4]["interfaces"][0]["private_ips"][0].rsplit(".", 1)[0] + ".250"]})
+    items[4]["interfaces"].reverse()
+    items[5]["interfaces"][0]["device_index"] = None
+    items[6]["metadata_options"] = {"http_tokens": "required", "hop_limit": 2}
+    items[7]["user_data"] = None
+    items[8]["product_codes"] = ["abc123"]
+    items[9]["interfaces"][0]["ipv6s"] = None
+    return document
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_fast_path_gives_the_reference_view(small_batches, indent) -> None:
+    data = json.dumps(_varied_document(), indent=indent, ensure_ascii=False).encode()
+    stream = _fast(data)
+    assert parse_view(stream.result) == _reference(data)
+    assert decode_view(data) == _reference(data)
+    assert len(stream.spans) == 40
+
+
+def test_fast_path_takes_the_instances_by_type() -> None:
+    # Without this, every test here could pass through the reference path alone.
+    data = json.dumps(generate_view(instances=30, networks=2)).encode()
+    stream = _fast(data)
+    assert all(type(item) is formats.Reused for item in stream.result["instances"])
+
+
+@pytest.mark.parametrize("breakage", ["wrong types", "duplicate id", "bad address", "trailing comma",
+                                      "truncated", "invalid utf-8"])
+def test_fast_path_reports_what_the_reference_reports(small_batches, breakage) -> None:
+    document = generate_view(instances=30, networks=2)
+    items = document["instances"]
+    if breakage == "wrong types":
+        items[4]["interfaces"][0]["device_index"] = True
+        items[6]["launch_index"] = 1.5
+        items[7]["tags"] = {"Name": 5}
+    elif breakage == "duplicate id":
+        items[9]["id"] = items[8]["id"]
+    elif breakage == "bad address":
+        items[5]["interfaces"][0]["private_ips"] = ["10.0.0.05"]
+    data = json.dumps(document).encode()
+    if breakage == "trailing comma":
+        data = data.replace(b"}]}", b"},]}") if data.endswith(b"}]}") else data.replace(b"}], ", b"},], ", 1)
+    elif breakage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    elif breakage == "invalid utf-8":
+        data = data.replace(b'"Name": "', b'"Name": "\xff', 1)
+    with pytest.raises(ViewInvalid) as fast:
+        decode_view(data)
+    try:
+        json.loads(data)
+    except ValueError:
+        assert fast.value.problems[0].startswith(("not valid JSON", "not valid UTF-8")), fast.value.problems
+    else:
+        with pytest.raises(ViewInvalid) as reference:
+            _reference(data)
+        assert fast.value.problems == reference.value.problems
+
+
+def test_networks_after_instances_and_other_shapes_fall_back(small_batches) -> None:
+    document = generate_view(instances=20, networks=2)
+    reordered = {"instances": document.pop("instances"), **document}
+    data = json.dumps(reordered).encode()
+    assert not formats._ByteStream(data, None, record=False).decode()
+    assert decode_view(data) == _reference(data)
+    assert not formats._ByteStream(b'\xef\xbb\xbf{"format": 1}', None, record=False).decode()
+
+
+def test_unchanged_instances_are_recognised_by_their_bytes(small_batches) -> None:
+    document = generate_view(instances=50, networks=2)
+    first = decode_view_reusing(json.dumps(document).encode(), None)
+    document["serial"] = 2
+    document["instances"][7]["tags"] = {"Name": "changed"}
+    changed = document["instances"][7]["id"]
+    moved = document["instances"].pop(20)
+    document["instances"].insert(3, moved)
+    data = json.dumps(document).encode()
+    second = decode_view_reusing(data, first.memo)
+    assert second.reused == 49
+    by_id = {i.id: i for i in first.view.instances}
+    assert all(i is by_id[i.id] for i in second.view.instances if i.id != changed)
+    assert second.view == parse_view(json.loads(data))
+
+
+def test_cutting_helpers() -> None:
+    assert value_end(b'{"x": [1, 2]} tail', 0) == len(b'{"x": [1, 2]}')
+    assert value_end(b'"a\\"b" tail', 0) == 6
+    assert value_end(b"-1.5e3,", 0) == 6
+    assert value_end(b"nope", 0) is None
+    data = b'[{"b": [1, {"c": 2}]}, {"d": 1}] tail'
+    first_end = data.index(b"}, {") + 1
+    assert elements_end(data, 1, 1) == first_end
+    assert elements_end(data, 1, 5) == first_end
+    assert elements_end(data, 1, first_end + 2) == data.index(b"] tail")  # the array ends first
+    assert elements_end(data, 1, len(data) - 2) == first_end  # past the end: element by element
+    assert elements_end(b'[{"a": 1', 1, 1) is None
