@@ -69,5 +69,5 @@ def test_metadata_keep_alive_request(benchmark, tmp_path, counted: bool) -> None
             b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n")
     benchmark(protocol.data_received, data)
     assert protocol.transport.written > 0  # type: ignore[union-attr]
-    assert bool(service.tally.raw) == counted
+    assert bool(service.tally.replies) == counted
     loop.close()

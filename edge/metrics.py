@@ -26,6 +26,10 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_SAMPLE = 8
 """Time one request in this many: reading the clock and bucketing on every request costs more
 than the histogram is worth; counts are exact, the latency histogram is a 1-in-8 sample."""
+REPLIES_HELD = 256
+"""Distinct (target, answer) pairs a tally holds before labelling them (bounds the memory they pin)."""
+SHORT_REPLY = 256
+"""Answers up to this long are counted by their bytes; longer ones by their status line."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -42,6 +46,8 @@ class Tally:
     """(counter name, label value) -> count, for the subsystem counters below."""
     raw: dict[Any, int] = field(default_factory=dict)
     """Undecoded request keys from the reply fast paths; labelled at sync time."""
+    replies: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
+    """(request target, response bytes) -> count: metadata answers not yet labelled (see :meth:`fold`)."""
     countdown: int = 1
     """Replies until the next one is timed."""
 
@@ -63,16 +69,40 @@ class Tally:
             self._sampled(monotonic() - started)
 
     def http_reply(self, target: bytes, response: bytes, started: float) -> None:
-        """Count one metadata answer by (route family, status), and time one answer in LATENCY_SAMPLE."""
-        key = (_family_memo.get(target) or http_family(target), response[9:12])
-        raw = self.raw
-        raw[key] = raw.get(key, 0) + 1
+        """Count one metadata answer, and time one answer in LATENCY_SAMPLE.
+
+        Counted by the objects themselves: a short answer is nearly always a pre-rendered bytes
+        object and the target's hash is already cached by the handler's lookups, so this is one
+        dict update; route family and status are worked out per distinct pair when folded.  A
+        long answer is counted by its status line (one built per request, as with a token's
+        lifetime header, would be hashed whole)."""
+        key = (target, response if len(response) <= SHORT_REPLY else response[:12])
+        replies = self.replies
+        count = replies.get(key)
+        if count is not None:
+            replies[key] = count + 1
+        else:
+            if len(replies) >= REPLIES_HELD:
+                self.fold()
+            replies[key] = 1
         countdown = self.countdown - 1
         if countdown:
             self.countdown = countdown
         else:
             self.countdown = LATENCY_SAMPLE
             self._sampled(monotonic() - started)
+
+    def fold(self) -> None:
+        """Label the held metadata answers by (route family, status) into ``raw`` (at sync, or when
+        REPLIES_HELD distinct pairs are held: they keep their target and answer bytes alive)."""
+        replies = self.replies
+        if not replies:
+            return
+        raw = self.raw
+        for (target, response), count in replies.items():
+            key = (http_family(target), response[9:12])
+            raw[key] = raw.get(key, 0) + count
+        replies.clear()
 
     def _sampled(self, seconds: float) -> None:
         # One timed request stands for LATENCY_SAMPLE requests in the histogram.
@@ -169,6 +199,7 @@ class Metrics:
     def sync(self) -> None:
         """Copy what the tallies counted since the last sync into the prometheus objects."""
         for tally in self._tallies:
+            tally.fold()
             seen = self._exported.setdefault(id(tally), {})
             for raw_key, total in list(tally.raw.items()):
                 family, status = _labels_of(raw_key)
