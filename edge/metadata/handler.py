@@ -90,18 +90,21 @@ class MetadataHandler:
                mono: float) -> bytes | Pending:
         method = request.method
         target = request.target
-        head_only = method == b"HEAD"
-        if method == b"GET" or head_only:
-            # find, not ``in``: bytes.__contains__ first tries the operand as an integer and formats
-            # (then discards) a TypeError on every request.
-            if target.find(b"api/token") >= 0 and _is_token_path(target):
-                return self.refuse(Outcome.TOKEN_METHOD, request)
+        if method == b"GET":
+            head_only = False
+        elif method == b"HEAD":
+            head_only = True
         elif method == b"PUT":
             return self._put(snapshot, peer, request, now, mono)
         elif method == b"OPTIONS" and _is_token_path(target):
             return TOKEN_OPTIONS.wire(request.keep_alive, False)
         else:
             return self.refuse(Outcome.METHOD, request)
+        token_path = _token_paths.get(target)
+        if token_path is None:
+            token_path = _remember_token_path(target)
+        if token_path:
+            return self.refuse(Outcome.TOKEN_METHOD, request)
 
         if snapshot is None:
             return self._unknown(peer.network, peer.address, request)
@@ -119,7 +122,8 @@ class MetadataHandler:
         options = instance.metadata_options
         if not options.endpoint_enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
-        if not self.limiter.allow(instance.id, mono):
+        limiter = self.limiter
+        if limiter.rate > 0 and not limiter.allow(instance.id, mono):
             self.throttled += 1
             return self.refuse(Outcome.THROTTLED, request)
         ttl_line = None
@@ -148,7 +152,7 @@ class MetadataHandler:
         found = self.renderer.lookup(snapshot, instance, target)
         if found is None:
             return self.refuse(Outcome.NOT_FOUND, request)
-        if isinstance(found, CredentialsLeaf):
+        if found.__class__ is CredentialsLeaf:
             credentials = self.credentials.lookup(instance, attachment.interface.primary_ip, found.role, now)
             if credentials is None:
                 return NeedCredentials(instance, attachment.interface.primary_ip, found.role, ttl_line)
@@ -234,6 +238,25 @@ class MetadataHandler:
                 self._ttl_lines.clear()
             line = self._ttl_lines[seconds] = TTL_HEADER + str(seconds).encode() + b"\r\n"
         return line
+
+
+_token_paths: dict[bytes, bool] = {}
+"""Request target -> whether it names the token path (GET and HEAD there are refused): a dict
+lookup, where the substring search costs three times as much."""
+TOKEN_PATHS_REMEMBERED = 4096
+REMEMBERED_TARGET_BYTES = 256
+"""Longer targets are not remembered (the memo pins at most about 1 MB)."""
+
+
+def _remember_token_path(target: bytes) -> bool:
+    # find, not ``in``: bytes.__contains__ first tries the operand as an integer and formats (then
+    # discards) a TypeError.
+    token_path = target.find(b"api/token") >= 0 and _is_token_path(target)
+    if len(target) <= REMEMBERED_TARGET_BYTES:
+        if len(_token_paths) >= TOKEN_PATHS_REMEMBERED:
+            _token_paths.clear()
+        _token_paths[target] = token_path
+    return token_path
 
 
 def _is_token_path(target: bytes) -> bool:

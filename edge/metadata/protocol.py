@@ -57,14 +57,20 @@ class MetadataProtocol(asyncio.Protocol):
     # Slots: a connection is set up for every request of a typical client, so its cost counts.
     __slots__ = ("service", "network", "limits", "handler", "store", "transport", "peer", "parser",
                  "deadline", "closing", "busy", "queue", "slow_task", "counted_source", "_since_progress",
-                 "_reject", "_target", "_target_size", "_header_size", "_body_size", "_request", "_has_fields",
-                 "writing_paused")
+                 "_reject", "_target", "_header_size", "_body_size", "_request", "_has_fields",
+                 "writing_paused", "_max_url_bytes", "_max_header_bytes", "_max_body_bytes", "_keep_alive")
 
     def __init__(self, service: MetadataService, network: str) -> None:
         # global
         self.service = service
         self.network = network
-        self.limits: ProtocolLimits = service.limits
+        limits: ProtocolLimits = service.limits
+        self.limits = limits
+        self._max_url_bytes = limits.max_url_bytes
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_body_bytes = limits.max_body_bytes
+        self._keep_alive = limits.keep_alive
+        """The limits read per request, copied out of ``limits`` (one attribute lookup fewer each)."""
         self.handler = service.handler
         """Reload updates the handler in place, so holding it is safe."""
         self.store = service.store
@@ -86,8 +92,8 @@ class MetadataProtocol(asyncio.Protocol):
         unfinished header line itself, so this is what bounds it."""
         self._reject: Outcome | None = None
         # per request
-        self._target: list[bytes] = []
-        self._target_size = 0
+        self._target = b""
+        """The target so far: a request's first (nearly always only) piece is kept as is (b"" + url is url)."""
         self._header_size = 0
         self._body_size = 0
         self._request = Request(b"", b"")
@@ -162,7 +168,7 @@ class MetadataProtocol(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self.fail(Outcome.BAD_REQUEST)
             return
-        if self._since_progress > self.limits.max_header_bytes:
+        if self._since_progress > self._max_header_bytes:
             self.fail(Outcome.HEADERS_TOO_LARGE)
 
     def pause_writing(self) -> None:
@@ -205,17 +211,16 @@ class MetadataProtocol(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------------
 
     def on_url(self, url: bytes) -> None:
-        self._target.append(url)
-        self._target_size += len(url)
+        target = self._target = self._target + url
         self._since_progress = 0
-        if self._target_size > self.limits.max_url_bytes:
+        if len(target) > self._max_url_bytes:
             self._reject = Outcome.URL_TOO_LONG
             raise _Reject
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self._header_size + len(name) + len(value) + 4
         self._header_size = size
-        if size > self.limits.max_header_bytes:
+        if size > self._max_header_bytes:
             self._reject = Outcome.HEADERS_TOO_LARGE
             raise _Reject
         if len(name) in _FIELD_LENGTHS:
@@ -227,7 +232,7 @@ class MetadataProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         self._since_progress = 0
-        if self._body_size > self.limits.max_body_bytes:
+        if self._body_size > self._max_body_bytes:
             self._reject = Outcome.BODY_TOO_LARGE
             raise _Reject
 
@@ -238,14 +243,14 @@ class MetadataProtocol(asyncio.Protocol):
         parser = self.parser
         request = self._request
         request.method = parser.get_method()
-        target = self._target
-        request.target = target[0] if len(target) == 1 else b"".join(target)
-        request.keep_alive = parser.should_keep_alive() and self.limits.keep_alive and not self.service.stopping
+        request.target = target = self._target
+        service = self.service
+        request.keep_alive = parser.should_keep_alive() and self._keep_alive and not service.stopping
         # Per-request state is reset here rather than in on_message_begin: one callback fewer per request.
-        self._target = []
-        self._target_size = 0
+        self._target = b""
         self._header_size = 0
-        self._body_size = 0
+        if self._body_size:
+            self._body_size = 0
         if self.busy:
             if self.queue is not None and len(self.queue) >= MAX_QUEUED:
                 self._reject = Outcome.THROTTLED
@@ -257,27 +262,27 @@ class MetadataProtocol(asyncio.Protocol):
             self._has_fields = False
             return
         # handle() and write(), written out: this is the path of nearly every request.
-        service = self.service
-        request.started = mono = _monotonic()
+        mono = _monotonic()
         result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
                                      request, _time(), mono)
         if result.__class__ is not bytes:
+            request.started = mono
             self.wait(request, result)  # type: ignore[arg-type]
             self._request = Request(b"", b"")
             self._has_fields = False
             return
-        if request.hop_limit:
-            self.set_hop_limit(request.hop_limit)
+        hops = request.hop_limit
+        if hops:
+            self.set_hop_limit(hops)
         transport = self.transport
-        assert transport is not None
-        transport.write(result)  # type: ignore[arg-type]
-        service.tally.http_reply(request.target, result, mono)  # type: ignore[arg-type]
+        transport.write(result)  # type: ignore[union-attr]
+        service.tally.http_reply(target, result, mono)  # type: ignore[arg-type]
         if request.keep_alive:
             self.deadline = service.idle_deadline
         else:
             self.closing = True
-            transport.close()
-        if self._has_fields or request.hop_limit:
+            transport.close()  # type: ignore[union-attr]
+        if self._has_fields or hops:
             request.token = request.token_ttl = request.forwarded_for = request.network_header = None
             request.hop_limit = 0
             self._has_fields = False

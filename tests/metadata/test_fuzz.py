@@ -96,7 +96,7 @@ def feed(offline, chunks: list[bytes], peer: str = "127.0.0.1") -> tuple[MockTra
 def check_bounded(transport: MockTransport, protocol: MetadataProtocol) -> None:
     for data in transport.written:
         assert data.startswith(b"HTTP/1.1 "), data[:40]
-    assert sum(len(part) for part in protocol._target) <= protocol.limits.max_url_bytes + 65536
+    assert len(protocol._target) <= protocol.limits.max_url_bytes + 65536
     assert len(protocol.queue or ()) <= MAX_QUEUED
 
 
