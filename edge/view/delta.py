@@ -125,7 +125,7 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
         # so records within a name come out in the order a full build gives them.
         needed = {i for name in affected for i in contributor_ids(contributors, name)}
         table = _NameTable({}, set(), only=affected)
-        indexer = _Indexer(cloud.dns_ttl, cloud.private_name, cloud.public_name, _DISCARD, _DISCARD, _DISCARD,
+        indexer = _Indexer(cloud.dns_ttl, cloud.private_namer(), cloud.public_namer(), _DISCARD, _DISCARD, _DISCARD,
                            table, {}, {})
         for instance in view.instances:
             if instance.id in needed:
@@ -190,7 +190,7 @@ _DISCARD = _Discard()
 
 def _scratch(view: View, table: _NameTable) -> _Indexer:
     cloud = view.cloud
-    return _Indexer(cloud.dns_ttl, cloud.private_name, cloud.public_name, {}, {}, {}, table, {}, {})
+    return _Indexer(cloud.dns_ttl, cloud.private_namer(), cloud.public_namer(), {}, {}, {}, table, {}, {})
 
 
 def _contribution(view: View, instance: Instance) -> _Indexer:

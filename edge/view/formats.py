@@ -127,15 +127,21 @@ class Decoded:
     reused: int
     """Instances taken over from the previous document unchanged."""
     cross_checked: bool
-    """False: rules across instances (unique ids, addresses, MACs) are left to :mod:`edge.view.delta`."""
+    """False: rules across instances (unique ids, addresses, MACs) are left to the build."""
+    delta: bool = False
+    """The document keeps ``memo``'s cloud and networks and reuses at least half of its
+    instances: build it as a delta (:mod:`edge.view.delta`), which enforces the rules across
+    instances itself."""
 
 
-def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
+def decode_view_reusing(data: bytes, memo: DecodeMemo | None, defer_cross_check: bool = False) -> Decoded:
     """:func:`decode_view`, reusing the instances of ``memo``'s document whose text is unchanged.
 
-    Rules that span instances are skipped (``cross_checked`` False) only when the document
-    keeps ``memo``'s cloud and networks and reuses at least half of its instances: the
-    caller then builds by delta, which enforces them.  Raises :class:`ViewInvalid`.
+    Rules that span instances are skipped (``cross_checked`` False) when the result is a
+    ``delta``, or always with ``defer_cross_check``: the caller then enforces them as it
+    builds (a delta, or ``build_snapshot_tracked(check_unique=True)``, where the indexes find
+    duplicates at no extra cost).  A document with other problems is still reported with
+    every problem, those across instances included.  Raises :class:`ViewInvalid`.
     """
     if data[:64].lstrip().startswith(b"<"):
         raise ViewInvalid(["XML documents are not an edge-view/1 view"])
@@ -153,8 +159,14 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
         document = stream.result
     delta = (same_networks and memo is not None and document.get("cloud") == memo.cloud
              and stream.reused * 2 >= len(stream.spans))
+    check = not delta and not defer_cross_check
     try:
-        view = parse_view(document, cross_check=not delta)
+        try:
+            view = parse_view(document, cross_check=check)
+        except ViewInvalid:
+            if not check:
+                parse_view(document)  # raises too, listing the problems across instances as well
+            raise
         if len(view.instances) != len(stream.spans):
             raise ViewInvalid(["$.instances: not one instance per element"])  # pragma: no cover - parse drops none
         by_id = {}
@@ -165,7 +177,7 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None) -> Decoded:
         document.pop("networks", None)
     finally:
         _drop_gradually(document)
-    return Decoded(view, kept, stream.reused, cross_checked=not delta)
+    return Decoded(view, kept, stream.reused, cross_checked=check, delta=delta)
 
 
 def _decode_stream(data: bytes, memo: DecodeMemo | None) -> _ByteStream | _StreamingObject:

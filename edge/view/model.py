@@ -16,6 +16,7 @@ numbers, bytes and tuples of other such values, so they cannot form cycles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -62,10 +63,29 @@ class Cloud(Value):
     def public_name(self, address: str) -> str:
         return _render_name(self.public_name_template, address, self.public_domain)
 
+    def private_namer(self) -> Callable[[str], str]:
+        return name_renderer(self.private_name_template, self.internal_domain)
+
+    def public_namer(self) -> Callable[[str], str]:
+        return name_renderer(self.public_name_template, self.public_domain)
+
 
 def _render_name(template: str, address: str, domain: str) -> str:
     label = template.replace("{ip}", address.replace(".", "-").replace(":", "-"))
     return f"{label}.{domain}" if domain else label
+
+
+def name_renderer(template: str, domain: str) -> Callable[[str], str]:
+    """``_render_name`` for one template and domain, split once: a build renders a name per address."""
+    head, found, tail = template.partition("{ip}")
+    if not found or "{ip}" in tail:
+        return lambda address: _render_name(template, address, domain)
+    suffix = f"{tail}.{domain}" if domain else tail
+
+    def render(address: str) -> str:
+        return head + address.replace(".", "-").replace(":", "-") + suffix
+
+    return render
 
 
 class Subnet(Value):

@@ -17,7 +17,7 @@ import ipaddress
 import json
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from sys import intern
 from typing import Any
 
@@ -425,16 +425,10 @@ def _parse_networks(top: _Reader, problems: _Problems) -> tuple[tuple[Network, .
 def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems,
                      cross_check: bool = True) -> tuple[Instance, ...]:
     instances: list[Instance] = []
-    seen_ids: dict[str, str] = {}
-    seen_private: dict[tuple[str, str], str] = {}
-    seen_public: dict[str, str] = {}
-    seen_macs: dict[str, str] = {}
+    uniqueness = _Uniqueness()
     for index, item in enumerate(top.list("instances", required=True) or ()):
         if type(item) is Reused:
             instance = item.instance
-            if not cross_check:
-                instances.append(instance)
-                continue
         elif type(item) is not dict:
             problems.add(f"$.instances[{index}]", f"expected object, got {_type_name(item)}")
             continue
@@ -444,15 +438,30 @@ def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems,
                 instance = _parse_instance(item, f"$.instances[{index}]", cidr_table, problems)
             if instance is None:
                 continue
-            if not cross_check:
-                instances.append(instance)
-                continue
-        where = f"$.instances[{index}]"
-        previous = seen_ids.get(instance.id)
+        if not cross_check or uniqueness.check(instance, f"$.instances[{index}]", problems):
+            instances.append(instance)
+    return tuple(instances)
+
+
+class _Uniqueness:
+    """The rules that span instances: unique ids, (network, private address), public addresses, MACs."""
+
+    __slots__ = ("ids", "private", "public", "macs")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}
+        self.private: dict[tuple[str, str], str] = {}
+        self.public: dict[str, str] = {}
+        self.macs: dict[str, str] = {}
+
+    def check(self, instance: Instance, where: str, problems: _Problems) -> bool:
+        """Record ``instance``; False when its id was seen before (it is then left out)."""
+        previous = self.ids.get(instance.id)
         if previous is not None:
             problems.add(f"{where}.id", f"duplicate instance id {instance.id!r} (also at {previous})")
-            continue
-        seen_ids[instance.id] = where
+            return False
+        self.ids[instance.id] = where
+        seen_private, seen_public, seen_macs = self.private, self.public, self.macs
         for interface in instance.interfaces:
             keys = [(interface.network, a) for a in interface.private_ips + interface.ipv6s]
             keys += [(DEFAULT_NETWORK, a) for a in interface.metadata_sources]
@@ -475,8 +484,16 @@ def _parse_instances(top: _Reader, cidr_table: _CidrTable, problems: _Problems,
                 problems.add(where, f"MAC {interface.mac} is also used by {owner}")
             else:
                 seen_macs[interface.mac] = instance.id
-        instances.append(instance)
-    return tuple(instances)
+        return True
+
+
+def cross_instance_problems(instances: Iterable[Instance]) -> list[str]:
+    """What :func:`parse_view` reports about the rules across ``instances``, taken in document order."""
+    problems = _Problems()
+    uniqueness = _Uniqueness()
+    for index, instance in enumerate(instances):
+        uniqueness.check(instance, f"$.instances[{index}]", problems)
+    return problems.items
 
 
 def _parse_instance(item: dict[str, Any], where: str, cidr_table: _CidrTable, problems: _Problems) -> Instance | None:

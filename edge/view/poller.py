@@ -278,9 +278,9 @@ class Poller:
         decoded: Decoded | None = None
         delta: tuple[Snapshot, IndexState] | None = None
         if self._speaks_view(data):
-            decoded = decode_view_reusing(data, memo.decoded if memo is not None else None)
+            decoded = decode_view_reusing(data, memo.decoded if memo is not None else None, defer_cross_check=True)
             view = decoded.view
-            if not decoded.cross_checked:
+            if decoded.delta:
                 assert memo is not None and current is not None
                 if applies(current, view):
                     delta = apply_delta(current, memo.index, view)
@@ -305,7 +305,8 @@ class Poller:
             for prepare in self.preparers:
                 prepare(snapshot)
         else:
-            snapshot, state = build_snapshot_tracked(view, self.preparers)
+            snapshot, state = build_snapshot_tracked(
+                view, self.preparers, check_unique=decoded is not None and not decoded.cross_checked)
         remember_counts(snapshot)
         self._pending = BuildMemo(snapshot.generation, decoded.memo if decoded is not None else None, state,
                                   delta=delta is not None)

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from edge.errors import ViewInvalid
 from edge.view.model import DEFAULT_NETWORK, Instance, Interface, Value, View
+from edge.view.parse import cross_instance_problems
 
 _generations = itertools.count(1)
 
@@ -159,14 +161,20 @@ class _NameTable:
         if self.only is not None and name not in self.only:
             return
         contributors = self.contributors
-        if contributors is not None and self.owner is not None:
-            owner = contributors.setdefault(name, self.owner)
-            if owner is not self.owner:
+        adding = self.owner
+        if contributors is not None and adding is not None:
+            owner = contributors.setdefault(name, adding)
+            if owner is not adding:
                 # Another instance already added to this name; if to this very horizon, the
                 # order of the two instances in the document shows in the records.
                 if name in self.everyone if network is None else network in self.scoped.get(name, ()):
                     self.shared.add(name)
-                add_contributor(contributors, name, self.owner)
+                # add_contributor, inline: overlapping networks make this the common case.
+                if type(owner) is str:
+                    if owner != adding:
+                        contributors[name] = (owner, adding)
+                elif adding not in owner:
+                    contributors[name] = owner + (adding,)  # type: ignore[operator]
         if network is None:
             bucket = self.everyone.get(name)
             if bucket is None:
@@ -203,16 +211,31 @@ class _NameTable:
             if name in everyone or name in overrides or (only is not None and name not in only):
                 continue
             # The common case: a private name or PTR that exists only inside networks.
-            out[name] = NameEntry((), tuple((network, tuple(records)) for network, records in sorted(by_network.items())))
+            if len(by_network) == 1:
+                for network, records in by_network.items():
+                    out[name] = NameEntry((), ((network, tuple(records)),))
+            else:
+                out[name] = NameEntry((), tuple([(network, tuple(records))
+                                                 for network, records in sorted(by_network.items())]))
         for name in everyone.keys() | overrides.keys():
             if only is not None and name not in only:
                 continue
-            common = tuple(dict.fromkeys(everyone.get(name, ())))
+            listed = everyone.get(name, ())
+            common = (listed[0],) if len(listed) == 1 else tuple(dict.fromkeys(listed))
+            replace = overrides.get(name)
+            if name not in scoped:
+                if replace is None:
+                    out[name] = NameEntry(common, ())  # a public PTR
+                    continue
+                if len(replace) == 1 and all(r.type in ("A", "AAAA") for r in common):
+                    # A public name: its private address replaces the public one inside its network.
+                    for network, records in replace.items():
+                        out[name] = NameEntry(common, ((network, tuple(dict.fromkeys(records))),))
+                    continue
             own = scoped.get(name, {})
-            replace = overrides.get(name, {})
-            networks = sorted(set(own) | set(replace))
+            replace = replace or {}
             by_network = []
-            for network in networks:
+            for network in sorted(set(own) | set(replace)):
                 override = replace.get(network)
                 base = [r for r in common if r.type not in ("A", "AAAA")] + override if override else list(common)
                 by_network.append((network, tuple(dict.fromkeys(base + own.get(network, [])))))
@@ -287,6 +310,10 @@ class _Indexer:
     names: _NameTable
     flat_prefixes: dict[str, int]
     public_zones: dict[str, int]
+    interfaces: int = 0
+    private_keys: int = 0
+    """Interfaces and (network, address) keys indexed: fewer entries in the indexes mean duplicates."""
+    public_addresses: int = 0
 
     def index(self, instance: Instance) -> None:
         ttl = self.ttl
@@ -296,6 +323,8 @@ class _Indexer:
         add = names.add
         names.owner = instance.id
         flat_prefixes = self.flat_prefixes
+        self.interfaces += len(instance.interfaces)
+        keys = 0
         for interface in instance.interfaces:
             attachment = Attachment(instance, interface)
             network = interface.network
@@ -303,6 +332,7 @@ class _Indexer:
             primary_name = None
             for address in interface.private_ips:
                 by_private[(network, address)] = attachment
+                keys += 1
                 name = private_name(address)
                 if primary_name is None:
                     primary_name = name
@@ -314,25 +344,34 @@ class _Indexer:
             assert primary_name is not None
             for address in interface.metadata_sources:
                 by_private[(DEFAULT_NETWORK, address)] = attachment
+                keys += 1
             for address in interface.ipv6s:
                 by_private[(network, address)] = attachment
+                keys += 1
                 add(primary_name, LocalRecord("AAAA", address, ttl), network)
                 add(reverse_name(address), LocalRecord("PTR", primary_name, ttl), network)
             public = interface.public_ip
             if public is not None:
                 by_public[public] = attachment
+                self.public_addresses += 1
                 name = public_name(public)
                 add(name, LocalRecord("AAAA" if ":" in public else "A", public, ttl))
                 names.override(name, network, LocalRecord("A", interface.primary_ip, ttl))
                 add(reverse_name(public), LocalRecord("PTR", name, ttl))
                 zone = _public_reverse_zone(public)
                 self.public_zones[zone] = self.public_zones.get(zone, 0) + 1
+        self.private_keys += keys
         names.owner = None
+
+    def saw_duplicates(self, instances: Mapping[str, Instance], indexed: int) -> bool:
+        """Whether two of the ``indexed`` instances share an id, private key, public address or MAC."""
+        return (len(instances) != indexed or len(self.by_mac) != self.interfaces
+                or len(self.by_private) != self.private_keys or len(self.by_public) != self.public_addresses)
 
 
 def _indexer(view: View, names: _NameTable) -> _Indexer:
     cloud = view.cloud
-    return _Indexer(cloud.dns_ttl, cloud.private_name, cloud.public_name, {}, {}, {}, names, {}, {})
+    return _Indexer(cloud.dns_ttl, cloud.private_namer(), cloud.public_namer(), {}, {}, {}, names, {}, {})
 
 
 def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
@@ -340,8 +379,14 @@ def build_snapshot(view: View, preparers: Iterable[Preparer] = ()) -> Snapshot:
     return build_snapshot_tracked(view, preparers)[0]
 
 
-def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = ()) -> tuple[Snapshot, IndexState]:
-    """:func:`build_snapshot`, also returning what :mod:`edge.view.delta` needs for the next build."""
+def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = (),
+                           check_unique: bool = False) -> tuple[Snapshot, IndexState]:
+    """:func:`build_snapshot`, also returning what :mod:`edge.view.delta` needs for the next build.
+
+    ``check_unique`` enforces the rules across instances (unique ids, addresses, MACs) for a
+    view parsed without them: the indexes find duplicates for free, and only then is the
+    view walked again to explain them.  Raises :class:`ViewInvalid`.
+    """
     state = IndexState({}, set(), {}, {})
     names = _NameTable(state.contributors, state.shared)
     indexer = _indexer(view, names)
@@ -351,6 +396,8 @@ def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = ()) -> tu
     for instance in view.instances:
         instances[instance.id] = instance
         index(instance)
+    if check_unique and indexer.saw_duplicates(instances, len(view.instances)):
+        raise ViewInvalid(cross_instance_problems(view.instances))
     for record in view.cloud.dns_records:
         names.add(record.name, LocalRecord(record.type, record.value, record.ttl))
     snapshot = Snapshot(
@@ -359,6 +406,9 @@ def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = ()) -> tu
         zones=_zones(view, state.flat_prefixes.keys(), state.public_zones.keys()),
         network_ids=network_ids_of(view),
     )
+    # Counted while indexing, so remember_counts need not walk the instances again.
+    snapshot.extras[COUNTS_KEY] = {"networks": len(view.networks), "instances": len(instances),
+                                   "interfaces": indexer.interfaces, "names": len(snapshot.names)}
     for prepare in preparers:
         prepare(snapshot)
     return snapshot, state

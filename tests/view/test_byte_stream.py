@@ -138,3 +138,53 @@ def test_cutting_helpers() -> None:
     assert elements_end(data, 1, first_end + 2) == data.index(b"] tail")  # the array ends first
     assert elements_end(data, 1, len(data) - 2) == first_end  # past the end: element by element
     assert elements_end(b'[{"a": 1', 1, 1) is None
+
+
+@pytest.mark.parametrize("duplicate", ["id", "private address", "public address", "mac", "metadata source", "none"])
+def test_the_build_enforces_the_rules_across_instances_it_was_left(duplicate) -> None:
+    # The poller parses without the rules across instances and lets the indexes find duplicates.
+    from edge.view.snapshot import build_snapshot_tracked
+
+    document = generate_view(instances=30, networks=2)
+    first, second = document["instances"][3], document["instances"][11]
+    second["interfaces"][0]["network"] = first["interfaces"][0]["network"]
+    second["interfaces"][0]["subnet"] = first["interfaces"][0]["subnet"]
+    if duplicate == "id":
+        second["id"] = first["id"]
+    elif duplicate == "private address":
+        second["interfaces"][0]["private_ips"] = first["interfaces"][0]["private_ips"]
+    elif duplicate == "public address":
+        first["interfaces"][0]["public_ip"] = second["interfaces"][0]["public_ip"] = "198.51.100.7"
+    elif duplicate == "mac":
+        second["interfaces"][0]["mac"] = first["interfaces"][0]["mac"]
+    elif duplicate == "metadata source":
+        first["interfaces"][0]["metadata_sources"] = second["interfaces"][0]["metadata_sources"] = ["255.0.0.1"]
+    view = parse_view(document, cross_check=False)
+    if duplicate == "none":
+        snapshot, _ = build_snapshot_tracked(view, check_unique=True)
+        assert len(snapshot.instances) == 30
+        return
+    with pytest.raises(ViewInvalid) as caught:
+        build_snapshot_tracked(view, check_unique=True)
+    assert caught.value.problems == _problems_of(document)
+    data = json.dumps(document).encode()
+    with pytest.raises(ViewInvalid) as deferred:
+        decoded = decode_view_reusing(data, None, defer_cross_check=True)
+        build_snapshot_tracked(decoded.view, check_unique=not decoded.cross_checked)
+    assert deferred.value.problems == _problems_of(document)
+
+
+def test_deferring_the_rules_across_instances_still_reports_every_problem_at_once() -> None:
+    document = generate_view(instances=30, networks=2)
+    document["instances"][4]["id"] = document["instances"][3]["id"]
+    document["instances"][9]["launch_index"] = "zero"
+    with pytest.raises(ViewInvalid) as caught:
+        decode_view_reusing(json.dumps(document).encode(), None, defer_cross_check=True)
+    assert caught.value.problems == _problems_of(document)
+    assert len(caught.value.problems) == 2
+
+
+def _problems_of(document: dict) -> list[str]:
+    with pytest.raises(ViewInvalid) as caught:
+        parse_view(json.loads(json.dumps(document)))
+    return caught.value.problems
