@@ -36,7 +36,6 @@ from edge.view.wire import INSTANCE_DECODER, PrefixTable, instance_from_wire, pr
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LEADING_ID = re.compile(r'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
-_LEADING_ID_BYTES = re.compile(rb'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
 _DECODER = json.JSONDecoder()
 # Below this size one json.loads call is short enough not to matter.
 _INCREMENTAL_THRESHOLD = 1 << 20
@@ -417,12 +416,14 @@ class _ByteStream:
         """Per element of ``instances``: its fingerprint, or the memo entry it reused."""
         self.reused = 0
         self.result: Any = None
+        self.shift = 0
+        self.positions: dict[str, int] | None = None
 
     def decode(self) -> bool:
         try:
             self.result = self._object()
         except (_GiveUp, msgspec.DecodeError, UnicodeDecodeError, RecursionError, json.JSONDecodeError):
-            self.spans, self.reused, self.result = [], 0, None
+            self.spans, self.reused, self.result, self.shift, self.positions = [], 0, None, 0, None
             return False
         return True
 
@@ -491,8 +492,11 @@ class _ByteStream:
                 if raws is None:
                     end = self._exact_end(pos)
                     raws = [data[pos:end]]
-            for raw in raws:
-                items.append(self._element(raw, len(items), table, prefixes))
+            if self.memo is None and self.record:
+                self._new_elements(raws, items, table, prefixes)
+            else:
+                for raw in raws:
+                    items.append(self._element(raw, len(items), table, prefixes))
             assert end is not None
             pos = skip_whitespace(data, end)
             following = data[pos:pos + 1]
@@ -528,45 +532,66 @@ class _ByteStream:
             return None
         return raws or None
 
+    def _new_elements(self, raws: list[msgspec.Raw] | list[bytes], items: list[Any], table: _CidrTable,
+                      prefixes: PrefixTable) -> None:
+        """:meth:`_element` for a batch when there is nothing to recognise (a first load), in one loop."""
+        spans_append, items_append = self.spans.append, items.append
+        decode = INSTANCE_DECODER.decode
+        for raw in raws:
+            text = bytes(raw)
+            spans_append((len(text), hash(text)))
+            try:
+                instance = instance_from_wire(decode(text), table, prefixes)
+            except msgspec.ValidationError:
+                instance = None
+            items_append(Reused(instance) if instance is not None else self._doubted(text, table))
+
     def _element(self, raw: msgspec.Raw | bytes, index: int, table: _CidrTable, prefixes: PrefixTable) -> Any:
+        """One element: recognised from ``memo`` (unchanged text), or decoded and validated."""
         text = bytes(raw)
+        fingerprint = (len(text), hash(text))
         memo = self.memo
-        fingerprint = None
         if memo is not None:
-            fingerprint = (len(text), hash(text))
-            entry = self._recognised(memo, text, fingerprint, index)
-            if entry is not None:
-                self.spans.append(entry)
-                self.reused += 1
-                return Reused(entry[2])
+            # The candidate: the previous element at this position, shifted by the instances
+            # added or removed before it (learnt from the last element recognised by its id).
+            position = index + self.shift
+            if 0 <= position < len(memo.order):
+                entry = memo.by_id.get(memo.order[position])
+                if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
+                    return self._reused(entry)
         if self.record:
-            self.spans.append(fingerprint or (len(text), hash(text)))
+            self.spans.append(fingerprint)
         try:
-            instance = instance_from_wire(INSTANCE_DECODER.decode(text), table, prefixes)
+            wire = INSTANCE_DECODER.decode(text)
         except msgspec.ValidationError:
-            instance = None
-        if instance is not None:
-            return Reused(instance)
-        # The typed path doubts it: the reference validators decide, and explain.
+            return self._doubted(text, table)
+        if memo is not None:
+            # Not where it was: look it up by id (decoding anyway: most such elements are new or changed).
+            entry = memo.by_id.get(wire.id)
+            if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
+                if self.record:
+                    self.spans.pop()
+                self._learn_shift(memo, wire.id, index)
+                return self._reused(entry)
+        instance = instance_from_wire(wire, table, prefixes)
+        return Reused(instance) if instance is not None else self._doubted(text, table)
+
+    def _reused(self, entry: tuple[int, int, Instance]) -> Reused:
+        self.spans.append(entry)
+        self.reused += 1
+        return Reused(entry[2])
+
+    def _learn_shift(self, memo: DecodeMemo, instance_id: str, index: int) -> None:
+        if self.positions is None:
+            self.positions = {previous: position for position, previous in enumerate(memo.order)}
+        self.shift = self.positions[instance_id] - index
+
+    @staticmethod
+    def _doubted(text: bytes, table: _CidrTable) -> Any:
+        """An element the typed path doubts: the reference validators decide, and explain."""
         item = json.loads(text)
         if type(item) is dict:
             instance = _fast_instance(item, table)
             if instance is not None:
                 return Reused(instance)
         return item
-
-    @staticmethod
-    def _recognised(memo: DecodeMemo, text: bytes, fingerprint: Fingerprint,
-                    index: int) -> tuple[int, int, Instance] | None:
-        """The memo entry whose text ``text`` is: the previous element at ``index``, or the one with its id."""
-        if index < len(memo.order):
-            entry = memo.by_id.get(memo.order[index])
-            if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
-                return entry
-        leading = _LEADING_ID_BYTES.match(text)
-        if leading is None:
-            return None
-        entry = memo.by_id.get(leading.group(1).decode("utf-8", "replace"))
-        if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
-            return entry
-        return None

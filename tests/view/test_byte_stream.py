@@ -60,6 +60,9 @@ def test_fast_path_gives_the_reference_view(small_batches, indent) -> None:
     assert parse_view(stream.result) == _reference(data)
     assert decode_view(data) == _reference(data)
     assert len(stream.spans) == 40
+    first = decode_view_reusing(data, None)
+    assert first.view == _reference(data)
+    assert decode_view_reusing(data, first.memo).reused == 40
 
 
 def test_fast_path_takes_the_instances_by_type() -> None:
@@ -188,3 +191,25 @@ def _problems_of(document: dict) -> list[str]:
     with pytest.raises(ViewInvalid) as caught:
         parse_view(json.loads(json.dumps(document)))
     return caught.value.problems
+
+
+def test_instances_shifted_by_an_insertion_are_recognised_without_decoding_them(monkeypatch) -> None:
+    document = generate_view(instances=50, networks=2)
+    first = decode_view_reusing(json.dumps(document).encode(), None)
+    extra = generate_view(instances=51, networks=2)["instances"][50]
+    document["serial"] = 2
+    document["instances"].insert(0, extra)
+    decoded = []
+    real = formats.INSTANCE_DECODER
+
+    class Counting:
+        @staticmethod
+        def decode(text):
+            decoded.append(text)
+            return real.decode(text)
+
+    monkeypatch.setattr(formats, "INSTANCE_DECODER", Counting)
+    second = decode_view_reusing(json.dumps(document).encode(), first.memo)
+    assert second.reused == 50
+    # The new one, and the first old one (found by its id, which teaches the shift).
+    assert len(decoded) == 2
