@@ -46,8 +46,10 @@ class Tally:
     """(counter name, label value) -> count, for the subsystem counters below."""
     raw: dict[Any, int] = field(default_factory=dict)
     """Undecoded request keys from the reply fast paths; labelled at sync time."""
-    replies: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
-    """(request target, response bytes) -> count: metadata answers not yet labelled (see :meth:`fold`)."""
+    replies: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
+    """answer bytes -> request target -> count: metadata answers not yet labelled (see :meth:`fold`)."""
+    held: int = 0
+    """Distinct (answer, target) pairs in ``replies``."""
     countdown: int = 1
     """Replies until the next one is timed."""
 
@@ -71,26 +73,38 @@ class Tally:
     def http_reply(self, target: bytes, response: bytes, started: float) -> None:
         """Count one metadata answer, and time one answer in LATENCY_SAMPLE.
 
-        Counted by the objects themselves: a short answer is nearly always a pre-rendered bytes
-        object and the target's hash is already cached by the handler's lookups, so this is one
-        dict update; route family and status are worked out per distinct pair when folded.  A
-        long answer is counted by its status line (one built per request, as with a token's
-        lifetime header, would be hashed whole)."""
-        key = (target, response if len(response) <= SHORT_REPLY else response[:12])
-        replies = self.replies
-        count = replies.get(key)
-        if count is not None:
-            replies[key] = count + 1
+        Counted by the objects themselves, answer first: a short answer is nearly always a
+        pre-rendered bytes object (found by identity) and the target's hash is already cached by
+        the handler's lookups, so no key is built; route family and status are worked out per
+        distinct pair when folded.  A long answer is counted by its status line (one built per
+        request, as with a token's lifetime header, would be hashed whole)."""
+        if len(response) > SHORT_REPLY:
+            response = response[:12]
+        by_target = self.replies.get(response)
+        if by_target is not None:
+            count = by_target.get(target)
+            if count is not None:
+                by_target[target] = count + 1
+            else:
+                self._hold(response, target)
         else:
-            if len(replies) >= REPLIES_HELD:
-                self.fold()
-            replies[key] = 1
+            self._hold(response, target)
         countdown = self.countdown - 1
         if countdown:
             self.countdown = countdown
         else:
             self.countdown = LATENCY_SAMPLE
             self._sampled(monotonic() - started)
+
+    def _hold(self, response: bytes, target: bytes) -> None:
+        """Count the first reply of a new (answer, target) pair."""
+        if self.held >= REPLIES_HELD:
+            self.fold()
+        by_target = self.replies.get(response)
+        if by_target is None:
+            by_target = self.replies[response] = {}
+        by_target[target] = 1
+        self.held += 1
 
     def fold(self) -> None:
         """Label the held metadata answers by (route family, status) into ``raw`` (at sync, or when
@@ -99,10 +113,13 @@ class Tally:
         if not replies:
             return
         raw = self.raw
-        for (target, response), count in replies.items():
-            key = (http_family(target), response[9:12])
-            raw[key] = raw.get(key, 0) + count
+        for response, by_target in replies.items():
+            status = response[9:12]
+            for target, count in by_target.items():
+                key = (http_family(target), status)
+                raw[key] = raw.get(key, 0) + count
         replies.clear()
+        self.held = 0
 
     def _sampled(self, seconds: float) -> None:
         # One timed request stands for LATENCY_SAMPLE requests in the histogram.
