@@ -9,6 +9,7 @@ asking, endpoint enabled, rate limit, token, then the rendered answer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from edge.eucalyptus.fallback import ControllerAnswers, NeedController, controller_path
@@ -19,10 +20,11 @@ from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
-from edge.view.model import Instance
+from edge.view.model import Instance, MetadataOptions
 from edge.view.snapshot import Snapshot
 
 TTL_HEADER = b"X-aws-ec2-metadata-token-ttl-seconds: "
+_time = time.time
 
 
 @dataclass(slots=True)
@@ -77,6 +79,9 @@ class MetadataHandler:
         self.max_verified = 100_000
         self.controller: ControllerAnswers | None = None
         """Eucalyptus: the controller's metadata service, asked first for every metadata path."""
+        self._seen_options: tuple[MetadataOptions | None, bool, bool] = (None, True, False)
+        """The options last asked about, with (endpoint enabled, tokens required): instances share
+        options objects (most have the default one), and reading the two properties costs more."""
         self.tokens_issued = 0
         self.tokens_verified = 0
         self.tokens_rejected = 0
@@ -86,8 +91,10 @@ class MetadataHandler:
         self.keys = keys
         self._verified = {}
 
-    def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float,
+    def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float | None,
                mono: float) -> bytes | Pending:
+        """The answer to ``request``; ``now`` is the wall clock, or None to read it only if the answer
+        depends on it (tokens, credentials, the controller's cache): most answers do not."""
         method = request.method
         target = request.target
         if method == b"GET":
@@ -95,7 +102,7 @@ class MetadataHandler:
         elif method == b"HEAD":
             head_only = True
         elif method == b"PUT":
-            return self._put(snapshot, peer, request, now, mono)
+            return self._put(snapshot, peer, request, _time() if now is None else now, mono)
         elif method == b"OPTIONS" and _is_token_path(target):
             return TOKEN_OPTIONS.wire(request.keep_alive, False)
         else:
@@ -120,7 +127,11 @@ class MetadataHandler:
                 return self._unknown(network, address, request)
         instance = attachment.instance
         options = instance.metadata_options
-        if not options.endpoint_enabled:
+        seen, enabled, tokens_required = self._seen_options
+        if seen is not options:
+            seen, enabled, tokens_required = self._seen_options = (options, options.endpoint_enabled,
+                                                                   options.tokens_required)
+        if not enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         limiter = self.limiter
         if limiter.rate > 0 and not limiter.allow(instance.id, mono):
@@ -129,19 +140,23 @@ class MetadataHandler:
         ttl_line = None
         token = request.token
         if token is not None:
+            if now is None:
+                now = _time()
             remaining = self._verify(token, instance.id, now)
             if remaining <= 0:
                 self.tokens_rejected += 1
                 return self.refuse(Outcome.UNAUTHORIZED, request)
             self.tokens_verified += 1
             ttl_line = self._ttl_line(remaining)
-        elif options.tokens_required:
+        elif tokens_required:
             return self.refuse(Outcome.UNAUTHORIZED, request)
 
         controller = self.controller
         if controller is not None and not request.skip_controller:
             path = controller_path(target)
             if path is not None:
+                if now is None:
+                    now = _time()
                 cached = controller.cached(instance.id, path, now)
                 if cached is None:
                     return NeedController(instance, attachment.interface.primary_ip, path, ttl_line)
@@ -153,6 +168,8 @@ class MetadataHandler:
         if found is None:
             return self.refuse(Outcome.NOT_FOUND, request)
         if found.__class__ is CredentialsLeaf:
+            if now is None:
+                now = _time()
             credentials = self.credentials.lookup(instance, attachment.interface.primary_ip, found.role, now)
             if credentials is None:
                 return NeedCredentials(instance, attachment.interface.primary_ip, found.role, ttl_line)

@@ -264,7 +264,7 @@ class MetadataProtocol(asyncio.Protocol):
         # handle() and write(), written out: this is the path of nearly every request.
         mono = _monotonic()
         result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
-                                     request, _time(), mono)
+                                     request, None, mono)
         if result.__class__ is not bytes:
             request.started = mono
             self.wait(request, result)  # type: ignore[arg-type]
