@@ -492,11 +492,13 @@ class _ByteStream:
                 if raws is None:
                     end = self._exact_end(pos)
                     raws = [data[pos:end]]
-            if self.memo is None and self.record:
+            if not self.record:
+                for raw in raws:
+                    items.append(self._element(raw, table, prefixes))
+            elif self.memo is None:
                 self._new_elements(raws, items, table, prefixes)
             else:
-                for raw in raws:
-                    items.append(self._element(raw, len(items), table, prefixes))
+                self._elements_with_memo(self.memo, raws, items, table, prefixes)
             assert end is not None
             pos = skip_whitespace(data, end)
             following = data[pos:pos + 1]
@@ -546,34 +548,48 @@ class _ByteStream:
                 instance = None
             items_append(Reused(instance) if instance is not None else self._doubted(text, table))
 
-    def _element(self, raw: msgspec.Raw | bytes, index: int, table: _CidrTable, prefixes: PrefixTable) -> Any:
-        """One element: recognised from ``memo`` (unchanged text), or decoded and validated."""
-        text = bytes(raw)
-        fingerprint = (len(text), hash(text))
-        memo = self.memo
-        if memo is not None:
+    def _elements_with_memo(self, memo: DecodeMemo, raws: list[msgspec.Raw] | list[bytes], items: list[Any],
+                            table: _CidrTable, prefixes: PrefixTable) -> None:
+        """Elements of a batch recognised from ``memo`` (unchanged text), or decoded and validated."""
+        spans, items_append = self.spans, items.append
+        decode = INSTANCE_DECODER.decode
+        order, by_id = memo.order, memo.by_id
+        previous = len(order)
+        for raw in raws:
+            text = bytes(raw)
+            length, digest = len(text), hash(text)
+            index = len(items)
             # The candidate: the previous element at this position, shifted by the instances
             # added or removed before it (learnt from the last element recognised by its id).
             position = index + self.shift
-            if 0 <= position < len(memo.order):
-                entry = memo.by_id.get(memo.order[position])
-                if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
-                    return self._reused(entry)
-        if self.record:
-            self.spans.append(fingerprint)
-        try:
-            wire = INSTANCE_DECODER.decode(text)
-        except msgspec.ValidationError:
-            return self._doubted(text, table)
-        if memo is not None:
+            if 0 <= position < previous:
+                entry = by_id.get(order[position])
+                if entry is not None and entry[0] == length and entry[1] == digest:
+                    items_append(self._reused(entry))
+                    continue
+            try:
+                wire = decode(text)
+            except msgspec.ValidationError:
+                spans.append((length, digest))
+                items_append(self._doubted(text, table))
+                continue
             # Not where it was: look it up by id (decoding anyway: most such elements are new or changed).
-            entry = memo.by_id.get(wire.id)
-            if entry is not None and entry[0] == fingerprint[0] and entry[1] == fingerprint[1]:
-                if self.record:
-                    self.spans.pop()
+            entry = by_id.get(wire.id)
+            if entry is not None and entry[0] == length and entry[1] == digest:
                 self._learn_shift(memo, wire.id, index)
-                return self._reused(entry)
-        instance = instance_from_wire(wire, table, prefixes)
+                items_append(self._reused(entry))
+                continue
+            spans.append((length, digest))
+            instance = instance_from_wire(wire, table, prefixes)
+            items_append(Reused(instance) if instance is not None else self._doubted(text, table))
+
+    def _element(self, raw: msgspec.Raw | bytes, table: _CidrTable, prefixes: PrefixTable) -> Any:
+        """One element, with nothing to recognise or record (:func:`decode_view`)."""
+        text = bytes(raw)
+        try:
+            instance = instance_from_wire(INSTANCE_DECODER.decode(text), table, prefixes)
+        except msgspec.ValidationError:
+            instance = None
         return Reused(instance) if instance is not None else self._doubted(text, table)
 
     def _reused(self, entry: tuple[int, int, Instance]) -> Reused:
