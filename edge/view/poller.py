@@ -116,6 +116,7 @@ class Poller:
         self._releases: set[asyncio.Task[object]] = set()
         self._memo: BuildMemo | None = None
         self._pending: BuildMemo | None = None
+        self._in_progress: asyncio.Future[None] | None = None
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -162,6 +163,10 @@ class Poller:
     async def refresh(self) -> None:
         """Ask for a poll now; completes when the poll that answers it has finished."""
         if self._task is None or self._task.done():
+            # Not polling on a schedule (yet): a poll in progress, such as a fresh gateway's
+            # first one while its listeners are already open, is the one that answers.
+            if self._in_progress is not None:
+                await asyncio.shield(self._in_progress)
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -204,12 +209,16 @@ class Poller:
         self._last_poll_started = time.monotonic()
         answering = self._waiters
         self._waiters = []
+        in_progress = self._in_progress = asyncio.get_running_loop().create_future()
         try:
             outcome = await self._poll()
         finally:
             for waiter in answering:
                 if not waiter.done():
                     waiter.set_result(None)
+            in_progress.set_result(None)
+            if self._in_progress is in_progress:
+                self._in_progress = None
         status = self.store.status
         status.polls += 1
         status.last_poll_at = time.time()

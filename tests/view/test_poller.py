@@ -211,6 +211,32 @@ def test_refresh_requests_are_coalesced(tmp_path) -> None:
     run(scenario())
 
 
+def test_refresh_before_the_schedule_starts_waits_for_the_first_poll(tmp_path) -> None:
+    # A fresh gateway opens its listeners, then polls once before polling on a schedule: an
+    # instance asking in between must get the view that poll brings, not a 404.
+    path = tmp_path / "view.json"
+    _write(path, _document(1))
+    poller, store, _ = _poller(tmp_path, path, poll_interval=30.0)
+    real_fetch = poller.source.fetch
+
+    async def slow_fetch():
+        await asyncio.sleep(0.3)
+        return await real_fetch()
+
+    poller.source.fetch = slow_fetch  # type: ignore[method-assign]
+
+    async def scenario():
+        first = asyncio.get_running_loop().create_task(poller.poll_once())
+        await asyncio.sleep(0.05)
+        assert store.current is None
+        await asyncio.wait_for(poller.refresh(), 5)
+        assert store.current is not None and store.current.serial == 1
+        await first
+        await asyncio.wait_for(poller.refresh(), 1)  # nothing in progress, no schedule: returns at once
+
+    run(scenario())
+
+
 def test_backoff_grows_while_the_source_fails_and_is_capped(tmp_path) -> None:
     poller, store, _ = _poller(tmp_path, tmp_path / "missing.json", poll_interval=1.0, backoff_max=8.0)
 
