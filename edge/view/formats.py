@@ -385,6 +385,7 @@ class _StreamingObject:
 
 
 _RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+_MEMBERS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class _GiveUp(Exception):
@@ -401,7 +402,7 @@ class _ByteStream:
     when the typed path doubts it, decoded as plain JSON for the validators of
     :mod:`edge.view.parse`.  :meth:`decode` returns False, having decided nothing, when
     the document is not what this path expects: not UTF-8 JSON, ``networks`` missing or
-    after ``instances``, or brackets inside strings that defeat the cutting.
+    invalid, or brackets inside strings that defeat the cutting.
     """
 
     BATCH = 1 << 18
@@ -448,7 +449,9 @@ class _ByteStream:
                 pos = skip_whitespace(data, pos + 1)
                 if key == "instances" and data[pos:pos + 1] == b"[":
                     table = cidr_table_of(result)
-                    if table is None or key in result:
+                    if table is None:
+                        return self._members_at_once()
+                    if key in result:
                         raise _GiveUp
                     result[key], end = self._instances(pos + 1, table, prefix_table(table))
                 else:
@@ -465,6 +468,31 @@ class _ByteStream:
                     raise _GiveUp
                 pos = skip_whitespace(data, pos)
         if skip_whitespace(data, pos) != len(data):
+            raise _GiveUp
+        return result
+
+    def _members_at_once(self) -> dict[str, Any]:
+        """:meth:`_object` for a document whose ``instances`` come before ``networks``.
+
+        Instances are checked against the networks, and keys in alphabetical order (Go's
+        encoding/json on a map, ``json.dumps(sort_keys=True)``) put them first.  Finding
+        where each member ends takes one msgspec call over the whole document, which holds
+        the interpreter lock for about 70 ms per 100k instances; the instances are then
+        decoded in batches as usual.
+        """
+        members = _MEMBERS.decode(self.data)
+        raw = members.pop("instances")
+        result: dict[str, Any] = {key: msgspec.json.decode(value) for key, value in members.items()}
+        table = cidr_table_of(result)
+        text = bytes(raw)
+        if table is None or text[:1] != b"[":
+            raise _GiveUp
+        whole, self.data = self.data, text
+        try:
+            result["instances"], end = self._instances(1, table, prefix_table(table))
+        finally:
+            self.data = whole
+        if end != len(text):
             raise _GiveUp
         return result
 

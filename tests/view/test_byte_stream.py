@@ -104,13 +104,26 @@ def test_fast_path_reports_what_the_reference_reports(small_batches, breakage) -
         assert fast.value.problems == reference.value.problems
 
 
-def test_networks_after_instances_and_other_shapes_fall_back(small_batches) -> None:
+@pytest.mark.parametrize("strings", ["plain", "unbalanced brackets"])
+def test_instances_before_networks_take_the_fast_path_too(small_batches, strings) -> None:
+    # Keys in alphabetical order (Go's encoding/json on a map, json.dumps(sort_keys=True))
+    # put instances before networks, which the instances are checked against.
     document = generate_view(instances=20, networks=2)
-    reordered = {"instances": document.pop("instances"), **document}
-    data = json.dumps(reordered).encode()
-    assert not formats._ByteStream(data, None, record=False).decode()
+    if strings != "plain":
+        document["instances"][4]["tags"] = {"note": "}}] ["}
+    data = json.dumps(document, sort_keys=True).encode()
+    assert data.index(b'"instances"') < data.index(b'"networks"')
+    assert _fast(data).result["instances"]
     assert decode_view(data) == _reference(data)
+    first = decode_view_reusing(data, None)
+    assert first.view == _reference(data)
+    assert decode_view_reusing(data, first.memo).reused == 20
+
+
+def test_other_shapes_fall_back() -> None:
     assert not formats._ByteStream(b'\xef\xbb\xbf{"format": 1}', None, record=False).decode()
+    assert not formats._ByteStream(b'{"instances": [], "instances": []}', None, record=False).decode()
+    assert not formats._ByteStream(b'{"instances": [{}]}', None, record=False).decode()  # no networks
 
 
 def test_unchanged_instances_are_recognised_by_their_bytes(small_batches) -> None:
