@@ -45,8 +45,13 @@ def value_end(data: bytes, pos: int) -> int | None:
     if first not in (b"{", b"["):
         match = _SCALAR.match(data, pos)
         return None if match is None else match.end()
-    balance = 0
-    counted = pos
+    closed = _first_close_to(data, pos, 0)
+    return None if closed is None or closed[1] != 0 else closed[0]
+
+
+def _first_close_to(data: bytes, counted: int, balance: int) -> tuple[int, int] | None:
+    """The first closing bracket from ``counted`` on at which ``balance`` (brackets open so far)
+    drops to 0 or below: the position after it and the balance there; None if there is none."""
     while True:
         found = _CLOSING.search(data, counted)
         if found is None:
@@ -55,7 +60,7 @@ def value_end(data: bytes, pos: int) -> int | None:
         balance += _balance(data, counted, end)
         counted = end
         if balance <= 0:
-            return end if balance == 0 else None
+            return end, balance
 
 
 def likely_elements_ends(data: bytes, at_least: int, tries: int) -> list[int]:
@@ -87,16 +92,12 @@ def elements_end(data: bytes, start: int, at_least: int) -> int | None:
         if balance < 0:
             # Past the end of the array already: find it element by element.
             balance, counted = 0, start
-    while True:
-        found = _CLOSING.search(data, counted)
-        if found is None:
-            return None
-        end = found.end()
-        balance += _balance(data, counted, end)
-        counted = end
-        if balance == 0 and data[end - 1:end] == b"}":
-            return end
-        if balance == -1 and data[end - 1:end] == b"]":
-            return end - 1
-        if balance < 0:
-            return None
+    closed = _first_close_to(data, counted, balance)
+    if closed is None:
+        return None
+    end, balance = closed
+    if balance == 0:
+        return end  # after an element (an array element, if any, is the validator's to refuse)
+    if balance == -1 and data[end - 1:end] == b"]":
+        return end - 1
+    return None
