@@ -117,6 +117,9 @@ class DecodeMemo:
     """Instance ids in document order: the candidate for elements that do not start with ``id``."""
     cloud: object
     networks: object
+    by_hash: dict[int, tuple[int, int, Instance]]
+    """The same entries by the hash of their text: the fast path, which sees each element's
+    bytes before decoding it, needs neither its position nor its id to recognise it."""
 
 
 @dataclass(slots=True)
@@ -169,9 +172,13 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None, defer_cross_check:
         if len(view.instances) != len(stream.spans):
             raise ViewInvalid(["$.instances: not one instance per element"])  # pragma: no cover - parse drops none
         by_id = {}
+        by_hash = {}
         for instance, entry in zip(view.instances, stream.spans):
-            by_id[instance.id] = entry if len(entry) == 3 else (entry[0], entry[1], instance)  # type: ignore[misc]
-        kept = DecodeMemo(by_id, [i.id for i in view.instances], document.get("cloud"), document.get("networks"))
+            if len(entry) != 3:
+                entry = (entry[0], entry[1], instance)
+            by_id[instance.id] = by_hash[entry[1]] = entry  # type: ignore[index,assignment]
+        kept = DecodeMemo(by_id, [i.id for i in view.instances], document.get("cloud"), document.get("networks"),
+                          by_hash)
         document.pop("cloud", None)
         document.pop("networks", None)
     finally:
@@ -417,14 +424,12 @@ class _ByteStream:
         """Per element of ``instances``: its fingerprint, or the memo entry it reused."""
         self.reused = 0
         self.result: Any = None
-        self.shift = 0
-        self.positions: dict[str, int] | None = None
 
     def decode(self) -> bool:
         try:
             self.result = self._object()
         except (_GiveUp, msgspec.DecodeError, UnicodeDecodeError, RecursionError, json.JSONDecodeError):
-            self.spans, self.reused, self.result, self.shift, self.positions = [], 0, None, 0, None
+            self.spans, self.reused, self.result = [], 0, None
             return False
         return True
 
@@ -581,34 +586,21 @@ class _ByteStream:
         """Elements of a batch recognised from ``memo`` (unchanged text), or decoded and validated."""
         spans, items_append = self.spans, items.append
         decode = INSTANCE_DECODER.decode
-        order, by_id = memo.order, memo.by_id
-        previous = len(order)
+        by_hash = memo.by_hash
         for raw in raws:
             text = bytes(raw)
             length, digest = len(text), hash(text)
-            index = len(items)
-            # The candidate: the previous element at this position, shifted by the instances
-            # added or removed before it (learnt from the last element recognised by its id).
-            position = index + self.shift
-            if 0 <= position < previous:
-                entry = by_id.get(order[position])
-                if entry is not None and entry[0] == length and entry[1] == digest:
-                    items_append(self._reused(entry))
-                    continue
-            try:
-                wire = decode(text)
-            except msgspec.ValidationError:
-                spans.append((length, digest))
-                items_append(self._doubted(text, table))
-                continue
-            # Not where it was: look it up by id (decoding anyway: most such elements are new or changed).
-            entry = by_id.get(wire.id)
-            if entry is not None and entry[0] == length and entry[1] == digest:
-                self._learn_shift(memo, wire.id, index)
-                items_append(self._reused(entry))
+            entry = by_hash.get(digest)
+            if entry is not None and entry[0] == length:
+                spans.append(entry)
+                self.reused += 1
+                items_append(Reused(entry[2]))
                 continue
             spans.append((length, digest))
-            instance = instance_from_wire(wire, table, prefixes)
+            try:
+                instance = instance_from_wire(decode(text), table, prefixes)
+            except msgspec.ValidationError:
+                instance = None
             items_append(Reused(instance) if instance is not None else self._doubted(text, table))
 
     def _element(self, raw: msgspec.Raw | bytes, table: _CidrTable, prefixes: PrefixTable) -> Any:
@@ -619,16 +611,6 @@ class _ByteStream:
         except msgspec.ValidationError:
             instance = None
         return Reused(instance) if instance is not None else self._doubted(text, table)
-
-    def _reused(self, entry: tuple[int, int, Instance]) -> Reused:
-        self.spans.append(entry)
-        self.reused += 1
-        return Reused(entry[2])
-
-    def _learn_shift(self, memo: DecodeMemo, instance_id: str, index: int) -> None:
-        if self.positions is None:
-            self.positions = {previous: position for position, previous in enumerate(memo.order)}
-        self.shift = self.positions[instance_id] - index
 
     @staticmethod
     def _doubted(text: bytes, table: _CidrTable) -> Any:

@@ -86,5 +86,6 @@ def release_memo(holder: list[Any]) -> None:
     del memo
     if decoded is not None:
         _empty(decoded.by_id)
+        _empty(decoded.by_hash)
         _empty(decoded.order)
     _empty(index.contributors)
