@@ -17,7 +17,7 @@ from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
 from edge.metadata.identify import Peer, attachment_for
 from edge.ratelimit import RateLimiter
-from edge.metadata.render import Renderer
+from edge.metadata.render import MISSING, Renderer
 from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
 from edge.view.model import Instance, MetadataOptions
@@ -164,10 +164,20 @@ class MetadataHandler:
                     return self._wire(cached, ttl_line, request.keep_alive, head_only)
                 # The controller has nothing there: the view may (instance id, addresses, network).
 
-        found = self.renderer.lookup(snapshot, instance, target)
+        # Renderer.lookup's memo read inline: a call fewer for nearly every request.
+        renderer = self.renderer
+        found = None
+        if renderer.generation == snapshot.generation:
+            answers = renderer.answers.get(instance.id)
+            if answers is not None:
+                found = answers.get(target)
         if found is None:
-            return self.refuse(Outcome.NOT_FOUND, request)
+            found = renderer.lookup(snapshot, instance, target)
+            if found is None:
+                return self.refuse(Outcome.NOT_FOUND, request)
         if found.__class__ is CredentialsLeaf:
+            if found is MISSING:
+                return self.refuse(Outcome.NOT_FOUND, request)
             if now is None:
                 now = _time()
             credentials = self.credentials.lookup(instance, attachment.interface.primary_ip, found.role, now)
