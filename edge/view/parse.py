@@ -822,7 +822,7 @@ def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | 
         return None
     ipv6s = get("ipv6s")
     if ipv6s:
-        if type(ipv6s) is not list or any(_ipv6(a) != a for a in ipv6s):
+        if type(ipv6s) is not list or any(type(a) is not str or _ipv6(a) != a for a in ipv6s):
             return None
         ipv6s = tuple(ipv6s)
     elif ipv6s is None or ipv6s == []:
@@ -852,7 +852,7 @@ def _fast_interface(raw: dict[str, Any], cidr_table: _CidrTable) -> Interface | 
         owner_id = intern(owner_id)
     sources = get("metadata_sources")
     if sources is not None:
-        if type(sources) is not list or any(canonical_ipv4(a) != a for a in sources):
+        if type(sources) is not list or any(type(a) is not str or canonical_ipv4(a) != a for a in sources):
             return None
         sources = tuple(sources)
     return Interface(interface_id, mac, device_index, network, subnet, tuple(raw_ips), public_ip, ipv6s,

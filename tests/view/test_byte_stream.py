@@ -6,9 +6,12 @@ what the reference gives: ``parse_view(json.loads(data))``.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge.errors import ViewInvalid
 from edge.testing.generate import generate_view
@@ -225,3 +228,53 @@ def test_instances_shifted_by_an_insertion_are_recognised_without_decoding_them(
     second = decode_view_reusing(json.dumps(document).encode(), first.memo)
     assert second.reused == 50
     assert len(decoded) == 1  # the new one
+
+
+# -- the fast path against the reference, on mutated documents -----------------------------------
+
+_ODD_VALUES = [None, "", "x", 0, -1, 1.5, True, [], {}, "[{", '}]"\\', "10.0.0.5", "10.0.0.05", "AA:BB:CC:DD:EE:FF",
+               "2001:db8::1", "2001:DB8::1", "aGk=", "aGk", "a===", ["10.0.0.5"], [None], [{}], {"k": 1},
+               {"http_tokens": "required", "hop_limit": 65}, "vpc-unknown", "\u00e9\u2603"]
+MUTATED_EXAMPLES = 400
+_INSTANCE_KEYS = ["id", "interfaces", "user_data", "tags", "block_devices", "iam", "public_keys", "launch_index",
+                  "metadata_options", "product_codes", "account_id", "kernel_id", "unknown"]
+_INTERFACE_KEYS = ["id", "mac", "private_ips", "public_ip", "ipv6s", "network", "subnet", "device_index",
+                   "security_groups", "metadata_sources", "owner_id"]
+
+
+@settings(max_examples=MUTATED_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 11), st.booleans(), st.integers(0, 12), st.integers(0, 10),
+                          st.integers(0, len(_ODD_VALUES) - 1)), max_size=6),
+       st.booleans(), st.sampled_from([None, 1]))
+def test_fast_path_matches_the_reference_on_mutated_documents(mutations, sort_keys, indent) -> None:
+    document = generate_view(instances=12, networks=2)
+    for instance_index, on_interface, instance_key, interface_key, value_index in mutations:
+        instance = document["instances"][instance_index]
+        target = instance["interfaces"][0] if on_interface and type(instance.get("interfaces")) is list \
+            and instance["interfaces"] and type(instance["interfaces"][0]) is dict else instance
+        key = _INTERFACE_KEYS[interface_key] if target is not instance else _INSTANCE_KEYS[instance_key]
+        target[key] = copy.deepcopy(_ODD_VALUES[value_index])
+    data = json.dumps(document, sort_keys=sort_keys, indent=indent, ensure_ascii=False).encode()
+    formats_batch, formats._ByteStream.BATCH = formats._ByteStream.BATCH, 700
+    threshold, formats._INCREMENTAL_THRESHOLD = formats._INCREMENTAL_THRESHOLD, 0
+    try:
+        outcomes = []
+        for decode in (lambda: decode_view(data), lambda: _reusing_then_built(data), lambda: _reference(data)):
+            try:
+                outcomes.append(decode())
+            except ViewInvalid as exc:
+                outcomes.append(exc.problems)
+    finally:
+        formats._ByteStream.BATCH, formats._INCREMENTAL_THRESHOLD = formats_batch, threshold
+    assert outcomes[0] == outcomes[2]
+    assert outcomes[1] == outcomes[2]
+
+
+def _reusing_then_built(data: bytes):
+    # The poller's way: rules across instances left to the build.
+    from edge.view.snapshot import build_snapshot_tracked
+
+    decoded = decode_view_reusing(data, None, defer_cross_check=True)
+    build_snapshot_tracked(decoded.view, check_unique=not decoded.cross_checked)
+    return decoded.view

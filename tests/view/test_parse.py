@@ -201,3 +201,13 @@ def test_streaming_decoder_checks_instances_against_the_documents_own_networks(m
         decode_view(json.dumps(document).encode())
     assert f"is outside network {network['id']!r} CIDRs" in caught.value.problems[0]
     assert caught.value.problems == _problems(json.loads(json.dumps(document)))
+
+
+@pytest.mark.parametrize("key", ["ipv6s", "metadata_sources"])
+def test_null_addresses_in_a_list_are_refused_not_indexed(key) -> None:
+    # The fast validator used to take [null] for a valid list (None == canonical(None)),
+    # and the build then failed on it instead of the view being refused.
+    document = generate_view(instances=3, networks=1)
+    document["instances"][1]["interfaces"][0][key] = [None]
+    problems = _problems(document)
+    assert len(problems) == 1 and f"$.instances[1].interfaces[0].{key}[0]: not a valid" in problems[0], problems
