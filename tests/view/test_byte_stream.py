@@ -234,7 +234,9 @@ def test_instances_shifted_by_an_insertion_are_recognised_without_decoding_them(
 
 _ODD_VALUES = [None, "", "x", 0, -1, 1.5, True, [], {}, "[{", '}]"\\', "10.0.0.5", "10.0.0.05", "AA:BB:CC:DD:EE:FF",
                "2001:db8::1", "2001:DB8::1", "aGk=", "aGk", "a===", ["10.0.0.5"], [None], [{}], {"k": 1},
-               {"http_tokens": "required", "hop_limit": 65}, "vpc-unknown", "\u00e9\u2603"]
+               {"http_tokens": "required", "hop_limit": 65}, "vpc-unknown", "\u00e9\u2603", [{"id": 5}],
+               [{"id": "sg-1", "name": None}], {"a": None}, [{"name": "k", "openssh": None}],
+               {"instance_profile_arn": "arn", "instance_profile_id": "id", "role": "a/b"}, ["2001:db8::1", None]]
 MUTATED_EXAMPLES = 400
 _INSTANCE_KEYS = ["id", "interfaces", "user_data", "tags", "block_devices", "iam", "public_keys", "launch_index",
                   "metadata_options", "product_codes", "account_id", "kernel_id", "unknown"]
