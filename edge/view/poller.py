@@ -267,6 +267,11 @@ class Poller:
             event(log, logging.WARNING, "view ignored: lower serial", source=source, offered=stale.serial,
                   serving=current)
             return PollOutcome("stale", serial=stale.serial, error=message)
+        except Exception as exc:  # noqa: BLE001 - a fault in decoding or indexing must not end polling
+            log.exception("view build failed")
+            event(log, logging.ERROR, "view build failed; keeping the current view", source=source,
+                  error=repr(exc))
+            return PollOutcome("error", error=f"build failed: {exc!r}")
         if snapshot is None:
             return PollOutcome("unchanged", serial=current)
         event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,

@@ -237,6 +237,38 @@ def test_refresh_before_the_schedule_starts_waits_for_the_first_poll(tmp_path) -
     run(scenario())
 
 
+def test_a_fault_while_building_keeps_the_view_and_the_polling(tmp_path, caplog) -> None:
+    # A bug in decoding or indexing (not a rejected view) must not end the polling task.
+    path = tmp_path / "view.json"
+    _write(path, _document(1))
+    poller, store, _ = _poller(tmp_path, path)
+    real_decode = poller.decode
+    faults = {"left": 1}
+
+    def faulty_decode(data):
+        if faults["left"]:
+            faults["left"] -= 1
+            raise TypeError("a fault in the build")
+        return real_decode(data)
+
+    async def scenario():
+        assert (await poller.poll_once()).result == "accepted"
+        poller.decode = faulty_decode
+        poller._memo = None  # take the plain decoder, the one made faulty
+        poller._speaks_view = lambda data: False  # type: ignore[method-assign]
+        _write(path, _document(2))
+        outcome = await poller.poll_once()
+        assert outcome.result == "error" and "a fault in the build" in outcome.error
+        assert store.current.serial == 1
+        _write(path, _document(3))
+        assert (await poller.poll_once()).result == "accepted"
+        assert store.current.serial == 3
+
+    with caplog.at_level(logging.ERROR):
+        run(scenario())
+    assert "view build failed" in caplog.text
+
+
 def test_backoff_grows_while_the_source_fails_and_is_capped(tmp_path) -> None:
     poller, store, _ = _poller(tmp_path, tmp_path / "missing.json", poll_interval=1.0, backoff_max=8.0)
 
