@@ -46,10 +46,14 @@ class Tally:
     """(counter name, label value) -> count, for the subsystem counters below."""
     raw: dict[Any, int] = field(default_factory=dict)
     """Undecoded request keys from the reply fast paths; labelled at sync time."""
-    replies: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
-    """answer bytes -> request target -> count: metadata answers not yet labelled (see :meth:`fold`)."""
+    replies: dict[bytes, list[Any]] = field(default_factory=dict)
+    """request target -> [answer bytes, count]: the first answer held for each target, not yet
+    labelled (see :meth:`fold`).  A target is nearly always answered with one pre-rendered bytes
+    object, so a reply is one lookup, an identity check and an increment."""
+    others: dict[bytes, dict[bytes, int]] = field(default_factory=dict)
+    """answer bytes -> request target -> count: the other answers to targets in ``replies``."""
     held: int = 0
-    """Distinct (answer, target) pairs in ``replies``."""
+    """Distinct (answer, target) pairs in ``replies`` and ``others``."""
     countdown: int = 1
     """Replies until the next one is timed."""
 
@@ -73,22 +77,16 @@ class Tally:
     def http_reply(self, target: bytes, response: bytes, started: float) -> None:
         """Count one metadata answer, and time one answer in LATENCY_SAMPLE.
 
-        Counted by the objects themselves, answer first: a short answer is nearly always a
-        pre-rendered bytes object (found by identity) and the target's hash is already cached by
-        the handler's lookups, so no key is built; route family and status are worked out per
-        distinct pair when folded.  A long answer is counted by its status line (one built per
-        request, as with a token's lifetime header, would be hashed whole)."""
-        if len(response) > SHORT_REPLY:
-            response = response[:12]
-        by_target = self.replies.get(response)
-        if by_target is not None:
-            count = by_target.get(target)
-            if count is not None:
-                by_target[target] = count + 1
-            else:
-                self._hold(response, target)
+        Counted by the objects themselves, target first: the target's hash is already cached by
+        the handler's lookups, and the answer held for it is nearly always the very bytes object
+        answered again (pre-rendered), so no key is built and the answer is not hashed; route
+        family and status are worked out per distinct pair when folded.  Other answers are
+        counted in ``others`` (see :meth:`_other`)."""
+        cell = self.replies.get(target)
+        if cell is not None and cell[0] is response:
+            cell[1] += 1
         else:
-            self._hold(response, target)
+            self._other(target, response, cell)
         countdown = self.countdown - 1
         if countdown:
             self.countdown = countdown
@@ -96,13 +94,31 @@ class Tally:
             self.countdown = LATENCY_SAMPLE
             self._sampled(monotonic() - started)
 
-    def _hold(self, response: bytes, target: bytes) -> None:
-        """Count the first reply of a new (answer, target) pair."""
+    def _other(self, target: bytes, response: bytes, cell: list[Any] | None) -> None:
+        """Count a reply that is not the answer held for its target.  A long answer is counted by
+        its status line (one built per request, as with a token's lifetime header, would be
+        hashed whole, and held)."""
+        if len(response) > SHORT_REPLY:
+            response = response[:12]
+        if cell is None:
+            if self.held >= REPLIES_HELD:
+                self.fold()
+            self.replies[target] = [response, 1]
+            self.held += 1
+            return
+        by_target = self.others.get(response)
+        if by_target is not None:
+            count = by_target.get(target)
+            if count is not None:
+                by_target[target] = count + 1
+                return
         if self.held >= REPLIES_HELD:
             self.fold()
-        by_target = self.replies.get(response)
+            self.replies[target] = [response, 1]
+            self.held = 1
+            return
         if by_target is None:
-            by_target = self.replies[response] = {}
+            by_target = self.others[response] = {}
         by_target[target] = 1
         self.held += 1
 
@@ -113,12 +129,16 @@ class Tally:
         if not replies:
             return
         raw = self.raw
-        for response, by_target in replies.items():
+        for target, (response, count) in replies.items():
+            key = (http_family(target), response[9:12])
+            raw[key] = raw.get(key, 0) + count
+        for response, by_target in self.others.items():
             status = response[9:12]
             for target, count in by_target.items():
                 key = (http_family(target), status)
                 raw[key] = raw.get(key, 0) + count
         replies.clear()
+        self.others.clear()
         self.held = 0
 
     def _sampled(self, seconds: float) -> None:

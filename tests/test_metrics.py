@@ -60,9 +60,30 @@ def test_long_metadata_answers_are_counted_by_their_status() -> None:
     long_body = text(b"x" * 4096)
     for _ in range(3):
         tally.http_reply(b"/latest/user-data", bytes(bytearray(long_body.keep_alive)), 0.0)
-    assert all(len(response) <= 256 for response in tally.replies)
+    assert all(len(response) <= 256 for response, _count in tally.replies.values())
+    assert all(len(response) <= 256 for response in tally.others)
     tally.fold()
-    assert tally.raw == {("user-data", b"200"): 3} and not tally.replies
+    assert tally.raw == {("user-data", b"200"): 3} and not tally.replies and not tally.others
+
+
+def test_several_answers_to_one_target_are_each_counted() -> None:
+    from edge.metrics import REPLIES_HELD
+    from edge.metadata.responses import ANSWERS, Outcome, text
+
+    tally = Tally("http")
+    leaf = text(b"i-0123")
+    answers = [leaf.keep_alive, leaf.close, ANSWERS[Outcome.UNAUTHORIZED].keep_alive, leaf.keep_alive,
+               bytes(bytearray(leaf.keep_alive))]  # equal bytes, another object
+    for _ in range(3):
+        for answer in answers:
+            tally.http_reply(bytes(b"/latest/meta-data/instance-id"), answer, 0.0)
+    assert tally.held == 4  # the equal copy is held apart from the answer held for the target; both count
+    for index in range(REPLIES_HELD):  # folds while held, then keeps counting
+        tally.http_reply(b"/latest/meta-data/item-%d" % index, leaf.keep_alive, 0.0)
+        tally.http_reply(b"/latest/meta-data/item-%d" % index, leaf.close, 0.0)
+        assert tally.held <= REPLIES_HELD
+    tally.fold()
+    assert tally.raw == {("meta-data", b"200"): 12 + 2 * REPLIES_HELD, ("meta-data", b"401"): 3}
 
 
 def test_distinct_metadata_answers_held_are_bounded_and_still_counted() -> None:
