@@ -140,6 +140,11 @@ class Poller:
             event(log, logging.ERROR, "last good view on disk is corrupt; ignoring it",
                   path=self.state.path, problems=len(exc.problems), first=exc.problems[0])
             return False
+        except Exception as exc:  # noqa: BLE001 - start from the source rather than not at all
+            log.exception("last good view could not be built")
+            event(log, logging.ERROR, "last good view on disk could not be built; ignoring it",
+                  path=self.state.path, error=repr(exc))
+            return False
         assert snapshot is not None
         event(log, logging.INFO, "last good view loaded", serial=snapshot.serial, path=self.state.path,
               **snapshot.counts())
