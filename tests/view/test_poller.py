@@ -165,6 +165,31 @@ def test_corrupt_last_good_file_is_ignored(tmp_path, caplog) -> None:
     run(scenario())
 
 
+def test_a_fault_building_the_last_good_view_starts_from_the_source(tmp_path, caplog) -> None:
+    path = tmp_path / "view.json"
+    _write(path, _document(3))
+    poller, store, state = _poller(tmp_path, path)
+    os.makedirs(state.directory)
+    _write(state.path, _document(9))
+    real_build = poller._build
+
+    def faulty_build(data, current):
+        poller._build = real_build  # type: ignore[method-assign]
+        raise MemoryError
+
+    poller._build = faulty_build  # type: ignore[method-assign]
+
+    async def scenario():
+        with caplog.at_level(logging.ERROR, logger="edge.view"):
+            assert not await poller.load_last_good()
+        assert "could not be built" in caplog.text
+        assert store.current is None
+        assert (await poller.poll_once()).result == "accepted"
+        assert store.current.serial == 3
+
+    run(scenario())
+
+
 def test_unwritable_state_dir_keeps_serving(tmp_path, caplog) -> None:
     path = tmp_path / "view.json"
     _write(path, _document(3))
