@@ -25,6 +25,7 @@ from edge.view.snapshot import Snapshot
 
 TTL_HEADER = b"X-aws-ec2-metadata-token-ttl-seconds: "
 _time = time.time
+_monotonic = time.monotonic
 
 
 @dataclass(slots=True)
@@ -92,9 +93,10 @@ class MetadataHandler:
         self._verified = {}
 
     def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float | None,
-               mono: float) -> bytes | Pending:
+               mono: float | None) -> bytes | Pending:
         """The answer to ``request``; ``now`` is the wall clock, or None to read it only if the answer
-        depends on it (tokens, credentials, the controller's cache): most answers do not."""
+        depends on it (tokens, credentials, the controller's cache): most answers do not.  ``mono``
+        likewise, for the rate limit (read only when it is on)."""
         method = request.method
         target = request.target
         if method == b"GET":
@@ -102,7 +104,8 @@ class MetadataHandler:
         elif method == b"HEAD":
             head_only = True
         elif method == b"PUT":
-            return self._put(snapshot, peer, request, _time() if now is None else now, mono)
+            return self._put(snapshot, peer, request, _time() if now is None else now,
+                             _monotonic() if mono is None else mono)
         elif method == b"OPTIONS" and _is_token_path(target):
             return TOKEN_OPTIONS.wire(request.keep_alive, False)
         else:
@@ -134,7 +137,7 @@ class MetadataHandler:
         if not enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         limiter = self.limiter
-        if limiter.rate > 0 and not limiter.allow(instance.id, mono):
+        if limiter.rate > 0 and not limiter.allow(instance.id, _monotonic() if mono is None else mono):
             self.throttled += 1
             return self.refuse(Outcome.THROTTLED, request)
         ttl_line = None

@@ -261,12 +261,15 @@ class MetadataProtocol(asyncio.Protocol):
             self._request = Request(b"", b"")
             self._has_fields = False
             return
-        # handle() and write(), written out: this is the path of nearly every request.
-        mono = _monotonic()
+        # handle() and write(), written out: this is the path of nearly every request.  The
+        # monotonic clock is read only for a reply the tally will time (the handler reads it itself
+        # for the rate limit when that is on).
+        tally = service.tally
+        mono = _monotonic() if tally.countdown == 1 else None
         result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
                                      request, None, mono)
         if result.__class__ is not bytes:
-            request.started = mono
+            request.started = _monotonic() if mono is None else mono
             self.wait(request, result)  # type: ignore[arg-type]
             self._request = Request(b"", b"")
             self._has_fields = False
@@ -276,7 +279,7 @@ class MetadataProtocol(asyncio.Protocol):
             self.set_hop_limit(hops)
         transport = self.transport
         transport.write(result)  # type: ignore[union-attr]
-        service.tally.http_reply(target, result, mono)  # type: ignore[arg-type]
+        tally.http_reply(target, result, mono)  # type: ignore[arg-type]
         if request.keep_alive:
             self.deadline = service.idle_deadline
         else:
