@@ -525,13 +525,7 @@ class _ByteStream:
                 if raws is None:
                     end = self._exact_end(pos)
                     raws = [data[pos:end]]
-            if not self.record:
-                for raw in raws:
-                    items.append(self._element(raw, table, prefixes))
-            elif self.memo is None:
-                self._new_elements(raws, items, table, prefixes)
-            else:
-                self._elements_with_memo(self.memo, raws, items, table, prefixes)
+            self._elements(raws, items, table, prefixes)
             assert end is not None
             pos = skip_whitespace(data, end)
             following = data[pos:pos + 1]
@@ -567,50 +561,33 @@ class _ByteStream:
             return None
         return raws or None
 
-    def _new_elements(self, raws: list[msgspec.Raw] | list[bytes], items: list[Any], table: _CidrTable,
-                      prefixes: PrefixTable) -> None:
-        """:meth:`_element` for a batch when there is nothing to recognise (a first load), in one loop."""
-        spans_append, items_append = self.spans.append, items.append
-        decode = INSTANCE_DECODER.decode
-        for raw in raws:
-            text = bytes(raw)
-            spans_append((len(text), hash(text)))
-            try:
-                instance = instance_from_wire(decode(text), table, prefixes)
-            except msgspec.ValidationError:
-                instance = None
-            items_append(Reused(instance) if instance is not None else self._doubted(text, table))
+    def _elements(self, raws: list[msgspec.Raw] | list[bytes], items: list[Any], table: _CidrTable,
+                  prefixes: PrefixTable) -> None:
+        """The elements of a batch: recognised from ``memo`` (unchanged text), or decoded and validated.
 
-    def _elements_with_memo(self, memo: DecodeMemo, raws: list[msgspec.Raw] | list[bytes], items: list[Any],
-                            table: _CidrTable, prefixes: PrefixTable) -> None:
-        """Elements of a batch recognised from ``memo`` (unchanged text), or decoded and validated."""
+        With ``record``, each element's fingerprint (or the memo entry it reused) goes to ``spans``.
+        """
         spans, items_append = self.spans, items.append
         decode = INSTANCE_DECODER.decode
-        by_hash = memo.by_hash
+        record = self.record
+        by_hash = self.memo.by_hash if self.memo is not None else None
         for raw in raws:
             text = bytes(raw)
-            length, digest = len(text), hash(text)
-            entry = by_hash.get(digest)
-            if entry is not None and entry[0] == length:
-                spans.append(entry)
-                self.reused += 1
-                items_append(Reused(entry[2]))
-                continue
-            spans.append((length, digest))
+            if record:
+                length, digest = len(text), hash(text)
+                if by_hash is not None:
+                    entry = by_hash.get(digest)
+                    if entry is not None and entry[0] == length:
+                        spans.append(entry)
+                        self.reused += 1
+                        items_append(Reused(entry[2]))
+                        continue
+                spans.append((length, digest))
             try:
                 instance = instance_from_wire(decode(text), table, prefixes)
             except msgspec.ValidationError:
                 instance = None
             items_append(Reused(instance) if instance is not None else self._doubted(text, table))
-
-    def _element(self, raw: msgspec.Raw | bytes, table: _CidrTable, prefixes: PrefixTable) -> Any:
-        """One element, with nothing to recognise or record (:func:`decode_view`)."""
-        text = bytes(raw)
-        try:
-            instance = instance_from_wire(INSTANCE_DECODER.decode(text), table, prefixes)
-        except msgspec.ValidationError:
-            instance = None
-        return Reused(instance) if instance is not None else self._doubted(text, table)
 
     @staticmethod
     def _doubted(text: bytes, table: _CidrTable) -> Any:
