@@ -12,15 +12,15 @@ _FIELDS = "edge_fields"
 _EVENT = "edge_event"
 
 
-def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
-    """Log event ``name`` with ``fields``.
+def event(logger: logging.Logger, level: int, name: str, *, exc_info: bool = False, **fields: Any) -> None:
+    """Log event ``name`` with ``fields`` (and, with ``exc_info``, the exception being handled).
 
     The plain message carries the fields as ``key=value`` too, so any handler
     (a test's capture, a foreign formatter) shows the whole event.
     """
     if logger.isEnabledFor(level):
         rendered = " ".join([name] + [f"{key}={_quote(value)}" for key, value in fields.items()])
-        logger.log(level, "%s", rendered, extra={_FIELDS: fields, _EVENT: name})
+        logger.log(level, "%s", rendered, exc_info=exc_info, extra={_FIELDS: fields, _EVENT: name})
 
 
 def _quote(value: Any) -> str:

@@ -141,8 +141,7 @@ class Poller:
                   path=self.state.path, problems=len(exc.problems), first=exc.problems[0])
             return False
         except Exception as exc:  # noqa: BLE001 - start from the source rather than not at all
-            log.exception("last good view could not be built")
-            event(log, logging.ERROR, "last good view on disk could not be built; ignoring it",
+            event(log, logging.ERROR, "last good view on disk could not be built; ignoring it", exc_info=True,
                   path=self.state.path, error=repr(exc))
             return False
         assert snapshot is not None
@@ -273,8 +272,7 @@ class Poller:
                   serving=current)
             return PollOutcome("stale", serial=stale.serial, error=message)
         except Exception as exc:  # noqa: BLE001 - a fault in decoding or indexing must not end polling
-            log.exception("view build failed")
-            event(log, logging.ERROR, "view build failed; keeping the current view", source=source,
+            event(log, logging.ERROR, "view build failed; keeping the current view", exc_info=True, source=source,
                   error=repr(exc))
             return PollOutcome("error", error=f"build failed: {exc!r}")
         if snapshot is None:
