@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-WHITESPACE = re.compile(rb"[ \t\n\r]*")
+_WHITESPACE = re.compile(rb"[ \t\n\r]*")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
 _CLOSING = re.compile(rb"[\]}]")
@@ -22,7 +22,7 @@ _BETWEEN_OBJECTS = re.compile(rb"}[ \t\n\r]*,[ \t\n\r]*{")
 
 
 def skip_whitespace(data: bytes, pos: int) -> int:
-    return WHITESPACE.match(data, pos).end()  # type: ignore[union-attr]
+    return _WHITESPACE.match(data, pos).end()  # type: ignore[union-attr]
 
 
 def string_end(data: bytes, pos: int) -> int | None:
