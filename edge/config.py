@@ -139,6 +139,9 @@ class MetadataConfig:
     """Largest request header block; larger is 431."""
     render_cache_size: int = 100_000
     """Most pre-rendered (instance, request target) answers kept per snapshot (identical answers are shared)."""
+    gateway_hops: int = 0
+    """Routed hops between the instances and this gateway (routers in between): a token answer leaves with IP TTL
+    ``hop_limit + gateway_hops``, so an instance's ``hop_limit`` keeps its AWS meaning (1 = the instance itself)."""
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     """IAM credential source (``[metadata.credentials]``)."""
 
@@ -461,6 +464,8 @@ def _check(config: Any, prefix: str) -> None:
         for name in ("rate_limit_entries", "max_connections", "max_connections_per_source", "render_cache_size"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
+        if not 0 <= config.gateway_hops <= 64:
+            raise ConfigError(f"{prefix}gateway_hops must be between 0 and 64")
         if config.max_url_bytes < 256 or config.max_header_bytes < 1024:
             raise ConfigError(f"{prefix}max_url_bytes must be >= 256 and max_header_bytes >= 1024")
         if bool(config.identity_key_file) != bool(config.identity_cert_file):

@@ -324,6 +324,9 @@ class MetadataProtocol(asyncio.Protocol):
             transport.close()
 
     def set_hop_limit(self, hops: int) -> None:
+        # The instance's hop limit counts from the instance (AWS's meaning); the routers between the
+        # instances and this gateway each take one more.
+        hops = min(hops + self.limits.gateway_hops, 255)
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is None:

@@ -51,12 +51,14 @@ class ProtocolLimits:
     max_header_bytes: int
     max_connections: int
     max_connections_per_source: int
+    gateway_hops: int = 0
+    """Routed hops from the instances to this gateway, added to an answer's hop limit."""
     max_body_bytes: int = 64 * 1024
 
     @classmethod
     def of(cls, config: MetadataConfig) -> ProtocolLimits:
         return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes,
-                   config.max_connections, config.max_connections_per_source)
+                   config.max_connections, config.max_connections_per_source, config.gateway_hops)
 
 
 def token_key_path(config: Config) -> Path:

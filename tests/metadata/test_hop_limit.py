@@ -88,3 +88,18 @@ def test_token_answer_carries_the_hop_limit_and_reads_do_not(start):
         assert parse(request(server.port, "GET", "/latest/meta-data/instance-id", source="127.0.0.2"))[0] == 200
         ttls = responses_seen(sock, server.port, b"i-0de0000000000002")
         assert ttls and all(ttl > 3 for ttl in ttls)
+
+
+def test_gateway_hops_are_added_to_the_token_answers_hop_limit(start):
+    """A gateway two routers away from its instances sends the token answer with TTL hop_limit + 2."""
+    server = start(demo(**{"i-0de0000000000002": {"metadata_options": {"hop_limit": 3}}}), gateway_hops=2)
+    sock = capture_socket(server.port)
+    with sock:
+        assert parse(request(server.port, "PUT", "/latest/api/token",
+                             {"X-aws-ec2-metadata-token-ttl-seconds": "79"}, source="127.0.0.2"))[0] == 200
+        ttls = responses_seen(sock, server.port, b"X-aws-ec2-metadata-token-ttl-seconds: 79")
+        assert ttls and set(ttls) == {5}
+        assert parse(request(server.port, "PUT", "/latest/api/token",
+                             {"X-aws-ec2-metadata-token-ttl-seconds": "80"}, source="127.0.0.4"))[0] == 200
+        ttls = responses_seen(sock, server.port, b"X-aws-ec2-metadata-token-ttl-seconds: 80")
+        assert ttls and set(ttls) == {3}
