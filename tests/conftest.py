@@ -1,9 +1,10 @@
-"""A real local HTTP control plane whose behaviour each test sets."""
+"""Fixtures shared across suites: a real local HTTP control plane whose behaviour each test sets, and edge built and installed as operators install it."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import threading
 import time
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from tests.installed import Dist, InstalledRoot, build_dist, namespaces_unavailable
 
 
 @dataclass
@@ -91,3 +94,22 @@ def control_plane() -> Iterator[ControlPlane]:
     yield plane
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    """The wheel and sdist of this tree, built once per test session."""
+    if importlib.util.find_spec("build") is None:
+        pytest.skip("the 'build' package is not installed (pip install build)")
+    return build_dist(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
+def installed_edge(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> InstalledRoot:
+    """``packaging/install --wheel`` run once, into overlays of /etc and /opt (tests/installed.py)."""
+    reason = namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = InstalledRoot(tmp_path_factory.mktemp("installed"))
+    root.install(dist.wheel)
+    return root

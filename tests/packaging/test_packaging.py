@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import venv
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from edge.etcd import EtcdAddress
 from edge.view.etcd_source import EtcdSource
 from edge.view.sources import open_source
 from tests.fleet.gateway import Gateway
-from tests.support import wait_until
+from tests.installed import Dist, InstalledRoot
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
@@ -38,45 +38,55 @@ def test_example_config_loads_with_the_addresses_it_promises() -> None:
     assert len(EtcdAddress.parse(config.fleet.token_key_source).endpoints) == 3
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
 
-@pytest.mark.slow
-def test_wheel_and_sdist_build_install_and_run(tmp_path) -> None:
-    if importlib.util.find_spec("build") is None:
-        pytest.skip("the 'build' package is not installed (pip install build)")
-    dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(ROOT)], cwd=tmp_path)
-    wheels, sdists = list(dist.glob("edge-*.whl")), list(dist.glob("edge-*.tar.gz"))
-    assert len(wheels) == 1 and len(sdists) == 1
-    names = zipfile.ZipFile(wheels[0]).namelist()
+def test_wheel_holds_the_server_and_nothing_else(dist: Dist) -> None:
+    names = zipfile.ZipFile(dist.wheel).namelist()
     assert "edge/etcd.py" in names and "edge/view/etcd_source.py" in names and "edge/cli.py" in names
-    assert not any(name.startswith("tests/") for name in names)
+    assert not any(name.startswith(("tests/", "bench/")) for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)
 
-    for artifact in (wheels[0], sdists[0]):
-        # Runtime dependencies come from this interpreter's site-packages; an sdist is built
-        # in an isolated environment like `python -m build` did (setuptools and wheel from the index).
-        target = tmp_path / f"venv-{artifact.suffix.strip('.')}"
-        venv.EnvBuilder(system_site_packages=True, with_pip=False).create(target)
-        python = target / "bin" / "python"
-        _run([str(python), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q",
-              str(artifact)], cwd=tmp_path)
-        edge = target / "bin" / "edge"
-        assert "serve" in _run([str(edge), "--help"], cwd=tmp_path).stdout
-        assert "--token-key-source" in _run([str(edge), "serve", "--help"], cwd=tmp_path).stdout
-        # The installed copy is the one that runs, not the source tree.
-        where = _run([str(python), "-c", "import edge; print(edge.__file__)"], cwd=tmp_path).stdout
-        assert str(target) in where
-        keys = tmp_path / f"keys-{artifact.suffix.strip('.')}"
-        _run([str(edge), "keys", "generate", str(keys)], cwd=tmp_path)
-        assert keys.read_text().count("\n") >= 2
+
+@pytest.mark.slow
+def test_installed_venv_serves_from_its_own_dependencies(installed_edge: InstalledRoot, tmp_path) -> None:
+    """packaging/install's /opt/edge: a clean venv, the pinned set, and `edge serve` answering from it."""
+    config = installed_edge.path("/opt/edge/pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in config
+    pinned = dict(line.split("==") for line in (PACKAGING / "requirements.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    frozen = installed_edge.run(["/opt/edge/bin/python", "-m", "pip", "freeze", "--all"])
+    assert frozen.returncode == 0, frozen.stderr
+    installed = dict(line.split("==") for line in frozen.stdout.splitlines() if "==" in line)
+    for name, version in pinned.items():
+        assert installed.get(name) == version, (name, installed)
+    imported = installed_edge.run(["/opt/edge/bin/python", "-c", "import edge, uvloop; print(edge.__file__, uvloop.__file__)"])
+    assert imported.stdout.split() and all(p.startswith("/opt/edge/lib/") for p in imported.stdout.split()), imported
+
+    metadata_port, dns_port, admin_port = free_port(), free_port(), free_port()
+    log = tmp_path / "edge.log"
+    with open(log, "wb") as output:
+        server = installed_edge.popen(
+            ["/opt/edge/bin/edge", "serve", "--view", "demo", "--state-dir", str(tmp_path / "state"), "--workers", "1",
+             "--metadata-listen", f"127.0.0.1:{metadata_port}", "--dns-listen", f"127.0.0.1:{dns_port}",
+             "--admin-listen", f"127.0.0.1:{admin_port}"], stdout=output, stderr=output)
+    try:
+        def answers() -> bool:
+            assert server.poll() is None, log.read_text()
+            with urllib.request.urlopen(f"http://127.0.0.1:{metadata_port}/latest/meta-data/instance-id",
+                                        timeout=2) as reply:
+                return reply.read() == b"i-0de0000000000001"
+        wait_until(answers, timeout=30)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0, log.read_text()
 
 
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path) -> None:
+def test_systemd_unit_verifies_on_the_installed_path(installed_edge: InstalledRoot) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
@@ -88,12 +98,25 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path) -> None:
                        "ProtectSystem": "strict", "StateDirectory": "edge", "NoNewPrivileges": "yes",
                        "ExecReload": "/bin/kill -HUP $MAINPID"}.items():
         assert directives.get(key) == value, key
-    # verify insists that ExecStart exists: point it at this machine's edge.
-    unit = tmp_path / "edge.service"
-    unit.write_text(text.replace("/usr/local/bin/edge", f"{sys.executable} -m edge"))
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert directives["ExecStart"].split()[0] == "/opt/edge/bin/edge"
+    assert installed_edge.path("/etc/systemd/system/edge.service").read_text() == text
+    assert installed_edge.path("/etc/sysusers.d/edge.conf").exists()
+    assert installed_edge.path("/etc/edge/edge.toml").read_text() == (PACKAGING / "edge.toml").read_text()
+    # Where packaging/install ran, /opt/edge/bin/edge is the installed edge and the unit verifies as it is.
+    result = installed_edge.run([analyze, "verify", "/etc/systemd/system/edge.service"], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "edge.service" not in result.stderr, result.stderr
+    # The same unit where nothing is installed at /opt/edge fails: verify does check the path.
+    if not Path("/opt/edge/bin/edge").exists():
+        result = subprocess.run([analyze, "verify", str(PACKAGING / "systemd" / "edge.service")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "/opt/edge/bin/edge" in result.stderr, result.stderr
+
+
+def test_route_health_unit_verifies(tmp_path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
     health = tmp_path / "edge-route-health.service"
     health.write_text((PACKAGING / "bird" / "edge-route-health.service").read_text().replace(
         "/usr/local/lib/edge/edge-route-health", str(PACKAGING / "bird" / "edge-route-health")))
