@@ -120,6 +120,7 @@ def meta_data(instance: Instance, snapshot: Snapshot) -> Directory:
         "instance-id": instance.id,
         "instance-life-cycle": "on-demand",
         "instance-type": instance.instance_type,
+        "ipv6": primary.ipv6s[0] if primary.ipv6s else None,
         "kernel-id": instance.kernel_id,
         "local-hostname": cloud.private_name(address),
         "local-ipv4": address if ":" not in address else None,
@@ -194,7 +195,9 @@ def _interface(instance: Instance, interface: Interface, snapshot: Snapshot) -> 
     ipv4s = [a for a in interface.private_ips if ":" not in a]
     public = interface.public_ip
     vpc_id = interface.network or None
-    cidrs = list(network.cidrs) if network else []
+    # A network's cidrs may hold both families; each leaf names the one it serves.
+    vpc_ipv4 = [c for c in network.cidrs if ":" not in c] if vpc_id and network else []
+    vpc_ipv6 = [c for c in network.cidrs if ":" in c] if vpc_id and network else []
     return directory({
         "device-number": str(interface.device_index),
         "interface-id": interface.id,
@@ -209,10 +212,12 @@ def _interface(instance: Instance, interface: Interface, snapshot: Snapshot) -> 
         "security-group-ids": _lines([g.id for g in interface.security_groups]),
         "security-groups": _lines([g.name for g in interface.security_groups]),
         "subnet-id": interface.subnet,
-        "subnet-ipv4-cidr-block": subnet.cidr if subnet else None,
+        "subnet-ipv4-cidr-block": subnet.cidr if subnet and subnet.cidr else None,
+        "subnet-ipv6-cidr-blocks": _lines(subnet.ipv6_cidrs) if subnet else None,
         "vpc-id": vpc_id,
-        "vpc-ipv4-cidr-block": cidrs[0] if vpc_id and cidrs else None,
-        "vpc-ipv4-cidr-blocks": _lines(cidrs) if vpc_id else None,
+        "vpc-ipv4-cidr-block": vpc_ipv4[0] if vpc_ipv4 else None,
+        "vpc-ipv4-cidr-blocks": _lines(vpc_ipv4),
+        "vpc-ipv6-cidr-blocks": _lines(vpc_ipv6),
     })
 
 

@@ -91,7 +91,10 @@ def name_renderer(template: str, domain: str) -> Callable[[str], str]:
 class Subnet(Value):
     id: str
     cidr: str
+    """The subnet's IPv4 range ("" when the view gives none)."""
     availability_zone: str | None = None
+    ipv6_cidrs: tuple[str, ...] = ()
+    """The subnet's IPv6 ranges (inside its network's IPv6 CIDRs)."""
 
 
 class Network(Value):

@@ -409,15 +409,26 @@ def _parse_networks(top: _Reader, problems: _Problems) -> tuple[tuple[Network, .
             cidr_text = sitem.get("cidr")
             net = _parse_cidr(cidr_text, f"{swhere}.cidr", problems) if cidr_text is not None else None
             zone = sr.str("availability_zone")
+            ranges = [(f"{swhere}.cidr", net)] if net is not None else []
+            for index, text in enumerate(sr.list("ipv6_cidrs") or ()):
+                v6 = _parse_cidr(text, f"{swhere}.ipv6_cidrs[{index}]", problems)
+                if v6 is not None and v6.version != 6:
+                    problems.add(f"{swhere}.ipv6_cidrs[{index}]", f"not an IPv6 CIDR: {text!r}")
+                elif v6 is not None:
+                    ranges.append((f"{swhere}.ipv6_cidrs[{index}]", v6))
             if subnet_id is None:
                 continue
             if subnet_id in seen_subnets:
                 problems.add(f"{swhere}.id", f"duplicate subnet id {subnet_id!r}")
             seen_subnets.add(subnet_id)
-            if net is not None and parsed and not any(
-                    net.version == p.version and net.subnet_of(p) for p in parsed):  # type: ignore[arg-type]
-                problems.add(f"{swhere}.cidr", f"{net} is not inside network {network_id!r} CIDRs")
-            subnets.append(Subnet(id=subnet_id, cidr=str(net) if net else "", availability_zone=zone))
+            for rwhere, inner in ranges:
+                if parsed and not any(inner.version == p.version and inner.subnet_of(p)  # type: ignore[arg-type]
+                                      for p in parsed):
+                    problems.add(rwhere, f"{inner} is not inside network {network_id!r} CIDRs")
+            # An IPv6 range in cidr (views written before ipv6_cidrs existed) is the first IPv6 range.
+            subnets.append(Subnet(id=subnet_id, cidr=next((str(r) for _, r in ranges if r.version == 4), ""),
+                                  availability_zone=zone,
+                                  ipv6_cidrs=tuple(str(r) for _, r in ranges if r.version == 6)))
         networks.append(Network(id=network_id, cidrs=tuple(cidrs), subnets=tuple(subnets)))
     return tuple(networks), table
 

@@ -75,6 +75,9 @@ def test_wrong_format_is_rejected_alone() -> None:
     (lambda d: d["instances"][0]["metadata_options"].update(http_tokens="maybe"), "must be 'optional' or 'required'"),
     (lambda d: d["instances"][0].update(tags={"a": 1}), "$.instances[0].tags.a: expected string, got integer"),
     (lambda d: d["networks"][0].update(cidrs=["10.0.0.1/8"]), "invalid CIDR"),
+    (lambda d: d["networks"][1]["subnets"][0].update(ipv6_cidrs=["127.0.0.0/24"]), "not an IPv6 CIDR"),
+    (lambda d: d["networks"][1]["subnets"][0].update(ipv6_cidrs=["2001:db8::/64"]),
+     "$.networks[1].subnets[0].ipv6_cidrs[0]: 2001:db8::/64 is not inside network 'vpc-demo' CIDRs"),
     (lambda d: d["cloud"]["dns_records"].append({"name": "x.demo.internal", "type": "SPF", "value": "v"}),
      "unsupported record type 'SPF'"),
     (lambda d: d["cloud"]["dns_records"].append({"name": "x.demo.internal", "type": "MX", "value": "mail"}),
@@ -105,6 +108,18 @@ def test_duplicates_are_rejected() -> None:
     document = demo_document()
     document["instances"][1]["interfaces"][0]["public_ip"] = "198.51.100.1"
     assert any("public address 198.51.100.1 is also used by i-0de0000000000001" in p for p in _problems(document))
+
+
+def test_subnet_ipv6_ranges() -> None:
+    document = demo_document()
+    document["networks"][1]["cidrs"].append("2001:db8:1::/56")
+    document["networks"][1]["subnets"][0]["ipv6_cidrs"] = ["2001:db8:1:1::/64"]
+    subnet = parse_view(document).networks[1].subnets[0]
+    assert (subnet.cidr, subnet.ipv6_cidrs) == ("127.0.0.0/24", ("2001:db8:1:1::/64",))
+    # Before ipv6_cidrs, an IPv6 range could only be given as cidr: it is read as one.
+    document["networks"][1]["subnets"][0].update(cidr="2001:db8:1:2::/64", ipv6_cidrs=None)
+    subnet = parse_view(document).networks[1].subnets[0]
+    assert (subnet.cidr, subnet.ipv6_cidrs) == ("", ("2001:db8:1:2::/64",))
 
 
 def test_same_private_address_in_two_networks_is_fine() -> None:
