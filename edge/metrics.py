@@ -184,6 +184,8 @@ EVENT_COUNTERS: dict[str, tuple[str, str, str]] = {
                            "Calls to the credential source by result (ok, error)", "result"),
     "dns_cache": ("edge_dns_cache_total", "Forwarding cache lookups by result (hit, miss, stale)", "result"),
     "dns_upstream_errors": ("edge_dns_upstream_errors_total", "Upstream resolver failures by kind", "kind"),
+    "dns_not_ready": ("edge_dns_not_ready_total",
+                      "DNS queries answered SERVFAIL (EDE 14) because no view was loaded yet", "protocol"),
     "connections_refused": ("edge_connections_refused_total", "Connections refused by the connection caps",
                             "protocol"),
     "replies_dropped": ("edge_replies_dropped_total", "Answers the kernel would not take (UDP send buffer full)",
@@ -367,20 +369,29 @@ def http_status(response: bytes) -> str:
 
 
 _RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+_INVALID_RCODES = (1, 4)
+"""FORMERR and NOTIMP: answers to junk (malformed queries, other opcodes), neither local nor recursive."""
+
+
+def _dns_family(authoritative: int, rcode: int) -> str:
+    if rcode in _INVALID_RCODES:
+        return "invalid"
+    return "local" if authoritative else "recursive"
 
 
 def _labels_of(raw_key: Any) -> tuple[str, str]:
     if isinstance(raw_key, int):  # DNS: AA bit << 2 | rcode
         rcode = raw_key & 15
-        return ("local" if raw_key & 16 else "recursive"), (_RCODES[rcode] if rcode < len(_RCODES) else str(rcode))
+        return _dns_family(raw_key & 16, rcode), (_RCODES[rcode] if rcode < len(_RCODES) else str(rcode))
     family, status = raw_key
     return family, status.decode("ascii", "replace")
 
 
 def dns_labels(response: bytes) -> tuple[str, str]:
-    """(answer kind, rcode) of a DNS response: ``local`` when authoritative, else ``recursive``."""
+    """(answer kind, rcode) of a DNS response: ``invalid`` for FORMERR and NOTIMP, else ``local`` when
+    authoritative, else ``recursive``."""
     if len(response) < 4:
         return "dropped", "NONE"
     rcode = response[3] & 0x0F
     name = _RCODES[rcode] if rcode < len(_RCODES) else str(rcode)
-    return ("local" if response[2] & 0x04 else "recursive"), name
+    return _dns_family(response[2] & 0x04, rcode), name

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from edge.config import DnsConfig
 from edge.dns.acl import RecursionPolicy
-from edge.dns.errors import EDE_STALE_ANSWER, SERVFAIL, DnsError, Refused, Unanswerable
+from edge.dns.errors import EDE_NOT_READY, EDE_STALE_ANSWER, SERVFAIL, DnsError, Refused, Unanswerable
 from edge.dns.forwarder import CachedAnswer, Forwarder, cache_key
 from edge.dns.local import NOT_LOCAL, answer_local
 from edge.dns.wire import HEADER, PLAIN_UDP_PAYLOAD, Query, error_reply, opt_record, parse_query, truncated
@@ -32,6 +32,9 @@ _PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00"
 _NO_ADDITIONAL = b"\x00\x00"
 _ONE_ADDITIONAL = b"\x00\x01"
 _OPT_TYPE = b"\x00\x29"
+_NO_OPTIONS = b"\x00\x00"
+"""An OPT RDLEN of zero: the only OPT the fast path takes (any other goes through the option checks)."""
+_NO_SNAPSHOT = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +50,15 @@ class Engine:
     def __init__(self, config: DnsConfig, forwarder: Forwarder, policy: RecursionPolicy) -> None:
         self.forwarder = forwarder
         self.policy = policy
+        self.not_ready = 0
+        """Queries answered SERVFAIL because no view was loaded yet."""
+        self._not_ready_logged = False
         self.configure(config)
 
     def configure(self, config: DnsConfig) -> None:
-        self._snapshot: Snapshot | None = None  # per-snapshot caches are rebuilt with the new settings
+        # Per-snapshot caches are rebuilt with the new settings.  Never None, so that "no view yet" is
+        # always a change of snapshot and reaches the not-ready answer below.
+        self._snapshot: object = _NO_SNAPSHOT
         self.payload = config.edns_payload
         self.opt_plain = opt_record(config.edns_payload, False)
         self.opt_do = opt_record(config.edns_payload, True)
@@ -59,7 +67,7 @@ class Engine:
                udp: bool = True) -> bytes | Forward | None:
         if snapshot is not self._snapshot:
             if snapshot is None:
-                return self.error_reply(data, SERVFAIL, False)
+                return self._not_ready(data, address)
             self._switch(snapshot)
         table = self._table
         size = len(data)
@@ -73,7 +81,8 @@ class Engine:
                     opt = b""
                     limit = PLAIN_UDP_PAYLOAD
                 elif (additional == _ONE_ADDITIONAL and qend + 11 == size and data[qend] == 0
-                      and data[qend + 1:qend + 3] == _OPT_TYPE and data[qend + 6] == 0):
+                      and data[qend + 1:qend + 3] == _OPT_TYPE and data[qend + 6] == 0
+                      and data[qend + 9:] == _NO_OPTIONS):
                     do = data[qend + 7] & 0x80
                     opt = self.opt_do if do else self.opt_plain
                     limit = min(max((data[qend + 3] << 8) | data[qend + 4], PLAIN_UDP_PAYLOAD), self.payload)
@@ -114,6 +123,15 @@ class Engine:
         except Exception:
             log.exception("dns: unexpected error answering a query from %s", address)
             return self.error_reply(data, SERVFAIL, self._recursion(snapshot, network, address))
+
+    def _not_ready(self, data: bytes, address: str) -> bytes | None:
+        """No view has been loaded yet (a fresh gateway whose first view was rejected): SERVFAIL, EDE 14."""
+        self.not_ready += 1
+        if not self._not_ready_logged:
+            self._not_ready_logged = True
+            log.warning("dns: no view loaded yet; answering SERVFAIL (EDE 14, not ready) until one is "
+                        "(first query from %s)", address)
+        return self.error_reply(data, SERVFAIL, False, EDE_NOT_READY)
 
     def _switch(self, snapshot: Snapshot) -> None:
         """Per-snapshot lookups, cached so a query does not repeat them."""

@@ -170,6 +170,7 @@ class DnsService:
         events[("dns_cache", "stale")] = stats.served_stale
         events[("dns_upstream_errors", "failure")] = stats.upstream_failures
         events[("dns_upstream_errors", "mismatched")] = stats.mismatched
+        events[("dns_not_ready", "")] = self.engine.not_ready
         events[("connections_refused", "dns")] = self.stats.tcp_refused
         events[("replies_dropped", "dns")] = self.stats.udp_replies_dropped
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from edge.dns.errors import BadVers, FormErr, NotImp, Unanswerable
+from edge.dns.errors import NOTIMP, BadVers, FormErr, NotImp, Unanswerable
 
 HEADER = 12
 QR = 0x8000
@@ -164,6 +164,7 @@ def _read_additional(query: Query, skipped: int, arcount: int) -> None:
         if rtype == TYPE_OPT:
             if index < skipped or opt_at >= 0 or data[start] != 0:
                 raise FormErr("OPT outside the additional section, repeated, or not at the root")
+            _check_options(data, pos - rdlength, pos)
             opt_at = start
     if opt_at >= 0:
         _, _, payload, _, version, eflags, _ = _OPT.unpack_from(data, opt_at)
@@ -172,6 +173,17 @@ def _read_additional(query: Query, skipped: int, arcount: int) -> None:
         query.do = bool(eflags & DO_BIT)
         if version:
             raise BadVers("EDNS version above 0")
+
+
+def _check_options(data: bytes, start: int, end: int) -> None:
+    """FormErr unless the OPT RDATA from ``start`` to ``end`` is a whole number of options (RFC 6891 6.1.2)."""
+    pos = start
+    while pos < end:
+        if pos + 4 > end:
+            raise FormErr("EDNS option header cut short")
+        pos += 4 + ((data[pos + 2] << 8) | data[pos + 3])
+        if pos > end:
+            raise FormErr("EDNS option runs past the OPT record")
 
 
 OPTION_EDE = 15
@@ -231,7 +243,11 @@ def error_reply(data: bytes, rcode: int, recursion: bool, edns_payload: int, ede
                     opt = opt_record(edns_payload, query.do, rcode >> 4, ede)
         except FormErr:
             pass
-    out_flags = QR | (flags & (RD | CD | 0x7800)) | (RA if recursion else 0) | (rcode & 0xF)
+    if rcode == NOTIMP:
+        # RFC 8906 8: RD, RA and CD mean something only for QUERY; the opcode is echoed.
+        out_flags = QR | (flags & 0x7800) | NOTIMP
+    else:
+        out_flags = QR | (flags & (RD | CD | 0x7800)) | (RA if recursion else 0) | (rcode & 0xF)
     return header(data[:2], out_flags, 1 if question else 0, 0, 0, 1 if opt else 0) + question + opt
 
 

@@ -1,0 +1,208 @@
+"""Issue 12 hardening: answers before the first view, OPT checks on both paths, NOTIMP flags, junk metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.query
+import dns.rcode
+import pytest
+
+from edge.config import DnsConfig
+from edge.dns.acl import RecursionPolicy
+from edge.dns.engine import Engine
+from edge.dns.forwarder import Forwarder
+from edge.dns.zonedata import make_preparer
+from edge.view.demo import demo_document
+from edge.view.parse import parse_view
+from edge.view.snapshot import build_snapshot
+from tests.dns.test_protocol import query_bytes, raw_udp
+from tests.support import free_port, wait_until
+
+NAME = "ip-127-0-0-1.demo.internal"
+
+
+def engine() -> Engine:
+    config = DnsConfig()
+    return Engine(config, Forwarder(config), RecursionPolicy())
+
+
+SNAPSHOT = build_snapshot(parse_view(demo_document()), [make_preparer()])
+
+
+# -- item 8: no view, no answer ---------------------------------------------------------------------
+
+def test_engine_without_any_view_answers_servfail_with_ede_not_ready(caplog):
+    pure = engine()
+    for _ in range(3):
+        reply = pure.answer(query_bytes(NAME, use_edns=0), None, "", "127.0.0.1", 1.0)
+        message = dns.message.from_wire(reply)
+        assert message.rcode() == dns.rcode.SERVFAIL
+        assert [(o.otype, o.code) for o in message.options] == [(dns.edns.OptionType.EDE, 14)]
+    plain = dns.message.from_wire(pure.answer(query_bytes(NAME), None, "", "127.0.0.1", 1.0))
+    assert plain.rcode() == dns.rcode.SERVFAIL and plain.edns < 0
+    assert pure.not_ready == 4
+    assert sum("no view loaded yet" in r.getMessage() for r in caplog.records) == 1
+    # Once a view arrives, it is answered from.
+    answered = dns.message.from_wire(pure.answer(query_bytes(NAME), SNAPSHOT, "", "127.0.0.1", 2.0))
+    assert answered.answer[0][0].address == "127.0.0.1"
+
+
+class Server:
+    """``edge serve`` in one process, with its own ports, state directory and log."""
+
+    def __init__(self, tmp_path, view: str) -> None:
+        self.dns, self.metadata, self.admin = free_port(), free_port(), free_port()
+        self.log = open(tmp_path / "edge.log", "w+")
+        args = [sys.executable, "-m", "edge", "serve", "--view", view, "--workers", "1",
+                "--state-dir", str(tmp_path / "state"), "--poll-interval", "0.2",
+                "--dns-listen", f"127.0.0.1:{self.dns}", "--metadata-listen", f"127.0.0.1:{self.metadata}",
+                "--admin-listen", f"127.0.0.1:{self.admin}"]
+        self.process = subprocess.Popen(args, stderr=self.log, start_new_session=True)
+
+    def logs(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def metrics(self) -> str:
+        with socket.create_connection(("127.0.0.1", self.admin), timeout=3) as connection:
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        return data.partition(b"\r\n\r\n")[2].decode()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.log.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_a_gateway_whose_first_view_is_rejected_answers_servfail_not_ready(tmp_path, servers):
+    view = tmp_path / "view.json"
+    broken = demo_document()
+    broken["instances"][0]["interfaces"][0]["private_ips"] = ["not an address"]
+    view.write_text(json.dumps(broken))
+    server = Server(tmp_path, str(view))
+    servers.append(server)
+    query = dns.message.make_query(NAME, "A", use_edns=0)
+
+    def servfail() -> bool:
+        reply = dns.query.udp(query, "127.0.0.1", port=server.dns, timeout=1)
+        return reply.rcode() == dns.rcode.SERVFAIL
+
+    wait_until(servfail, timeout=20)
+    for use_tcp in (False, True):
+        ask = dns.query.tcp if use_tcp else dns.query.udp
+        reply = ask(query, "127.0.0.1", port=server.dns, timeout=3)
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert [(o.otype, o.code) for o in reply.options] == [(dns.edns.OptionType.EDE, 14)]
+        assert not reply.flags & dns.flags.RA
+    wait_until(lambda: 'edge_dns_not_ready_total{protocol="dns"}' in server.metrics(), timeout=10)
+    assert server.logs().count("no view loaded yet") == 1
+    # The control plane publishes a good view: the same gateway answers.
+    good = demo_document()
+    good["serial"] = broken["serial"] + 1
+    view.write_text(json.dumps(good))
+
+    def answered() -> bool:
+        reply = dns.query.udp(query, "127.0.0.1", port=server.dns, timeout=1)
+        return reply.rcode() == dns.rcode.NOERROR and reply.answer[0][0].address == "127.0.0.1"
+
+    wait_until(answered, timeout=20)
+
+
+# -- item 13: the OPT RDLEN on the fast path -------------------------------------------------------
+
+def _opt_claiming(rdlen: int, options: bytes = b"") -> bytes:
+    wire = bytearray(query_bytes(NAME, use_edns=0))
+    assert wire[-11:-6] == b"\x00\x00\x29\x04\xd0"  # root, OPT, payload 1232
+    wire[-2:] = rdlen.to_bytes(2, "big")
+    return bytes(wire) + options
+
+
+@pytest.mark.parametrize("packet", [
+    _opt_claiming(8),  # eight bytes of options claimed, none present
+    _opt_claiming(4, b"\x00\x0a\x00\x08"),  # one option header whose length runs past the RDATA
+    _opt_claiming(6, b"\x00\x0a\x00\x08\x01\x02"),
+    _opt_claiming(3, b"\x00\x0a\x00"),  # an option header cut short
+], ids=["rdlen-without-data", "option-past-rdata", "option-partly-past-rdata", "option-header-cut"])
+def test_a_bad_opt_rdata_is_formerr_on_both_paths(edge, packet):
+    for source in ("127.0.0.1", "127.0.0.9"):  # a memoized local name, and the same from a stranger
+        for _ in range(2):  # the second time the answer is in the memo: the fast path's turn
+            reply = raw_udp(edge.port, packet, source=source)
+            assert reply is not None
+            assert reply[3] & 0xF == dns.rcode.FORMERR, (source, reply)
+    # the pure engine agrees with the listener
+    pure = engine()
+    assert pure.answer(packet, SNAPSHOT, "", "127.0.0.1", 1.0)[3] & 0xF == dns.rcode.FORMERR
+
+
+def test_well_formed_options_still_pass(edge):
+    packet = _opt_claiming(8, b"\xfd\xe9\x00\x04abcd")
+    reply = dns.message.from_wire(raw_udp(edge.port, packet))
+    assert reply.rcode() == dns.rcode.NOERROR and reply.answer[0][0].address == "127.0.0.1"
+
+
+# -- item 14: NOTIMP clears RD and CD --------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.9"])
+def test_notimp_clears_rd_cd_and_ra(edge, source):
+    query = dns.message.make_query(NAME, "A")
+    query.set_opcode(dns.opcode.STATUS)
+    query.flags |= dns.flags.RD | dns.flags.CD
+    reply = dns.message.from_wire(raw_udp(edge.port, query.to_wire(), source=source))
+    assert reply.rcode() == dns.rcode.NOTIMP
+    assert reply.opcode() == dns.opcode.STATUS
+    assert not reply.flags & (dns.flags.RD | dns.flags.CD | dns.flags.RA | dns.flags.AA)
+    header_only = bytearray(query.to_wire()[:12])
+    header_only[2] = 0x78 | 0x01  # opcode 15, RD
+    header_only[3] = 0x10  # CD
+    header_only[4:6] = b"\x00\x00"
+    reply = raw_udp(edge.port, bytes(header_only), source=source)
+    assert reply[2] == 0x80 | 0x78 and reply[3] == dns.rcode.NOTIMP
+
+
+# -- item 15: answers to junk are their own family -------------------------------------------------
+
+def test_formerr_and_notimp_are_counted_as_invalid(tmp_path, servers):
+    server = Server(tmp_path, "demo")
+    servers.append(server)
+    wait_until(lambda: dns.query.udp(dns.message.make_query(NAME, "A"), "127.0.0.1", port=server.dns,
+                                     timeout=1).rcode() == dns.rcode.NOERROR, timeout=20)
+    two_questions = bytearray(query_bytes(NAME))
+    two_questions[4:6] = b"\x00\x02"
+    update = dns.message.make_query(NAME, "A")
+    update.set_opcode(dns.opcode.STATUS)
+    for _ in range(3):
+        assert raw_udp(server.dns, bytes(two_questions))[3] & 0xF == dns.rcode.FORMERR
+        assert raw_udp(server.dns, update.to_wire())[3] & 0xF == dns.rcode.NOTIMP
+    expected = ('edge_requests_total{family="invalid",protocol="dns",status="FORMERR"} 3.0',
+                'edge_requests_total{family="invalid",protocol="dns",status="NOTIMP"} 3.0')
+    wait_until(lambda: all(line in server.metrics() for line in expected), timeout=10)
+    assert 'family="recursive",protocol="dns",status="FORMERR"' not in server.metrics()
+    assert 'edge_requests_total{family="local",protocol="dns",status="NOERROR"} 1.0' in server.metrics()
