@@ -15,9 +15,9 @@ import pytest
 from imds_harness import parse, request
 
 from edge.config import CredentialsConfig
+from tests.support import cloud_init_pythonpath, extracted_client
 
 ROOT = Path(__file__).parent.parent.parent
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 CREDENTIAL_PROCESS = textwrap.dedent("""
     import json, sys, time
@@ -103,11 +103,12 @@ CLOUD_INIT_CRAWL = textwrap.dedent("""
 
 
 def cloud_init_crawl(base: str, version: str, token: str = "") -> dict:
-    if not Path(SYSTEM_PYTHON).exists() or subprocess.run(
-            [SYSTEM_PYTHON, "-c", "import cloudinit.sources.helpers.ec2"], capture_output=True).returncode:
-        pytest.skip("cloud-init is not installed (apt-get install cloud-init)")
-    result = subprocess.run([SYSTEM_PYTHON, "-c", CLOUD_INIT_CRAWL, base.rstrip("/"), version, token],
-                            capture_output=True, text=True, env=no_proxy_env(), timeout=60)
+    pythonpath = cloud_init_pythonpath()
+    if pythonpath is None:
+        pytest.skip("cloud-init is not extracted in .venv/debroot (bash tests/run does it with apt-get download)")
+    env = dict(no_proxy_env(), PYTHONPATH=pythonpath)
+    result = subprocess.run([sys.executable, "-c", CLOUD_INIT_CRAWL, base.rstrip("/"), version, token],
+                            capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -163,8 +164,9 @@ def netns(name: str, *argv: str, **kwargs):
 
 def test_ec2_metadata_in_a_network_namespace(tmp_path):
     """``ec2-metadata`` hard-codes http://169.254.169.254, so edge serves it inside a namespace."""
-    if shutil.which("ec2-metadata") is None:
-        pytest.skip("ec2-metadata is not installed (apt-get install amazon-ec2-utils)")
+    ec2_metadata = extracted_client("ec2-metadata")
+    if ec2_metadata is None:
+        pytest.skip("ec2-metadata is not extracted in .venv/debroot (bash tests/run does it from amazon-ec2-utils)")
     name = f"edge-imds-{uuid.uuid4().hex[:8]}"
     if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
         pytest.skip("cannot create a network namespace (ip netns add not permitted)")
@@ -190,7 +192,7 @@ def test_ec2_metadata_in_a_network_namespace(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = server.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("port=80"), server.stderr.read()  # type: ignore[union-attr]
-        result = netns(name, "ec2-metadata", "--instance-id", "--local-ipv4", "--availability-zone",
+        result = netns(name, str(ec2_metadata), "--instance-id", "--local-ipv4", "--availability-zone",
                        "--public-keys", capture_output=True, text=True, timeout=30, env=no_proxy_env())
         assert result.returncode == 0, result.stdout + result.stderr
         assert "instance-id: i-0de0000000000003" in result.stdout
