@@ -99,21 +99,24 @@ class MetadataHandler:
         likewise, for the rate limit (read only when it is on)."""
         method = request.method
         target = request.target
+        # Whether the target names the token path, decided once for every method (see token_path_version).
+        token_version = _token_paths.get(target)
+        if token_version is None:
+            token_version = _remember_token_path(target)
         if method == b"GET":
             head_only = False
         elif method == b"HEAD":
             head_only = True
+        elif not token_version:
+            return self.refuse(Outcome.METHOD, request)
         elif method == b"PUT":
-            return self._put(snapshot, peer, request, _time() if now is None else now,
+            return self._put(snapshot, peer, request, token_version, _time() if now is None else now,
                              _monotonic() if mono is None else mono)
-        elif method == b"OPTIONS" and _is_token_path(target):
+        elif method == b"OPTIONS":
             return TOKEN_OPTIONS.wire(request.keep_alive, False)
         else:
-            return self.refuse(Outcome.METHOD, request)
-        token_path = _token_paths.get(target)
-        if token_path is None:
-            token_path = _remember_token_path(target)
-        if token_path:
+            return self.refuse(Outcome.TOKEN_METHOD, request)
+        if token_version:
             return self.refuse(Outcome.TOKEN_METHOD, request)
 
         if snapshot is None:
@@ -193,11 +196,9 @@ class MetadataHandler:
             return found.keep_alive if request.keep_alive else found.close
         return found.wire_with(ttl_line, request.keep_alive, head_only)
 
-    def _put(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float, mono: float) -> bytes | Pending:
-        parts = split_path(request.target)
-        if parts is None or len(parts) != 3 or parts[1:] != ["api", "token"] or parts[0] not in VERSION_SET:
-            return self.refuse(Outcome.METHOD, request)
-        if parts[0] != "latest":
+    def _put(self, snapshot: Snapshot | None, peer: Peer, request: Request, version: str, now: float,
+             mono: float) -> bytes | Pending:
+        if version != "latest":
             return self.refuse(Outcome.FORBIDDEN, request)
         if request.forwarded_for is not None and not peer.trusted:
             return self.refuse(Outcome.FORBIDDEN, request)
@@ -270,25 +271,34 @@ class MetadataHandler:
         return line
 
 
-_token_paths: dict[bytes, bool] = {}
-"""Request target -> whether it names the token path (GET and HEAD there are refused): a dict
-lookup, where the substring search costs three times as much."""
+_token_paths: dict[bytes, str] = {}
+"""Request target -> :func:`token_path_version` of it: a dict lookup per request instead of
+splitting the path."""
 TOKEN_PATHS_REMEMBERED = 4096
 REMEMBERED_TARGET_BYTES = 256
 """Longer targets are not remembered (the memo pins at most about 1 MB)."""
 
 
-def _remember_token_path(target: bytes) -> bool:
-    # find, not ``in``: bytes.__contains__ first tries the operand as an integer and formats (then
-    # discards) a TypeError.
-    token_path = target.find(b"api/token") >= 0 and _is_token_path(target)
+def _remember_token_path(target: bytes) -> str:
+    version = token_path_version(target)
     if len(target) <= REMEMBERED_TARGET_BYTES:
         if len(_token_paths) >= TOKEN_PATHS_REMEMBERED:
             _token_paths.clear()
-        _token_paths[target] = token_path
-    return token_path
+        _token_paths[target] = version
+    return version
 
 
-def _is_token_path(target: bytes) -> bool:
+def token_path_version(target: bytes) -> str:
+    """The version (``latest`` or a date) when ``target`` names the token path once normalised
+    the one way every path is (:func:`split_path`: percent-decoding, repeated slashes, absolute
+    form), else ``""``.  Every method asks this, so no spelling is the token path for one method
+    and another path for the next."""
+    # A target with neither "token" nor a percent escape cannot normalise to the token path:
+    # skip splitting it.  (find, not ``in``: bytes.__contains__ first tries the operand as an
+    # integer and formats, then discards, a TypeError.)
+    if target.find(b"token") < 0 and target.find(b"%") < 0:
+        return ""
     parts = split_path(target)
-    return parts is not None and len(parts) == 3 and parts[1:] == ["api", "token"] and parts[0] in VERSION_SET
+    if parts is None or len(parts) != 3 or parts[1] != "api" or parts[2] != "token" or parts[0] not in VERSION_SET:
+        return ""
+    return parts[0]

@@ -43,6 +43,8 @@ _HEADER_FIELDS = {
 }
 _FIELD_LENGTHS = frozenset(len(name) for name in _HEADER_FIELDS)
 """Headers of other lengths (Host, User-Agent, Accept...) are skipped without lower-casing them."""
+_SINGLE_FIELDS = frozenset(("token", "token_ttl"))
+"""Fields a request may carry once: sent twice, neither value is taken (see on_header)."""
 
 _time = time.time
 _monotonic = time.monotonic
@@ -165,7 +167,14 @@ class MetadataProtocol(asyncio.Protocol):
                           exc_info=exc.__context__)
                 self.fail(Outcome.INTERNAL)
             return
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        except httptools.HttpParserUpgrade:
+            # A request asking to switch protocols (h2c, WebSocket, CONNECT) has been answered as
+            # HTTP/1.1 with "Connection: close" (on_message_complete); what follows it is in a protocol
+            # edge does not speak, so nothing more is read and nothing else is written.
+            if not self.closing and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        except httptools.HttpParserError:
             self.fail(Outcome.BAD_REQUEST)
             return
         if self._since_progress > self._max_header_bytes:
@@ -226,7 +235,12 @@ class MetadataProtocol(asyncio.Protocol):
         if len(name) in _FIELD_LENGTHS:
             field = _HEADER_FIELDS.get(name.lower())
             if field is not None:
-                setattr(self._request, field, value)
+                request = self._request
+                if field in _SINGLE_FIELDS and getattr(request, field) is not None:
+                    # Sent twice, the header has no one meaning: an empty value is refused where it is
+                    # used (400 for a token lifetime, 401 for a token), whatever the order.
+                    value = b""
+                setattr(request, field, value)
                 self._has_fields = True
 
     def on_body(self, body: bytes) -> None:
@@ -245,7 +259,10 @@ class MetadataProtocol(asyncio.Protocol):
         request.method = parser.get_method()
         request.target = target = self._target
         service = self.service
-        request.keep_alive = parser.should_keep_alive() and self._keep_alive and not service.stopping
+        # After a request that asks to switch protocols the parser reads nothing more (data_received):
+        # its answer closes the connection.
+        request.keep_alive = (parser.should_keep_alive() and self._keep_alive and not service.stopping
+                              and not parser.should_upgrade())
         # Per-request state is reset here rather than in on_message_begin: one callback fewer per request.
         self._target = b""
         self._header_size = 0

@@ -87,6 +87,10 @@ def verify(keys: TokenKeys, token: bytes, instance_id: str, now: float) -> int:
         raw = base64.urlsafe_b64decode(token + b"=" * (-TOKEN_LENGTH % 4))
     except (binascii.Error, ValueError):
         return 0
+    # The decoder also takes the standard alphabet's "+" and "/" and skips characters outside both:
+    # only the one spelling edge issues is the token, so that a token has a single accepted form.
+    if len(raw) != _RAW_SIZE or base64.urlsafe_b64encode(raw).rstrip(b"=") != token:
+        return 0
     if raw[:1] != _VERSION:
         return 0
     header = raw[1:1 + _HEADER.size]
@@ -100,14 +104,27 @@ def verify(keys: TokenKeys, token: bytes, instance_id: str, now: float) -> int:
     return remaining
 
 
+TTL_DIGITS = len(str(TTL_MAX))
+
+
 def parse_ttl(value: bytes | None) -> int | None:
-    """The requested lifetime if it is an integer in 1..21600, else None (400)."""
+    """The requested lifetime if the header is a decimal integer in 1..21600, else None (400).
+
+    Spaces and tabs around the value are HTTP's optional whitespace, not part of it (RFC 9110
+    section 5.5; the parser strips the leading ones only).  The value itself is digits only, read as
+    a decimal integer as AWS's own IMDS mock reads it (Go's ``strconv.Atoi``), so leading zeros are
+    allowed (``0060`` is 60); a sign, inner spaces, a fraction or an exponent are not.  Leading zeros
+    are skipped before the length check so that a long run of them cannot make a huge integer.
+    """
     if value is None:
         return None
-    text = value.strip()
-    if not text.isdigit() or len(text) > 6:
+    text = value.strip(b" \t")
+    if not text.isdigit():
         return None
-    ttl = int(text)
+    significant = text.lstrip(b"0")
+    if len(significant) > TTL_DIGITS:
+        return None
+    ttl = int(significant or b"0")
     return ttl if TTL_MIN <= ttl <= TTL_MAX else None
 
 

@@ -173,6 +173,100 @@ def test_token_put_refusals(server):
     assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
+def test_every_other_method_on_the_token_path_names_options_and_put(server):
+    for method in ("GET", "HEAD", "POST", "DELETE", "PATCH", "TRACE"):
+        raw = request(server.port, method, "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        assert raw.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), method
+        assert parse(raw)[1]["allow"] == "OPTIONS, PUT", method
+    status, headers, _ = parse(request(server.port, "OPTIONS", "/latest/api/token"))
+    assert status == 200 and headers["allow"] == "OPTIONS, PUT"
+    for method in ("POST", "PUT", "OPTIONS", "DELETE"):
+        status, headers, _ = parse(request(server.port, method, "/latest/meta-data/"))
+        assert status == 405 and headers["allow"] == "GET, HEAD", method
+
+
+def test_the_token_path_is_the_same_path_for_every_method(server):
+    """A spelling of the token path is normalised once, the same way for every method: wherever PUT
+    issues a token, GET is refused with 405 rather than looked up as a metadata path (404)."""
+    ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+    for path in ("/latest/api/token", "//latest//api//token", "/latest/api/%74oken", "/%6catest/api/token/",
+                 "/latest/api/token?x=1", "http://169.254.169.254/latest/api/token"):
+        assert parse(request(server.port, "PUT", path, ttl))[0] == 200, path
+        status, headers, _ = parse(request(server.port, "GET", path))
+        assert (status, headers.get("allow")) == (405, "OPTIONS, PUT"), path
+        assert parse(request(server.port, "OPTIONS", path))[0] == 200, path
+    for path in ("//2021-03-23//api//token", "/2021-03-23/api/%74oken"):
+        assert parse(request(server.port, "PUT", path, ttl))[0] == 403, path
+        assert parse(request(server.port, "GET", path))[0] == 405, path
+    for path in ("/latest/api/tokens", "/latest/api/Token", "/latest/api/token/x", "/latest/api/%2e%2e/token"):
+        assert parse(request(server.port, "PUT", path, ttl))[0] == 405, path
+        assert parse(request(server.port, "GET", path))[0] == 404, path
+
+
+def test_token_lifetime_sent_twice_is_400_whatever_the_values(server):
+    for first, second in (("60", "60"), ("60", "120"), ("abc", "60"), ("60", "")):
+        raw = exchange(server.port, ("PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"
+                                     f"X-aws-ec2-metadata-token-ttl-seconds: {first}\r\n"
+                                     f"x-aws-ec2-metadata-token-ttl-seconds: {second}\r\n"
+                                     "Connection: close\r\n\r\n").encode())
+        assert statuses_of(raw) == [400], (first, second)
+    # The next request on the connection starts afresh.
+    raw = exchange(server.port, b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n"
+                                b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n"
+                                b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n")
+    assert statuses_of(raw) == [400, 200]
+
+
+def test_token_sent_twice_is_refused(server):
+    value = token(server.port)
+    get = "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: {}\r\n"
+    raw = exchange(server.port, (get.format(value) + f"X-aws-ec2-metadata-token: {value}\r\n"
+                                 "Connection: close\r\n\r\n").encode())
+    assert statuses_of(raw) == [401]
+    raw = exchange(server.port, (get.format(value) + get.format(value).split("\r\n")[1] + "\r\n"
+                                 + "Connection: close\r\n\r\n").encode())
+    assert statuses_of(raw) == [401]
+    # Then one token header on the same kind of request is served.
+    raw = exchange(server.port, (get.format(value) + "Connection: close\r\n\r\n").encode())
+    assert statuses_of(raw) == [200]
+
+
+def test_token_lifetime_spellings(server):
+    """What AWS takes (see test_tokens.test_parse_ttl): surrounding spaces are HTTP's optional
+    whitespace and leading zeros still make a decimal number; anything else is 400."""
+    for ttl, status in (("60", 200), ("  60  ", 200), ("\t60", 200), ("0060", 200), ("021600", 200),
+                        ("+60", 400), ("6 0", 400), ("021601", 400), ("0", 400)):
+        raw = exchange(server.port, ("PUT /latest/api/token HTTP/1.1\r\n"
+                                     f"X-aws-ec2-metadata-token-ttl-seconds:{ttl}\r\nConnection: close\r\n\r\n")
+                       .encode())
+        assert statuses_of(raw) == [status], ttl
+        if status == 200:
+            assert parse(raw)[1]["x-aws-ec2-metadata-token-ttl-seconds"] == str(int(ttl.strip()))
+
+
+@pytest.mark.parametrize("upgrade", [
+    "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n",
+])
+def test_a_protocol_upgrade_gets_one_plain_answer_and_the_connection_closes(server, upgrade):
+    # What follows the request (an HTTP/2 preface, or anything) is never parsed nor answered.
+    after = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n"
+    with connect(server.port) as sock:
+        sock.sendall(f"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n".encode() + after)
+        raw = read_all(sock)
+    assert statuses_of(raw) == [200]
+    status, headers, body = parse(raw)
+    assert headers["connection"] == "close" and body == I1.encode()
+    assert len(raw) == raw.index(b"\r\n\r\n") + 4 + len(I1)
+    # CONNECT switches protocols too: one 405, nothing else, and the connection closes.
+    with connect(server.port) as sock:
+        sock.sendall(b"CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: x\r\n\r\n" + after)
+        raw = read_all(sock)
+    assert statuses_of(raw) == [405] and parse(raw)[1]["connection"] == "close"
+    assert parse(request(server.port, "GET", "/latest/meta-data/instance-id"))[0] == 200
+
+
 def test_tokens_required_instance(server):
     source = "127.0.0.3"
     raw = request(server.port, "GET", "/latest/meta-data/instance-id", source=source)

@@ -66,9 +66,35 @@ def test_rotation_first_signs_all_verify():
 
 
 def test_parse_ttl():
-    assert tokens.parse_ttl(b"1") == 1 and tokens.parse_ttl(b"21600") == 21600 and tokens.parse_ttl(b" 60 ") == 60
-    for bad in (None, b"", b"0", b"21601", b"-1", b"1e3", b"abc", b"9" * 40):
-        assert tokens.parse_ttl(bad) is None
+    """AWS documents the lifetime as an integer number of seconds in 1..21600 and answers 400 otherwise.
+
+    Decisions where that leaves room, following AWS: spaces and tabs around the value are HTTP's
+    optional whitespace (RFC 9110 5.5), which AWS's HTTP server strips like any other, so `` 60 ``
+    is 60; the value is read as a decimal integer (AWS's own IMDS mock uses Go's strconv.Atoi), so
+    ``0060`` is 60 too, and however many zeros lead, the number is what counts.  Signs, inner
+    spaces, fractions, exponents, non-ASCII digits and other whitespace are refused.
+    """
+    assert tokens.parse_ttl(b"1") == 1 and tokens.parse_ttl(b"21600") == 21600
+    assert tokens.parse_ttl(b" 60 ") == 60 and tokens.parse_ttl(b"\t60\t") == 60
+    assert tokens.parse_ttl(b"0060") == 60 and tokens.parse_ttl(b"0" * 50 + b"21600") == 21600
+    for bad in (None, b"", b" ", b"0", b"000", b"21601", b"021601", b"-1", b"+60", b"6 0", b"60\r", b"60\x0b",
+                b"1e3", b"1.5", b"abc", b"9" * 40, b"9" * 5000, "\u0661\u0662".encode()):
+        assert tokens.parse_ttl(bad) is None, bad
+
+
+def test_only_the_issued_spelling_of_a_token_verifies():
+    """The decoder would also take the standard alphabet's "+" and "/" (and skip stray characters):
+    a token has exactly one accepted form, the URL-safe unpadded one it was issued in."""
+    for attempt in range(200):
+        token = tokens.issue(KEYS, "i-1", 600, NOW, nonce=attempt.to_bytes(8, "big"))
+        if b"-" in token or b"_" in token:
+            break
+    assert b"-" in token or b"_" in token
+    assert tokens.verify(KEYS, token, "i-1", NOW) == 600
+    standard = token.replace(b"-", b"+").replace(b"_", b"/")
+    assert len(standard) == len(token) and tokens.verify(KEYS, standard, "i-1", NOW) == 0
+    assert tokens.verify(KEYS, token[:-1] + b"=", "i-1", NOW) == 0
+    assert tokens.verify(KEYS, token[:20] + b"." + token[21:], "i-1", NOW) == 0
 
 
 def test_key_file_generate_rotate_and_load(tmp_path):
