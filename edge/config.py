@@ -103,6 +103,8 @@ class CredentialsConfig:
     """After a failed refresh, seconds before the source is asked again for that role."""
     cache_size: int = 100_000
     """Most (instance, role) credentials kept in memory."""
+    max_output: int = 65_536
+    """``process``: bytes the command may print (at most 16 MiB); a command printing more is stopped and that call fails."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +486,9 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}url must be an http:// or https:// URL when kind is http")
         if config.timeout <= 0 or config.refresh_ahead < 0 or config.retry_interval <= 0 or config.cache_size < 1:
             raise ConfigError(f"{prefix}timeout and retry_interval must be positive, refresh_ahead >= 0, cache_size >= 1")
+        from edge.metadata.spawner import MAX_OUTPUT_LIMIT
+        if not 0 < config.max_output <= MAX_OUTPUT_LIMIT:
+            raise ConfigError(f"{prefix}max_output must be between 1 and {MAX_OUTPUT_LIMIT} bytes")
     if isinstance(config, FleetConfig):
         if config.token_key_source:
             from edge.etcd import EtcdAddress, EtcdError

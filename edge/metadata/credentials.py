@@ -26,7 +26,7 @@ from cachetools import LRUCache
 from edge.config import CredentialsConfig
 from edge.errors import EdgeError
 from edge.metadata.responses import Response, text
-from edge.metadata.spawner import CommandError, CommandRunner
+from edge.metadata.spawner import DEFAULT_MAX_OUTPUT, CommandError, CommandRunner
 from edge.view.model import Instance
 
 log = logging.getLogger("edge.metadata.credentials")
@@ -99,8 +99,11 @@ class ProcessSource:
     account and role then runs once instead of once per instance.
     """
 
-    def __init__(self, command: tuple[str, ...], runner: CommandRunner | None = None) -> None:
+    def __init__(self, command: tuple[str, ...], runner: CommandRunner | None = None,
+                 max_output: int = DEFAULT_MAX_OUTPUT) -> None:
         self.command = command
+        self.max_output = max_output
+        """Bytes the command may print; more fails the call (the command is stopped)."""
         # Commands are started by a small helper process: forking the server itself
         # would copy its page tables and stall the event loop on every call.
         self.runner = runner or CommandRunner()
@@ -113,7 +116,7 @@ class ProcessSource:
         shared = self._running.get(key)
         if shared is None:
             self.runs += 1
-            shared = self._running[key] = _SharedRun(asyncio.ensure_future(self.runner.run(argv)))
+            shared = self._running[key] = _SharedRun(asyncio.ensure_future(self.runner.run(argv, self.max_output)))
             shared.task.add_done_callback(lambda _task: self._running.pop(key, None)
                                           if self._running.get(key) is shared else None)
         shared.callers += 1
@@ -136,8 +139,6 @@ class ProcessSource:
         if returncode != 0:
             raise CredentialSourceError(
                 f"{argv[0]} exited with {returncode}: {stderr[:200].decode(errors='replace').strip()}")
-        if len(stdout) > MAX_OUTPUT:
-            raise CredentialSourceError(f"{argv[0]} printed more than {MAX_OUTPUT} bytes")
         try:
             document = json.loads(stdout)
         except ValueError:
@@ -213,7 +214,7 @@ class HttpSource:
 
 def source_from_config(config: CredentialsConfig) -> Fetch | None:
     if config.kind == "process":
-        return ProcessSource(config.command)
+        return ProcessSource(config.command, max_output=config.max_output)
     if config.kind == "http":
         return HttpSource(config.url)
     return None
@@ -235,6 +236,9 @@ class CredentialCache:
 
     def __init__(self, source: Fetch | None, config: CredentialsConfig,
                  clock: Callable[[], float] = time.time) -> None:
+        # One helper process for every ``process`` source this cache has, across reloads; its
+        # failure counts stay with the cache so the exported counters never go backwards.
+        self.runner = source.runner if isinstance(source, ProcessSource) else CommandRunner()
         self.source = source
         self.timeout = config.timeout
         self.refresh_ahead = config.refresh_ahead
@@ -249,13 +253,12 @@ class CredentialCache:
 
     def configure(self, source: Fetch | None, config: CredentialsConfig) -> None:
         previous = self.source
-        if isinstance(previous, ProcessSource) and previous is not source:
-            if isinstance(source, ProcessSource):
-                source.runner = previous.runner  # one helper process across reloads
-            elif _loop_running():
-                task = asyncio.get_running_loop().create_task(previous.runner.close())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+        if isinstance(source, ProcessSource):
+            source.runner = self.runner
+        elif isinstance(previous, ProcessSource) and _loop_running():
+            task = asyncio.get_running_loop().create_task(self.runner.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self.source = source
         self.timeout = config.timeout
         self.refresh_ahead = config.refresh_ahead
@@ -326,5 +329,4 @@ class CredentialCache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(self.source, ProcessSource):
-            await self.source.runner.close()
+        await self.runner.close()

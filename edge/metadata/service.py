@@ -230,6 +230,8 @@ class MetadataService:
             credentials = handler.credentials
             events[("credential_fetches", "ok")] = max(0, credentials.fetches - credentials.failures)
             events[("credential_fetches", "error")] = credentials.failures
+            for reason, lost in credentials.runner.failures.items():
+                events[("credential_helper_failures", reason)] = lost
         events[("unknown_source_refreshes", "http")] = self.refreshes
         events[("connections_refused", "http")] = self.refused_connections
 

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from imds_harness import demo, exchange, parse, request
+from tests.support import wait_until
 
 from edge.config import CredentialsConfig
 
@@ -26,8 +27,11 @@ SCRIPT = textwrap.dedent("""
     if plan.get("fail"):
         sys.exit("source down")
     expires = time.gmtime(time.time() + plan.get("expires_in", 3600))
-    print(json.dumps({"Version": 1, "AccessKeyId": f"AKIA{count:04d}", "SecretAccessKey": "secret",
-                      "SessionToken": "token", "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", expires)}))
+    document = {"Version": 1, "AccessKeyId": f"AKIA{count:04d}", "SecretAccessKey": "secret",
+                "SessionToken": "token", "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", expires)}
+    if plan.get("pad"):
+        document["Padding"] = "x" * plan["pad"]
+    print(json.dumps(document))
 """)
 
 
@@ -166,3 +170,25 @@ def test_pipelined_requests_behind_a_slow_one_keep_their_order(start, tmp_path):
     assert order == sorted(order)
     assert raw.count(b"HTTP/1.1 200 OK") == 5 and raw.count(b'"AccessKeyId"') == 2
     assert len(source.calls) == 1
+
+
+def test_large_and_oversized_output_fails_only_that_call(start, tmp_path, caplog):
+    source = Source(tmp_path, pad=60 * 1024)
+    server = start(credentials=source.config(retry_interval=0.2))
+    status, document = get_credentials(server.port)
+    assert status == 200 and len(document) == 7  # 60 KB printed, then served (Padding is not passed on)
+    # 1 MB: over the 64 KiB default cap; that call fails at once, clearly, and is counted.
+    source.set(pad=1024 * 1024)
+    with caplog.at_level("WARNING", logger="edge.metadata"):
+        server.call(lambda: server.service.handler.credentials._cache.clear())
+        assert parse(request(server.port, "GET", CREDENTIALS))[0] == 503
+    assert "printed more than 65536 bytes" in caplog.text
+    assert "credential command helper" not in caplog.text  # the helper itself is fine
+    server.call(server.service.export_metrics)
+    events = server.service.tally.events
+    assert events[("credential_fetches", "error")] == 1
+    assert events[("credential_helper_failures", "protocol")] == 0
+    # The next call (after retry_interval) works.
+    source.set()
+    wait_until(lambda: get_credentials(server.port)[0] == 200, timeout=10)
+    assert len(source.calls) == 3

@@ -167,3 +167,89 @@ def test_a_shared_run_stops_only_when_every_caller_gave_up(tmp_path) -> None:
         await source.runner.close()
 
     uvloop.run(scenario())
+
+
+def _printing_script(tmp_path, name: str = "print.py") -> str:
+    """A credential command printing valid credentials padded to ``argv[1]`` bytes."""
+    script = tmp_path / name
+    script.write_text(
+        "import json, sys\n"
+        "size = int(sys.argv[1])\n"
+        "doc = {'Version': 1, 'AccessKeyId': 'AKID', 'SecretAccessKey': 's', 'SessionToken': 't',\n"
+        "       'Expiration': '2099-01-01T00:00:00Z', 'Padding': ''}\n"
+        "doc['Padding'] = 'x' * max(0, size - len(json.dumps(doc)))\n"
+        "sys.stdout.write(json.dumps(doc))\n")
+    return str(script)
+
+
+def test_output_of_any_size_up_to_the_cap_then_a_clear_error_for_that_call_only(tmp_path) -> None:
+    import sys
+    script = _printing_script(tmp_path)
+    runner = CommandRunner()
+    small = ProcessSource((sys.executable, script, "{role}"), runner=runner)
+    large = ProcessSource((sys.executable, script, "{role}"), runner=runner, max_output=2 * 1024 * 1024)
+
+    async def scenario():
+        # 60 KB of output is a base64 line over asyncio's 64 KiB line limit: it used to kill the reader.
+        helper = None
+        for size in ("61440", "1048576"):
+            if size == "1048576":
+                with pytest.raises(CredentialSourceError, match=r"printed more than 65536 bytes"):
+                    await asyncio.wait_for(small(INSTANCE, "10.0.0.5", size), 10)
+            else:
+                assert (await asyncio.wait_for(small(INSTANCE, "10.0.0.5", size), 10)).access_key_id == "AKID"
+            helper = helper or runner._process
+            # The same helper keeps serving: a normal call succeeds at once.
+            assert (await asyncio.wait_for(small(INSTANCE, "10.0.0.5", "100"), 10)).access_key_id == "AKID"
+            assert runner._process is helper
+        # A cap raised in the configuration lets the 1 MB answer through.
+        assert (await asyncio.wait_for(large(INSTANCE, "10.0.0.5", "1048576"), 10)).access_key_id == "AKID"
+        assert runner.failures == {"exited": 0, "protocol": 0}
+        await runner.close()
+
+    uvloop.run(scenario())
+
+
+def test_a_helper_that_answers_garbage_is_logged_counted_and_replaced(tmp_path, caplog) -> None:
+    import sys
+    garbage = tmp_path / "garbage.py"
+    # Reads one request, then writes a frame header announcing far more than any answer can be.
+    garbage.write_text("import sys\nsys.stdin.buffer.read(4)\nsys.stdout.buffer.write(b'\\xff\\xff\\xff\\xffjunk')\n"
+                       "sys.stdout.flush()\nimport time\ntime.sleep(30)\n")
+    runner = CommandRunner(helper=(sys.executable, str(garbage)))
+
+    async def scenario():
+        with pytest.raises(CommandError, match="command helper broke"):
+            await asyncio.wait_for(runner.run(["true"]), 10)
+        broken = runner._process
+        assert runner.failures["protocol"] == 1
+        # The next call starts a working helper.
+        runner.helper = CommandRunner().helper
+        assert (await asyncio.wait_for(runner.run(["sh", "-c", "echo ok"]), 10))[1] == b"ok\n"
+        assert runner._process is not broken
+        await runner.close()
+
+    with caplog.at_level("ERROR", logger="edge.metadata"):
+        uvloop.run(scenario())
+    assert "credential command helper stopped: protocol error (frame of 4294967295 bytes" in caplog.text
+
+
+def test_a_helper_that_exits_is_counted(tmp_path) -> None:
+    runner = CommandRunner()
+
+    async def scenario():
+        await runner.run(["true"])
+        helper = runner._process
+        assert helper is not None
+        os.kill(helper.pid, signal.SIGKILL)
+        await helper.wait()
+        for _ in range(100):
+            if runner.failures["exited"]:
+                break
+            await asyncio.sleep(0.05)
+        assert runner.failures == {"exited": 1, "protocol": 0}
+        await runner.run(["true"])
+        await runner.close()
+        assert runner.failures == {"exited": 1, "protocol": 0}  # a helper we stopped is not a failure
+
+    uvloop.run(scenario())
