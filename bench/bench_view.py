@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from edge.testing.generate import generate_view
+from bench.generate import generate_view
 from edge.view.delta import apply_delta
 from edge.view.formats import decode_view, decode_view_reusing
 from edge.view.snapshot import build_snapshot, build_snapshot_tracked

@@ -799,7 +799,7 @@ def run_bootstorm(instances: int = 1000, rounds: int = 3, targets: Sequence[str]
 
     ``client_processes`` defaults to one load generator process per client core.
     """
-    from edge.testing.generate import generate_view
+    from bench.generate import generate_view
 
     cores = cores or core_plan()
     client_processes = client_processes or len(cores.client)

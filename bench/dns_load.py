@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import process_tree  # noqa: E402
+from bench.generate import generate_view  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
-from edge.testing.generate import generate_view  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
 from edge.view.snapshot import build_snapshot, reverse_name  # noqa: E402
 

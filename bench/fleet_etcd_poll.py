@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.generate import generate_view  # noqa: E402
 from edge.config import ViewConfig  # noqa: E402
-from edge.testing.generate import generate_view  # noqa: E402
 from edge.view.etcd_source import EtcdSource  # noqa: E402
 from tests.etcd.server import EtcdServer  # noqa: E402
 

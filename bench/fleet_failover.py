@@ -31,7 +31,7 @@ HOSTS = ("127.0.1.1", "127.0.1.2", "127.0.1.3")
 
 
 def document(instances: int, serial: int) -> dict:
-    from edge.testing.generate import generate_view
+    from bench.generate import generate_view
     view = generate_view(instances=instances, networks=1, loopback=True, serial=serial, user_data_bytes=64)
     for instance in view["instances"]:
         instance["instance_type"] = f"serial-{serial}"

@@ -222,7 +222,7 @@ class DnsData:
 def dns_data(directory: Path, instances: int) -> DnsData:
     """The same questions dns_load.py asks: every A and PTR of the flat network, shuffled; 1,000 forwarded names."""
     from edge.dns.zonefile import zone_texts
-    from edge.testing.generate import generate_view
+    from bench.generate import generate_view
     from edge.view.parse import parse_view
     from edge.view.snapshot import build_snapshot
 

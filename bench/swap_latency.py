@@ -95,7 +95,7 @@ def _pinning() -> tuple[list[str], int | None]:
 
 def run_one(instances: int, workers: int, rate: float, workdir: Path, restart_threshold: int,
             change: str = "delta") -> dict:
-    from edge.testing.generate import generate_view
+    from bench.generate import generate_view
 
     view_path = workdir / "view.json"
     document = generate_view(instances=instances, networks=1, loopback=True, serial=1)

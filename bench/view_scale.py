@@ -53,7 +53,7 @@ def _rss_bytes() -> int:
 
 def write_documents(size: int, repeat: int, directory: Path) -> None:
     """first.json, other.json (all instances different), delta-1.json .. delta-N.json (1% changed each)."""
-    from edge.testing.generate import generate_view
+    from bench.generate import generate_view
 
     (directory / "first.json").write_bytes(json.dumps(generate_view(instances=size, networks=8, serial=1)).encode())
     document = generate_view(instances=size, networks=8, seed=2, serial=2)

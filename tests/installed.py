@@ -28,8 +28,8 @@ class Dist:
 
 
 def build_dist(outdir: Path) -> Dist:
-    """``python -m build`` of this tree: one wheel and one sdist in ``outdir``."""
-    result = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(outdir), str(ROOT)],
+    """``python -m build`` of this tree: the sdist, then the wheel built from that sdist (so it is complete)."""
+    result = subprocess.run([sys.executable, "-m", "build", "--outdir", str(outdir), str(ROOT)],
                             cwd=outdir.parent, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"python -m build failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")

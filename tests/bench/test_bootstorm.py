@@ -15,8 +15,8 @@ import pytest
 from bench import bootstorm
 from bench.classic import UpstreamState, answer, start_classic
 from bench.common import CorePlan, start_dnsmasq, stop
+from bench.generate import generate_view
 from edge.metadata.tree import Directory, meta_data
-from edge.testing.generate import generate_view
 from edge.view.formats import decode_view
 from edge.view.snapshot import build_snapshot
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.testing.generate import generate_view
+from bench.generate import generate_view
 from tests.conftest import ControlPlane, _handler
 from tests.etcd.server import ETCD, EtcdServer
 from tests.fleet.gateway import Gateway

@@ -49,6 +49,7 @@ def test_wheel_holds_the_server_and_nothing_else(dist: Dist) -> None:
     names = zipfile.ZipFile(dist.wheel).namelist()
     assert "edge/etcd.py" in names and "edge/view/etcd_source.py" in names and "edge/cli.py" in names
     assert not any(name.startswith(("tests/", "bench/")) for name in names)
+    assert not any(name.startswith("edge/testing") for name in names), "test helpers are not installed"
     assert any(name.endswith("entry_points.txt") for name in names)
 
 

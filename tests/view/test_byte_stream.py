@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.generate import generate_view
 from edge.errors import ViewInvalid
-from edge.testing.generate import generate_view
 from edge.view import formats
 from edge.view.formats import decode_view, decode_view_reusing
 from edge.view.parse import parse_view

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from bench.generate import generate_view
 from edge.errors import ViewInvalid
-from edge.testing.generate import generate_view
 from edge.view.demo import demo_document
 from edge.view.formats import decode_view
 from edge.view.parse import parse_view

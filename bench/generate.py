@@ -1,4 +1,7 @@
-"""Realistic generated views for tests and benchmarks.
+"""Realistic generated views for tests and benchmarks (``from bench.generate import generate_view``).
+
+It lives in bench/, not in the installed package: tests and benchmarks both
+run from the repository root, and a server needs no view generator.
 
 ``generate_view(instances=N, networks=M)`` spreads N instances over M VPC-like
 networks whose CIDRs overlap (every network uses ``10.0.0.0/16`` ..), gives
