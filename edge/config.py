@@ -131,6 +131,8 @@ class MetadataConfig:
     """Concurrent connections per worker; further connections are closed at once."""
     max_connections_per_source: int = 64
     """Concurrent connections per source address."""
+    listen_backlog: int = 2048
+    """Accept queue of each metadata listener (capped by ``net.core.somaxconn``)."""
     header_timeout: float = 5.0
     """Seconds a client has to send a complete request head (also the keep-alive idle time)."""
     keep_alive: bool = True
@@ -180,6 +182,12 @@ class DnsConfig:
     """Seconds a DNS TCP connection may stay idle before it is closed."""
     tcp_max_connections: int = 1024
     """Concurrent DNS TCP connections per worker; more are closed on accept."""
+    tcp_max_connections_per_source: int = 64
+    """Concurrent DNS TCP connections per client source address (per worker); more are closed on accept."""
+    tcp_message_timeout: float = 5.0
+    """Seconds a TCP client has to send the rest of a DNS message once its first byte arrived; more data does not extend it (RFC 7766 6.2.2)."""
+    listen_backlog: int = 2048
+    """Accept queue of each DNS TCP listener (capped by ``net.core.somaxconn``)."""
     tcp_max_pipelined: int = 64
     """Forwarded queries one TCP connection may have outstanding at once."""
     nameserver: str = ""
@@ -438,7 +446,7 @@ def _check(config: Any, prefix: str) -> None:
                 ip_network(cidr, strict=False)
             except ValueError:
                 raise ConfigError(f"{prefix}recursion_cidrs: not a CIDR: {cidr!r}") from None
-        for name in ("upstream_timeout", "tcp_idle_timeout"):
+        for name in ("upstream_timeout", "tcp_idle_timeout", "tcp_message_timeout"):
             if getattr(config, name) <= 0:
                 raise ConfigError(f"{prefix}{name} must be positive")
         for name in ("cache_min_ttl", "cache_max_ttl", "negative_max_ttl", "stale_ttl", "serve_stale", "rate_limit"):
@@ -453,8 +461,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:
             raise ConfigError(f"{prefix}udp_receive_buffer must not be negative")
-        for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_pipelined",
-                     "answer_memo_size"):
+        for name in ("cache_size", "rate_limit_clients", "tcp_max_connections", "tcp_max_connections_per_source",
+                     "tcp_max_pipelined", "answer_memo_size", "listen_backlog"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
     if isinstance(config, MetadataConfig):
@@ -463,7 +471,8 @@ def _check(config: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}{name} must be positive")
         if config.rate < 0 or config.burst < 1:
             raise ConfigError(f"{prefix}rate must be >= 0 and burst >= 1")
-        for name in ("rate_limit_entries", "max_connections", "max_connections_per_source", "render_cache_size"):
+        for name in ("rate_limit_entries", "max_connections", "max_connections_per_source", "render_cache_size",
+                     "listen_backlog"):
             if getattr(config, name) < 1:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
         if not 0 <= config.gateway_hops <= 64:

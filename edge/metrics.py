@@ -189,6 +189,8 @@ EVENT_COUNTERS: dict[str, tuple[str, str, str]] = {
     "dns_upstream_errors": ("edge_dns_upstream_errors_total", "Upstream resolver failures by kind", "kind"),
     "dns_not_ready": ("edge_dns_not_ready_total",
                       "DNS queries answered SERVFAIL (EDE 14) because no view was loaded yet", "protocol"),
+    "dns_tcp_message_timeouts": ("edge_dns_tcp_message_timeouts_total",
+                                 "DNS TCP connections closed because a message was not complete in time", "protocol"),
     "connections_refused": ("edge_connections_refused_total", "Connections refused by the connection caps",
                             "protocol"),
     "replies_dropped": ("edge_replies_dropped_total", "Answers the kernel would not take (UDP send buffer full)",

@@ -5,7 +5,9 @@ query (a UDP listener's reader callback, which takes a batch of waiting
 datagrams, or ``data_received``); only forwarded questions leave it, through
 :meth:`DnsService.forward`.  TCP follows RFC 7766: length-prefixed messages,
 several per connection, replies written as they complete (clients match IDs),
-an idle timeout and a cap on connections.
+an idle timeout, a deadline for each message that further bytes do not
+extend (a client trickling a byte every few seconds cannot hold a slot), and
+caps on connections in total and per source address.
 """
 
 from __future__ import annotations
@@ -159,20 +161,29 @@ class DnsStreamProtocol(asyncio.Protocol):
         # idle timeout
         self.last_activity = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        # whole-message deadline: armed when a message's first bytes arrive, never pushed back by more
+        self.message_timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        """Whether this connection holds one of its source address's slots."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.address = peer[0] if peer else ""
+        self.address = address = peer[0] if peer else ""
         service = self.service
-        if len(service.connections) >= service.config.dns.tcp_max_connections or service.closing:
+        dns = service.config.dns
+        per_source = service.tcp_per_source
+        if (len(service.connections) >= dns.tcp_max_connections or service.closing
+                or per_source.get(address, 0) >= dns.tcp_max_connections_per_source):
             service.stats.tcp_refused += 1
             transport.close()
             return
+        per_source[address] = per_source.get(address, 0) + 1
+        self.counted = True
         service.connections.add(self)
         service.stats.tcp_connections += 1
         self.last_activity = time.monotonic()
-        self._arm_idle(service.config.dns.tcp_idle_timeout)
+        self._arm_idle(dns.tcp_idle_timeout)
 
     def _arm_idle(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -215,7 +226,32 @@ class DnsStreamProtocol(asyncio.Protocol):
                 if self.pending >= service.config.dns.tcp_max_pipelined and not self.paused:
                     self.paused = True
                     self.transport.pause_reading()  # type: ignore[union-attr]
-        self.buffer = buffer[position:] if position < size else b""
+        if position < size:
+            if position or not self.buffer:
+                # The first bytes of a new message: its deadline starts now.
+                self._arm_message_deadline()
+            self.buffer = buffer[position:]
+        else:
+            self.buffer = b""
+            if self.message_timer is not None:
+                self.message_timer.cancel()
+                self.message_timer = None
+
+    def _arm_message_deadline(self) -> None:
+        if self.message_timer is not None:
+            self.message_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.message_timer = loop.call_later(self.service.config.dns.tcp_message_timeout, self._message_expired)
+
+    def _message_expired(self) -> None:
+        """A message begun but not finished in time: a client holding the connection open byte by byte."""
+        self.message_timer = None
+        if self.paused or self.write_paused:
+            # We stopped reading (our own backpressure): the client cannot finish; give it the time again.
+            self._arm_message_deadline()
+            return
+        self.service.stats.tcp_message_timeouts += 1
+        self.close()
 
     def write(self, reply: bytes) -> None:
         transport = self.transport
@@ -257,7 +293,19 @@ class DnsStreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
-        self.service.connections.discard(self)
+        if self.message_timer is not None:
+            self.message_timer.cancel()
+            self.message_timer = None
+        service = self.service
+        service.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            per_source = service.tcp_per_source
+            left = per_source.get(self.address, 1) - 1
+            if left > 0:
+                per_source[self.address] = left
+            else:
+                per_source.pop(self.address, None)
         self.transport = None
 
 

@@ -34,6 +34,8 @@ class DnsStats:
     tcp_queries: int = 0
     tcp_connections: int = 0
     tcp_refused: int = 0
+    tcp_message_timeouts: int = 0
+    """TCP connections closed because a message was not complete within ``dns.tcp_message_timeout``."""
     forwarded: int = 0
     dropped: int = 0
     udp_replies_dropped: int = 0
@@ -55,6 +57,8 @@ class DnsService:
         self.tally = Tally("dns")
         """Per-request counts and latencies; the composition root exports them as metrics."""
         self.connections: set[DnsStreamProtocol] = set()
+        self.tcp_per_source: dict[str, int] = {}
+        """Source address -> open TCP connections (only addresses with one open: bounded by the total cap)."""
         self.closing = False
         self._udp: list[DnsDatagramProtocol] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -96,7 +100,7 @@ class DnsService:
             try:
                 server = await loop.create_server(
                     lambda: DnsStreamProtocol(self, network), host=host, port=bound, family=family,
-                    reuse_address=True, reuse_port=reuse_port or None)
+                    reuse_address=True, reuse_port=reuse_port or None, backlog=self.config.dns.listen_backlog)
             except OSError:
                 sock.close()
                 if port or attempt == 19:
@@ -172,6 +176,7 @@ class DnsService:
         events[("dns_upstream_errors", "mismatched")] = stats.mismatched
         events[("dns_not_ready", "")] = self.engine.not_ready
         events[("connections_refused", "dns")] = self.stats.tcp_refused
+        events[("dns_tcp_message_timeouts", "")] = self.stats.tcp_message_timeouts
         events[("replies_dropped", "dns")] = self.stats.udp_replies_dropped
 
     def reload(self, config: Config) -> None:

@@ -138,7 +138,7 @@ class MetadataService:
             # the protocol without a Python frame of its own.
             factory = functools.partial(MetadataProtocol, self, network)
             server = await loop.create_server(factory, listen.host, listen.port, reuse_port=reuse_port or None,
-                                              backlog=2048)
+                                              backlog=self.config.metadata.listen_backlog)
             self.servers.append(server)
             log.info("metadata listening on %s network=%r", _bound(server), network)
         self._tick()

@@ -206,3 +206,83 @@ def test_formerr_and_notimp_are_counted_as_invalid(tmp_path, servers):
     wait_until(lambda: all(line in server.metrics() for line in expected), timeout=10)
     assert 'family="recursive",protocol="dns",status="FORMERR"' not in server.metrics()
     assert 'edge_requests_total{family="local",protocol="dns",status="NOERROR"} 1.0' in server.metrics()
+
+
+# -- item 9: one source cannot take every TCP slot, and trickled bytes do not hold one ----------------
+
+def _tcp_query(port: int, source: str) -> dns.message.Message:
+    query = dns.message.make_query(NAME, "A")
+    return dns.query.tcp(query, "127.0.0.1", port=port, timeout=3, source=source)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_an_attacker_holding_tcp_slots_does_not_lock_others_out(edge_factory):
+    server = edge_factory(tcp_max_connections=8, tcp_max_connections_per_source=3, tcp_message_timeout=1.0,
+                          tcp_idle_timeout=60.0)
+    attacker: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            sock = socket.socket()
+            sock.bind(("127.0.0.5", 0))
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"\x00")  # the first byte of a length prefix, and then nothing whole
+            attacker.append(sock)
+        # Only three of the attacker's connections are kept; the others are closed on accept.
+        wait_until(lambda: sum(_closed_by_server(s) for s in attacker) >= 5, timeout=10)
+        assert server.run(lambda: server.service.tcp_per_source.get("127.0.0.5")) == 3
+        # Everyone else still gets answers over TCP while the attacker holds its slots.
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.9"):
+            assert _tcp_query(server.port, source).rcode() == dns.rcode.NOERROR
+        # Trickling a byte at a time does not extend the message deadline: the slots come back.
+        held = [s for s in attacker if not _closed_by_server(s)]
+        assert len(held) == 3
+
+        sent = {sock: 1 for sock in held}
+
+        def trickle_until_closed() -> bool:
+            for sock in held:
+                try:
+                    # The second length byte announces 64 bytes; then one byte of them per round.
+                    sock.send(b"\x40" if sent[sock] == 1 else b"\x00", socket.MSG_DONTWAIT)
+                    sent[sock] += 1
+                except OSError:
+                    pass
+            return all(_closed_by_server(sock) for sock in held)
+
+        wait_until(trickle_until_closed, timeout=15, interval=0.2)
+        assert server.service.stats.tcp_message_timeouts >= 3
+        assert all(count < 64 for count in sent.values())  # closed before the message could be finished
+        wait_until(lambda: server.run(lambda: "127.0.0.5" not in server.service.tcp_per_source), timeout=5)
+    finally:
+        for sock in attacker:
+            sock.close()
+
+
+# -- item 16: the accept backlog --------------------------------------------------------------------
+
+def _listen_backlog(port: int) -> int:
+    """The accept queue size of the TCP listener on ``port`` (``ss`` shows it as Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
+
+
+def test_dns_tcp_listener_backlog_defaults_to_the_metadata_one_and_is_configurable(tmp_path, servers, edge_factory):
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    assert _listen_backlog(edge_factory().port) == min(2048, somaxconn)
+    assert _listen_backlog(edge_factory(listen_backlog=700).port) == min(700, somaxconn)
+    os.environ["EDGE_METADATA_LISTEN_BACKLOG"] = "333"
+    os.environ["EDGE_DNS_LISTEN_BACKLOG"] = "444"
+    try:
+        server = Server(tmp_path, "demo")
+    finally:
+        del os.environ["EDGE_METADATA_LISTEN_BACKLOG"], os.environ["EDGE_DNS_LISTEN_BACKLOG"]
+    servers.append(server)
+    wait_until(lambda: _listen_backlog(server.dns) == 444 and _listen_backlog(server.metadata) == 333, timeout=20)
