@@ -100,7 +100,7 @@ class CredentialsConfig:
     refresh_ahead: float = 300.0
     """Refresh cached credentials this many seconds before their ``Expiration``."""
     retry_interval: float = 10.0
-    """After a failed refresh, seconds before the source is asked again for that role."""
+    """After a failed fetch, seconds before the source is asked again for that (instance, role); requests meanwhile get the cached credentials or 503."""
     cache_size: int = 100_000
     """Most (instance, role) credentials kept in memory."""
     max_output: int = 65_536

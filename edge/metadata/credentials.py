@@ -5,8 +5,10 @@ configured on the gateway produces them (an external ``credential_process``
 style command, or an IMDS-compatible upstream).  The cache answers from memory,
 starts a background refresh ``refresh_ahead`` seconds before ``Expiration``,
 runs at most one fetch per (instance, role) however many requests wait for it,
-and keeps serving cached credentials while the source fails, but never past
-their expiration.
+remembers a failed fetch for ``retry_interval`` (requests meanwhile get the
+cached credentials or an error, without asking the source again), and keeps
+serving cached credentials while the source fails, but never past their
+expiration.
 """
 
 from __future__ import annotations
@@ -280,12 +282,20 @@ class CredentialCache:
         if self.source is None:
             return None
         key = (instance.id, role)
-        task = self._inflight.get(key) or self._start(key, instance, address, role)
+        task = self._inflight.get(key)
+        if task is None:
+            if self.clock() < self._retry_after.get(key, 0.0):
+                # The source failed for this role moments ago: do not ask it again on every request.
+                return self._valid(key)
+            task = self._start(key, instance, address, role)
         try:
             await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             if not task.done():
                 return None
+        return self._valid(key)
+
+    def _valid(self, key: Key) -> Response | None:
         entry = self._cache.get(key)
         if entry is None or self.clock() >= entry.expiration:
             return None
@@ -311,8 +321,9 @@ class CredentialCache:
             raise
         except (CredentialSourceError, asyncio.TimeoutError, OSError) as exc:
             self.failures += 1
+            self._retry_after.pop(key, None)
             if len(self._retry_after) >= self._cache.maxsize:
-                self._retry_after.clear()
+                del self._retry_after[next(iter(self._retry_after))]  # the oldest failure
             self._retry_after[key] = self.clock() + self.retry_interval
             reason = str(exc) or "timed out"
             cached = self._cache.get(key)

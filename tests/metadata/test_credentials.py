@@ -126,9 +126,9 @@ def test_source_failure_serves_cached_until_expiration_never_after(start, tmp_pa
     time.sleep(max(0.0, expiration - time.time()) + 0.1)
     raw = request(server.port, "GET", CREDENTIALS)
     assert raw == b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    # The source recovers: fresh credentials again.
+    # The source recovers: fresh credentials again, once the retry interval after the last failure is over.
     source.set()
-    assert get_credentials(server.port)[0] == 200
+    wait_until(lambda: get_credentials(server.port)[0] == 200, timeout=10)
 
 
 def test_no_source_configured_is_unavailable(server):
@@ -192,3 +192,21 @@ def test_large_and_oversized_output_fails_only_that_call(start, tmp_path, caplog
     source.set()
     wait_until(lambda: get_credentials(server.port)[0] == 200, timeout=10)
     assert len(source.calls) == 3
+
+
+def test_a_failing_source_is_asked_once_per_retry_interval_not_once_per_request(start, tmp_path):
+    source = Source(tmp_path, fail=True)
+    server = start(credentials=source.config(retry_interval=60.0), rate=0)
+    statuses = [parse(request(server.port, "GET", CREDENTIALS))[0] for _ in range(150)]
+    assert statuses == [503] * 150
+    assert len(source.calls) == 1
+    # Concurrent requests inside the window do not run it either.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        assert set(pool.map(lambda _: get_credentials(server.port)[0], range(50))) == {503}
+    assert len(source.calls) == 1
+    # Once the interval has passed, the next request asks the source again (and it has recovered).
+    source.set()
+    cache = server.service.handler.credentials
+    server.call(lambda: setattr(cache, "clock", lambda: time.time() + 61.0))
+    assert get_credentials(server.port)[0] == 200
+    assert len(source.calls) == 2
