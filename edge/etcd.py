@@ -1,4 +1,4 @@
-"""A small etcd v3 client over etcd's HTTP/JSON gateway (``POST /v3/kv/range``).
+"""A small etcd v3 client over etcd's HTTP/JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/watch``).
 
 The gateway speaks JSON with base64 keys and values and 64-bit integers as
 strings.  Reads are linearizable (etcd's default): a member cut off from the
@@ -9,38 +9,44 @@ Endpoints are tried in turn starting with the one that answered last; every
 attempt is bounded by the connect and read timeouts and the body by a size
 cap, so a dead or hanging member costs one timeout, not a stuck poller.
 
+Clusters as production runs them are reached with :class:`EtcdAccess`: TLS
+verified against a CA bundle, a client certificate for ``--client-cert-auth``,
+and a user and password when authentication is enabled (the client
+authenticates once, sends the token with every request, and authenticates
+again when the cluster says the token is no longer valid, as simple tokens
+expire after five idle minutes and do not survive a restart).
+
 Addresses are written ``etcd://HOST:PORT[,HOST:PORT...]/KEY`` (``etcds://``
 for HTTPS).  The key is the URL path without its first slash, percent-decoded:
 ``etcd://10.0.0.5:2379/edge/view`` names the key ``edge/view`` and
 ``etcd://10.0.0.5:2379//edge/view`` the key ``/edge/view``.
+
+This module is the client only: it knows nothing of views, token keys or the
+configuration (callers hand it what it needs).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import http.client
 import json
-import logging
-import os
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from edge.config import Config
-from edge.errors import ConfigError, EdgeError
-from edge.logs import event
-
-log = logging.getLogger("edge.fleet")
+from edge.errors import EdgeError
 
 USER_AGENT = "edge-etcd/1"
 SCHEMES = {"etcd": "http", "etcds": "https"}
 _JSON_OVERHEAD = 64 * 1024
+MAX_WATCH_MESSAGE = 64 * 1024 * 1024
+"""Longest line of a watch stream kept in memory (one message; etcd splits large batches)."""
 
 
 class EtcdError(EdgeError):
@@ -49,6 +55,14 @@ class EtcdError(EdgeError):
 
 class EtcdValueTooLarge(EtcdError):
     """The stored value is bigger than the caller's cap (every endpoint would say the same)."""
+
+
+class EtcdCompacted(EtcdError):
+    """The revision asked for has been compacted away: read the keys afresh."""
+
+
+class EtcdAccessDenied(EtcdError):
+    """Authentication failed or the user may not do this (every endpoint would say the same)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +81,9 @@ class EtcdAddress:
         key = unquote(path)
         if not slash or not key:
             raise EtcdError(f"{spec!r}: no key after the endpoints (etcd://HOST:PORT/KEY)")
+        if "@" in authority:
+            raise EtcdError(f"{spec!r}: credentials do not belong in the address (use etcd.username and "
+                            "etcd.password_file)")
         endpoints = tuple(_endpoint(part.strip(), spec) for part in authority.split(",") if part.strip())
         if not endpoints:
             raise EtcdError(f"{spec!r}: no endpoints")
@@ -90,6 +107,49 @@ def _endpoint(text: str, spec: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdAccess:
+    """How to reach a cluster that requires more than plain HTTP: TLS files and a login."""
+
+    ca_file: str = ""
+    """CA bundle the members' certificates are verified with (system CAs when empty)."""
+    cert_file: str = ""
+    """Client certificate (PEM) for clusters run with ``--client-cert-auth``."""
+    key_file: str = ""
+    """Its private key (PEM); empty when ``cert_file`` holds both."""
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    """Read at every login (its first line), so a rotated password is picked up without a restart."""
+
+    def __repr__(self) -> str:
+        # Never show the password, even in a traceback's locals.
+        return (f"EtcdAccess(ca_file={self.ca_file!r}, cert_file={self.cert_file!r}, key_file={self.key_file!r}, "
+                f"username={self.username!r}, password={'<redacted>' if self.password else ''!r}, "
+                f"password_file={self.password_file!r})")
+
+    def current_password(self) -> str:
+        return read_password_file(self.password_file) if self.password_file else self.password
+
+    def tls_context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise EtcdError(f"cannot load the etcd TLS files: {exc}") from None
+        return context
+
+
+def read_password_file(path: str) -> str:
+    """The password in ``path``: its first line, without the line end."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise EtcdError(f"cannot read the etcd password file {path}: {exc.strerror}") from None
+    return text.splitlines()[0] if text else ""
+
+
+@dataclass(frozen=True, slots=True)
 class KeyValue:
     key: bytes
     value: bytes
@@ -106,24 +166,58 @@ class RangeResult:
     """The key with its value, or None when absent or filtered out as unchanged."""
 
 
+@dataclass(frozen=True, slots=True)
+class RangePage:
+    revision: int
+    count: int
+    """How many keys the whole range holds (before ``min_mod_revision`` filtering)."""
+    kvs: tuple[KeyValue, ...]
+    more: bool
+    """More keys follow the last one (ask again from just past it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    deleted: bool
+    kv: KeyValue
+    """For a deletion, the key and the deletion's revision (no value)."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
 class EtcdClient:
     """Blocking calls (run them in a thread); safe to share between threads."""
 
     def __init__(self, address: EtcdAddress, connect_timeout: float, read_timeout: float, max_value: int,
-                 ca_file: str | None = None) -> None:
+                 access: EtcdAccess | None = None) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_value = max_value
-        self.ca_file = ca_file or None
+        self.access = access or EtcdAccess()
         self.preferred = 0
         """Index of the endpoint that answered last: asked first next time."""
         self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._token = ""
+        self.authentications = 0
+        """Logins made (one at the start, one more each time the cluster forgot the token)."""
 
     @property
     def endpoint(self) -> str:
         host, port = self.address.endpoints[self.preferred]
         return f"{host}:{port}"
+
+    # -- requests -----------------------------------------------------------------------------
 
     def get(self, key: bytes, min_mod_revision: int = 0) -> RangeResult:
         """The key's value, or only the header when its ``mod_revision`` is below ``min_mod_revision``."""
@@ -134,18 +228,45 @@ class EtcdClient:
         try:
             revision = int(answer["header"]["revision"])
             count = int(answer.get("count", 0))
-            kvs = answer.get("kvs") or []
-            kv = None
-            if kvs:
-                item = kvs[0]
-                value = base64.b64decode(item.get("value", ""), validate=True)
-                kv = KeyValue(base64.b64decode(item["key"]), value, int(item["mod_revision"]))
+            kvs = [_kv(item) for item in answer.get("kvs") or []]
         except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as exc:
             raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
+        kv = kvs[0] if kvs else None
         if kv is not None and len(kv.value) > self.max_value:
             raise EtcdValueTooLarge(f"{self.address}: value of {len(kv.value)} bytes is over the "
                                     f"{self.max_value}-byte cap")
         return RangeResult(revision, count, kv)
+
+    def range_page(self, start: bytes, end: bytes, limit: int, revision: int = 0,
+                   min_mod_revision: int = 0) -> RangePage:
+        """One page of the keys in [start, end), at ``revision`` (0: now, linearizable)."""
+        request: dict[str, object] = {"key": _b64(start), "range_end": _b64(end), "limit": str(limit)}
+        if revision:
+            request["revision"] = str(revision)
+        if min_mod_revision:
+            request["min_mod_revision"] = str(min_mod_revision)
+        answer = self.call("/v3/kv/range", request)
+        try:
+            page = RangePage(int(answer["header"]["revision"]), int(answer.get("count", 0)),
+                             tuple(_kv(item) for item in answer.get("kvs") or []), bool(answer.get("more")))
+        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as exc:
+            raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
+        for kv in page.kvs:
+            if len(kv.value) > self.max_value:
+                raise EtcdValueTooLarge(f"{self.address}: value of {kv.key!r} ({len(kv.value)} bytes) is over "
+                                        f"the {self.max_value}-byte cap")
+        return page
+
+    def txn(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
+        """Put and delete keys in one transaction; the new revision."""
+        operations: list[dict[str, object]] = [
+            {"request_put": {"key": _b64(key), "value": _b64(value)}} for key, value in puts]
+        operations += [{"request_delete_range": {"key": _b64(key)}} for key in deletes]
+        answer = self.call("/v3/kv/txn", {"success": operations})
+        try:
+            return int(answer["header"]["revision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EtcdError(f"{self.address}: malformed transaction answer: {exc!r}") from None
 
     def call(self, path: str, request: dict[str, object]) -> dict:
         """POST ``request`` to each endpoint in turn until one answers; raises EtcdError listing every failure."""
@@ -158,9 +279,9 @@ class EtcdClient:
             index = (first + step) % count
             host, port = self.address.endpoints[index]
             try:
-                answer = self._post(host, port, path, body)
-            except EtcdValueTooLarge as exc:
-                raise EtcdValueTooLarge(f"{self.address}: {host}:{port}: {exc}") from None
+                answer = self._call_endpoint(host, port, path, body)
+            except (EtcdValueTooLarge, EtcdCompacted, EtcdAccessDenied) as exc:
+                raise type(exc)(f"{self.address}: {host}:{port}: {exc}") from None
             except EtcdError as exc:
                 failures.append(f"{host}:{port}: {exc}")
                 continue
@@ -169,23 +290,66 @@ class EtcdClient:
             return answer
         raise EtcdError(f"{self.address}: no endpoint answered ({'; '.join(failures)})")
 
-    def _connection(self, host: str, port: int) -> http.client.HTTPConnection:
-        if self.address.scheme == "https":
-            context = ssl.create_default_context(cafile=self.ca_file)
-            return http.client.HTTPSConnection(host, port, timeout=self.connect_timeout, context=context)
-        return http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+    def _call_endpoint(self, host: str, port: int, path: str, body: bytes) -> dict:
+        token = self._login(host, port)
+        try:
+            return self._post(host, port, path, body, token)
+        except _TokenRejected:
+            # The cluster forgot the token (it expired, or the members restarted): log in once more.
+            with self._lock:
+                if self._token == token:
+                    self._token = ""
+            return self._post(host, port, path, body, self._login(host, port))
 
-    def _post(self, host: str, port: int, path: str, body: bytes) -> dict:
+    def _login(self, host: str, port: int) -> str:
+        access = self.access
+        if not access.username:
+            return ""
+        with self._lock:
+            if self._token:
+                return self._token
+        request = json.dumps({"name": access.username, "password": access.current_password()}).encode()
+        try:
+            answer = self._post(host, port, "/v3/auth/authenticate", request, "")
+        except _TokenRejected as exc:
+            raise EtcdAccessDenied(f"authentication as {access.username!r} failed: {exc}") from None
+        except EtcdError as exc:
+            if "authentication is not enabled" in str(exc):
+                return ""
+            raise
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise EtcdError("authentication answer has no token")
+        with self._lock:
+            self._token = token
+            self.authentications += 1
+        return token
+
+    def _connection(self, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
+        if self.address.scheme == "https":
+            with self._lock:
+                if self._context is None:
+                    self._context = self.access.tls_context()
+                context = self._context
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _headers(self, token: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = token
+        return headers
+
+    def _post(self, host: str, port: int, path: str, body: bytes, token: str) -> dict:
         # base64 makes the value a third bigger; the JSON around it is small.
         cap = self.max_value * 4 // 3 + _JSON_OVERHEAD
-        connection = self._connection(host, port)
+        connection = self._connection(host, port, self.connect_timeout)
         deadline = time.monotonic() + self.read_timeout
         try:
             connection.connect()
             if connection.sock is not None:
                 connection.sock.settimeout(self.read_timeout)
-            connection.request("POST", path, body=body, headers={
-                "Content-Type": "application/json", "User-Agent": USER_AGENT})
+            connection.request("POST", path, body=body, headers=self._headers(token))
             response = connection.getresponse()
             length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > cap:
@@ -217,175 +381,173 @@ class EtcdClient:
         if not isinstance(answer, dict):
             raise EtcdError(f"HTTP {status}: answer is not a JSON object")
         if status != 200 or "error" in answer:
-            message = answer.get("message") or answer.get("error") or "no message"
-            raise EtcdError(f"HTTP {status}: {message} (code {answer.get('code', '?')})")
+            raise _answer_error(status, answer)
         return answer
+
+    # -- watch --------------------------------------------------------------------------------
+
+    def watch(self, start: bytes, end: bytes, start_revision: int) -> Watch:
+        """A watch on [start, end) from ``start_revision``, on the first endpoint that accepts it."""
+        return Watch(self, start, end, start_revision)
+
+
+class _TokenRejected(EtcdError):
+    """The cluster refused the login or the token (gRPC code 16, Unauthenticated)."""
+
+
+_UNAUTHENTICATED = 16
+_PERMISSION_DENIED = 7
+
+
+def _answer_error(status: int, answer: dict) -> EtcdError:
+    message = str(answer.get("message") or answer.get("error") or "no message")
+    code = answer.get("code")
+    text = f"HTTP {status}: {message} (code {code if code is not None else '?'})"
+    if "compacted" in message:
+        return EtcdCompacted(text)
+    if code == _UNAUTHENTICATED or "invalid auth token" in message or "user name is empty" in message:
+        return _TokenRejected(text)
+    if code == _PERMISSION_DENIED or "permission denied" in message or "authentication failed" in message:
+        return EtcdAccessDenied(text)
+    return EtcdError(text)
+
+
+class Watch:
+    """One streaming watch (``POST /v3/watch``): iterate for batches of events; ``close`` from any thread.
+
+    Iterating blocks until etcd sends something.  Raises :class:`EtcdCompacted` when the
+    start revision is gone, and :class:`EtcdError` when the stream breaks or carries
+    anything but watch messages (the caller reads the keys afresh).
+    """
+
+    def __init__(self, client: EtcdClient, start: bytes, end: bytes, start_revision: int) -> None:
+        self.client = client
+        self.request = json.dumps({"create_request": {
+            "key": _b64(start), "range_end": _b64(end), "start_revision": str(start_revision)}}).encode()
+        self._connection: http.client.HTTPConnection | None = None
+        self._closed = False
+        self.endpoint = ""
+
+    def close(self) -> None:
+        self._closed = True
+        connection = self._connection
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __iter__(self) -> Iterator[tuple[int, list[WatchEvent]]]:
+        """(revision of the message's header, events) per message; the first is the creation (no events)."""
+        client = self.client
+        address = client.address
+        count = len(address.endpoints)
+        failures: list[str] = []
+        for step in range(count):
+            index = (client.preferred + step) % count
+            host, port = address.endpoints[index]
+            try:
+                response = self._open(host, port)
+            except (EtcdCompacted, EtcdAccessDenied):
+                raise
+            except EtcdError as exc:
+                failures.append(f"{host}:{port}: {exc}")
+                continue
+            self.endpoint = f"{host}:{port}"
+            yield from self._messages(response)
+            return
+        raise EtcdError(f"{address}: no endpoint accepted the watch ({'; '.join(failures)})")
+
+    def _open(self, host: str, port: int) -> http.client.HTTPResponse:
+        client = self.client
+        token = client._login(host, port)
+        connection = client._connection(host, port, client.connect_timeout)
+        self._connection = connection
+        try:
+            connection.connect()
+            if self._closed:
+                raise EtcdError("watch closed")
+            if connection.sock is not None:
+                connection.sock.settimeout(client.read_timeout)
+            connection.request("POST", "/v3/watch", body=self.request, headers=client._headers(token))
+            response = connection.getresponse()
+            if response.status != 200:
+                body = response.read(1 << 16)
+                try:
+                    answer = json.loads(body)
+                except ValueError:
+                    answer = {}
+                raise _answer_error(response.status, answer if isinstance(answer, dict) else {})
+            # Watches are idle for as long as nothing changes: no read timeout from here on
+            # (the poller's safety-net reads notice a watch that stalls).
+            if connection.sock is not None:
+                connection.sock.settimeout(None)
+            return response
+        except EtcdError:
+            connection.close()
+            raise
+        except ssl.SSLError as exc:
+            connection.close()
+            raise EtcdError(f"TLS error: {exc.reason or exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise EtcdError(f"{type(exc).__name__}: {exc}") from None
+
+    def _messages(self, response: http.client.HTTPResponse) -> Iterator[tuple[int, list[WatchEvent]]]:
+        buffer = b""
+        try:
+            while True:
+                try:
+                    chunk = response.read1(1 << 16)
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    if self._closed:
+                        return
+                    raise EtcdError(f"watch stream broke: {type(exc).__name__}: {exc}") from None
+                if not chunk:
+                    if self._closed:
+                        return
+                    raise EtcdError("watch stream ended")
+                buffer += chunk
+                while (end := buffer.find(b"\n")) >= 0:
+                    line, buffer = buffer[:end], buffer[end + 1:]
+                    if line.strip():
+                        yield self._message(line)
+                if len(buffer) > MAX_WATCH_MESSAGE:
+                    raise EtcdError("watch message over the size cap")
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+
+    def _message(self, line: bytes) -> tuple[int, list[WatchEvent]]:
+        try:
+            message = json.loads(line)
+            if "error" in message:
+                raise _answer_error(200, message["error"] if isinstance(message["error"], dict) else message)
+            result = message["result"]
+            if result.get("compact_revision") not in (None, "0", 0):
+                raise EtcdCompacted(f"watch start revision compacted (now {result['compact_revision']})")
+            if result.get("canceled"):
+                raise EtcdError(f"watch canceled: {result.get('cancel_reason') or 'no reason given'}")
+            revision = int(result["header"]["revision"])
+            events = []
+            for item in result.get("events") or ():
+                kv = item["kv"]
+                if item.get("type") == "DELETE":
+                    events.append(WatchEvent(True, KeyValue(base64.b64decode(kv["key"], validate=True), b"",
+                                                            int(kv["mod_revision"]))))
+                else:
+                    events.append(WatchEvent(False, _kv(kv)))
+        except EtcdError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise EtcdError(f"malformed watch message: {exc!r}") from None
+        return revision, events
+
+
+def _kv(item: dict) -> KeyValue:
+    return KeyValue(base64.b64decode(item["key"], validate=True),
+                    base64.b64decode(item.get("value", ""), validate=True), int(item["mod_revision"]))
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-# -- token keys shared by the fleet ---------------------------------------------------------------
-
-TOKEN_KEY_CACHE = "token-keys.etcd"
-"""The last key text read from etcd, in the state directory."""
-MAX_KEY_TEXT = 1024 * 1024
-
-
-def token_key_client(config: Config) -> EtcdClient:
-    view = config.view
-    return EtcdClient(EtcdAddress.parse(config.fleet.token_key_source), view.connect_timeout, view.read_timeout,
-                      MAX_KEY_TEXT, view.ca_file)
-
-
-def read_key_text(client: EtcdClient) -> str:
-    """The token key file text stored under the client's key; raises EtcdError."""
-    result = client.get(client.address.key)
-    if result.kv is None:
-        raise EtcdError(f"{client.address}: key not found")
-    try:
-        return result.kv.value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EtcdError(f"{client.address}: token keys are not UTF-8 text") from None
-
-
-def read_fleet_token_keys(config: Config) -> str:
-    """The fleet's token key text from etcd; the cached copy when etcd cannot be reached (blocking).
-
-    A gateway that starts while etcd is down keeps verifying the tokens its
-    peers issued, from the keys it last saw; raises ConfigError when there is
-    neither etcd nor a cached copy.
-    """
-    cache = TokenKeyCache(Path(config.view.state_dir) / TOKEN_KEY_CACHE)
-    try:
-        text = read_key_text(token_key_client(config))
-    except EtcdError as exc:
-        cached = cache.read()
-        if cached is None:
-            raise ConfigError(f"token keys: {exc}; no cached copy in {cache.path}") from None
-        event(log, logging.WARNING, "token keys from etcd unavailable; using the cached copy", error=str(exc),
-              path=str(cache.path))
-        return cached
-    try:
-        cache.write(text)
-    except EtcdError as exc:
-        event(log, logging.WARNING, "token keys not cached", error=str(exc))
-    return text
-
-
-class TokenKeyCache:
-    """The last key text read from etcd, kept on disk so a gateway that starts while etcd is down still verifies."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def read(self) -> str | None:
-        try:
-            return self.path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            event(log, logging.ERROR, "cached token keys unreadable", path=str(self.path), error=exc.strerror)
-            return None
-
-    def write(self, text: str) -> None:
-        try:
-            if self.path.exists() and self.path.read_text() == text:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(text)
-            temporary.replace(self.path)
-        except OSError as exc:
-            raise EtcdError(f"cannot write cached token keys {self.path}: {exc.strerror}") from None
-
-
-class FleetTokenKeys:
-    """Keeps a service's token keys in step with etcd while ``fleet.token_key_source`` is set.
-
-    Re-reads every ``fleet.token_key_refresh`` seconds and at once on
-    :meth:`configure` (SIGHUP); hands changed text to ``apply``, which parses
-    it, installs it if the keys differ from those in use and says whether it
-    did.  A failed read or a text ``apply`` rejects keeps the keys in use:
-    tokens keep verifying while etcd is away.
-    """
-
-    def __init__(self, apply: Callable[[str], bool]) -> None:
-        self.apply = apply
-        self.config: Config | None = None
-        self.applied = ""
-        self.reads = 0
-        self.failures = 0
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def configure(self, config: Config) -> None:
-        """Start, re-point or stop watching for ``config``; call on the running loop."""
-        self.config = config
-        if not config.fleet.token_key_source:
-            if self._task is not None:
-                self._task.cancel()
-                self._task = None
-            return
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-token-keys")
-        else:
-            self._wake.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            assert self.config is not None
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.fleet.token_key_refresh)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            await self.read_once()
-
-    async def read_once(self) -> bool:
-        """One read from etcd; True when new keys were installed."""
-        config = self.config
-        if config is None or not config.fleet.token_key_source:
-            return False
-        self.reads += 1
-        try:
-            text = await asyncio.to_thread(self._read, config)
-        except EtcdError as exc:
-            self.failures += 1
-            event(log, logging.WARNING, "token keys not refreshed from etcd; keeping the current ones",
-                  error=str(exc))
-            return False
-        if text == self.applied:
-            return False
-        try:
-            changed = self.apply(text)
-        except ConfigError as exc:
-            self.failures += 1
-            event(log, logging.ERROR, "token keys from etcd rejected; keeping the current ones", error=str(exc))
-            return False
-        self.applied = text
-        if not changed:
-            return False
-        event(log, logging.INFO, "token keys updated from etcd", source=config.fleet.token_key_source)
-        return True
-
-    @staticmethod
-    def _read(config: Config) -> str:
-        text = read_key_text(token_key_client(config))
-        try:
-            TokenKeyCache(Path(config.view.state_dir) / TOKEN_KEY_CACHE).write(text)
-        except EtcdError as exc:
-            event(log, logging.WARNING, "token keys not cached", error=str(exc))
-        return text

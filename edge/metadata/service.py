@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import Config, MetadataConfig
-from edge.etcd import FleetTokenKeys, read_fleet_token_keys
+from edge.fleet_keys import FleetTokenKeys, read_fleet_token_keys
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
 from edge.metadata.handler import MetadataHandler

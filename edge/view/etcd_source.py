@@ -19,10 +19,17 @@ import asyncio
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewTooLarge
-from edge.etcd import EtcdAddress, EtcdClient, EtcdError, EtcdValueTooLarge, RangeResult
+from edge.etcd import EtcdAccess, EtcdAddress, EtcdClient, EtcdError, EtcdValueTooLarge, RangeResult
 from edge.view.sources import gunzip_capped
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+def etcd_access(config: ViewConfig) -> EtcdAccess:
+    """The TLS files and login of ``config``."""
+    return EtcdAccess(ca_file=config.ca_file, cert_file=config.cert_file, key_file=config.key_file,
+                      username=config.etcd_username, password=str(config.etcd_password),
+                      password_file=config.etcd_password_file)
 
 
 class EtcdSource:
@@ -33,8 +40,9 @@ class EtcdSource:
             raise SourceError(str(exc)) from None
         self.description = str(address)
         self.max_size = config.max_size
+        self.config = config
         self.client = EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size,
-                                 config.ca_file)
+                                 etcd_access(config))
         self.revision = 0
         """``mod_revision`` of the value last delivered (0: none yet)."""
         self._timeout = len(address.endpoints) * (config.connect_timeout + config.read_timeout) + 1
@@ -74,4 +82,5 @@ class EtcdSource:
             raise ViewTooLarge(str(exc)) from None
         except EtcdError as exc:
             raise SourceError(str(exc)) from None
+
 

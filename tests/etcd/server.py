@@ -26,10 +26,18 @@ class Tls:
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    """A client certificate signed by the same CA, for the test's own calls."""
+    client_key_file: Path
+    gateway_cert_file: Path
+    """The client certificate a gateway presents."""
+    gateway_key_file: Path
+    client_cert_auth: bool = False
+    """Start etcd with ``--client-cert-auth``: clients must present a certificate of the CA."""
 
 
-def make_tls(directory: Path) -> Tls:
-    """A private CA and a server certificate for 127.0.0.1 signed by it."""
+def make_tls(directory: Path, client_cert_auth: bool = False) -> Tls:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate signed by it."""
     import datetime
     import ipaddress
 
@@ -54,25 +62,53 @@ def make_tls(directory: Path) -> Tls:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
+    def client_certificate(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        return (x509.CertificateBuilder()
+                # No common name: with authentication on, etcd's JSON gateway refuses a client
+                # certificate that has one (it cannot pass the name on as the user).
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)]))
+                .issuer_name(ca_name).public_key(client_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256())), client_key
+
+    client, client_key = client_certificate("root")
+    gateway, gateway_key = client_certificate("gateway")
     directory.mkdir(parents=True, exist_ok=True)
-    tls = Tls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    tls = Tls(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+              directory / "client.pem", directory / "client.key", directory / "gateway.pem",
+              directory / "gateway.key", client_cert_auth)
+
+    def private(path: Path, private_key: ec.EllipticCurvePrivateKey) -> None:
+        path.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+
     tls.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    tls.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    private(tls.key_file, key)
+    tls.client_cert_file.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    private(tls.client_key_file, client_key)
+    tls.gateway_cert_file.write_bytes(gateway.public_bytes(serialization.Encoding.PEM))
+    private(tls.gateway_key_file, gateway_key)
     return tls
 
 
 class EtcdServer:
     """One-member cluster on 127.0.0.1 with its own data directory; restartable on the same ports."""
 
-    def __init__(self, data_dir: Path, tls: Tls | None = None) -> None:
+    def __init__(self, data_dir: Path, tls: Tls | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.tls = tls
+        self.extra_args = extra_args
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.root_password = ""
+        """Set by :meth:`enable_auth`: the test's own calls then log in as root."""
 
     @property
     def endpoint(self) -> str:
@@ -86,18 +122,24 @@ class EtcdServer:
         return f"{'etcds' if self.tls else 'etcd'}://{self.endpoint}/{key}"
 
     def _context(self) -> ssl.SSLContext | None:
-        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else None
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        context.load_cert_chain(str(self.tls.client_cert_file), str(self.tls.client_key_file))
+        return context
 
     def start(self, timeout: float = 20.0) -> None:
         client = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         tls = ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file)] if self.tls else []
+        if self.tls is not None and self.tls.client_cert_auth:
+            tls += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca_file)]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [ETCD, "--name", "default", "--data-dir", str(self.data_dir),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"default={peer}", "--log-level", "warn", *tls],
+             "--initial-cluster", f"default={peer}", "--log-level", "warn", *tls, *self.extra_args],
             stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout
@@ -131,12 +173,42 @@ class EtcdServer:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def call(self, path: str, request: dict) -> dict:
+    def call(self, path: str, request: dict, token: str | None = None) -> dict:
+        if token is None and self.root_password:
+            token = self.login("root", self.root_password)
         body = json.dumps(request).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token
         req = urllib.request.Request(f"{self.scheme}://{self.endpoint}{path}", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         with urllib.request.urlopen(req, timeout=5, context=self._context()) as response:
             return json.loads(response.read())
+
+    def login(self, name: str, password: str) -> str:
+        return self.call("/v3/auth/authenticate", {"name": name, "password": password}, token="")["token"]
+
+    def add_reader(self, user: str, password: str, prefix: str) -> None:
+        """A user whose one role may read every key under ``prefix`` (etcdctl user add, role add,
+        role grant-permission --prefix read, user grant-role)."""
+        role = f"{user}-reader"
+        self.call("/v3/auth/user/add", {"name": user, "password": password})
+        self.call("/v3/auth/role/add", {"name": role})
+        self.call("/v3/auth/role/grant", {"name": role, "perm": {
+            "permType": "READ", "key": _b64(prefix.encode()), "range_end": _b64(_prefix_end(prefix.encode()))}})
+        self.call("/v3/auth/user/grant", {"user": user, "role": role})
+
+    def enable_auth(self, root_password: str) -> None:
+        """A root user (etcd requires one) and ``auth enable``; later calls log in as root."""
+        self.call("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/enable", {})
+        self.root_password = root_password
+
+    def forget_tokens(self) -> None:
+        """``auth disable`` and ``auth enable`` again: every token handed out so far is invalid."""
+        self.call("/v3/auth/disable", {})
+        self.call("/v3/auth/enable", {}, token="")
 
     def put(self, key: str, value: bytes | str) -> int:
         """Write through the JSON gateway, as a control plane would; the new revision."""
@@ -150,6 +222,10 @@ class EtcdServer:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 @dataclass

@@ -213,3 +213,13 @@ def test_edge_view_check_reads_etcd(etcd) -> None:
     result = subprocess.run([sys.executable, "-m", "edge", "view", "check", etcd.url("edge/absent")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "key not found" in result.stdout
+
+
+def test_the_etcd_client_knows_nothing_of_the_configuration_or_the_token_keys() -> None:
+    import subprocess
+    import sys
+    # edge.config checks etcd addresses with edge.etcd: the client importing the configuration
+    # back would be an import cycle.
+    code = "import sys, edge.etcd; print(sorted(m for m in sys.modules if m.startswith('edge.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert loaded.stdout.strip() == "['edge.errors', 'edge.etcd']"
