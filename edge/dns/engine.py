@@ -15,6 +15,7 @@ assembled from the query's own header and question plus stored bytes.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 
 from edge.config import DnsConfig
@@ -22,7 +23,19 @@ from edge.dns.acl import RecursionPolicy
 from edge.dns.errors import EDE_NOT_READY, EDE_STALE_ANSWER, SERVFAIL, DnsError, Refused, Unanswerable
 from edge.dns.forwarder import CachedAnswer, Forwarder, cache_key
 from edge.dns.local import NOT_LOCAL, answer_local
-from edge.dns.wire import HEADER, PLAIN_UDP_PAYLOAD, Query, error_reply, opt_record, parse_query, truncated
+from edge.dns.render import Onward, spliced_body
+from edge.dns.wire import (
+    HEADER,
+    PLAIN_UDP_PAYLOAD,
+    QR,
+    RA,
+    RD,
+    Query,
+    error_reply,
+    opt_record,
+    parse_query,
+    truncated,
+)
 from edge.dns.zonedata import EXTRAS_KEY, DnsData, dns_data
 from edge.view.snapshot import Snapshot
 
@@ -39,11 +52,15 @@ _NO_SNAPSHOT = object()
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """A question for upstream; the service resolves it and calls :meth:`Engine.forwarded_reply`."""
+    """A question for upstream; the service resolves it and calls :meth:`Engine.forwarded`."""
 
     query: Query
     upstreams: tuple[str, ...]
     """The view's upstream resolvers at the time of the query."""
+    client: Query | None = None
+    """When ``query`` is the target of a local CNAME chain: the client's own query."""
+    chain: Onward | None = None
+    """That local chain, whose records come before the upstream answer."""
 
 
 class Engine:
@@ -109,7 +126,7 @@ class Engine:
                                     if udp and len(reply) > limit:
                                         return self._truncate(reply, data, qend, opt)
                                     return reply
-                        else:
+                        elif found.onward is None or not (recursion and data[2] & 1):  # type: ignore[attr-defined]
                             reply = found.assemble(data, qend, data[2] & 1, recursion, opt)  # type: ignore[attr-defined]
                             if udp and len(reply) > limit:
                                 return self._truncate(reply, data, qend, opt)
@@ -159,14 +176,59 @@ class Engine:
         recursion = self.policy.allowed(snapshot, network, address)
         opt = self.opt_for(query)
         if found is not NOT_LOCAL:
-            reply = found.assemble(data, query.qend, query.rd, recursion, opt)  # type: ignore[attr-defined]
-            return self._fit(reply, query, opt, udp)
-        if not recursion:
+            onward: Onward | None = found.onward  # type: ignore[attr-defined]
+            if onward is None or not (recursion and query.rd):
+                reply = found.assemble(data, query.qend, query.rd, recursion, opt)  # type: ignore[attr-defined]
+                return self._fit(reply, query, opt, udp)
+            if onward.count:
+                return self._chase_upstream(query, onward, snapshot, now, udp)
+            # At or below a zone cut: the upstream answer to the question itself.
+        elif not recursion:
             raise Refused("recursion not offered to this client")
         entry = self.forwarder.lookup(cache_key(query), now)
         if entry is not None:
             return self.forwarded_reply(query, entry, now, udp)
         return Forward(query, snapshot.view.cloud.upstream_resolvers)
+
+    def _chase_upstream(self, query: Query, chain: Onward, snapshot: Snapshot, now: float,
+                        udp: bool) -> bytes | Forward:
+        """A local CNAME chain whose target is not local: resolve the target (RFC 1034 3.6.2)."""
+        data = query.data
+        qtype_class = data[query.qend - 4:query.qend]
+        head = data[:2] + bytes((data[2] & 0x01, 0)) + b"\x00\x01\x00\x00\x00\x00\x00\x00"
+        target = Query(head + chain.name + qtype_class, query.flags, HEADER + len(chain.name) + 4, chain.name,
+                       query.qtype, query.qclass, query.edns, query.payload, query.do)
+        entry = self.forwarder.lookup(cache_key(target), now)
+        if entry is not None:
+            return self._chained_reply(query, chain, target, entry, now, udp)
+        return Forward(target, snapshot.view.cloud.upstream_resolvers, query, chain)
+
+    def _chained_reply(self, query: Query, chain: Onward, target: Query, entry: CachedAnswer, now: float,
+                       udp: bool) -> bytes:
+        """The local chain, then the upstream answer for its target, as one reply to ``query``.
+
+        AA is clear: part of the answer is not ours.  The RCODE is that of the last name.
+        """
+        body = spliced_body(query.name, query.qtype, query.qclass, chain.records, target.question,
+                            entry.body_at(now), entry.ancount, entry.nscount)
+        opt = self.opt_for(query)
+        if opt and entry.stale:
+            opt = opt_record(self.payload, query.do, 0, EDE_STALE_ANSWER)
+        flags = QR | RA | (query.flags & RD) | entry.flags
+        head = query.data[:2] + struct.pack("!HHHHH", flags, 1, chain.count + entry.ancount, entry.nscount,
+                                            1 if opt else 0)
+        reply = head + query.data[HEADER:query.qend] + body + opt
+        return self._fit(reply, query, opt, udp)
+
+    def forwarded(self, forward: Forward, entry: CachedAnswer, now: float, udp: bool) -> bytes:
+        """The reply to a forwarded question once upstream answered (or a stale answer stood in)."""
+        if forward.chain is not None and forward.client is not None:
+            return self._chained_reply(forward.client, forward.chain, forward.query, entry, now, udp)
+        return self.forwarded_reply(forward.query, entry, now, udp)
+
+    def failed(self, forward: Forward, error: BaseException) -> bytes | None:
+        """The reply to a forwarded question that upstream did not answer."""
+        return self.failed_forward(forward.client or forward.query, error)
 
     def opt_for(self, query: Query) -> bytes:
         if not query.edns:

@@ -8,8 +8,10 @@ apex, NXDOMAIN/NODATA with the zone's SOA (RFC 2308), one RRset for ANY
 
 from __future__ import annotations
 
+import dataclasses
+
 from edge.dns.errors import NOERROR, NXDOMAIN, REFUSED
-from edge.dns.render import Answer, Record, render
+from edge.dns.render import Answer, Onward, Record, render
 from edge.dns.wire import (
     CLASS_ANY,
     CLASS_IN,
@@ -21,6 +23,7 @@ from edge.dns.wire import (
     TYPE_IXFR,
     TYPE_NS,
     TYPE_SOA,
+    encode_name,
 )
 from edge.dns.zonedata import DnsData, ZoneInfo
 
@@ -33,18 +36,26 @@ ANY_SIZE_LIMIT = 400
 """Bytes (roughly) above which ANY gets a synthesized HINFO instead of a real RRset."""
 
 
-def question_text(name_wire: bytes) -> str | None:
-    """Lower-case dotted name of a wire name; None if a label holds a dot or non-ASCII byte."""
-    labels = []
+def question_text(name_wire: bytes) -> tuple[str, bool]:
+    """The lower-case dotted name of a wire name, and whether that is the whole name.
+
+    A label holding a dot or a non-ASCII byte has no text form that could name local data; the
+    text is then that of the labels after the last such label (so the name is still known to be
+    under a local zone, where it cannot exist), and the second value is False.
+    """
+    labels: list[str] = []
+    whole = True
     pos = 0
     while name_wire[pos]:
         length = name_wire[pos]
         label = name_wire[pos + 1:pos + 1 + length]
         if b"." in label or not label.isascii():
-            return None
-        labels.append(label.decode("ascii"))
+            labels.clear()
+            whole = False
+        else:
+            labels.append(label.decode("ascii"))
         pos += length + 1
-    return ".".join(labels)
+    return ".".join(labels), whole
 
 
 def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int) -> Answer | object:
@@ -52,12 +63,15 @@ def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qcla
     if qclass not in (CLASS_IN, CLASS_ANY) or qtype in (TYPE_AXFR, TYPE_IXFR):
         # Other classes (CHAOS version probes) and zone transfers are neither served nor forwarded.
         return render(name_wire, qtype, qclass, REFUSED, False, ())
-    name = question_text(name_wire)
-    if name is None:
-        return NOT_LOCAL
+    name, whole = question_text(name_wire)
     zone = data.zone_for(network, name)
     if zone is None:
         return NOT_LOCAL
+    cut = data.cut_for(network, name, zone.apex)
+    if cut is not None:
+        return _referral(data, network, name_wire, qtype, qclass, cut)
+    if not whole:
+        return _negative(name_wire, qtype, qclass, NXDOMAIN, zone)
     records = _records(data, network, name, zone)
     if not records:
         if data.is_empty_non_terminal(network, name):
@@ -100,15 +114,36 @@ def _negative(name_wire: bytes, qtype: int, qclass: int, rcode: int, zone: ZoneI
     return render(name_wire, qtype, qclass, rcode, True, (), (soa,))
 
 
+def _referral(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int, cut: str) -> Answer:
+    """A name at or below a zone cut (an NS record below a local apex) is not ours to answer.
+
+    A client that does not recurse gets a referral (no AA, the cut's NS records in the authority
+    section, addresses of name servers we hold as glue); one that does gets the upstream answer.
+    """
+    servers = [Record(cut, TYPE_NS, r.ttl, r.value) for r in data.records(network, cut) if r.type == "NS"]
+    glue = []
+    for server in servers:
+        host = str(server.value).lower().rstrip(".")
+        glue += [Record(host, TYPE_CODES[r.type], r.ttl, r.value) for r in data.records(network, host)
+                 if r.type in ("A", "AAAA")]
+    answer = render(name_wire, qtype, qclass, NOERROR, False, (), servers, glue)
+    return dataclasses.replace(answer, onward=Onward(name_wire, b"", 0))
+
+
 def _chase(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int, first: Record) -> Answer:
-    """Follow a CNAME chain through local data (RFC 1034 4.3.2); the RCODE is that of the last name."""
+    """Follow a CNAME chain through local data (RFC 1034 4.3.2); the RCODE is that of the last name.
+
+    A chain that leaves the local zones (or enters a zone cut) ends with its last CNAME; a
+    client that may recurse gets the rest from upstream (:class:`Onward`).
+    """
     answer = [first]
     seen = {str(first.value).lower()}
     target = str(first.value).lower().rstrip(".")
     for _ in range(MAX_CHAIN):
         zone = data.zone_for(network, target)
-        if zone is None:
-            break
+        if zone is None or data.cut_for(network, target, zone.apex) is not None:
+            rendered = render(name_wire, qtype, qclass, NOERROR, True, answer)
+            return dataclasses.replace(rendered, onward=Onward(encode_name(target), rendered.body, len(answer)))
         records = _records(data, network, target, zone, owner=target)
         matching = [r for r in records if r.rtype == qtype]
         if matching:

@@ -33,6 +33,19 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Onward:
+    """Where local data stops short of an answer a recursive server would give."""
+
+    name: bytes
+    """Lower-case wire name to resolve upstream: a CNAME target outside the local zones, or the
+    question itself when it lies at or below a zone cut."""
+    records: bytes
+    """Local answer records (the CNAME chain) that come before the upstream answer."""
+    count: int
+    """How many records ``records`` holds."""
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """A reply minus its ID, question and OPT: pick a prefix, append the body."""
 
@@ -41,6 +54,9 @@ class Answer:
     """Flags and counts (10 bytes), indexed by ``variant(rd, ra, opt)``."""
     body: bytes
     """Answer, authority and additional records, names pointing into the question."""
+    onward: Onward | None = None
+    """For a client that may recurse and asked to (RD): what to resolve upstream instead of
+    answering this alone (RFC 1034 3.6.2, 4.3.2 step 3b)."""
 
     def assemble(self, data: bytes, qend: int, rd: int, ra: bool, opt: bytes) -> bytes:
         index = (4 if rd else 0) | (2 if ra else 0) | (1 if opt else 0)
@@ -86,6 +102,33 @@ def render(name_wire: bytes, qtype: int, qclass: int, rcode: int, authoritative:
     body = bytes(buffer.data[start:])
     flags = (AA if authoritative else 0) | (rcode & 0xF)
     return Answer(rcode, prefixes(flags, len(answer), len(authority), len(additional)), body)
+
+
+def spliced_body(name_wire: bytes, qtype: int, qclass: int, local_records: bytes, upstream_question: bytes,
+                 upstream: bytes, ancount: int, nscount: int) -> bytes:
+    """Local answer records followed by an upstream answer's, for a question laid out as ``name_wire``.
+
+    ``upstream`` holds the answer and authority records of a reply to ``upstream_question``, their
+    names compressed against that question; they are decoded and packed again against ours.
+    """
+    from dnslib import DNSRecord
+
+    message = DNSRecord.parse(_PREFIX_ID + _PREFIX.pack(QR, 1, ancount, nscount, 0) + upstream_question + upstream)
+    buffer = DNSBuffer(bytes(HEADER) + name_wire + struct.pack("!HH", qtype, qclass))
+    buffer.offset = len(buffer.data)
+    labels = question_labels(name_wire)
+    offset = HEADER
+    for index in range(len(labels)):
+        buffer.names[labels[index:]] = offset
+        offset += len(labels[index]) + 1
+    start = buffer.offset
+    buffer.append(local_records)
+    for record in (*message.rr, *message.auth):
+        record.pack(buffer)
+    return bytes(buffer.data[start:])
+
+
+_PREFIX_ID = b"\x00\x00"
 
 
 def _rdata(record: Record) -> object:

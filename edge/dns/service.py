@@ -135,15 +135,14 @@ class DnsService:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
-        query = forward.query
         reply: bytes | None = None
         try:
-            entry = await self.forwarder.resolve(query, forward.upstreams)
-            reply = self.engine.forwarded_reply(query, entry, time.monotonic(), udp)
+            entry = await self.forwarder.resolve(forward.query, forward.upstreams)
+            reply = self.engine.forwarded(forward, entry, time.monotonic(), udp)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a DNS answer
-            reply = self.engine.failed_forward(query, exc)
+            reply = self.engine.failed(forward, exc)
         finally:
             send(reply)
 

@@ -46,6 +46,8 @@ class DnsData:
     """Name -> (a descendant is visible to everyone, networks a descendant is visible to)."""
     extra_names: dict[str, tuple[LocalRecord, ...]] = field(default_factory=dict)
     """Names edge adds for everyone (``instance-data``), unless the view has them."""
+    delegations: frozenset[str] = frozenset()
+    """Names below an apex that own NS records in some horizon: candidate zone cuts."""
     memo: dict[str, dict[bytes, object]] = field(default_factory=dict)
     """Network -> question key -> rendered answer (or the not-local marker)."""
     memo_limit: int = 100_000
@@ -64,6 +66,24 @@ class DnsData:
             if dot < 0:
                 return None
             candidate = candidate[dot + 1:]
+
+    def cut_for(self, network: str, name: str, apex: str) -> str | None:
+        """The zone cut at or above ``name`` and below ``apex`` (an owner of NS records), if any.
+
+        The one closest to the apex wins: everything below it is delegated, whatever it holds.
+        """
+        if not self.delegations:
+            return None
+        cut = None
+        candidate = name
+        while candidate != apex and candidate.endswith(apex):
+            if candidate in self.delegations and any(r.type == "NS" for r in self.records(network, candidate)):
+                cut = candidate
+            dot = candidate.find(".")
+            if dot < 0:
+                break
+            candidate = candidate[dot + 1:]
+        return cut
 
     def records(self, network: str, name: str) -> tuple[LocalRecord, ...]:
         entry = self.names.get(name)  # type: ignore[attr-defined]
@@ -126,6 +146,9 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
             seen_networks |= networks
             ents[ancestor] = (seen_everyone or everyone, seen_networks)
     frozen = {name: (everyone, frozenset(networks)) for name, (everyone, networks) in ents.items()}
+    # Only the view's dns_records hold NS records (instances add addresses and PTRs).
+    delegations = frozenset(record.name.lower().rstrip(".") for record in cloud.dns_records
+                            if record.type == "NS") - apexes
     extra: dict[str, tuple[LocalRecord, ...]] = {}
     if instance_data_address:
         # Eucalyptus instances find the metadata service by this name, bare or under the internal domain.
@@ -136,7 +159,8 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
                    cloud.negative_ttl)
             zones.setdefault(None, {})["instance-data"] = ZoneInfo("instance-data", soa, cloud.dns_ttl, ns_name)
             extra["instance-data"] = record
-    return DnsData(snapshot.generation, snapshot.names, zones, frozen, extra, memo_limit=memo_limit)
+    return DnsData(snapshot.generation, snapshot.names, zones, frozen, extra, delegations=delegations,
+                   memo_limit=memo_limit)
 
 
 def _needs_mark(name: str, snapshot: Snapshot) -> bool:

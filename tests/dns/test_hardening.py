@@ -13,6 +13,9 @@ from collections.abc import Iterator
 import dns.edns
 import dns.flags
 import dns.message
+import dns.name
+import dns.rdatatype
+import dns.resolver
 import dns.opcode
 import dns.query
 import dns.rcode
@@ -26,6 +29,7 @@ from edge.dns.zonedata import make_preparer
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
+from tests.dns.conftest import UPSTREAM_RECORDS
 from tests.dns.test_protocol import query_bytes, raw_udp
 from tests.support import free_port, wait_until
 
@@ -286,3 +290,144 @@ def test_dns_tcp_listener_backlog_defaults_to_the_metadata_one_and_is_configurab
         del os.environ["EDGE_METADATA_LISTEN_BACKLOG"], os.environ["EDGE_DNS_LISTEN_BACKLOG"]
     servers.append(server)
     wait_until(lambda: _listen_backlog(server.dns) == 444 and _listen_backlog(server.metadata) == 333, timeout=20)
+
+
+# -- item 12: odd labels under a local zone are still local ----------------------------------------
+
+ODD_NAMES = [dns.name.Name([b"a.b", b"demo", b"internal", b""]),
+             dns.name.Name([b"caf\xc3\xa9", b"demo", b"internal", b""]),
+             dns.name.Name([b"x", b"\xff", b"ip-127-0-0-1", b"demo", b"internal", b""])]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES, ids=["dot", "utf8", "byte-ff-inside"])
+def test_a_label_with_a_dot_or_non_ascii_byte_under_a_local_zone_is_nxdomain(edge_factory, name):
+    server = edge_factory(upstreams=("127.0.0.1:9",))  # any upstream query would be noticed (and fail)
+    for source in ("127.0.0.1", "127.0.0.9"):  # an instance (may recurse) and a stranger
+        for _ in range(2):
+            reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=server.port, timeout=3,
+                                  source=source)
+            assert reply.rcode() == dns.rcode.NXDOMAIN, source
+            assert reply.flags & dns.flags.AA
+            assert [(r.name.to_text(), r.rdtype) for r in reply.authority] == [("demo.internal.", dns.rdatatype.SOA)]
+    assert server.service.forwarder.stats.upstream_queries == 0
+
+
+def test_odd_labels_outside_local_zones_are_still_not_local():
+    pure = engine()
+    name = dns.name.Name([b"a.b", b"example", b"com", b""])
+    wire = dns.message.make_query(name, "A").to_wire()
+    reply = dns.message.from_wire(pure.answer(wire, SNAPSHOT, "", "127.0.0.9", 1.0))
+    assert reply.rcode() == dns.rcode.REFUSED  # not local, and a stranger may not recurse
+    forward = pure.answer(wire, SNAPSHOT, "", "127.0.0.1", 1.0)
+    assert forward.query.name == b"\x03a.b\x07example\x03com\x00"  # an instance's goes upstream
+
+
+# -- item 11: an NS record below an apex is a zone cut ----------------------------------------------
+
+def _with_delegation(document: dict) -> dict:
+    document["cloud"]["dns_records"] += [
+        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
+        {"name": "sub.demo.example", "type": "NS", "value": "ns.elsewhere.test", "ttl": 300},
+        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
+        {"name": "www.sub.demo.example", "type": "A", "value": "192.0.2.80", "ttl": 300},
+    ]
+    return document
+
+
+@pytest.mark.parametrize("name,rtype", [("host.sub.demo.example", "A"), ("sub.demo.example", "NS"),
+                                        ("www.sub.demo.example", "A"), ("a.b.sub.demo.example", "TXT")])
+def test_names_at_or_below_a_zone_cut_get_a_referral_without_aa(edge_factory, demo, name, rtype):
+    server = edge_factory(_with_delegation(demo))
+    for _ in range(2):
+        reply = dns.query.udp(dns.message.make_query(name, rtype), "127.0.0.1", port=server.port, timeout=3,
+                              source="127.0.0.9")
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert not reply.flags & dns.flags.AA
+        assert reply.answer == []
+        assert [(r.name.to_text(), r.rdtype) for r in reply.authority] == [("sub.demo.example.", dns.rdatatype.NS)]
+        assert sorted(r.target.to_text() for r in reply.authority[0]) == ["ns.elsewhere.test.", "ns1.sub.demo.example."]
+        assert [(r.name.to_text(), [a.address for a in r]) for r in reply.additional] == [
+            ("ns1.sub.demo.example.", ["192.0.2.53"])]
+    # The parent zone itself is still answered authoritatively.
+    apex = dns.query.udp(dns.message.make_query("demo.example", "SOA"), "127.0.0.1", port=server.port, timeout=3,
+                         source="127.0.0.9")
+    assert apex.flags & dns.flags.AA and apex.answer[0].rdtype == dns.rdatatype.SOA
+
+
+def test_names_below_a_zone_cut_are_forwarded_for_clients_that_recurse(edge_factory, dnsmasq_factory, demo):
+    upstream = dnsmasq_factory("--address=/host.sub.demo.example/192.0.2.77")
+    server = edge_factory(_with_delegation(demo), upstreams=(upstream.address,))
+    for _ in range(2):
+        reply = dns.query.udp(dns.message.make_query("host.sub.demo.example", "A"), "127.0.0.1", port=server.port,
+                              timeout=3, source="127.0.0.1")
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert not reply.flags & dns.flags.AA and reply.flags & dns.flags.RA
+        assert [a.address for a in reply.answer[0]] == ["192.0.2.77"]
+    assert server.service.forwarder.stats.cache_hits >= 1  # the second came from the cache
+    # An instance that does not ask for recursion gets the referral.
+    norec = dns.message.make_query("host.sub.demo.example", "A")
+    norec.flags &= ~dns.flags.RD
+    reply = dns.query.udp(norec, "127.0.0.1", port=server.port, timeout=3, source="127.0.0.1")
+    assert reply.answer == [] and reply.authority[0].rdtype == dns.rdatatype.NS
+
+
+# -- item 10: a local CNAME to a name outside the local zones is chased -----------------------------
+
+def _with_outside_aliases(document: dict) -> dict:
+    document["cloud"]["dns_records"] += [
+        {"name": "alias.demo.example", "type": "CNAME", "value": "host.upstream.test", "ttl": 300},
+        {"name": "twice.demo.internal", "type": "CNAME", "value": "alias.demo.example", "ttl": 300},
+        {"name": "gone.demo.example", "type": "CNAME", "value": "missing.upstream.test", "ttl": 300},
+    ]
+    return document
+
+
+def test_a_local_cname_to_an_outside_name_is_chased_and_cached(edge_factory, dnsmasq_factory, demo):
+    upstream = dnsmasq_factory(*UPSTREAM_RECORDS, ttl=300)
+    server = edge_factory(_with_outside_aliases(demo), upstreams=(upstream.address,))
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = server.port
+    resolver.lifetime = 5
+    answer = resolver.resolve("alias.demo.example", "A", source="127.0.0.1")  # a stub: NoAnswer before the fix
+    assert [r.address for r in answer] == ["192.0.2.11"]
+    assert answer.canonical_name.to_text() == "host.upstream.test."
+    for use_tcp in (False, True):
+        reply = (dns.query.tcp if use_tcp else dns.query.udp)(
+            dns.message.make_query("twice.demo.internal", "AAAA", use_edns=0), "127.0.0.1", port=server.port,
+            timeout=3, source="127.0.0.1")
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert [(r.name.to_text(), r.rdtype) for r in reply.answer] == [
+            ("twice.demo.internal.", dns.rdatatype.CNAME), ("alias.demo.example.", dns.rdatatype.CNAME),
+            ("host.upstream.test.", dns.rdatatype.AAAA)]
+        assert [r.address for r in reply.answer[2]] == ["2001:db8::11"]
+        assert reply.flags & dns.flags.RA and not reply.flags & dns.flags.AA
+    # The target's answer is cached: with the upstream gone the chain is still answered.
+    upstream.stop()
+    reply = dns.query.udp(dns.message.make_query("alias.demo.example", "A"), "127.0.0.1", port=server.port,
+                          timeout=3, source="127.0.0.1")
+    assert [r.address for r in reply.answer[-1]] == ["192.0.2.11"]
+
+
+def test_a_chased_cname_keeps_the_rcode_of_the_last_name(edge_factory, dnsmasq_factory, demo):
+    upstream = dnsmasq_factory()  # authoritative for upstream.test, where missing.upstream.test does not exist
+    server = edge_factory(_with_outside_aliases(demo), upstreams=(upstream.address,))
+    reply = dns.query.udp(dns.message.make_query("gone.demo.example", "A"), "127.0.0.1", port=server.port,
+                          timeout=3, source="127.0.0.1")
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+    assert [(r.name.to_text(), r.rdtype) for r in reply.answer] == [("gone.demo.example.", dns.rdatatype.CNAME)]
+
+
+def test_a_cname_to_an_outside_name_alone_for_strangers_and_without_rd(edge_factory, dnsmasq_factory, demo):
+    upstream = dnsmasq_factory("--host-record=host.upstream.test,192.0.2.11")
+    server = edge_factory(_with_outside_aliases(demo), upstreams=(upstream.address,))
+    stranger = dns.query.udp(dns.message.make_query("alias.demo.example", "A"), "127.0.0.1", port=server.port,
+                             timeout=3, source="127.0.0.9")
+    norec = dns.message.make_query("alias.demo.example", "A")
+    norec.flags &= ~dns.flags.RD
+    instance = dns.query.udp(norec, "127.0.0.1", port=server.port, timeout=3, source="127.0.0.1")
+    for reply in (stranger, instance):
+        assert reply.flags & dns.flags.AA
+        assert [(r.name.to_text(), r.rdtype) for r in reply.answer] == [("alias.demo.example.", dns.rdatatype.CNAME)]
+    assert not stranger.flags & dns.flags.RA
+    assert server.service.forwarder.stats.upstream_queries == 0

@@ -134,7 +134,15 @@ def test_names_outside_local_zones_are_not_local():
     data = build_dns_data(build_snapshot(parse_view(demo_document())))
     assert answer_local(data, "", encode_name("example.com"), 1, 1) is NOT_LOCAL
     assert answer_local(data, "", encode_name("5.0.0.10.in-addr.arpa"), 12, 1) is NOT_LOCAL
-    assert answer_local(data, "", b"\x05a.b\x00c\x04demo\x08internal\x00", 1, 1) is NOT_LOCAL
+    assert answer_local(data, "", b"\x05a.b\x00c\x07example\x00", 1, 1) is NOT_LOCAL
+
+
+def test_a_label_no_text_can_name_is_still_under_its_local_zone():
+    data = build_dns_data(build_snapshot(parse_view(demo_document())))
+    for odd in (b"\x05a.b\x00c", b"\x02\xc3\xa9", b"\x01x\x01\xff\x0cip-127-0-0-1"):
+        answer = answer_local(data, "", odd + b"\x04demo\x08internal\x00", 1, 1)
+        assert answer is not NOT_LOCAL
+        assert answer.rcode == 3 and answer.prefixes[0][0] & 0x04  # type: ignore[attr-defined]  # NXDOMAIN, AA
 
 
 def test_answer_memo_is_bounded_and_starts_over():
