@@ -97,8 +97,10 @@ class CredentialsConfig:
     """``http``: IMDS-compatible base URL; edge asks ``URL`` + role with ``X-Forwarded-For`` set to the instance address (e.g. ``http://ctl:8773/latest/meta-data/iam/security-credentials/``)."""
     timeout: float = 3.0
     """Seconds one call to the credential source may take (a request waits at most this long)."""
-    refresh_ahead: float = 300.0
-    """Refresh cached credentials this many seconds before their ``Expiration``."""
+    refresh_ahead: float = 1800.0
+    """Credentials with less than this many seconds left are not handed out while the source may give fresher ones: the request waits (up to ``timeout``) for a refresh. Keep it above 1500: botocore takes less than 15 min plus up to 10 min of jitter for an outage of the metadata service."""
+    refresh_fraction: float = 0.5
+    """Once this fraction of the credentials' lifetime has passed, a request starts a background refresh (and is answered from the cache)."""
     retry_interval: float = 10.0
     """After a failed fetch, seconds before the source is asked again for that (instance, role); requests meanwhile get the cached credentials or 503."""
     cache_size: int = 100_000
@@ -495,6 +497,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}url must be an http:// or https:// URL when kind is http")
         if config.timeout <= 0 or config.refresh_ahead < 0 or config.retry_interval <= 0 or config.cache_size < 1:
             raise ConfigError(f"{prefix}timeout and retry_interval must be positive, refresh_ahead >= 0, cache_size >= 1")
+        if not 0 < config.refresh_fraction <= 1:
+            raise ConfigError(f"{prefix}refresh_fraction must be more than 0 and at most 1")
         from edge.metadata.spawner import MAX_OUTPUT_LIMIT
         if not 0 < config.max_output <= MAX_OUTPUT_LIMIT:
             raise ConfigError(f"{prefix}max_output must be between 1 and {MAX_OUTPUT_LIMIT} bytes")

@@ -3,8 +3,12 @@
 Credentials rotate and are secret, so they are not in the view: a source
 configured on the gateway produces them (an external ``credential_process``
 style command, or an IMDS-compatible upstream).  The cache answers from memory,
-starts a background refresh ``refresh_ahead`` seconds before ``Expiration``,
-runs at most one fetch per (instance, role) however many requests wait for it,
+starts a background refresh once ``refresh_fraction`` of the credentials'
+lifetime has passed, does not hand out credentials with less than
+``refresh_ahead`` seconds left while the source may give fresher ones (SDKs
+such as botocore take credentials that close to ``Expiration`` for an outage of
+the metadata service), runs at most one fetch per (instance, role) however many
+requests wait for it,
 remembers a failed fetch for ``retry_interval`` (requests meanwhile get the
 cached credentials or an error, without asking the source again), and keeps
 serving cached credentials while the source fails, but never past their
@@ -225,6 +229,26 @@ def source_from_config(config: CredentialsConfig) -> Fetch | None:
 Key = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    credentials: Credentials
+    fetched: float
+    """When the cache received them (its clock): the start of their lifetime as far as edge knows."""
+
+
+def refresh_schedule(fetched: float, expiration: float, fraction: float, ahead: float) -> tuple[float, float]:
+    """(refresh_at, renew_by) of credentials received at ``fetched``.
+
+    From ``refresh_at`` (``fraction`` of their lifetime) a request starts a background refresh
+    and is answered from the cache; from ``renew_by`` (``ahead`` seconds before expiration) a
+    request waits for fresher credentials, and the cached ones answer only if the source fails.
+    ``renew_by`` is never before ``refresh_at``: a source that hands out credentials living less
+    than ``ahead`` is not asked again on every request.
+    """
+    refresh_at = fetched + fraction * (expiration - fetched)
+    return refresh_at, max(expiration - ahead, refresh_at)
+
+
 def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
@@ -244,9 +268,10 @@ class CredentialCache:
         self.source = source
         self.timeout = config.timeout
         self.refresh_ahead = config.refresh_ahead
+        self.refresh_fraction = config.refresh_fraction
         self.retry_interval = config.retry_interval
         self.clock = clock
-        self._cache: LRUCache[Key, Credentials] = LRUCache(maxsize=config.cache_size)
+        self._cache: LRUCache[Key, _Cached] = LRUCache(maxsize=config.cache_size)
         self._retry_after: dict[Key, float] = {}
         self._inflight: dict[Key, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -264,18 +289,30 @@ class CredentialCache:
         self.source = source
         self.timeout = config.timeout
         self.refresh_ahead = config.refresh_ahead
+        self.refresh_fraction = config.refresh_fraction
         self.retry_interval = config.retry_interval
 
     def lookup(self, instance: Instance, address: str, role: str, now: float) -> Response | None:
-        """Cached, unexpired credentials, starting a background refresh when they near expiry."""
+        """Cached credentials fit to hand out now, starting a background refresh when they are due
+        one; None when the caller should ``fetch`` (nothing cached, or too close to expiry)."""
         key = (instance.id, role)
         entry = self._cache.get(key)
-        if entry is None or now >= entry.expiration:
+        if entry is None:
             return None
-        if (now >= entry.expiration - self.refresh_ahead and key not in self._inflight
-                and now >= self._retry_after.get(key, 0.0)):
+        credentials = entry.credentials
+        if now >= credentials.expiration:
+            return None
+        refresh_at, renew_by = refresh_schedule(entry.fetched, credentials.expiration, self.refresh_fraction,
+                                                self.refresh_ahead)
+        if now >= refresh_at and key not in self._inflight:
+            if now < self._retry_after.get(key, 0.0):
+                return credentials.response  # the source failed moments ago: what we have is the best answer
+            if now >= renew_by:
+                return None  # fetch() waits for fresher ones (and falls back to these if the source fails)
             self._start(key, instance, address, role)
-        return entry.response
+        elif now >= renew_by:
+            return None  # a refresh is under way: wait for it
+        return credentials.response
 
     async def fetch(self, instance: Instance, address: str, role: str) -> Response | None:
         """Wait (bounded by the source timeout) for credentials; None when the source cannot give any."""
@@ -291,15 +328,14 @@ class CredentialCache:
         try:
             await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
-            if not task.done():
-                return None
+            pass  # a slow source: whatever is cached and unexpired still answers
         return self._valid(key)
 
     def _valid(self, key: Key) -> Response | None:
         entry = self._cache.get(key)
-        if entry is None or self.clock() >= entry.expiration:
+        if entry is None or self.clock() >= entry.credentials.expiration:
             return None
-        return entry.response
+        return entry.credentials.response
 
     def _start(self, key: Key, instance: Instance, address: str, role: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._refresh(key, instance, address, role))
@@ -313,9 +349,10 @@ class CredentialCache:
                 raise CredentialSourceError("no credential source is configured")
             self.fetches += 1
             credentials = await asyncio.wait_for(source(instance, address, role), self.timeout)
-            if credentials.expiration <= self.clock():
+            now = self.clock()
+            if credentials.expiration <= now:
                 raise CredentialSourceError("the source returned credentials that have already expired")
-            self._cache[key] = credentials
+            self._cache[key] = _Cached(credentials, now)
             self._retry_after.pop(key, None)
         except asyncio.CancelledError:
             raise
@@ -328,7 +365,7 @@ class CredentialCache:
             reason = str(exc) or "timed out"
             cached = self._cache.get(key)
             log.warning("credential fetch failed instance=%s role=%s serving_cached_until=%s error=%s",
-                        key[0], role, _timestamp(cached.expiration) if cached else "-", reason)
+                        key[0], role, _timestamp(cached.credentials.expiration) if cached else "-", reason)
         except Exception:
             self.failures += 1
             log.exception("credential fetch crashed instance=%s role=%s", key[0], role)

@@ -9,6 +9,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from imds_harness import demo, exchange, parse, request
 from tests.support import wait_until
 
@@ -26,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     time.sleep(plan.get("sleep", 0))
     if plan.get("fail"):
         sys.exit("source down")
-    expires = time.gmtime(time.time() + plan.get("expires_in", 3600))
+    expires = time.gmtime(time.time() + plan.get("clock_offset", 0) + plan.get("expires_in", 3600))
     document = {"Version": 1, "AccessKeyId": f"AKIA{count:04d}", "SecretAccessKey": "secret",
                 "SessionToken": "token", "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", expires)}
     if plan.get("pad"):
@@ -98,9 +99,10 @@ def test_single_flight_and_slow_source_does_not_delay_others(start, tmp_path):
     assert len(source.calls) == 1
 
 
-def test_refresh_ahead_serves_cached_meanwhile(start, tmp_path):
+def test_background_refresh_serves_cached_meanwhile(start, tmp_path):
     source = Source(tmp_path, expires_in=600)
-    server = start(credentials=source.config(refresh_ahead=599.0))
+    # Due a refresh after 0.6 s (0.1 % of 600 s); nowhere near refresh_ahead of their expiration.
+    server = start(credentials=source.config(refresh_fraction=0.001, refresh_ahead=60.0))
     assert get_credentials(server.port)[1]["AccessKeyId"] == "AKIA0001"
     time.sleep(1.1)
     # Within the refresh window: answered from the cache at once, refreshed in the background.
@@ -210,3 +212,63 @@ def test_a_failing_source_is_asked_once_per_retry_interval_not_once_per_request(
     server.call(lambda: setattr(cache, "clock", lambda: time.time() + 61.0))
     assert get_credentials(server.port)[0] == 200
     assert len(source.calls) == 2
+
+
+@pytest.mark.parametrize("lifetime", [3600, 6 * 3600])
+def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left(start, tmp_path, monkeypatch,
+                                                                              caplog, lifetime):
+    """botocore's own IMDS fetcher and refresh logic against edge, over hours of simulated time.
+
+    botocore refreshes credentials with less than 15 minutes left, and takes an answer with less
+    than its refresh window (15 minutes in a session) plus 2 to 10 minutes of jitter left for an
+    outage of the metadata service ("credential expiration extension").  Edge's clock, the
+    source's and botocore's are moved forward together, a minute at a time.
+    """
+    import datetime
+
+    import botocore.utils
+    import edge.metadata.handler
+    import edge.metadata.protocol
+    from botocore.credentials import RefreshableCredentials
+    from botocore.utils import InstanceMetadataFetcher
+    from dateutil.parser import parse as parse_time
+    from dateutil.tz import tzlocal
+
+    offset = [0.0]
+    source = Source(tmp_path, expires_in=lifetime)
+    server = start(credentials=source.config())  # the default refresh settings
+
+    def edge_now() -> float:
+        return time.time() + offset[0]
+
+    monkeypatch.setattr(edge.metadata.handler, "_time", edge_now)
+    monkeypatch.setattr(edge.metadata.protocol, "_time", edge_now)
+    cache = server.service.handler.credentials
+    server.call(lambda: setattr(cache, "clock", edge_now))
+    monkeypatch.setattr(botocore.utils, "get_current_datetime", lambda remove_tzinfo=True: (
+        datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=offset[0])).replace(tzinfo=None))
+
+    def botocore_now() -> datetime.datetime:
+        return datetime.datetime.now(tzlocal()) + datetime.timedelta(seconds=offset[0])
+
+    fetcher = InstanceMetadataFetcher(timeout=5, num_attempts=1, base_url=server.base,
+                                      config={"ec2_credential_refresh_window": 15 * 60})
+    with caplog.at_level("INFO", logger="botocore"):
+        metadata = fetcher.retrieve_iam_role_credentials()
+        assert metadata["role_name"] == "demo-role"
+        credentials = RefreshableCredentials(
+            metadata["access_key"], metadata["secret_key"], metadata["token"], parse_time(metadata["expiry_time"]),
+            fetcher.retrieve_iam_role_credentials, "iam-role", time_fetcher=botocore_now)
+        keys = {credentials.get_frozen_credentials().access_key}
+        for minute in range(1, 8 * 60):
+            offset[0] = minute * 60.0
+            source.set(expires_in=lifetime, clock_offset=offset[0])
+            keys.add(credentials.get_frozen_credentials().access_key)  # refreshes when botocore wants to
+            left = (credentials._expiry_time - botocore_now()).total_seconds()
+            assert left > 15 * 60, (minute, left)
+            assert not credentials.refresh_needed(), minute
+    assert "expiration extension" not in caplog.text
+    assert "Refreshing temporary credentials failed" not in caplog.text
+    # Renewed as botocore needed them, not on every request: about once per lifetime minus 15 minutes.
+    assert len(keys) == len(source.calls) <= 8 * 3600 // (lifetime - 30 * 60) + 2
+    assert len(keys) >= 8 * 3600 // lifetime
