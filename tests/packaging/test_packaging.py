@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 import zipfile
@@ -50,7 +51,30 @@ def test_wheel_holds_the_server_and_nothing_else(dist: Dist) -> None:
     assert "edge/etcd.py" in names and "edge/view/etcd_source.py" in names and "edge/cli.py" in names
     assert not any(name.startswith(("tests/", "bench/")) for name in names)
     assert not any(name.startswith("edge/testing") for name in names), "test helpers are not installed"
+    metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))
+    headers = zipfile.ZipFile(dist.wheel).read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers, headers
+    assert not any(line.startswith("License:") for line in headers), "the SPDX expression, not the old table"
+    license_file = next(name for name in names if name.endswith(".dist-info/licenses/LICENSE"))
+    assert "Apache License" in zipfile.ZipFile(dist.wheel).read(license_file).decode()
     assert any(name.endswith("entry_points.txt") for name in names)
+
+
+def test_sdist_tests_run_from_the_unpacked_tree(dist: Dist, tmp_path) -> None:
+    """The sdist carries its tests, the view generator and the packaging files; its tests pass against its edge."""
+    with tarfile.open(dist.sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+    tree = next(tmp_path.glob("edge-*"))
+    for needed in ("LICENSE", "tests/run", "tests/support.py", "tests/conftest.py", "bench/generate.py",
+                   "packaging/install", "packaging/requirements.txt", "tests/eucalyptus/fixtures"):
+        assert (tree / needed).exists(), needed
+    assert not list(tree.rglob("__pycache__"))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    where = _run([sys.executable, "-c", "import edge; print(edge.__file__)"], cwd=tree, env=env).stdout
+    assert where.startswith(str(tree)), where  # the sdist's edge, not this checkout's
+    result = _run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/view/test_parse.py",
+                   "tests/test_cli.py", "tests/packaging/test_test_setup.py"], cwd=tree, env=env, timeout=300)
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.slow
