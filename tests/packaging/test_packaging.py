@@ -164,7 +164,8 @@ def test_containerfile_builds_the_wheel_and_runs_unprivileged() -> None:
             for source in argument.split()[:-1]:
                 assert (ROOT / source).exists(), source
     assert ["USER", "edge"] in instructions
-    assert ["ENTRYPOINT", '["edge"]'] in instructions
+    assert ["ENTRYPOINT", '["/opt/edge/bin/edge"]'] in instructions
+    assert any(kind == "RUN" and "/tmp/packaging/install --wheel" in argument for kind, argument in instructions)
     assert any(kind == "HEALTHCHECK" and "READYZ_URL" in argument for kind, argument in instructions)
     assert any(kind == "VOLUME" and "/var/lib/edge" in argument for kind, argument in instructions)
 
