@@ -20,6 +20,7 @@ from edge.metadata.identify import Peer
 from edge.metadata.identity import ensure_signer
 from edge.metadata.protocol import MetadataProtocol
 from edge.metadata.service import MetadataService, build_handler
+from edge.ratelimit import RateLimiter, create_shared_table, map_table
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
@@ -153,3 +154,36 @@ def test_protocol_connection_per_request(benchmark, setup):
     loop.run_until_complete(run())
     assert not service.connections and not service.per_source
     loop.close()
+
+
+def test_protocol_connection_per_request_rate_limited(benchmark, setup):
+    """As test_protocol_connection_per_request, with the per-instance rate limit on (as by default)
+    and its table in shared memory, as a gateway with workers has it: the limit's cost per request."""
+    config, handler, store, _ = setup
+    loop = uvloop.new_event_loop()
+    service = MetadataService(config, store, lambda: None)  # type: ignore[arg-type]
+    service.handler = handler
+    data = (b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+            b"User-Agent: curl/7.88.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+    unlimited = handler.limiter
+    # A rate no benchmark reaches: every request is let through, and every one pays for the check.
+    limited = handler.limiter = RateLimiter(1e12, 1e12, 100_000, map_table(create_shared_table(100_000)))
+
+    def connection() -> _Transport:
+        transport = _Transport()
+        protocol = MetadataProtocol(service, "")
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(data)
+        protocol.connection_lost(None)
+        return transport
+
+    async def run() -> None:
+        assert connection().written > 0
+        benchmark(connection)
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        handler.limiter = unlimited
+        loop.close()
+    assert limited.refused == 0

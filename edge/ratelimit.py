@@ -1,51 +1,136 @@
-"""Token buckets per client, with bounded memory: one limiter for metadata (per instance) and DNS (per address).
+"""Token buckets per client, with bounded memory: metadata (per instance) and DNS (per address).
 
-A bucket that has refilled completely is indistinguishable from a new one, so
-when the table is full the full buckets are dropped without losing anything;
-only if every tracked client is still busy is the whole table reset, so a
-flood of spoofed sources costs at most one table.
+The buckets live in a fixed table of slots, one slot per tracked client:
+``tag`` (a 64-bit hash of the client's key, 0 for a free slot), ``tokens`` and
+``stamp`` (when ``tokens`` was last computed).  The table is a buffer, so it
+can be shared: the supervisor of a gateway with workers creates one in shared
+memory before the workers start and hands it to every worker, so the limit
+holds per gateway, whichever worker a connection lands on, and across worker
+restarts (the table outlives them).  A process without a supervisor uses a
+private one.
+
+Under concurrency the table is approximate, by design: two workers updating
+the same bucket at the same instant can lose one of the two updates (one
+request not counted), and two workers claiming the same free slot for
+different clients leave it to one of them (the other claims another slot on
+its next request).  There is no lock on the hot path.
+
+A client's slot is one of :data:`PROBES` slots from its hash.  A bucket that
+has refilled completely is indistinguishable from a new one, so its slot is
+taken by the next client that needs one; only when every slot it may use
+holds a busy bucket does a client take one over anyway (that bucket restarts
+full), so a flood of spoofed sources costs nothing but lenience toward them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import mmap
+import os
+
+SLOT_FIELDS = 3
+"""tag, tokens, stamp: three 8-byte fields per slot."""
+SLOT_BYTES = SLOT_FIELDS * 8
+PROBES = 8
+"""Slots a client's hash may use (consecutive, wrapping)."""
+
+
+def table_bytes(entries: int) -> int:
+    return max(1, entries) * SLOT_BYTES
+
+
+def create_shared_table(entries: int) -> int:
+    """A file descriptor of a zeroed table for ``entries`` clients in shared memory (memfd)."""
+    fd = os.memfd_create("edge-rate-limit", os.MFD_CLOEXEC)
+    os.ftruncate(fd, table_bytes(entries))
+    return fd
+
+
+def map_table(fd: int) -> mmap.mmap:
+    """The table behind ``fd`` (from :func:`create_shared_table`), mapped shared."""
+    return mmap.mmap(fd, 0)
+
+
+def private_table(entries: int) -> mmap.mmap:
+    return mmap.mmap(-1, table_bytes(entries))
+
+
+def _tag(key: str) -> int:
+    """A stable 64-bit hash, never 0 (Python's str hash differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1
+
 
 class RateLimiter:
-    __slots__ = ("rate", "burst", "max_entries", "_buckets", "refused")
+    __slots__ = ("rate", "burst", "max_entries", "entries", "refused", "_table", "_tags", "_values", "_slots")
 
-    def __init__(self, rate: float, burst: float, max_entries: int) -> None:
+    def __init__(self, rate: float, burst: float, max_entries: int, table: mmap.mmap | None = None) -> None:
         self.rate = rate
         """Tokens per second; 0 turns the limiter off."""
         self.burst = float(burst)
         self.max_entries = max_entries
-        self._buckets: dict[str, list[float]] = {}
+        """Bounds this process's key -> slot memo; the table's size is fixed when it is created."""
+        self._table = table if table is not None else private_table(max_entries)
+        view = memoryview(self._table)
+        self._tags = view.cast("Q")
+        self._values = view.cast("d")
+        self.entries = len(self._table) // SLOT_BYTES
+        self._slots: dict[str, tuple[int, int]] = {}
+        """key -> (index of its slot's first field, its tag): the hash is computed once per key."""
         self.refused = 0
 
     def allow(self, key: str, now: float) -> bool:
         """Take one token from ``key``'s bucket at monotonic time ``now``; False when it is empty."""
         if self.rate <= 0:
             return True
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.max_entries:
-                self._prune(now)
-            self._buckets[key] = [self.burst - 1.0, now]
-            return True
-        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        found = self._slots.get(key)
+        if found is None:
+            found = self._claim(key, now)
+        slot, tag = found
+        if self._tags[slot] != tag:
+            # Another client (or another worker, for another client) took the slot meanwhile.
+            slot, tag = self._claim(key, now)
+        values = self._values
+        tokens = values[slot + 1] + (now - values[slot + 2]) * self.rate
         if tokens > self.burst:
             tokens = self.burst
-        bucket[1] = now
+        values[slot + 2] = now
         if tokens < 1.0:
-            bucket[0] = tokens
+            values[slot + 1] = tokens
             self.refused += 1
             return False
-        bucket[0] = tokens - 1.0
+        values[slot + 1] = tokens - 1.0
         return True
 
-    def _prune(self, now: float) -> None:
+    def _claim(self, key: str, now: float) -> tuple[int, int]:
+        tag = _tag(key)
+        tags, values, entries = self._tags, self._values, self.entries
         rate, burst = self.rate, self.burst
-        self._buckets = {k: b for k, b in self._buckets.items() if b[0] + (now - b[1]) * rate < burst}
-        if len(self._buckets) >= self.max_entries:
-            self._buckets.clear()
+        first = tag % entries
+        chosen = -1
+        for probe in range(PROBES):
+            slot = (first + probe) % entries * SLOT_FIELDS
+            there = tags[slot]
+            if there == tag:
+                chosen = slot  # its bucket, kept by another worker or before this process forgot it
+                break
+            if there == 0 or values[slot + 1] + (now - values[slot + 2]) * rate >= burst:
+                chosen = slot
+                tags[slot] = tag
+                values[slot + 1] = burst
+                values[slot + 2] = now
+                break
+        if chosen < 0:
+            chosen = first * SLOT_FIELDS
+            tags[chosen] = tag
+            values[chosen + 1] = burst
+            values[chosen + 2] = now
+        slots = self._slots
+        if len(slots) >= self.max_entries:
+            slots.clear()
+        found = slots[key] = (chosen, tag)
+        return found
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        """Slots holding a client (full or not)."""
+        tags = self._tags
+        return sum(1 for slot in range(0, self.entries * SLOT_FIELDS, SLOT_FIELDS) if tags[slot])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from edge.config import Config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
-from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env
+from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_table_from_env
 from edge.view.formats import make_decoder
 from edge.view.poller import Poller
 from edge.view.snapshot import Preparer
@@ -60,11 +61,14 @@ class Gateway:
     """
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
-                 metrics: Metrics | None = None, control: socket.socket | None = None) -> None:
+                 metrics: Metrics | None = None, control: socket.socket | None = None,
+                 rate_table: mmap.mmap | None = None) -> None:
         self.config = config
         self.reload_config = reload_config
         self.metrics = metrics or Metrics()
         self.control = control
+        self.rate_table = rate_table
+        """A worker's metadata rate-limit table, shared with the other workers by the supervisor."""
         self.store = ViewStore(source=config.view.source)
         self.readiness = Readiness(self.store, config.view.max_view_age)
         self.services: list[Service] = []
@@ -82,6 +86,7 @@ class Gateway:
         services: list[Service] = []
         if self.config.metadata.listen:
             services.append(MetadataService(self.config, self.store, self.refresh))
+            services[-1].rate_table = self.rate_table  # type: ignore[attr-defined]
         if self.config.dns.listen:
             services.append(DnsService(self.config, self.store))
         return services
@@ -192,6 +197,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
           argv: Sequence[str] = ()) -> int:
     """Run a gateway: one process, or a supervisor with ``config.workers`` workers."""
     control = control_socket_from_env()
+    rate_table = rate_table_from_env()
     if control is None and config.workers > 1:
         # Before anything imports prometheus-client: workers write their metrics there.
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
@@ -202,7 +208,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
             supervisor = Supervisor(config, reload_config, list(argv), Metrics())
             asyncio.run(supervisor.run())
         else:
-            gateway = Gateway(config, reload_config, Metrics(), control)
+            gateway = Gateway(config, reload_config, Metrics(), control, rate_table)
             asyncio.run(gateway.run_until_signalled())
     except EdgeError as exc:
         event(log, logging.ERROR, "edge cannot start", error=str(exc))

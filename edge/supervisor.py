@@ -12,6 +12,10 @@ Each worker has a socket pair to the supervisor carrying one-byte messages:
 * supervisor -> worker ``P``: a poll finished; read the state file now;
 * supervisor -> worker ``F``: a replacement is coming; stop following the state file.
 
+The supervisor also creates the metadata rate-limit table in shared memory
+before the first worker starts and passes it to every worker it starts, so the
+per-instance limit holds per gateway, across worker restarts.
+
 A view with at least ``view.swap_by_restart_instances`` instances that needs a
 full build (not a delta of the served view) is swapped in by restarting the
 workers one by one: each replacement builds the new
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -42,6 +47,7 @@ from edge.config import Config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics
+from edge.ratelimit import create_shared_table, map_table
 from edge.view.formats import make_decoder
 from edge.view.poller import PollOutcome, Poller
 from edge.view.sources import configured_source
@@ -55,6 +61,7 @@ SERVING = b"S"
 POLL_DONE = b"P"
 FREEZE = b"F"
 WORKER_FD_ENV = "EDGE_INTERNAL_CONTROL_FD"
+RATE_TABLE_FD_ENV = "EDGE_INTERNAL_RATE_TABLE_FD"
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0
@@ -116,6 +123,8 @@ class Supervisor:
         self._served_before = False
         self._rolling: list[WorkerSlot] = []
         """Slots still to move to the new generation during a swap by restart."""
+        self.rate_table_fd: int | None = None
+        """The metadata rate-limit table every worker shares (created once; sized at start)."""
 
     def workers_alive(self) -> int:
         return sum(1 for w in self._workers() if w.alive)
@@ -140,6 +149,8 @@ class Supervisor:
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
                              decode=make_decoder(config), on_outcome=self._poll_finished)
         self._served_before = await self.poller.load_last_good()
+        if config.metadata.listen and self.rate_table_fd is None:
+            self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)
         for slot in self.slots:
             slot.current = self._spawn(slot)
         self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
@@ -159,8 +170,12 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         env = {**os.environ, WORKER_FD_ENV: str(theirs.fileno())}
+        passed = [theirs.fileno()]
+        if self.rate_table_fd is not None:
+            env[RATE_TABLE_FD_ENV] = str(self.rate_table_fd)
+            passed.append(self.rate_table_fd)
         process = subprocess.Popen([sys.executable, "-m", "edge", *self.worker_argv], env=env,
-                                   pass_fds=(theirs.fileno(),))
+                                   pass_fds=passed)
         theirs.close()
         worker = Worker(process, ours, time.monotonic())
         worker.reader = asyncio.get_running_loop().create_task(self._read_worker(slot, worker))
@@ -408,6 +423,17 @@ class SupervisedRefresh:
             except OSError:
                 waiter.set_result(None)
         await asyncio.shield(waiter)
+
+
+def rate_table_from_env() -> mmap.mmap | None:
+    """A worker's view of the rate-limit table its supervisor shares with every worker."""
+    fd = os.environ.pop(RATE_TABLE_FD_ENV, None)
+    if fd is None:
+        return None
+    try:
+        return map_table(int(fd))
+    finally:
+        os.close(int(fd))
 
 
 def control_socket_from_env() -> socket.socket | None:

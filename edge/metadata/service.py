@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import math
+import mmap
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -81,11 +82,12 @@ def load_identity_signer(config: Config) -> IdentitySigner:
     return ensure_signer(config.view.state_dir)
 
 
-def build_handler(config: Config, keys: tokens.TokenKeys, signer: IdentitySigner) -> MetadataHandler:
+def build_handler(config: Config, keys: tokens.TokenKeys, signer: IdentitySigner,
+                  rate_table: mmap.mmap | None = None) -> MetadataHandler:
     metadata = config.metadata
     return MetadataHandler(
         Renderer(signer, metadata.render_cache_size), keys,
-        RateLimiter(metadata.rate, metadata.burst, metadata.rate_limit_entries),
+        RateLimiter(metadata.rate, metadata.burst, metadata.rate_limit_entries, rate_table),
         CredentialCache(source_from_config(metadata.credentials), metadata.credentials),
     )
 
@@ -96,6 +98,8 @@ class MetadataService:
         self.store = store
         self.refresh = refresh
         self.preparers: list[Preparer] = []
+        self.rate_table: mmap.mmap | None = None
+        """The rate-limit table shared by a gateway's workers (set by the composition root); None: a private one."""
         self.limits = ProtocolLimits.of(config.metadata)
         self.trusted_proxies = TrustedProxies(config.metadata.trusted_proxies)
         self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
@@ -128,7 +132,7 @@ class MetadataService:
     async def start(self, reuse_port: bool = False) -> None:
         keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
                                                         load_identity_signer(self.config)))
-        self.handler = build_handler(self.config, keys, signer)
+        self.handler = build_handler(self.config, keys, signer, self.rate_table)
         self._configure_controller(self.config)
         self.fleet_keys.configure(self.config)
         loop = asyncio.get_running_loop()

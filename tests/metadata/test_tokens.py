@@ -10,7 +10,7 @@ import pytest
 
 from edge.errors import ConfigError
 from edge.metadata import tokens
-from edge.ratelimit import RateLimiter
+from edge.ratelimit import RateLimiter, create_shared_table, map_table
 
 NOW = 1_800_000_000.0
 
@@ -147,3 +147,29 @@ def test_rate_limiter_memory_is_bounded():
     fresh.allow("y", 0)
     fresh.allow("z", 0)
     assert len(fresh) <= 2
+
+
+def test_rate_limiters_on_one_shared_table_share_every_bucket():
+    """What two workers of a gateway do: each maps the supervisor's table, and an instance's bucket
+    is one, whichever worker takes from it (also a worker started after the bucket was used)."""
+    fd = create_shared_table(100)
+    try:
+        first, second = RateLimiter(10, 3, 100, map_table(fd)), RateLimiter(10, 3, 100, map_table(fd))
+        assert first.allow("i-1", 0.0) and second.allow("i-1", 0.0) and first.allow("i-1", 0.0)
+        assert not second.allow("i-1", 0.0) and not first.allow("i-1", 0.01)
+        restarted = RateLimiter(10, 3, 100, map_table(fd))
+        assert not restarted.allow("i-1", 0.02)
+        # Refilled at 10/s to 2 tokens, for everyone.
+        assert restarted.allow("i-1", 0.2) and first.allow("i-1", 0.2) and not second.allow("i-1", 0.2)
+        assert second.allow("i-2", 0.2)  # another instance, another bucket
+    finally:
+        os.close(fd)
+
+
+def test_rate_limiter_slots_go_to_whoever_needs_one_when_all_are_busy():
+    limiter = RateLimiter(rate=1, burst=2, max_entries=1)
+    assert limiter.entries == 1
+    assert limiter.allow("a", 0.0) and limiter.allow("a", 0.0) and not limiter.allow("a", 0.0)
+    # "a" is busy and holds the only slot: "b" takes it anyway (a fresh bucket, never a shared one).
+    assert limiter.allow("b", 0.0) and limiter.allow("b", 0.0) and not limiter.allow("b", 0.0)
+    assert len(limiter) == 1
