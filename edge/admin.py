@@ -17,6 +17,7 @@ from typing import Any
 import httptools
 
 from edge.config import Config
+from edge.redact import redact
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.admin")
@@ -65,11 +66,11 @@ def view_summary(store: ViewStore, now: float | None = None) -> dict[str, Any]:
         "loaded_from": status.loaded_from or None,
         "age": None if status.loaded_at is None else round(now - status.loaded_at, 3),
         "confirmed_at": status.confirmed_at,
-        "source": status.source,
+        "source": redact(status.source),
         "counts": snapshot.counts() if snapshot else {},
         "last_poll_at": status.last_poll_at,
         "last_poll_result": status.last_poll_result or None,
-        "last_poll_error": status.last_error or None,
+        "last_poll_error": redact(status.last_error) or None,
         "consecutive_failures": status.consecutive_failures,
         "state_write_error": status.state_write_error or None,
     }

@@ -12,6 +12,7 @@ from typing import Any
 from edge.config import Config, key_table, load_config
 from edge.errors import ConfigError, EdgeError, ViewInvalid
 from edge.logs import configure_logging
+from edge.redact import redact
 
 # CLI flag -> configuration key; flags override the file and the environment.
 _SERVE_FLAGS: dict[str, str] = {
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _config(args)
     except ConfigError as exc:
-        print(f"edge: configuration error: {exc}", file=sys.stderr)
+        print(f"edge: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return 2
 
@@ -115,25 +116,26 @@ def _view_check(args: argparse.Namespace) -> int:
     from edge.view.sources import open_source
 
     config = load_config(args.config, os.environ, {})
+    shown = redact(args.source)  # a URL's password or token is not printed
     source = open_source(args.source, config.view)
     try:
         data = asyncio.run(source.fetch())
     except EdgeError as exc:
-        print(f"cannot read {args.source}: {exc}")
+        print(f"cannot read {shown}: {redact(str(exc))}")
         return 1
     if data is None:
-        print(f"{args.source}: no content")
+        print(f"{shown}: no content")
         return 1
     try:
         view = make_decoder(config)(data)
     except ViewInvalid as exc:
-        print(f"{args.source}: REJECTED, {len(exc.problems)} problem(s):")
+        print(f"{shown}: REJECTED, {len(exc.problems)} problem(s):")
         for problem in exc.problems:
             print(f"  - {problem}")
         return 1
     snapshot = build_snapshot(view)
     counts = snapshot.counts()
-    print(f"{args.source}: OK")
+    print(f"{shown}: OK")
     print(f"  format      {view.format}")
     print(f"  serial      {view.serial}" if view.ordered else f"  version     {view.version}")
     print(f"  generated   {view.generated or '-'}")

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from edge.redact import redact
+
 _FIELDS = "edge_fields"
 _EVENT = "edge_event"
 
@@ -16,9 +18,12 @@ def event(logger: logging.Logger, level: int, name: str, *, exc_info: bool = Fal
     """Log event ``name`` with ``fields`` (and, with ``exc_info``, the exception being handled).
 
     The plain message carries the fields as ``key=value`` too, so any handler
-    (a test's capture, a foreign formatter) shows the whole event.
+    (a test's capture, a foreign formatter) shows the whole event.  URLs in string
+    fields are shown without their user information and query values (``edge.redact``).
     """
     if logger.isEnabledFor(level):
+        # Sources are often logged, and their URLs may carry a password or a token.
+        fields = {key: redact(value) if isinstance(value, str) else value for key, value in fields.items()}
         rendered = " ".join([name] + [f"{key}={_quote(value)}" for key, value in fields.items()])
         logger.log(level, "%s", rendered, exc_info=exc_info, extra={_FIELDS: fields, _EVENT: name})
 
@@ -39,7 +44,7 @@ class KeyValueFormatter(logging.Formatter):
             parts.append(f"{key}={_quote(value)}")
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
-        return " ".join(parts)
+        return redact(" ".join(parts))  # plain log calls and tracebacks too
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +54,7 @@ class JsonFormatter(logging.Formatter):
         document.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             document["exc"] = self.formatException(record.exc_info)
-        return json.dumps(document, default=str)
+        return redact(json.dumps(document, default=str))  # plain log calls and tracebacks too
 
 
 def configure_logging(level: str, fmt: str) -> None:

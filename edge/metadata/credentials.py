@@ -33,6 +33,7 @@ from edge.config import CredentialsConfig
 from edge.errors import EdgeError
 from edge.metadata.responses import Response, text
 from edge.metadata.spawner import DEFAULT_MAX_OUTPUT, CommandError, CommandRunner
+from edge.redact import redact_url
 from edge.view.model import Instance
 
 log = logging.getLogger("edge.metadata.credentials")
@@ -173,6 +174,8 @@ class HttpSource:
 
     def __init__(self, url: str) -> None:
         self.url = url if url.endswith("/") else url + "/"
+        self.shown = redact_url(self.url)
+        """The URL as errors show it (without a password or query values)."""
         parts = urlsplit(self.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -185,7 +188,7 @@ class HttpSource:
         try:
             reader, writer = await asyncio.open_connection(self.host, self.port, ssl=context)
         except OSError as exc:
-            raise CredentialSourceError(f"cannot connect to {self.url}: {exc}") from None
+            raise CredentialSourceError(f"cannot connect to {self.shown}: {exc}") from None
         try:
             writer.write(f"GET {self.path}{role} HTTP/1.1\r\nHost: {self.host_header}\r\n"
                          f"X-Forwarded-For: {address}\r\nAccept: application/json\r\n"
@@ -197,23 +200,23 @@ class HttpSource:
                     break
                 data += more
         except OSError as exc:
-            raise CredentialSourceError(f"{self.url}: {exc}") from None
+            raise CredentialSourceError(f"{self.shown}: {exc}") from None
         finally:
             writer.close()
         head, _, body = data.partition(b"\r\n\r\n")
         status_line = head.split(b"\r\n", 1)[0].split()
         if len(status_line) < 2 or status_line[1] != b"200":
             answered = b" ".join(status_line[1:]).decode(errors="replace")
-            raise CredentialSourceError(f"{self.url}{role} answered {answered!r}")
+            raise CredentialSourceError(f"{self.shown}{role} answered {answered!r}")
         if b"transfer-encoding: chunked" in head.lower():
-            raise CredentialSourceError(f"{self.url}{role} answered with chunked encoding")
+            raise CredentialSourceError(f"{self.shown}{role} answered with chunked encoding")
         try:
             document = json.loads(body)
         except ValueError:
-            raise CredentialSourceError(f"{self.url}{role} did not answer JSON") from None
+            raise CredentialSourceError(f"{self.shown}{role} did not answer JSON") from None
         if not isinstance(document, dict) or document.get("Code", "Success") != "Success":
-            raise CredentialSourceError(f"{self.url}{role} answered Code {document.get('Code')!r}"
-                                        if isinstance(document, dict) else f"{self.url}{role} answered a non-object")
+            raise CredentialSourceError(f"{self.shown}{role} answered Code {document.get('Code')!r}"
+                                        if isinstance(document, dict) else f"{self.shown}{role} answered a non-object")
         return make_credentials(document.get("AccessKeyId"), document.get("SecretAccessKey"),
                                 document.get("Token"), document.get("Expiration"), time.time())
 
