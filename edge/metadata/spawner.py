@@ -28,6 +28,8 @@ import binascii
 import itertools
 import json
 import logging
+import os
+import signal
 import struct
 import sys
 from typing import Any
@@ -146,7 +148,7 @@ class CommandRunner:
             try:
                 await asyncio.wait_for(process.wait(), 2.0)
             except asyncio.TimeoutError:
-                process.kill()
+                _kill_group(process)
                 await process.wait()
         if self._reader is not None:
             self._reader.cancel()
@@ -167,8 +169,10 @@ class CommandRunner:
         async with self._starting:
             if self._process is None or self._process.returncode is not None:
                 try:
+                    # Its own process group: stopping a broken helper stops the commands it runs too.
                     self._process = await asyncio.create_subprocess_exec(
-                        *self.helper, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                        *self.helper, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                        start_new_session=True)
                 except OSError as exc:
                     raise CommandError(f"cannot start the command helper: {exc.strerror or exc}") from None
                 self._reader = asyncio.get_running_loop().create_task(self._read(self._process))
@@ -193,8 +197,8 @@ class CommandRunner:
             broken = str(exc)
         except Exception as exc:  # noqa: BLE001 - whatever broke the reader, the helper is replaced
             broken = f"{type(exc).__name__}: {exc}"
-        if broken and process.returncode is None:
-            process.kill()
+        if broken:
+            _kill_group(process)
         await process.wait()
         if process is self._process:
             # Not closed by us (close() lets go of the process first): say why, once.
@@ -211,6 +215,14 @@ class CommandRunner:
             if not future.done():
                 future.set_exception(CommandError(
                     f"the command helper broke ({broken})" if broken else "the command helper exited"))
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL the helper and every command it still runs (they share its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:

@@ -253,3 +253,37 @@ def test_a_helper_that_exits_is_counted(tmp_path) -> None:
         assert runner.failures == {"exited": 1, "protocol": 0}  # a helper we stopped is not a failure
 
     uvloop.run(scenario())
+
+
+def test_a_garbled_answer_stops_the_helper_and_the_commands_it_runs(tmp_path, caplog) -> None:
+    pid_file = tmp_path / "pid"
+    runner = CommandRunner()
+
+    async def scenario():
+        call = asyncio.create_task(runner.run(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"]))
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        command = int(pid_file.read_text())
+        helper = runner._process
+        assert helper is not None and helper.stdout is not None
+        helper.stdout.feed_data(b"\x00\x00\x00\x05{nope")  # a frame that is not JSON, as if from the helper
+        with pytest.raises(CommandError, match="not JSON"):
+            await asyncio.wait_for(call, 10)
+        assert runner.failures["protocol"] == 1
+        await asyncio.wait_for(helper.wait(), 10)
+        for _ in range(200):  # the command went with its helper (SIGKILL to the group)
+            try:
+                os.kill(command, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the command outlived its broken helper")
+        assert (await asyncio.wait_for(runner.run(["sh", "-c", "echo again"]), 10))[1] == b"again\n"
+        await runner.close()
+
+    with caplog.at_level("ERROR", logger="edge.metadata"):
+        uvloop.run(scenario())
+    assert "credential command helper stopped: protocol error (frame of 5 bytes is not JSON)" in caplog.text
