@@ -185,6 +185,9 @@ EVENT_COUNTERS: dict[str, tuple[str, str, str]] = {
     "credential_helper_failures": ("edge_metadata_credential_helper_failures_total",
                                    "Credential command helpers lost and replaced, by reason (exited, protocol)",
                                    "reason"),
+    "metadata_fallback": ("edge_metadata_fallback_total",
+                          "Metadata fallback (a cloud's controller) by result: hit, fetched, failed, stale, "
+                          "coalesced, starting, prefetched, prefetch_failed, prefetch_dropped", "result"),
     "dns_cache": ("edge_dns_cache_total", "Forwarding cache lookups by result (hit, miss, stale)", "result"),
     "dns_upstream_errors": ("edge_dns_upstream_errors_total", "Upstream resolver failures by kind", "kind"),
     "dns_not_ready": ("edge_dns_not_ready_total",

@@ -13,8 +13,9 @@ import mmap
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edge.admin import AdminRoutes, Readiness, start_admin
 from edge.config import Config
@@ -22,12 +23,15 @@ from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_table_from_env
-from edge.view.formats import make_decoder
+from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
 from edge.view.snapshot import Preparer
-from edge.view.sources import FileSource, configured_source
+from edge.view.sources import FileSource, SourceKinds, builtin_source_kinds, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
+
+if TYPE_CHECKING:
+    from edge.metadata.service import FallbackFactory
 
 log = logging.getLogger("edge.server")
 
@@ -46,6 +50,34 @@ class Service(Protocol):
     def reload(self, config: Config) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    """What cloud adapters add to the core, registered in one place (:func:`adapters`)."""
+
+    sources: SourceKinds
+    formats: ViewFormats
+    metadata_fallback: FallbackFactory | None = None
+
+
+def adapters() -> Adapters:
+    """Every adapter edge ships, plugged into the core here and nowhere else.
+
+    Eucalyptus: the GNI document format (sniffed by its XML root), eucanetd's intip map
+    bundled into the view source, and the controller's metadata service as the metadata
+    fallback.  Nothing under ``edge/view`` or ``edge/metadata`` names them; a second cloud
+    adapter registers the same way.
+    """
+    from edge.eucalyptus.fallback import fallback_for
+    from edge.eucalyptus.gni import gni_decoder, is_gni
+    from edge.eucalyptus.source import with_intip_map
+
+    sources = builtin_source_kinds()
+    sources.add_wrapper(with_intip_map)
+    formats = ViewFormats()
+    formats.add("eucalyptus-gni", is_gni, gni_decoder)
+    return Adapters(sources, formats, fallback_for)
+
+
 def install_uvloop() -> None:
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -62,8 +94,9 @@ class Gateway:
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
                  metrics: Metrics | None = None, control: socket.socket | None = None,
-                 rate_table: mmap.mmap | None = None) -> None:
+                 rate_table: mmap.mmap | None = None, plugged: Adapters | None = None) -> None:
         self.config = config
+        self.adapters = plugged or adapters()
         self.reload_config = reload_config
         self.metrics = metrics or Metrics()
         self.control = control
@@ -85,7 +118,8 @@ class Gateway:
 
         services: list[Service] = []
         if self.config.metadata.listen:
-            services.append(MetadataService(self.config, self.store, self.refresh))
+            services.append(MetadataService(self.config, self.store, self.refresh,
+                                            fallback_for=self.adapters.metadata_fallback))
             services[-1].rate_table = self.rate_table  # type: ignore[attr-defined]
         if self.config.dns.listen:
             services.append(DnsService(self.config, self.store))
@@ -100,7 +134,7 @@ class Gateway:
     async def start(self) -> None:
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
-        source = configured_source(config)
+        source = configured_source(config, self.adapters.sources)
         state = StateFile(config.view.state_dir, source.description)
         self.services = self._build_services()
         for service in self.services:
@@ -113,13 +147,14 @@ class Gateway:
                 service.tally = NullTally(tally.protocol)  # type: ignore[attr-defined]
         preparers = [p for service in self.services for p in service.preparers]
         if self.control is None:
-            self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config),
+            self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config, self.adapters.formats),
                                  on_outcome=lambda outcome: self.metrics.observe_poll(outcome, self.store))
             await self.poller.load_last_good()
         else:
             # A worker reads what its supervisor accepted; it never writes the state file.
             follower = FileSource(state.path, config.view.max_size)
-            self.poller = Poller(config.view, follower, self.store, None, preparers, decode=make_decoder(config))
+            self.poller = Poller(config.view, follower, self.store, None, preparers,
+                                 decode=make_decoder(config, self.adapters.formats))
             self._supervised = SupervisedRefresh(self.control)
             self._supervised.poller = self.poller
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
@@ -205,7 +240,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
     install_uvloop()
     try:
         if control is None and config.workers > 1:
-            supervisor = Supervisor(config, reload_config, list(argv), Metrics())
+            plugged = adapters()
+            supervisor = Supervisor(config, reload_config, list(argv), Metrics(), plugged.sources, plugged.formats)
             asyncio.run(supervisor.run())
         else:
             gateway = Gateway(config, reload_config, Metrics(), control, rate_table)

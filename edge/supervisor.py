@@ -48,9 +48,9 @@ from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics
 from edge.ratelimit import create_shared_table, map_table
-from edge.view.formats import make_decoder
+from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import PollOutcome, Poller
-from edge.view.sources import configured_source
+from edge.view.sources import SourceKinds, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
 
@@ -106,8 +106,11 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None, worker_argv: Sequence[str],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, sources: SourceKinds | None = None, formats: ViewFormats | None = None) -> None:
         self.config = config
+        self.sources = sources
+        self.formats = formats
+        """What the composition root's adapters add: source kinds and document formats."""
         self.reload_config = reload_config
         self.worker_argv = list(worker_argv)
         self.metrics = metrics
@@ -145,9 +148,9 @@ class Supervisor:
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         await asyncio.to_thread(prepare_shared_secrets, config)
-        source = configured_source(config)
+        source = configured_source(config, self.sources)
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
-                             decode=make_decoder(config), on_outcome=self._poll_finished)
+                             decode=make_decoder(config, self.formats), on_outcome=self._poll_finished)
         self._served_before = await self.poller.load_last_good()
         if config.metadata.listen and self.rate_table_fd is None:
             self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)

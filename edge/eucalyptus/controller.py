@@ -2,12 +2,23 @@
 
 The GNI carries identity and network facts only; image, type, keys,
 user-data, block devices, IAM and the identity document come from the cloud
-controller's metadata service (``http://CLC:8773/latest/...``).  This client
-asks it on the instance's behalf the way eucanetd's nginx does (by source
-address, or ``Euca-Instance-Id``), caches every answer per (instance, path),
-asks once however many requests wait for the same answer, and keeps serving
-what it cached while the controller is unreachable (``stale_if_error``), so
-booted instances keep their keys and user-data through a controller outage.
+controller's metadata service (``http://CLC:8773/latest/...``).  The
+controller identifies the instance in one of two ways only
+(``compute/metadata/MetadataPipeline.java`` and ``VmMetadata.java``): by the
+``Euca-Instance-Id`` header when the connection comes from 127.0.0.1 and the
+cloud is in VPC mode, or else by the connection's source address (public
+first, then private) in EDGE (EC2-Classic) mode.  It never reads
+``X-Forwarded-For``.  So this client either asks from the controller's own host
+with the header (``instance-id``, VPCMIDO) or connects *from the instance's
+address* (``source-address``, EDGE: edge must sit in the instance's address
+path, see ``packaging/eucalyptus/README.md``).
+
+Every answer is cached per (instance, path); one request is in flight per key
+however many wait; what was cached keeps being served while the controller is
+unreachable (``stale_if_error``).  After a failure the controller is left alone
+for a short, growing pause, during which requests get what is cached at once
+instead of each waiting for a timeout.  "System is still starting up" and
+"System shutting down" are 200 answers to every path and are never cached.
 
 Credentials are the exception: a credential document is never served after
 its ``Expiration``, stale or not.
@@ -19,6 +30,7 @@ import asyncio
 import datetime
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -32,6 +44,13 @@ log = logging.getLogger("edge.eucalyptus")
 
 MAX_BODY = 1 << 20
 CREDENTIALS_PREFIX = "meta-data/iam/security-credentials/"
+NOT_READY_BODIES = (b"System is still starting up", b"System shutting down")
+"""``MetadataPipeline``: what the controller answers (200) for every path while it is not serving."""
+PAUSE_FIRST = 1.0
+PAUSE_MAX = 30.0
+"""After a failure, the controller is not asked again for this long (doubling while it keeps failing)."""
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +72,10 @@ class ControllerUnavailable(Exception):
     """The controller did not answer and nothing usable was cached."""
 
 
+class ControllerNotReady(OSError):
+    """The controller answered, but with its starting-up (or shutting-down) text."""
+
+
 @dataclass(slots=True)
 class ControllerStats:
     fetches: int = 0
@@ -60,6 +83,8 @@ class ControllerStats:
     hits: int = 0
     stale_served: int = 0
     coalesced: int = 0
+    not_ready: int = 0
+    paused: int = 0
 
 
 class ControllerMetadata:
@@ -68,6 +93,9 @@ class ControllerMetadata:
         self.cache: LRUCache[tuple[str, str], ControllerAnswer] = LRUCache(config.controller_cache_entries)
         self.inflight: dict[tuple[str, str], asyncio.Future[ControllerAnswer]] = {}
         self.stats = ControllerStats()
+        self.paused_until = 0.0
+        """Monotonic time before which the controller is not asked (it just failed)."""
+        self.pause = 0.0
 
     def configure(self, config: EucalyptusConfig) -> None:
         self.config = config
@@ -118,21 +146,31 @@ class ControllerMetadata:
 
     async def _refresh(self, key: tuple[str, str], address: str) -> ControllerAnswer:
         instance_id, path = key
-        self.stats.fetches += 1
+        paused = time.monotonic() < self.paused_until
         try:
+            if paused:
+                self.stats.paused += 1
+                raise OSError("controller failed moments ago; not asked again yet")
+            self.stats.fetches += 1
             status, content_type, body = await asyncio.wait_for(self._get(instance_id, address, path),
                                                                 self.config.controller_timeout)
             if status >= 500:
                 raise OSError(f"controller answered HTTP {status}")
+            if status == 200 and body in NOT_READY_BODIES:
+                self.stats.not_ready += 1
+                raise ControllerNotReady(f"controller answered {body.decode()!r}")
         except (OSError, asyncio.TimeoutError, ValueError) as exc:
-            self.stats.failures += 1
+            error = str(exc) or type(exc).__name__
+            if not paused:
+                self._failed(error)
             previous = self.cache.get(key)
             if previous is not None and time.time() < previous.usable_until:
                 self.stats.stale_served += 1
-                event(log, logging.WARNING, "controller unreachable; serving cached answer", instance=instance_id,
-                      path=path, age=round(time.time() - previous.fetched_at), error=str(exc) or type(exc).__name__)
                 return previous
-            raise ControllerUnavailable(str(exc) or type(exc).__name__) from None
+            raise ControllerUnavailable(error) from None
+        if self.pause:
+            event(log, logging.INFO, "controller answering again")
+        self.pause = 0.0
         now = time.time()
         fresh_until = now + self.config.controller_ttl
         usable_until = fresh_until + self.config.controller_stale_if_error
@@ -149,14 +187,27 @@ class ControllerMetadata:
             self.cache[key] = answer
         return answer
 
+    def _failed(self, error: str) -> None:
+        """Count a failure and pause asking (logged once per pause, not once per request)."""
+        self.stats.failures += 1
+        if time.monotonic() < self.paused_until:
+            return  # another request's failure already paused asking
+        first = self.pause == 0.0
+        self.pause = PAUSE_FIRST if first else min(self.pause * 2, PAUSE_MAX)
+        self.paused_until = time.monotonic() + self.pause
+        event(log, logging.WARNING, "controller unavailable; serving what is cached", error=error,
+              retry_in=self.pause, first=first)
+
     async def _get(self, instance_id: str, address: str, path: str) -> tuple[int, str, bytes]:
         headers = [f"GET {self.prefix}/{path} HTTP/1.1", f"Host: {self.host}", "Connection: close",
                    "User-Agent: edge-controller-fallback/1"]
         if self.config.controller_identity == "instance-id":
             headers.append(f"Euca-Instance-Id: {instance_id}")
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
         else:
-            headers.append(f"X-Forwarded-For: {address}")
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
+            reader, writer = await asyncio.open_connection(sock=await self._connect_from(address),
+                                                           ssl=self.tls or None,
+                                                           server_hostname=self.host if self.tls else None)
         try:
             writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
             head = await reader.readuntil(b"\r\n\r\n")
@@ -182,6 +233,32 @@ class ControllerMetadata:
             raise ValueError(f"malformed controller answer: {exc}") from None
         finally:
             writer.close()
+
+
+    async def _connect_from(self, address: str) -> socket.socket:
+        """A socket connected to the controller from the instance's own address.
+
+        The address is not this host's: ``IP_TRANSPARENT`` (with ``CAP_NET_ADMIN``) lets the
+        connection use it, and the controller's answers come back because edge is on the path
+        to the instance (EDGE deployment).  ``IP_FREEBIND`` alone suffices for local addresses.
+        """
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            for option in (IP_TRANSPARENT, IP_FREEBIND):
+                try:
+                    sock.setsockopt(socket.SOL_IP, option, 1)
+                except OSError:
+                    pass  # without CAP_NET_ADMIN: bind shows whether the address is usable
+            sock.bind((address, 0))
+            infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, family=family,
+                                                                  type=socket.SOCK_STREAM)
+            await asyncio.get_running_loop().sock_connect(sock, infos[0][4])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 def _expiration(body: bytes) -> float | None:

@@ -20,14 +20,17 @@ that follows both files prepends the map to the XML as a comment
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from xml.etree.ElementTree import Element
 
+from edge.config import Config
 from edge.errors import ViewInvalid
 from edge.logs import event
 from edge.view.model import DEFAULT_NETWORK, View
@@ -42,30 +45,54 @@ _MAP_BLOCK = re.compile(rb"<!--\s*" + MAP_COMMENT.encode() + rb"\n(.*?)-->", re.
 
 
 @dataclass(frozen=True, slots=True)
-class NameStyle:
-    """How a Eucalyptus generation names instances."""
-
-    private_template: str
-    public_template: str
-    private_domain: str | None
-    """None: the document's ``instanceDNSDomain``."""
-    public_domain_prefix: str
-
-
-NAME_STYLES = {
-    # Eucalyptus 5.0: euca-A-B-C-D.eucalyptus.internal / euca-A-B-C-D.eucalyptus.<dns domain>
-    "euca": NameStyle("euca-{ip}", "euca-{ip}", None, "eucalyptus."),
-    # Later generations: ip-A-B-C-D.compute.internal / ec2-A-B-C-D.<dns domain>
-    "ec2": NameStyle("ip-{ip}", "ec2-{ip}", "compute.internal", ""),
-}
-
-
-@dataclass(frozen=True, slots=True)
 class GniOptions:
-    name_style: str = "euca"
+    """The cloud properties that shape names and answers (``eucalyptus.*`` configuration keys)."""
+
+    version: str = "5"
     dns_domain: str = "localhost"
     """The cloud's ``system.dns.dnsdomain`` (public names live under it)."""
     region: str = "eucalyptus"
+    instance_subdomain: str = ""
+    """``cloud.vmstate.instance_subdomain``; empty: the version's default."""
+    private_prefix: str = "ip-"
+    public_prefix: str = "ec2-"
+
+    @classmethod
+    def of(cls, config: Config) -> GniOptions:
+        euca = config.eucalyptus
+        return cls(version=euca.version, dns_domain=euca.dns_domain, region=euca.region,
+                   instance_subdomain=euca.instance_subdomain, private_prefix=euca.private_prefix,
+                   public_prefix=euca.public_prefix)
+
+    @property
+    def subdomain(self) -> str:
+        """The instance subdomain without its leading dot (``compute``; 4.x ``eucalyptus``)."""
+        text = self.instance_subdomain or (".eucalyptus" if self.version == "4" else ".compute")
+        return text.strip(".")
+
+    @property
+    def prefixes(self) -> tuple[str, str]:
+        """(private, public) name prefixes: 4.x hard-codes ``euca-`` (``VmInstances.dnsName``)."""
+        return ("euca-", "euca-") if self.version == "4" else (self.private_prefix, self.public_prefix)
+
+    @property
+    def internal_domain(self) -> str:
+        """Where private names live: ``<subdomain>.internal`` (``DomainNames.internalSubdomain``)."""
+        return f"{self.subdomain}.internal"
+
+    @property
+    def public_domain(self) -> str:
+        """Where public names live: ``<subdomain>.<dns domain>`` (``DomainNames.externalSubdomain``)."""
+        return f"{self.subdomain}.{self.dns_domain.strip('.')}"
+
+    def private_name(self, address: str) -> str:
+        return f"{self.prefixes[0]}{address.replace('.', '-')}.{self.internal_domain}"
+
+    def public_name(self, address: str) -> str:
+        """``VmInstances.generateDnsName``: empty for the unassigned address."""
+        if address in _UNASSIGNED:
+            return ""
+        return f"{self.prefixes[1]}{address.replace('.', '-')}.{self.public_domain}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +157,15 @@ def decode_gni(data: bytes, options: GniOptions) -> View:
         # eucanetd rewrites the map in place: a torn line costs that line, not the view.
         for problem in map_problems[:20]:
             event(log, logging.WARNING, "intip map line ignored", problem=problem)
-    document, problems = gni_document(root, options, map_entries)
+    problems, warnings = gni_problems(root)
     if problems:
         raise ViewInvalid(problems)
+    document, widened = gni_document(root, options, map_entries)
+    warnings += widened
+    for warning in warnings[:20]:
+        event(log, logging.WARNING, "GNI accepted with a warning", warning=warning)
+    if len(warnings) > 20:
+        event(log, logging.WARNING, "GNI accepted with more warnings", more=len(warnings) - 20)
     view = parse_view(document)
     version = root.get("version") or hashlib.sha256(data).hexdigest()[:16]
     if match:
@@ -218,16 +251,74 @@ def _cluster_of_instances(root: Element) -> tuple[dict[str, str], list[str]]:
     return zones, names
 
 
+def gni_problems(root: Element) -> tuple[list[str], list[str]]:
+    """What eucanetd's ``gni_validate`` rejects the whole document for, and what it only warns about.
+
+    ``net/euca_gni.c``: a mode other than EDGE or VPCMIDO, no enabled CLC, no instance DNS domain,
+    no (or a 0.0.0.0) instance DNS server, VPC elements in EDGE mode; an instance without name,
+    owner, private address or security groups (``gni_instance_validate``); an interface without
+    name, owner or private address, or with an empty group name (``gni_interface_validate``).
+    A missing MAC is a warning only, and addresses are not checked against the subnets.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    props = _properties(root)
+    mode = (props.get("mode") or [""])[0]
+    if mode not in ("EDGE", "VPCMIDO"):
+        problems.append(f"GNI mode must be EDGE or VPCMIDO, got {mode!r}")
+    clc = (props.get("enabledCLCIp") or [""])[0]
+    if clc in _UNASSIGNED or canonical_ipv4(clc) is None:
+        problems.append(f"GNI has no enabled CLC address (enabledCLCIp {clc!r})")
+    if not (props.get("instanceDNSDomain") or [""])[0]:
+        problems.append("GNI has no instanceDNSDomain")
+    servers = props.get("instanceDNSServers") or []
+    if not servers or any(server in _UNASSIGNED for server in servers):
+        problems.append(f"GNI instanceDNSServers missing or 0.0.0.0: {servers!r}")
+    if mode == "EDGE":
+        for tag, child in (("vpcs", "vpc"), ("dhcpOptionSets", "dhcpOptionSet"), ("internetGateways", "internetGateway")):
+            holder = root.find(tag)
+            if holder is not None and holder.findall(child):
+                problems.append(f"GNI in EDGE mode has VPC elements (<{tag}>)")
+    holder = root.find("instances")
+    for element in holder.findall("instance") if holder is not None else ():
+        name = element.get("name", "")
+        _check_element(element, name, "instance", problems, warnings, groups_required=True)
+        nics = element.find("networkInterfaces")
+        for nic in nics.findall("networkInterface") if nics is not None else ():
+            _check_element(nic, f"{name}/{nic.get('name', '')}", "interface", problems, warnings,
+                           groups_required=False)
+    return problems, warnings
+
+
+def _check_element(element: Element, where: str, kind: str, problems: list[str], warnings: list[str],
+                   groups_required: bool) -> None:
+    if not element.get("name", ""):
+        problems.append(f"{kind} without a name")
+    if not _text(element, "ownerId"):
+        problems.append(f"{kind} {where}: no ownerId")
+    if _text(element, "privateIp") in _UNASSIGNED:
+        problems.append(f"{kind} {where}: no privateIp")
+    groups = _values(element, "securityGroups")
+    if groups_required and not groups:
+        problems.append(f"{kind} {where}: no securityGroups")
+    if any(not group for group in groups):
+        problems.append(f"{kind} {where}: an empty security group name")
+    if _text(element, "macAddress") in ("", "00:00:00:00:00:00"):
+        warnings.append(f"{kind} {where}: no macAddress; served without MAC paths")
+
+
 def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]) -> tuple[dict[str, Any], list[str]]:
-    """The edge-view/1 document equivalent to a parsed GNI (not yet validated)."""
+    """The edge-view/1 document equivalent to a parsed GNI that :func:`gni_problems` accepted.
+
+    Returns the document and warnings: a private address outside its network's subnets (which
+    eucanetd never checks) is accepted with a warning, the network widened by that one address.
+    """
     problems: list[str] = []
     props = _properties(root)
-    style = NAME_STYLES.get(options.name_style)
-    if style is None:
-        raise ViewInvalid([f"unknown Eucalyptus name style {options.name_style!r} (use euca or ec2)"])
-    dns_domain = (props.get("instanceDNSDomain") or ["eucalyptus.internal"])[0] or "eucalyptus.internal"
-    internal_domain = style.private_domain or dns_domain
-    public_domain = style.public_domain_prefix + options.dns_domain
+    internal_domain = options.internal_domain
+    public_domain = options.public_domain
+    mode = (props.get("mode") or ["EDGE"])[0]
+    private_prefix, public_prefix = options.prefixes
     zones, cluster_names = _cluster_of_instances(root)
 
     networks: list[dict[str, Any]] = []
@@ -280,7 +371,9 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
     for entry in map_entries:
         owner = eni_owner.get(entry.owner)
         if owner is None and entry.owner in by_id:
-            owner = (entry.owner, 0)
+            # An instance id in the map is its primary interface (device index 0), wherever it is listed.
+            nics = by_id[entry.owner]["interfaces"]
+            owner = (entry.owner, next((n for n, nic in enumerate(nics) if nic["device_index"] == 0), 0))
         if owner is None:
             continue  # an interface that is not in this GNI yet (or any more)
         map_addresses.append((entry, *owner))
@@ -290,8 +383,17 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
         interface = by_id[instance_id]["interfaces"][position]
         interface.setdefault("metadata_sources", []).append(entry.address)
 
-    records = [{"name": "instance-data", "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600},
-               {"name": f"instance-data.{internal_domain}", "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600}]
+    for instance in instances:
+        for interface in instance["interfaces"]:
+            if mode == "EDGE" and interface["public_ip"]:
+                # EDGE: a node's eucanetd DNATs metadata to port 8773 and, by default
+                # (METADATA_USE_VM_PRIVATE=N), SNATs the instance to its public address on the way.
+                interface.setdefault("metadata_sources", []).append(interface["public_ip"])
+            _widen_for(networks, interface, instance["id"], problems)
+
+    # InstanceDataDnsResolver: instance-data, under internal. and under eucalyptus.internal.
+    records = [{"name": name, "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600}
+               for name in ("instance-data", "instance-data.internal", "instance-data.eucalyptus.internal")]
     document = {
         "format": "edge-view/1",
         "serial": 0,
@@ -299,14 +401,39 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
             "region": options.region,
             "internal_domain": internal_domain,
             "public_domain": public_domain,
-            "private_name_template": style.private_template,
-            "public_name_template": style.public_template,
+            "private_name_template": private_prefix + "{ip}",
+            "public_name_template": public_prefix + "{ip}",
             "dns_records": records,
         },
         "networks": networks,
         "instances": instances,
     }
     return document, problems
+
+
+def _widen_for(networks: list[dict[str, Any]], interface: dict[str, Any], instance_id: str,
+               warnings: list[str]) -> None:
+    """Accept a private address outside its network's subnets (eucanetd does not check) as a host route."""
+    address = interface["private_ips"][0]
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return  # the view's validation reports it
+    network = next((n for n in networks if n["id"] == interface["network"]), None)
+    if network is None:
+        network = {"id": interface["network"], "cidrs": [], "subnets": []}
+        networks.append(network)
+    inside = False
+    for cidr in network["cidrs"]:
+        try:
+            inside = ip in ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if inside:
+            return
+    warnings.append(f"instance {instance_id}: private address {address} is outside the subnets of network "
+                    f"{interface['network'] or '(flat)'}; accepted as {address}/32")
+    network["cidrs"].append(f"{address}/32")
 
 
 def _interface(element: Element, interface_id: str, problems: list[str], where: str) -> dict[str, Any]:
@@ -328,3 +455,8 @@ def _interface(element: Element, interface_id: str, problems: list[str], where: 
     if owner:
         interface["owner_id"] = owner
     return interface
+
+
+def gni_decoder(config: Config) -> Callable[[bytes], View]:
+    """The GNI's decoder for the ``eucalyptus-gni`` view format (registered by the composition root)."""
+    return functools.partial(decode_gni, options=GniOptions.of(config))

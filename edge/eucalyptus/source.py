@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edge.config import Config
 from edge.errors import SourceError
 from edge.eucalyptus.gni import bundle
 from edge.view.sources import FileSource, ViewSource
@@ -40,3 +41,10 @@ class GniWithIntipMap:
         if self._gni is None or (gni is None and not changed_map):
             return None
         return bundle(self._gni, self._map)
+
+
+def with_intip_map(source: ViewSource, config: Config) -> ViewSource:
+    """The source wrapper the composition root registers: bundle the intip map when one is configured."""
+    if not config.eucalyptus.intip_map_file:
+        return source
+    return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edge.eucalyptus.fallback import ControllerAnswers, NeedController, controller_path
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
+from edge.metadata.fallback import MetadataFallback, NeedFallback
 from edge.metadata.identify import Peer, attachment_for
 from edge.ratelimit import RateLimiter
 from edge.metadata.render import MISSING, Renderer
@@ -46,8 +46,8 @@ class Request:
     """The service already waited for a fresher view for this request."""
     started: float = 0.0
     """Monotonic time the request was complete (for the latency histogram)."""
-    skip_controller: bool = False
-    """The controller could not answer this request: answer it from the view."""
+    skip_fallback: bool = False
+    """The metadata fallback (a cloud's controller) had no answer for this request: the view answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class NeedCredentials:
     ttl_line: bytes | None
 
 
-Pending = UnknownSource | NeedCredentials | NeedController
+Pending = UnknownSource | NeedCredentials | NeedFallback
 
 
 class MetadataHandler:
@@ -78,8 +78,8 @@ class MetadataHandler:
         self._verified: dict[bytes, tuple[str, int]] = {}
         """token -> (instance id, expiry) of tokens that verified: skips the MAC on repeat reads."""
         self.max_verified = 100_000
-        self.controller: ControllerAnswers | None = None
-        """Eucalyptus: the controller's metadata service, asked first for every metadata path."""
+        self.fallback: MetadataFallback | None = None
+        """A cloud's own metadata service (set by the composition root), asked before the view."""
         self._seen_options: tuple[MetadataOptions | None, bool, bool] = (None, True, False)
         """The options last asked about, with (endpoint enabled, tokens required): instances share
         options objects (most have the default one), and reading the two properties costs more."""
@@ -157,18 +157,18 @@ class MetadataHandler:
         elif tokens_required:
             return self.refuse(Outcome.UNAUTHORIZED, request)
 
-        controller = self.controller
-        if controller is not None and not request.skip_controller:
-            path = controller_path(target)
+        fallback = self.fallback
+        if fallback is not None and not request.skip_fallback:
+            path = fallback.path_of(target)
             if path is not None:
                 if now is None:
                     now = _time()
-                cached = controller.cached(instance.id, path, now)
+                cached = fallback.cached(snapshot, instance, path, now)
                 if cached is None:
-                    return NeedController(instance, attachment.interface.primary_ip, path, ttl_line)
+                    return NeedFallback(instance, attachment.interface.primary_ip, path, ttl_line)
                 if cached.status == 200:
                     return self._wire(cached, ttl_line, request.keep_alive, head_only)
-                # The controller has nothing there: the view may (instance id, addresses, network).
+                # The fallback has nothing there: the view may (paths edge adds: tokens, tags, events).
 
         # Renderer.lookup's memo read inline: a call fewer for nearly every request.
         renderer = self.renderer
@@ -236,10 +236,10 @@ class MetadataHandler:
             return found.wire(keep_alive, head_only)
         return found.wire_with(ttl_line, keep_alive, head_only)
 
-    def finish_controller(self, pending: NeedController, found: Response | None, request: Request) -> bytes | None:
-        """The controller's answer, or None when the view should answer instead."""
+    def finish_fallback(self, pending: NeedFallback, found: Response | None, request: Request) -> bytes | None:
+        """The fallback's answer, or None when the view should answer instead."""
         if found is None or found.status != 200:
-            request.skip_controller = True
+            request.skip_fallback = True
             return None
         return self._wire(found, pending.ttl_line, request.keep_alive, request.method == b"HEAD")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from edge.eucalyptus.fallback import NeedController
+from edge.metadata.fallback import NeedFallback
 from edge.metadata.handler import NeedCredentials, Pending, Request, UnknownSource
 from edge.metadata.identify import Peer
 from edge.metadata.responses import ANSWERS, Outcome
@@ -374,13 +374,13 @@ class MetadataProtocol(asyncio.Protocol):
                 elif isinstance(result, NeedCredentials):
                     found = await self.handler.credentials.fetch(result.instance, result.address, result.role)
                     result = self.handler.finish_credentials(result, found, request)
-                elif isinstance(result, NeedController):
-                    controller = self.handler.controller
-                    assert controller is not None
-                    answered = await controller.fetch(result.instance.id, result.address, result.path)
-                    finished = self.handler.finish_controller(result, answered, request)
+                elif isinstance(result, NeedFallback):
+                    fallback = self.handler.fallback
+                    assert fallback is not None
+                    answered = await fallback.fetch(self.store.current, result.instance, result.address, result.path)
+                    finished = self.handler.finish_fallback(result, answered, request)
                     if finished is None:
-                        # Not at the controller (or it is down with nothing cached): the view answers.
+                        # The fallback has nothing there (or is down with nothing kept): the view answers.
                         finished = self.handler.answer(self.store.current, self.peer, request,  # type: ignore[arg-type]
                                                        _time(), _monotonic())
                     result = finished

@@ -24,6 +24,7 @@ from edge.config import Config, MetadataConfig
 from edge.fleet_keys import FleetTokenKeys, read_fleet_token_keys
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
+from edge.metadata.fallback import MetadataFallback
 from edge.metadata.handler import MetadataHandler
 from edge.metadata.identify import Peer, TrustedProxies, canonical_peer
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
@@ -31,7 +32,7 @@ from edge.metadata.protocol import MetadataProtocol
 from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
-from edge.view.snapshot import Preparer
+from edge.view.snapshot import Preparer, Snapshot
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.metadata")
@@ -92,9 +93,16 @@ def build_handler(config: Config, keys: tokens.TokenKeys, signer: IdentitySigner
     )
 
 
+FallbackFactory = Callable[[Config, "MetadataFallback | None"], "MetadataFallback | None"]
+"""(configuration, fallback in use) -> the fallback to use now: the composition root's choice of a
+cloud adapter; it reconfigures the one in use rather than replacing it, so its cache survives SIGHUP."""
+
+
 class MetadataService:
-    def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]],
+                 fallback_for: FallbackFactory | None = None) -> None:
         self.config = config
+        self.fallback_for = fallback_for
         self.store = store
         self.refresh = refresh
         self.preparers: list[Preparer] = []
@@ -133,7 +141,8 @@ class MetadataService:
         keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
                                                         load_identity_signer(self.config)))
         self.handler = build_handler(self.config, keys, signer, self.rate_table)
-        self._configure_controller(self.config)
+        self._configure_fallback(self.config)
+        self.store.on_swap(self._view_changed)
         self.fleet_keys.configure(self.config)
         loop = asyncio.get_running_loop()
         for listen in self.config.metadata.listen:
@@ -171,6 +180,8 @@ class MetadataService:
             self._refresh_task.cancel()
         if self.handler is not None:
             await self.handler.credentials.close()
+            if self.handler.fallback is not None:
+                await self.handler.fallback.close()
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
@@ -198,7 +209,7 @@ class MetadataService:
         self.limits = ProtocolLimits.of(metadata)
         self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
         self.peers = OrderedDict()
-        self._configure_controller(config)
+        self._configure_fallback(config)
         self.config = config
         log.info("metadata configuration reloaded keys=%d", len(keys.by_id))
 
@@ -209,18 +220,19 @@ class MetadataService:
         self.handler.set_keys(keys)
         return True
 
-    def _configure_controller(self, config: Config) -> None:
-        """Eucalyptus: ask the controller's metadata service first (cached, stale while it is down)."""
-        if not config.eucalyptus.controller_url:
-            self.handler.controller = None
+    def _configure_fallback(self, config: Config) -> None:
+        """The cloud's own metadata service, asked before the view (when the composition root gives one)."""
+        if self.fallback_for is None:
             return
-        current = self.handler.controller
-        if current is None:
-            from edge.eucalyptus.controller import ControllerMetadata
-            from edge.eucalyptus.fallback import ControllerAnswers
-            self.handler.controller = ControllerAnswers(ControllerMetadata(config.eucalyptus))
-        else:
-            current.controller.configure(config.eucalyptus)
+        before = self.handler.fallback
+        self.handler.fallback = self.fallback_for(config, before)
+        if self.handler.fallback is not before and self.store.current is not None:
+            self._view_changed(self.store.current)
+
+    def _view_changed(self, snapshot: Snapshot) -> None:
+        fallback = self.handler.fallback if self.handler is not None else None
+        if fallback is not None:
+            fallback.view_changed(snapshot)
 
     def export_metrics(self) -> None:
         """Copy the plain counters into the tally's subsystem totals (called once a second)."""
@@ -236,6 +248,8 @@ class MetadataService:
             events[("credential_fetches", "error")] = credentials.failures
             for reason, lost in credentials.runner.failures.items():
                 events[("credential_helper_failures", reason)] = lost
+            if handler.fallback is not None:
+                events.update(handler.fallback.counters())
         events[("unknown_source_refreshes", "http")] = self.refreshes
         events[("connections_refused", "http")] = self.refused_connections
 

@@ -124,9 +124,10 @@ def meta_data(instance: Instance, snapshot: Snapshot) -> Directory:
         "kernel-id": instance.kernel_id,
         "local-hostname": cloud.private_name(address),
         "local-ipv4": address if ":" not in address else None,
-        "mac": primary.mac,
+        "mac": primary.mac or None,
         "network": directory({"interfaces": directory({"macs": directory({
-            interface.mac: _interface(instance, interface, snapshot) for interface in instance.interfaces})})}),
+            interface.mac: _interface(instance, interface, snapshot) for interface in instance.interfaces
+            if interface.mac})})}),
         "placement": _placement(instance, snapshot),
         "product-codes": _lines(instance.product_codes),
         "public-hostname": cloud.public_name(public) if public else None,

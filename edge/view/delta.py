@@ -92,7 +92,8 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
                 del by_private[(DEFAULT_NETWORK, address)]
             if interface.public_ip is not None:
                 del by_public[interface.public_ip]
-            del by_mac[interface.mac]
+            if interface.mac:
+                del by_mac[interface.mac]
         contribution = _contribution(view, instance)
         for name in contribution.names.touched():
             drop_contributor(contributors, name, instance.id, shared)
@@ -207,7 +208,7 @@ def _self_conflict(instance: Instance, contribution: _Indexer) -> bool:
         private += len(interface.private_ips) + len(interface.ipv6s) + len(interface.metadata_sources)
         public += interface.public_ip is not None
     return (private != len(contribution.by_private) or public != len(contribution.by_public)
-            or len(instance.interfaces) != len(contribution.by_mac))
+            or len(instance.interfaces) - contribution.without_mac != len(contribution.by_mac))
 
 
 def _subtract(counts: dict[str, int], by: dict[str, int]) -> None:

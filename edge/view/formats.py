@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from edge.config import Config
-from edge.errors import ViewInvalid
+from edge.errors import ConfigError, ViewInvalid
 from edge.view.model import Instance, View
 from edge.view.parse import Reused, _CidrTable, _fast_instance, cidr_table_of, instance_validator, parse_view
 from edge.view.scan import elements_end, likely_elements_ends, skip_whitespace, string_end, value_end
@@ -41,38 +41,67 @@ _DECODER = json.JSONDecoder()
 _INCREMENTAL_THRESHOLD = 1 << 20
 
 
+Sniffer = Callable[[bytes], bool]
+"""Whether document bytes are in a format (looks at the head only)."""
+DecoderFactory = Callable[[Config], Callable[[bytes], View]]
+"""Builds a format's decoder from the configuration (an adapter's options)."""
+
+
+class ViewFormats:
+    """Document formats other than ``edge-view/1``, by name, each with its sniffer.
+
+    The composition root registers the formats its adapters bring (the Eucalyptus GNI);
+    ``view.format = "auto"`` picks the first whose sniffer recognises the document, and
+    ``edge-view/1`` otherwise.
+    """
+
+    def __init__(self) -> None:
+        self.formats: dict[str, tuple[Sniffer, DecoderFactory]] = {}
+
+    def add(self, name: str, sniff: Sniffer, decoder: DecoderFactory) -> None:
+        self.formats[name] = (sniff, decoder)
+
+    def decoder(self, config: Config) -> FormatDecoder:
+        return FormatDecoder(config, self)
+
+
 class FormatDecoder:
-    """The decoder for the configured view format (``auto``: Eucalyptus GNI by its XML root).
+    """The decoder for the configured view format (``auto``: by the document's head).
 
     ``speaks_view(data)`` tells the poller when ``data`` is an ``edge-view/1`` document,
     which it may then decode with :func:`decode_view_reusing`.
     """
 
-    __slots__ = ("chosen", "options")
+    __slots__ = ("chosen", "others")
 
-    def __init__(self, config: Config) -> None:
-        from edge.eucalyptus.gni import GniOptions
-
-        euca = config.eucalyptus
-        self.options = GniOptions(name_style=euca.name_style, dns_domain=euca.dns_domain, region=euca.region)
+    def __init__(self, config: Config, formats: ViewFormats | None = None) -> None:
         self.chosen = config.view.format
+        registered = formats.formats if formats is not None else {}
+        if self.chosen not in ("auto", "edge-view") and self.chosen not in registered:
+            raise ConfigError(f"view.format {self.chosen!r} is not a format this program registers "
+                              f"(known: auto, edge-view{''.join(', ' + name for name in registered)})")
+        self.others = [(name, sniff, make(config)) for name, (sniff, make) in registered.items()
+                       if self.chosen in ("auto", name)]
+
+    def _other(self, data: bytes) -> Callable[[bytes], View] | None:
+        if self.chosen == "edge-view":
+            return None
+        for name, sniff, decode in self.others:
+            if name == self.chosen or sniff(data):
+                return decode
+        return None
 
     def speaks_view(self, data: bytes) -> bool:
-        from edge.eucalyptus.gni import is_gni
-
-        return not (self.chosen == "eucalyptus-gni" or (self.chosen == "auto" and is_gni(data)))
+        return self._other(data) is None
 
     def __call__(self, data: bytes) -> View:
-        if self.speaks_view(data):
-            return decode_view(data)
-        from edge.eucalyptus.gni import decode_gni
-
-        return decode_gni(data, self.options)
+        decode = self._other(data)
+        return decode_view(data) if decode is None else decode(data)
 
 
-def make_decoder(config: Config) -> Callable[[bytes], View]:
-    """The decoder for the configured view format (``auto``: Eucalyptus GNI by its XML root)."""
-    return FormatDecoder(config)
+def make_decoder(config: Config, formats: ViewFormats | None = None) -> Callable[[bytes], View]:
+    """The decoder for the configured view format, knowing the formats registered in ``formats``."""
+    return FormatDecoder(config, formats)
 
 
 def decode_view(data: bytes) -> View:

@@ -490,10 +490,10 @@ class _Uniqueness:
                     problems.add(where, f"public address {interface.public_ip} is also used by {owner}")
                 else:
                     seen_public[interface.public_ip] = instance.id
-            owner = seen_macs.get(interface.mac)
+            owner = seen_macs.get(interface.mac) if interface.mac else None
             if owner is not None:
                 problems.add(where, f"MAC {interface.mac} is also used by {owner}")
-            else:
+            elif interface.mac:
                 seen_macs[interface.mac] = instance.id
         return True
 
@@ -610,7 +610,8 @@ def _parse_interface(item: dict[str, Any], where: str, cidr_table: _CidrTable, p
     mac = r.str("mac", required=True)
     if mac is not None:
         mac = mac.lower()
-        if not _MAC.match(mac):
+        # "" is an interface whose MAC the control plane does not know (served without MAC paths).
+        if mac and not _MAC.match(mac):
             problems.add(f"{where}.mac", f"not a MAC address: {mac!r}")
     device_index = r.int("device_index")
     network = r.str("network")

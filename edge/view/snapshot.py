@@ -314,6 +314,8 @@ class _Indexer:
     private_keys: int = 0
     """Interfaces and (network, address) keys indexed: fewer entries in the indexes mean duplicates."""
     public_addresses: int = 0
+    without_mac: int = 0
+    """Interfaces whose MAC the control plane does not know (not in ``by_mac``)."""
 
     def index(self, instance: Instance) -> None:
         ttl = self.ttl
@@ -328,7 +330,10 @@ class _Indexer:
         for interface in instance.interfaces:
             attachment = Attachment(instance, interface)
             network = interface.network
-            by_mac[interface.mac] = attachment
+            if interface.mac:
+                by_mac[interface.mac] = attachment
+            else:
+                self.without_mac += 1
             primary_name = None
             for address in interface.private_ips:
                 by_private[(network, address)] = attachment
@@ -365,7 +370,7 @@ class _Indexer:
 
     def saw_duplicates(self, instances: Mapping[str, Instance], indexed: int) -> bool:
         """Whether two of the ``indexed`` instances share an id, private key, public address or MAC."""
-        return (len(instances) != indexed or len(self.by_mac) != self.interfaces
+        return (len(instances) != indexed or len(self.by_mac) != self.interfaces - self.without_mac
                 or len(self.by_private) != self.private_keys or len(self.by_public) != self.public_addresses)
 
 

@@ -18,6 +18,7 @@ import os
 import ssl
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -221,26 +222,73 @@ def gunzip_capped(data: bytes, max_size: int, where: str, what: str) -> bytes:
     return plain
 
 
-def open_source(spec: str, config: ViewConfig) -> ViewSource:
-    """``demo``, an ``http(s)://`` URL, an ``etcd(s)://`` key, or a file path (``file://`` accepted)."""
-    if spec == "demo":
-        return DemoSource()
-    if spec.startswith(("http://", "https://")):
-        return HttpSource(spec, config)
-    if spec.startswith(("etcd://", "etcds://")):
-        from edge.view.etcd_source import EtcdSource
-        return EtcdSource(spec, config)
-    if spec.startswith("file://"):
-        spec = spec[len("file://"):]
-    if "://" in spec:
-        raise SourceError(f"unsupported view source {spec!r} (use a file path, http(s):// URL, etcd:// key or demo)")
-    return FileSource(spec, config.max_size)
+SourceOpener = Callable[[str, ViewConfig], ViewSource]
+"""Opens a source from its ``view.source`` text (``scheme://...``)."""
+SourceWrapper = Callable[[ViewSource, Config], ViewSource]
+"""Wraps the configured source (an adapter bundling a side file in); returns it unchanged when not configured."""
 
 
-def configured_source(config: Config) -> ViewSource:
-    """The gateway's view source: ``view.source``, with eucanetd's intip map bundled in when configured."""
-    source = open_source(config.view.source, config.view)
-    if config.eucalyptus.intip_map_file:
-        from edge.eucalyptus.source import GniWithIntipMap
-        return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size)
-    return source
+class SourceKinds:
+    """Which source a ``view.source`` names: ``demo``, a file path, or a registered ``scheme://``.
+
+    The built-in schemes (http, https, etcd, etcds) are registered by :func:`builtin_source_kinds`
+    exactly as an adapter registers its own from the composition root: the pipeline names none
+    of them.
+    """
+
+    def __init__(self) -> None:
+        self.schemes: dict[str, SourceOpener] = {}
+        self.wrappers: list[SourceWrapper] = []
+
+    def add_scheme(self, scheme: str, opener: SourceOpener) -> None:
+        self.schemes[scheme.lower()] = opener
+
+    def add_wrapper(self, wrapper: SourceWrapper) -> None:
+        self.wrappers.append(wrapper)
+
+    def open(self, spec: str, config: ViewConfig) -> ViewSource:
+        """``demo``, a registered ``scheme://`` source, or a file path (``file://`` accepted)."""
+        if spec == "demo":
+            return DemoSource()
+        scheme, separator, _ = spec.partition("://")
+        if not separator:
+            return FileSource(spec, config.max_size)
+        if scheme.lower() == "file":
+            return FileSource(spec[len("file://"):], config.max_size)
+        opener = self.schemes.get(scheme.lower())
+        if opener is None:
+            known = ", ".join(f"{name}://" for name in sorted(self.schemes))
+            raise SourceError(f"unsupported view source {spec!r} (use a file path, demo, or one of {known})")
+        return opener(spec, config)
+
+    def configured(self, config: Config) -> ViewSource:
+        """The gateway's view source: ``view.source``, wrapped by every registered wrapper."""
+        source = self.open(config.view.source, config.view)
+        for wrap in self.wrappers:
+            source = wrap(source, config)
+        return source
+
+
+def _etcd_source(spec: str, config: ViewConfig) -> ViewSource:
+    from edge.view.etcd_source import EtcdSource
+    return EtcdSource(spec, config)
+
+
+def builtin_source_kinds() -> SourceKinds:
+    """The sources every gateway knows: http(s) URLs and etcd keys (plus ``demo`` and files)."""
+    kinds = SourceKinds()
+    kinds.add_scheme("http", HttpSource)
+    kinds.add_scheme("https", HttpSource)
+    kinds.add_scheme("etcd", _etcd_source)
+    kinds.add_scheme("etcds", _etcd_source)
+    return kinds
+
+
+def open_source(spec: str, config: ViewConfig, kinds: SourceKinds | None = None) -> ViewSource:
+    """``demo``, an ``http(s)://`` URL, an ``etcd(s)://`` key, a file path, or a scheme ``kinds`` adds."""
+    return (kinds or builtin_source_kinds()).open(spec, config)
+
+
+def configured_source(config: Config, kinds: SourceKinds | None = None) -> ViewSource:
+    """The gateway's view source, with the wrappers of ``kinds`` (the composition root's) applied."""
+    return (kinds or builtin_source_kinds()).configured(config)

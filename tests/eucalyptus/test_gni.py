@@ -12,13 +12,14 @@ from edge.config import Config, EucalyptusConfig, ViewConfig
 from edge.errors import ViewInvalid
 from edge.eucalyptus.gni import GniOptions, bundle, decode_gni, is_gni
 from edge.eucalyptus.source import GniWithIntipMap
+from edge.server import adapters
 from edge.view.formats import make_decoder
 from edge.view.poller import Poller
 from edge.view.sources import FileSource
 from edge.view.store import ViewStore
 from tests.eucalyptus.conftest import FIXTURES, fixture_bytes
 
-OPTIONS = GniOptions(name_style="euca", dns_domain="cloud.example")
+OPTIONS = GniOptions(version="4", dns_domain="cloud.example")
 
 
 def test_edge_mode_document_becomes_a_flat_view() -> None:
@@ -58,11 +59,25 @@ def test_vpc_mode_document_keeps_overlapping_networks_apart() -> None:
     assert snapshot.names["instance-data.eucalyptus.internal"].records_for("")[0].value == "169.254.169.254"
 
 
-def test_later_generation_name_style() -> None:
-    view = decode_gni(fixture_bytes("gni-edge.xml"), dataclasses.replace(OPTIONS, name_style="ec2"))
+def test_5x_names() -> None:
+    """5.x: ``VmInstances.dnsName`` = prefix + A-B-C-D + INSTANCE_SUBDOMAIN (``.compute``) + the internal
+    (``DomainNames.internalSubdomain``: ``internal``) or external (``system.dns.dnsdomain``) domain."""
+    view = decode_gni(fixture_bytes("gni-edge.xml"), dataclasses.replace(OPTIONS, version="5"))
     assert view.cloud.internal_domain == "compute.internal"
     assert view.cloud.private_name("172.16.0.11") == "ip-172-16-0-11.compute.internal"
-    assert view.cloud.public_name("10.111.200.1") == "ec2-10-111-200-1.cloud.example"
+    assert view.cloud.public_name("10.111.200.1") == "ec2-10-111-200-1.compute.cloud.example"
+    custom = GniOptions(version="5", dns_domain="cloud.example", instance_subdomain=".vm", private_prefix="int-",
+                        public_prefix="pub-")
+    view = decode_gni(fixture_bytes("gni-edge.xml"), custom)
+    assert view.cloud.private_name("172.16.0.11") == "int-172-16-0-11.vm.internal"
+    assert view.cloud.public_name("10.111.200.1") == "pub-10-111-200-1.vm.cloud.example"
+
+
+def test_4x_names() -> None:
+    """4.x: ``VmInstances.dnsName`` hard-codes ``euca-``; INSTANCE_SUBDOMAIN defaults to ``.eucalyptus``."""
+    view = decode_gni(fixture_bytes("gni-edge.xml"), dataclasses.replace(OPTIONS, private_prefix="x-"))
+    assert view.cloud.private_name("172.16.0.11") == "euca-172-16-0-11.eucalyptus.internal"
+    assert view.cloud.public_name("10.111.200.1") == "euca-10-111-200-1.eucalyptus.cloud.example"
 
 
 def test_intip_map_identifies_interfaces_by_their_internal_address() -> None:
@@ -85,7 +100,9 @@ def test_intip_map_identifies_interfaces_by_their_internal_address() -> None:
      b"<network-data>&b;</network-data>", "hardened XML parser"),
     (b"<other-root/>", "root element must be <network-data>"),
     (b'<network-data version="1"><instances><instance name="i-1"><macAddress>zz</macAddress>'
-     b"<privateIp>10.0.0.1</privateIp></instance></instances></network-data>", "not a MAC address"),
+     b"<privateIp>10.0.0.1</privateIp></instance></instances></network-data>", "GNI mode must be EDGE or VPCMIDO"),
+    (fixture_bytes("gni-edge.xml").replace(b"<macAddress>d0:0d:ab:6b:40:9c</macAddress>",
+                                           b"<macAddress>zz</macAddress>"), "not a MAC address"),
 ])
 def test_bad_gni_documents_are_rejected(document: bytes, message: str) -> None:
     with pytest.raises(ViewInvalid) as caught:
@@ -95,7 +112,7 @@ def test_bad_gni_documents_are_rejected(document: bytes, message: str) -> None:
 
 def test_auto_detection_by_content() -> None:
     config = Config(eucalyptus=EucalyptusConfig(dns_domain="cloud.example"))
-    decode = make_decoder(config)
+    decode = make_decoder(config, adapters().formats)
     assert not decode(fixture_bytes("gni-edge.xml")).ordered
     from edge.view.demo import demo_document
     import json
@@ -109,7 +126,7 @@ def test_poller_picks_up_a_changed_version_and_the_map(tmp_path) -> None:
                     eucalyptus=EucalyptusConfig(dns_domain="cloud.example", intip_map_file=str(map_path)))
     source = GniWithIntipMap(FileSource(str(gni_path), 1 << 20), str(map_path), 1 << 20)
     store = ViewStore(source.description)
-    poller = Poller(config.view, source, store, None, decode=make_decoder(config))
+    poller = Poller(config.view, source, store, None, decode=make_decoder(config, adapters().formats))
 
     def replace_file(path, data: bytes) -> None:
         temporary = f"{path}.tmp"

@@ -55,7 +55,10 @@ listen = ["127.0.0.1:{ports['dns']}"]
 [admin]
 listen = "127.0.0.1:{ports['admin']}"
 [eucalyptus]
+version = "4"
 dns_domain = "cloud.example"
+# These tests count the controller's requests: prefetching has its own (tests/eucalyptus/test_emulated.py).
+prefetch = false
 controller_url = "{controller.url}"
 controller_ttl = 0.5
 controller_stale_if_error = 3600.0

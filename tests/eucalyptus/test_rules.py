@@ -1,0 +1,176 @@
+"""GNI acceptance as eucanetd's, and the adapter kept out of the core.
+
+The rules are ``gni_validate``, ``gni_instance_validate`` and ``gni_interface_validate`` in
+``net/euca_gni.c`` (Corymbia/eucalyptus): what they reject, edge rejects (and keeps serving the
+last good view); what they only warn about, edge accepts with a warning.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from edge.config import Config, EucalyptusConfig, ViewConfig
+from edge.errors import ConfigError, ViewInvalid
+from edge.eucalyptus.gni import GniOptions, decode_gni
+from edge.metadata.render import Renderer
+from edge.metadata.tree import split_path
+from edge.server import Adapters, adapters
+from edge.view.formats import ViewFormats, make_decoder
+from edge.view.snapshot import build_snapshot
+from edge.view.sources import SourceKinds, builtin_source_kinds, configured_source, open_source
+from tests.eucalyptus.conftest import fixture_bytes
+
+OPTIONS = GniOptions(version="5", dns_domain="cloud.example")
+EDGE_ROOT = Path(__file__).resolve().parents[2] / "edge"
+
+# NetworkInfoTest.testParse (clc/modules/cluster-common/src/test/java/com/eucalyptus/cluster/common/broadcast/
+# NetworkInfoTest.java): a document the controller's own serializer reads back.  It has no mode property.
+NETWORK_INFO_TEST = fixture_bytes("gni-networkinfotest.xml")
+
+
+def _with_mode(document: bytes, mode: str = "EDGE") -> bytes:
+    return document.replace(b"<configuration>", b'<configuration>\n        <property type="simple" name="mode">'
+                            b"<value>" + mode.encode() + b"</value></property>", 1)
+
+
+def test_a_document_without_a_mode_is_rejected_as_eucanetd_does() -> None:
+    """``gni_netmode_validate``: only EDGE and VPCMIDO are modes."""
+    with pytest.raises(ViewInvalid) as caught:
+        decode_gni(NETWORK_INFO_TEST, OPTIONS)
+    assert caught.value.problems == ["GNI mode must be EDGE or VPCMIDO, got ''"]
+    view = decode_gni(_with_mode(NETWORK_INFO_TEST), OPTIONS)
+    assert [i.id for i in view.instances] == ["i-AB6B409C"]
+    assert view.instances[0].primary_interface.public_ip == "10.111.200.1"
+
+
+@pytest.mark.parametrize("change, problem", [
+    ((b"<value>10.111.5.11</value>", b"<value>0.0.0.0</value>"), "no enabled CLC address"),
+    ((b"<value>eucalyptus.internal</value>", b"<value></value>"), "no instanceDNSDomain"),
+    ((b"<value>10.1.1.254</value>", b"<value>0.0.0.0</value>"), "instanceDNSServers missing or 0.0.0.0"),
+    ((b"<privateIp>1.0.0.33</privateIp>", b""), "instance i-AB6B409C: no privateIp"),
+    ((b"<ownerId>856501978207</ownerId>\n            <macAddress>", b"<macAddress>"), "instance i-AB6B409C: no ownerId"),
+    ((b"<value>c4d8e62e-ea5d-49fb-b1e9-b908e9becf8</value>\n            </securityGroups>", b"</securityGroups>"),
+     "instance i-AB6B409C: no securityGroups"),
+    ((b"<vpcs/>", b'<vpcs><vpc name="vpc-1"><cidr>10.0.0.0/16</cidr></vpc></vpcs>'), "VPC elements"),
+])
+def test_what_gni_validate_rejects_is_rejected(change: tuple[bytes, bytes], problem: str) -> None:
+    document = _with_mode(NETWORK_INFO_TEST)
+    assert change[0] in document
+    with pytest.raises(ViewInvalid) as caught:
+        decode_gni(document.replace(*change), OPTIONS)
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+def test_a_missing_mac_is_a_warning_and_the_instance_is_served_without_mac_paths(caplog) -> None:
+    """``gni_instance_validate`` only warns about a missing MAC."""
+    document = fixture_bytes("gni-edge.xml").replace(b"<macAddress>d0:0d:0c:1d:2e:3f</macAddress>", b"")
+    with caplog.at_level(logging.WARNING, logger="edge.eucalyptus"):
+        view = decode_gni(document, OPTIONS)
+    assert any("i-0c1d2e3f: no macAddress" in r.getMessage() for r in caplog.records)
+    snapshot = build_snapshot(view)
+    instance = snapshot.instances["i-0c1d2e3f"]
+    assert instance.primary_interface.mac == ""
+    renderer = Renderer(None, 100)  # type: ignore[arg-type]  # no identity paths asked here
+    assert renderer.lookup(snapshot, instance, b"/latest/meta-data/local-ipv4").body == b"172.16.0.12"
+    assert renderer.lookup(snapshot, instance, b"/latest/meta-data/mac") is None
+    assert renderer.lookup(snapshot, instance, b"/latest/meta-data/network/interfaces/macs/").body == b""
+    assert "d0:0d:ab:6b:40:9c" in snapshot.by_mac  # the others keep theirs
+    assert split_path(b"/latest/meta-data/mac") == ["latest", "meta-data", "mac"]
+
+
+def test_an_address_outside_the_subnets_is_accepted_with_a_warning(caplog) -> None:
+    """eucanetd never checks private addresses against the subnets."""
+    document = fixture_bytes("gni-edge.xml").replace(b"<privateIp>172.16.0.13</privateIp>",
+                                                     b"<privateIp>192.168.7.13</privateIp>")
+    with caplog.at_level(logging.WARNING, logger="edge.eucalyptus"):
+        view = decode_gni(document, OPTIONS)
+    assert any("192.168.7.13 is outside the subnets" in r.getMessage() for r in caplog.records)
+    snapshot = build_snapshot(view)
+    assert snapshot.attachment_for("", "192.168.7.13").instance.id == "i-77aa88bb"
+
+
+def test_edge_mode_instances_are_known_by_their_public_address_too() -> None:
+    """EDGE nodes SNAT metadata traffic to the public address by default (METADATA_USE_VM_PRIVATE=N)."""
+    snapshot = build_snapshot(decode_gni(fixture_bytes("gni-edge.xml"), OPTIONS))
+    assert snapshot.attachment_for("", "10.111.200.1").instance.id == "i-ab6b409c"
+    assert snapshot.attachment_for("", "172.16.0.11").instance.id == "i-ab6b409c"
+
+
+def test_intip_entry_of_an_instance_is_its_device_index_0_interface() -> None:
+    """An instance id in the intip map is the instance's primary interface, whatever the document order."""
+    document = fixture_bytes("gni-vpc.xml")
+    first = document.index(b'<networkInterface name="eni-00000001">')
+    second = document.index(b'<networkInterface name="eni-00000011">')
+    end = document.index(b"</networkInterface>", second) + len(b"</networkInterface>")
+    swapped = (document[:first] + document[second:end] + b"\n" + document[first:second] + document[end:])
+    from edge.eucalyptus.gni import bundle
+    view = decode_gni(bundle(swapped, b"255.0.0.10 i-00000001 vpc-00000001 subnet-00000001\n"), OPTIONS)
+    snapshot = build_snapshot(view)
+    assert snapshot.attachment_for("", "255.0.0.10").interface.id == "eni-00000001"
+
+
+# -- the adapter is plugged in, not built in ----------------------------------------------------
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", ["view", "metadata", "dns"])
+def test_nothing_in_the_core_imports_the_eucalyptus_adapter(package: str) -> None:
+    offenders = {str(path.relative_to(EDGE_ROOT)): sorted(n for n in _imports(path) if n.startswith("edge.eucalyptus"))
+                 for path in (EDGE_ROOT / package).rglob("*.py")}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_without_the_adapters_the_core_knows_no_gni(tmp_path) -> None:
+    config = Config(view=ViewConfig(format="eucalyptus-gni"))
+    with pytest.raises(ConfigError, match="not a format this program registers"):
+        make_decoder(config)
+    auto = make_decoder(Config())
+    with pytest.raises(ViewInvalid, match="XML documents are not an edge-view/1 view"):
+        auto(fixture_bytes("gni-edge.xml"))
+    assert not make_decoder(Config(), adapters().formats)(fixture_bytes("gni-edge.xml")).ordered
+    config = Config(view=ViewConfig(source=str(tmp_path / "gni.xml")),
+                    eucalyptus=EucalyptusConfig(intip_map_file=str(tmp_path / "map")))
+    assert "+intip:" not in configured_source(config).description
+    assert "+intip:" in configured_source(config, adapters().sources).description
+
+
+def test_a_second_adapter_plugs_in_the_same_way(tmp_path) -> None:
+    """A scheme, a wrapper and a format, registered as the composition root registers Eucalyptus's."""
+
+    class Fixed:
+        description = "fixed"
+
+        async def fetch(self) -> bytes | None:
+            return b"<other-cloud/>"
+
+    kinds = builtin_source_kinds()
+    kinds.add_scheme("othercloud", lambda spec, config: Fixed())
+    assert isinstance(open_source("othercloud://x", ViewConfig(), kinds), Fixed)
+    with pytest.raises(Exception, match="unsupported view source"):
+        open_source("othercloud://x", ViewConfig())
+    assert {"http", "https", "etcd", "etcds"} <= set(builtin_source_kinds().schemes)
+    formats = ViewFormats()
+    demo = make_decoder(Config(view=ViewConfig(source="demo")))
+    formats.add("other-cloud", lambda data: data.startswith(b"<other-cloud"),
+                lambda config: (lambda data: demo(_demo_bytes())))
+    assert make_decoder(Config(), formats)(b"<other-cloud/>").ordered
+    assert isinstance(Adapters(SourceKinds(), formats), Adapters)
+
+
+def _demo_bytes() -> bytes:
+    import json
+
+    from edge.view.demo import demo_document
+    return json.dumps(demo_document()).encode()
