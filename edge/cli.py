@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from edge.config import Config, key_table, load_config
+from edge.config import Config, config_toml, key_table, load_config
 from edge.errors import ConfigError, EdgeError, ViewInvalid
 from edge.logs import configure_logging
 from edge.redact import redact
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the metadata and DNS server")
     serve.add_argument("--config", help="TOML configuration file")
-    serve.add_argument("--view", metavar="SOURCE", help="view source: file path, http(s):// URL, or demo")
+    serve.add_argument("--view", metavar="SOURCE",
+                       help="view source: file path, http(s):// URL, etcd://HOST:PORT[,HOST:PORT...]/KEY, or demo")
     serve.add_argument("--state-dir", metavar="DIR", help="where the last good view is kept")
     serve.add_argument("--metadata-listen", metavar="ADDR:PORT[@NETWORK]", action="append",
                        help="metadata listener (repeatable)")
@@ -80,6 +82,17 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (`edge config keys | head`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
@@ -111,25 +124,26 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _view_check(args: argparse.Namespace) -> int:
-    from edge.server import adapters
     from edge.view.formats import make_decoder
     from edge.view.snapshot import build_snapshot
     from edge.view.sources import open_source
 
     config = load_config(args.config, os.environ, {})
     shown = redact(args.source)  # a URL's password or token is not printed
-    plugged = adapters()
-    source = open_source(args.source, config.view, plugged.sources)
+    source = open_source(args.source, config.view)
     try:
         data = asyncio.run(source.fetch())
     except EdgeError as exc:
-        print(f"cannot read {shown}: {redact(str(exc))}")
+        # The source's message names it already ("PATH: no such file", "URL: HTTP 500").
+        message = redact(str(exc))
+        print(f"edge: cannot read the view: {message if shown in message else f'{shown}: {message}'}",
+              file=sys.stderr)
         return 1
     if data is None:
-        print(f"{shown}: no content")
+        print(f"edge: cannot read the view: {shown}: no content", file=sys.stderr)
         return 1
     try:
-        view = make_decoder(config, plugged.formats)(data)
+        view = make_decoder(config)(data)
     except ViewInvalid as exc:
         print(f"{shown}: REJECTED, {len(exc.problems)} problem(s):")
         for problem in exc.problems:
@@ -169,7 +183,7 @@ def _config(args: argparse.Namespace) -> int:
             print(f"| `{key}` (`{env}`) | {kind} | {shown} | {text.replace('``', '`')} |")
         return 0
     config = load_config(getattr(args, "config", None), os.environ, {})
-    print(config)
+    sys.stdout.write(config_toml(config))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import tomllib
 import typing
@@ -21,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from edge.errors import ConfigError
 
@@ -225,16 +225,8 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class EucalyptusConfig:
-    version: str = "5"
-    """Eucalyptus generation whose answers and names edge gives: ``5`` (ip-/ec2-A-B-C-D.compute...) or ``4`` (euca-A-B-C-D.eucalyptus...)."""
-    use_instance_dns: bool = False
-    """The cloud's ``bootstrap.webservices.use_instance_dns``: hostnames in metadata are DNS names, not addresses."""
-    instance_subdomain: str = ""
-    """The cloud's ``cloud.vmstate.instance_subdomain``; empty: the version's default (``.compute``, 4: ``.eucalyptus``)."""
-    private_prefix: str = "ip-"
-    """The cloud's ``cloud.vmstate.instance_private_prefix`` (5.x; 4.x names always start ``euca-``)."""
-    public_prefix: str = "ec2-"
-    """The cloud's ``cloud.vmstate.instance_public_prefix`` (5.x; 4.x names always start ``euca-``)."""
+    name_style: str = "euca"
+    """Instance names: ``euca`` (5.0: euca-A-B-C-D.eucalyptus.internal) or ``ec2`` (ip-A-B-C-D.compute.internal)."""
     dns_domain: str = "localhost"
     """The cloud's ``system.dns.dnsdomain``; public names live under it."""
     region: str = "eucalyptus"
@@ -243,20 +235,16 @@ class EucalyptusConfig:
     """eucanetd's ``eucanetd_intip_eni_map`` (VPC mode): 255.x.y.z metadata addresses -> interfaces."""
     controller_url: str = ""
     """The controller's metadata service (e.g. ``http://CLC:8773/``): answers what the GNI lacks."""
-    controller_identity: str = "instance-id"
-    """How the controller learns the instance: ``instance-id`` (Euca-Instance-Id from 127.0.0.1, VPCMIDO) or ``source-address`` (connect from the instance's own address, EDGE)."""
+    controller_identity: str = "source"
+    """How the controller learns the instance: ``source`` (X-Forwarded-For) or ``instance-id`` (Euca-Instance-Id)."""
     controller_ttl: float = 60.0
     """Seconds a controller answer is fresh."""
     controller_stale_if_error: float = 86400.0
     """Seconds a controller answer may still be served while the controller is unreachable."""
     controller_timeout: float = 2.0
     """Seconds to wait for the controller before serving stale or failing."""
-    controller_cache_entries: int = 250000
-    """Most (instance, path) answers kept: prefetching keeps about 25 per instance (10,000 instances by default)."""
-    prefetch: bool = True
-    """Fetch every controller-only path of an instance as soon as it appears in the GNI (survives a controller outage)."""
-    prefetch_concurrency: int = 4
-    """Controller requests prefetching may have in flight at once."""
+    controller_cache_entries: int = 100000
+    """Most (instance, path) answers kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +296,51 @@ def key_table() -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     _walk_docs(Config, "", rows)
     return rows
+
+
+def config_toml(config: Config) -> str:
+    """``config`` as a TOML document that loads back to the same settings (``edge config show``).
+
+    A secret that is set is shown as a comment, never its value; a key without a value
+    (TOML has no null) is a comment too.
+    """
+    lines: list[str] = []
+    _toml_table(config, "", lines)
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def _toml_table(section: Any, prefix: str, lines: list[str]) -> None:
+    hints = _hints(type(section))
+    subsections = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if _is_section(hints[f.name]):
+            subsections.append((f.name, value))
+        elif _hides_its_value(value) and value:
+            lines.append(f"# {f.name} is set (secret, not shown)")
+        elif value is None:
+            lines.append(f"# {f.name} is not set")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, value in subsections:
+        lines.extend(["", f"[{prefix}{name}]"])
+        _toml_table(value, f"{prefix}{name}.", lines)
+
+
+def _hides_its_value(value: Any) -> bool:
+    """A secret setting: a string type whose ``repr`` does not show it."""
+    return isinstance(value, str) and type(value).__repr__ is not str.__repr__
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # inf and nan are spelt as in TOML
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    # A JSON string is a TOML basic string (the same escapes, \uXXXX for control characters).
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -450,14 +483,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_view_age must not be negative")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
-        if config.key_file and not config.cert_file:
-            raise ConfigError(f"{prefix}key_file is set without cert_file")
-        if config.etcd_password and config.etcd_password_file:
-            raise ConfigError(f"{prefix}etcd_password and etcd_password_file are both set; use one")
-        if (config.etcd_password or config.etcd_password_file) and not config.etcd_username:
-            raise ConfigError(f"{prefix}an etcd password is set without etcd_username")
     if isinstance(config, DnsConfig):
-        from edge.view.addresses import parse_resolver_address
+        from edge.view.parse import parse_resolver_address
         for upstream in config.upstreams:
             if parse_resolver_address(upstream) is None:
                 raise ConfigError(f"{prefix}upstreams: not an address or address:port: {upstream!r}")
@@ -477,7 +504,7 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
         if not 512 <= config.edns_payload <= 65535:
             raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
-        from edge.view.addresses import canonical_ip
+        from edge.view.parse import canonical_ip
         if config.instance_data_address and canonical_ip(config.instance_data_address) != config.instance_data_address:
             raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:
@@ -533,18 +560,10 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, ViewConfig) and config.format not in ("auto", "edge-view", "eucalyptus-gni"):
         raise ConfigError(f"{prefix}format must be auto, edge-view or eucalyptus-gni")
     if isinstance(config, EucalyptusConfig):
-        if config.version not in ("4", "5"):
-            raise ConfigError(f"{prefix}version must be 4 or 5")
-        if config.controller_identity not in ("instance-id", "source-address"):
-            raise ConfigError(f"{prefix}controller_identity must be instance-id or source-address")
-        if config.prefetch_concurrency < 1:
-            raise ConfigError(f"{prefix}prefetch_concurrency must be at least 1")
-        if config.controller_url and config.controller_identity == "instance-id" and \
-                urlsplit(config.controller_url).hostname not in ("127.0.0.1", "localhost"):
-            # MetadataPipeline trusts Euca-Instance-Id only from 127.0.0.1: elsewhere every path is a 404.
-            raise ConfigError(f"{prefix}controller_identity = \"instance-id\" needs controller_url on 127.0.0.1 "
-                              "(the controller trusts Euca-Instance-Id only from there, in VPC mode); "
-                              "use \"source-address\" in EDGE mode")
+        if config.name_style not in ("euca", "ec2"):
+            raise ConfigError(f"{prefix}name_style must be euca or ec2")
+        if config.controller_identity not in ("source", "instance-id"):
+            raise ConfigError(f"{prefix}controller_identity must be source or instance-id")
         if config.controller_url and not config.controller_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}controller_url must be an http(s) URL")
         if min(config.controller_ttl, config.controller_stale_if_error, config.controller_timeout) < 0:

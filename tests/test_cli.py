@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 import urllib.request
 
 
+from edge.config import load_config
+from edge.metadata.tokens import load_key_file
 from edge.view.demo import demo_document
 from tests.support import free_port, wait_until
 
@@ -52,7 +55,7 @@ def test_view_check_over_http(control_plane) -> None:
     assert result.returncode == 0 and "OK" in result.stdout
     control_plane.status = 500
     result = edge("view", "check", control_plane.url)
-    assert result.returncode == 1 and "HTTP 500" in result.stdout
+    assert result.returncode == 1 and "HTTP 500" in result.stderr and result.stdout == ""
 
 
 def test_unknown_configuration_keys_are_named(tmp_path) -> None:
@@ -73,8 +76,9 @@ def test_config_precedence_file_env_cli(tmp_path) -> None:
     config.write_text('workers = 1\n[view]\npoll_interval = 3.0\nsource = "/from/file"\n[log]\nlevel = "error"\n')
     result = edge("config", "show", "--config", str(config), env={"EDGE_VIEW_POLL_INTERVAL": "7"})
     assert result.returncode == 0, result.stderr
-    assert "poll_interval=7.0" in result.stdout and "source='/from/file'" in result.stdout
-    assert "level='error'" in result.stdout
+    shown = tomllib.loads(result.stdout)
+    assert shown["view"]["poll_interval"] == 7.0 and shown["view"]["source"] == "/from/file"
+    assert shown["log"]["level"] == "error" and shown["workers"] == 1
 
 
 def test_config_keys_table_lists_every_key() -> None:
@@ -131,3 +135,68 @@ def test_serve_restart_without_control_plane_uses_last_good_view(tmp_path, contr
         stderr = second.stderr.read()
     assert "last good view loaded" in stderr and "serial=77" in stderr
     assert "view source error" in stderr and "HTTP 503" in stderr
+
+
+def test_config_show_prints_toml_that_loads_back_to_the_same_configuration(tmp_path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('workers = 3\n[view]\nsource = "etcd://10.0.0.1:2379/edge/view"\npoll_interval = 2.5\n'
+                      '[metadata]\nlisten = ["127.0.0.1:8169@vpc-1", "[::1]:8169"]\n'
+                      '[metadata.credentials]\nkind = "process"\ncommand = ["/bin/creds", "{instance_id}"]\n'
+                      '[dns]\nupstreams = ["10.0.0.2"]\n')
+    result = edge("config", "show", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    shown = tmp_path / "shown.toml"
+    shown.write_text(result.stdout)
+    # What it prints is the configuration in force: loading it gives the same settings.
+    assert load_config(str(shown), env={}) == load_config(str(config), env={})
+    assert tomllib.loads(result.stdout)["metadata"]["credentials"]["command"] == ["/bin/creds", "{instance_id}"]
+
+
+def _into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edge ARGS | head`` where head is already gone: every write meets a closed pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "edge", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path) -> None:
+    view = tmp_path / "view.json"
+    view.write_text(json.dumps(demo_document()))
+    for args in (("config", "keys"), ("config", "show"), ("view", "check", str(view)),
+                 ("keys", "generate", str(tmp_path / "keys"))):
+        result = _into_a_closed_pipe(*args)
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, (args, result.stderr)
+        assert result.returncode == 128 + signal.SIGPIPE, (args, result.returncode)
+
+
+def test_serve_help_names_every_kind_of_view_source() -> None:
+    result = edge("serve", "--help", env={"COLUMNS": "200"})
+    line = next(line for line in result.stdout.splitlines() if "--view SOURCE" in line and "view source" in line)
+    for kind in ("file path", "http(s)://", "etcd://", "demo"):
+        assert kind in line, kind
+
+
+def test_a_missing_view_file_is_one_message_on_stderr(tmp_path) -> None:
+    missing = tmp_path / "nowhere.json"
+    result = edge("view", "check", str(missing))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count(str(missing)) == 1, result.stderr
+    assert result.stderr.startswith("edge: cannot read the view: ") and "no such file" in result.stderr
+
+
+def test_keys_added_within_one_second_get_different_names(tmp_path, monkeypatch) -> None:
+    from edge import cli
+    from edge.metadata import tokens
+
+    fixed = time.gmtime(1_800_000_000)
+    monkeypatch.setattr(tokens.time, "gmtime", lambda *_: fixed)
+    path = tmp_path / "keys"
+    for _ in range(3):
+        assert cli.main(["keys", "generate", "--add", str(path)]) == 0
+    load_key_file(path)  # a valid key file
+    names = [line.split()[0] for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(names) == 3 and len(set(names)) == 3, names

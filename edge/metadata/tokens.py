@@ -175,6 +175,14 @@ def generate_token_key_file(path: str | Path, name: str | None = None, add: bool
         parse_key_file(previous, where=str(target))
     elif target.exists():
         raise ConfigError(f"token key file {target} exists (add a key to it to rotate)")
+    if name is None:
+        # A key's name identifies it in tokens and logs: two keys added within one second
+        # (the resolution of the default name) must still get different names.
+        taken = {line.split()[0] for line in map(str.strip, previous.splitlines()) if line and not line.startswith("#")}
+        base = name = time.strftime("key-%Y%m%dT%H%M%SZ", time.gmtime())
+        suffix = 2
+        while name in taken:
+            name, suffix = f"{base}-{suffix}", suffix + 1
     header = "# edge IMDSv2 token keys: NAME BASE64KEY; the first signs, all verify\n"
     body = header + _key_line(name) + "".join(
         line + "\n" for line in previous.splitlines() if line.strip() and not line.startswith("#"))
