@@ -484,7 +484,7 @@ def _check(config: Any, prefix: str) -> None:
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
     if isinstance(config, DnsConfig):
-        from edge.view.parse import parse_resolver_address
+        from edge.view.addresses import parse_resolver_address
         for upstream in config.upstreams:
             if parse_resolver_address(upstream) is None:
                 raise ConfigError(f"{prefix}upstreams: not an address or address:port: {upstream!r}")
@@ -504,7 +504,7 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}cache_min_ttl must not exceed cache_max_ttl")
         if not 512 <= config.edns_payload <= 65535:
             raise ConfigError(f"{prefix}edns_payload must be between 512 and 65535")
-        from edge.view.parse import canonical_ip
+        from edge.view.addresses import canonical_ip
         if config.instance_data_address and canonical_ip(config.instance_data_address) != config.instance_data_address:
             raise ConfigError(f"{prefix}instance_data_address: not an address: {config.instance_data_address!r}")
         if config.udp_receive_buffer < 0:

@@ -41,7 +41,7 @@ from edge.dns.wire import (
     opt_record,
     walk_records,
 )
-from edge.view.parse import parse_resolver_address
+from edge.view.addresses import parse_resolver_address
 
 log = logging.getLogger("edge.dns.forwarder")
 

@@ -30,9 +30,9 @@ import msgspec
 from edge.config import Config
 from edge.errors import ConfigError, ViewInvalid
 from edge.view.model import Instance, View
-from edge.view.parse import Reused, _CidrTable, _fast_instance, cidr_table_of, instance_validator, parse_view
+from edge.view.parse import Reused, cidr_table_of, instance_validator, parse_view
 from edge.view.scan import elements_end, likely_elements_ends, skip_whitespace, string_end, value_end
-from edge.view.wire import INSTANCE_DECODER, PrefixTable, instance_from_wire, prefix_table
+from edge.view.wire import INSTANCE_DECODER, Cidrs, Problems, instance_from_wire
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _LEADING_ID = re.compile(r'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\]*)"')
@@ -487,7 +487,7 @@ class _ByteStream:
                         return self._members_at_once()
                     if key in result:
                         raise _GiveUp
-                    result[key], end = self._instances(pos + 1, table, prefix_table(table))
+                    result[key], end = self._instances(pos + 1, table)
                 else:
                     end = value_end(data, pos)
                     if end is None:
@@ -523,14 +523,14 @@ class _ByteStream:
             raise _GiveUp
         whole, self.data = self.data, text
         try:
-            result["instances"], end = self._instances(1, table, prefix_table(table))
+            result["instances"], end = self._instances(1, table)
         finally:
             self.data = whole
         if end != len(text):
             raise _GiveUp
         return result
 
-    def _instances(self, pos: int, table: _CidrTable, prefixes: PrefixTable) -> tuple[list[Any], int]:
+    def _instances(self, pos: int, cidrs: Cidrs) -> tuple[list[Any], int]:
         """The elements of the array whose first element is at or after ``pos``, and the end of the array."""
         data = self.data
         items: list[Any] = []
@@ -554,7 +554,7 @@ class _ByteStream:
                 if raws is None:
                     end = self._exact_end(pos)
                     raws = [data[pos:end]]
-            self._elements(raws, items, table, prefixes)
+            self._elements(raws, items, cidrs)
             assert end is not None
             pos = skip_whitespace(data, end)
             following = data[pos:pos + 1]
@@ -590,16 +590,17 @@ class _ByteStream:
             return None
         return raws or None
 
-    def _elements(self, raws: list[msgspec.Raw] | list[bytes], items: list[Any], table: _CidrTable,
-                  prefixes: PrefixTable) -> None:
+    def _elements(self, raws: list[msgspec.Raw] | list[bytes], items: list[Any], cidrs: Cidrs) -> None:
         """The elements of a batch: recognised from ``memo`` (unchanged text), or decoded and validated.
 
+        An element with a problem is left decoded as plain JSON, for :func:`parse_view` to explain.
         With ``record``, each element's fingerprint (or the memo entry it reused) goes to ``spans``.
         """
         spans, items_append = self.spans, items.append
         decode = INSTANCE_DECODER.decode
         record = self.record
         by_hash = self.memo.by_hash if self.memo is not None else None
+        problems = Problems()
         for raw in raws:
             text = bytes(raw)
             if record:
@@ -613,17 +614,11 @@ class _ByteStream:
                         continue
                 spans.append((length, digest))
             try:
-                instance = instance_from_wire(decode(text), table, prefixes)
+                instance = instance_from_wire(decode(text), cidrs, problems)
             except msgspec.ValidationError:
                 instance = None
-            items_append(Reused(instance) if instance is not None else self._doubted(text, table))
-
-    @staticmethod
-    def _doubted(text: bytes, table: _CidrTable) -> Any:
-        """An element the typed path doubts: the reference validators decide, and explain."""
-        item = json.loads(text)
-        if type(item) is dict:
-            instance = _fast_instance(item, table)
-            if instance is not None:
-                return Reused(instance)
-        return item
+            if instance is None:
+                problems.items.clear()
+                items_append(json.loads(text))
+            else:
+                items_append(Reused(instance))

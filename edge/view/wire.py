@@ -1,71 +1,197 @@
-"""One element of a view's ``instances`` decoded by type, straight from its JSON bytes.
+"""The ``edge-view/1`` schema: msgspec types for every part of the document, and the checks after them.
 
-The shapes below mirror ``view-format.md``: ``msgspec`` checks every JSON type
-while it decodes, in C, so :func:`instance_from_wire` is left with only the
-checks JSON types cannot express (addresses, MACs, CIDR membership, base64).
-At 100k instances this takes about 0.9 s where ``json`` plus the
-dictionary-walking validator took 2.7 s.
+This module is the one statement of what a view document may contain
+(``docs/view-format.md`` explains it; ``edge view schema`` prints the JSON
+Schema generated from it).  A rule lives in exactly one place:
 
-Like :func:`edge.view.parse._fast_instance`, this is a fast path that gives up
-at the first doubt: :data:`INSTANCE_DECODER` raises on any type mismatch, and
-:func:`instance_from_wire` returns None on anything else unusual.  The caller
-then decodes the element as plain JSON and hands it to the explaining parser,
-which remains the reference for what is accepted.  The narrow types here
-(canonical IPv4 text only, lower-case MACs, no ``null`` where the parser reads
-null as missing) only decide which elements take the fast path; the rest are
-accepted or refused exactly as before, just more slowly.
+* the types below say what msgspec checks while it decodes, in C: JSON types,
+  required fields, ``null`` (the same as absent for every optional field),
+  ranges, enumerations, lengths and the syntax patterns of addresses and
+  names.  ``msgspec.json.schema`` turns the same annotations into the JSON
+  Schema, so the two cannot drift;
+* the ``*_from_wire`` functions make the checks a JSON type cannot express
+  (canonical IPv6 text, CIDRs, an address inside its network's CIDRs, DNS
+  record values by type, duplicates inside one instance or network) and
+  build the immutable model values (:mod:`edge.view.model`), which hold the
+  defaults of absent fields.
+
+The explaining parser (:func:`edge.view.parse.explain`) only words what a
+type refused, reading these same types; it decides nothing.
+
+At 100k instances, decoding an instance by type and checking it takes about
+0.9 s where ``json`` plus a dictionary-walking validator took 2.7 s.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from collections.abc import Callable
 from sys import intern
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from edge.view.addresses import HOSTNAME_PATTERN, canonical_ip, canonical_ipv4, canonical_ipv6, is_hostname, \
+    parse_resolver_address
 from edge.view.model import (
     DEFAULT_METADATA_OPTIONS,
     DEFAULT_NETWORK,
+    FORMAT,
+    Cloud,
+    DnsRecord,
     IamProfile,
     Instance,
     Interface,
     MetadataOptions,
+    Network,
     PublicKey,
     SecurityGroup,
+    Subnet,
 )
-from edge.view.parse import _CidrTable, _ipv6, _shared_pairs
 
 
+def _text(description: str, pattern: str | None = None, problem: str | None = None,
+          schema: dict[str, Any] | None = None, min_length: int | None = None) -> Any:
+    """A string type; ``problem`` words a pattern mismatch (``{value}`` is the value's repr)."""
+    extra = {"problem": problem} if problem else None
+    return Annotated[str, msgspec.Meta(pattern=pattern, min_length=min_length, description=description,
+                                       extra_json_schema=schema, extra=extra)]
+
+
+_END = r"$(?!\n)"
+r"""The end of the text, in both Python's and ECMA-262's regular expressions (a bare ``$`` also
+matches before a final newline in Python, and ``\Z`` is unknown to ECMA-262)."""
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-IPv4Text = Annotated[str, msgspec.Meta(pattern=rf"^{_OCTET}(?:\.{_OCTET}){{3}}\Z")]
-"""A canonical dotted quad: exactly what the parser's ``inet_pton`` round trip accepts."""
-MacText = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")]
-"""Lower case only: anything else is normalised by the explaining parser."""
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_IPV6_CHARS = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+"""Text that may be an IPv6 address: the check after decoding parses it (``inet_pton``)."""
+
+IPv4Address = _text("An IPv4 address in dotted-quad form, without leading zeros.", rf"^{_IPV4}{_END}",
+                    "not a valid IPv4 address: {value}", {"format": "ipv4"})
+IPv6Address = _text("An IPv6 address, in any form RFC 4291 allows; served in its RFC 5952 form.",
+                    rf"^{_IPV6_CHARS}{_END}", "not a valid IPv6 address: {value}", {"format": "ipv6"})
+IPAddress = _text("An IPv4 address (dotted quad, no leading zeros) or an IPv6 address.",
+                  rf"^(?:{_IPV4}|{_IPV6_CHARS}){_END}", "not a valid IP address: {value}",
+                  {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})
+MacAddress = _text("A MAC address, six colon-separated pairs of hex digits (any case; served in lower case); "
+                   "empty when the control plane does not know it (the interface is served without MAC paths).",
+                   rf"^(?:[0-9A-Fa-f]{{2}}(?::[0-9A-Fa-f]{{2}}){{5}})?{_END}", "not a MAC address: {value}")
+CidrText = _text("An IPv4 or IPv6 network in CIDR notation (ADDRESS/PREFIX), with no host bits set.",
+                 rf"^[0-9A-Fa-f:.]+(?:/[0-9.]+)?{_END}", "invalid CIDR {value}")
+DomainName = _text("A domain name: labels of letters, digits, '-' and '_' (no leading or trailing '-'), "
+                   "at most 253 characters, one trailing dot allowed.", HOSTNAME_PATTERN,
+                   "not a valid domain name: {value}")
+NameTemplate = _text("A name label template; {ip} is replaced by the address with '.' and ':' as '-'.",
+                     r"\{ip\}", "must contain {{ip}}")
+RoleName = _text("An IAM role name (no '/').", rf"^[^/]+{_END}", "not a valid role name: {value}")
+NonEmpty = _text("A non-empty string.", min_length=1)
+Ttl = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1, description="Seconds (0 .. 2^31-1).")]
+Serial = Annotated[int, msgspec.Meta(ge=0, description="The view's version: a larger serial replaces a smaller one.")]
+HopLimit = Annotated[int, msgspec.Meta(ge=1, le=64, description="IP TTL / hop limit of token answers (1..64).")]
 
 
-class _Wire(msgspec.Struct, gc=False):
-    pass
+def _at_least_one(item: Any, what: str) -> Any:
+    return Annotated[tuple[item, ...], msgspec.Meta(min_length=1, extra={"problem": f"at least one {what} is required"})]
+
+
+PrivateIps = _at_least_one(IPAddress, "private IP")
+
+
+class _Wire(msgspec.Struct, frozen=True, gc=False):
+    """Frozen (hashable, so equal parts are shared) and outside the cyclic GC, like the model."""
+
+
+class WireDnsRecord(_Wire):
+    """A record served in the local zones, besides the instances' own names."""
+
+    name: DomainName
+    type: Annotated[str, msgspec.Meta(description="A, AAAA, CNAME, TXT, SRV, MX, PTR or NS (any case).")]
+    value: Annotated[str, msgspec.Meta(description=(
+        "Presentation text: an address (A, AAAA), a name (CNAME, PTR, NS), 'PREFERENCE EXCHANGE' (MX), "
+        "'PRIORITY WEIGHT PORT TARGET' (SRV), the text itself, at most 4000 bytes (TXT)."))]
+    ttl: Ttl | None = None
+    """Defaults to the cloud's dns_ttl."""
+
+
+class WireCloud(_Wire):
+    """Cloud-wide settings: naming, DNS and what instances are told about their region."""
+
+    region: str | None = None
+    partition: str | None = None
+    services_domain: str | None = None
+    internal_domain: DomainName | None = None
+    public_domain: DomainName | None = None
+    private_name_template: NameTemplate | None = None
+    public_name_template: NameTemplate | None = None
+    dns_ttl: Ttl | None = None
+    negative_ttl: Ttl | None = None
+    upstream_resolvers: tuple[Annotated[str, msgspec.Meta(
+        description="ADDRESS, ADDRESS:PORT (IPv4) or [ADDRESS]:PORT (IPv6).")], ...] | None = None
+    dns_records: tuple[WireDnsRecord, ...] | None = None
+
+
+class WireSubnet(_Wire):
+    id: str
+    cidr: CidrText | None = None
+    """The subnet's IPv4 range (an IPv6 range here is read as the first of ipv6_cidrs)."""
+    availability_zone: str | None = None
+    ipv6_cidrs: tuple[CidrText, ...] | None = None
+
+
+class WireNetwork(_Wire):
+    """An address space (a VPC, or the flat network "") and its subnets."""
+
+    id: str
+    cidrs: tuple[CidrText, ...] | None = None
+    subnets: tuple[WireSubnet, ...] | None = None
+
+
+class WireSecurityGroup(_Wire):
+    id: str
+    name: str | None = None
+    """Defaults to the id."""
+
+
+class WireIamProfile(_Wire):
+    instance_profile_arn: str
+    instance_profile_id: str
+    role: RoleName
+
+
+class WireMetadataOptions(_Wire):
+    http_tokens: Literal["optional", "required"] | None = None
+    hop_limit: HopLimit | None = None
+    tags: bool | None = None
+    endpoint: Literal["enabled", "disabled"] | None = None
 
 
 class WireInterface(_Wire):
+    """A network interface; the first of an instance (lowest device_index) is its primary one."""
+
     id: str
-    mac: MacText
-    private_ips: Annotated[tuple[IPv4Text, ...], msgspec.Meta(min_length=1)]
-    device_index: int = 0
-    network: str = DEFAULT_NETWORK
+    mac: MacAddress
+    private_ips: PrivateIps
+    device_index: int | None = None
+    network: str | None = None
+    """The id of a network of the document; absent: the flat network ""."""
     subnet: str | None = None
-    public_ip: IPv4Text | None = None
-    ipv6s: tuple[str, ...] = ()
-    security_groups: tuple[SecurityGroup, ...] = ()
-    """A group without a name (which defaults to its id) takes the explaining parser."""
+    public_ip: IPAddress | None = None
+    ipv6s: tuple[IPv6Address, ...] | None = None
+    security_groups: tuple[WireSecurityGroup, ...] | None = None
     owner_id: str | None = None
-    metadata_sources: tuple[IPv4Text, ...] = ()
+    metadata_sources: tuple[IPv4Address, ...] | None = None
+    """Addresses a proxy rewrites this interface's metadata requests to (Eucalyptus VPC 255.x.y.z)."""
+
+
+Interfaces = _at_least_one(WireInterface, "interface")
 
 
 class WireInstance(_Wire):
-    id: Annotated[str, msgspec.Meta(min_length=1)]
-    interfaces: Annotated[tuple[WireInterface, ...], msgspec.Meta(min_length=1)]
+    """One instance; everything but id and interfaces is optional."""
+
+    id: NonEmpty
+    interfaces: Interfaces
     reservation_id: str | None = None
     account_id: str | None = None
     image_id: str | None = None
@@ -73,80 +199,288 @@ class WireInstance(_Wire):
     ramdisk_id: str | None = None
     instance_type: str | None = None
     architecture: str | None = None
-    launch_index: int = 0
+    launch_index: int | None = None
     launch_time: str | None = None
     availability_zone: str | None = None
-    public_keys: tuple[PublicKey, ...] = ()
+    public_keys: tuple[PublicKey, ...] | None = None
     user_data: bytes | None = None
-    """msgspec decodes base64 itself, accepting a subset of what ``b64decode(validate=True)`` does."""
-    iam: IamProfile | None = None
-    tags: dict[str, str] = {}
-    block_devices: dict[str, str] = {}
-    metadata_options: MetadataOptions = DEFAULT_METADATA_OPTIONS
-    product_codes: tuple[str, ...] = ()
+    """Base64 (RFC 4648, with padding) of the raw bytes."""
+    iam: WireIamProfile | None = None
+    tags: dict[str, str] | None = None
+    block_devices: dict[str, str] | None = None
+    metadata_options: WireMetadataOptions | None = None
+    product_codes: tuple[str, ...] | None = None
+
+
+class WireDocument(_Wire):
+    """An ``edge-view/1`` document."""
+
+    format: Literal[FORMAT]  # type: ignore[valid-type]
+    serial: Serial
+    instances: tuple[WireInstance, ...]
+    generated: str | None = None
+    """When the producer wrote the document (informational, shown by /view)."""
+    cloud: WireCloud | None = None
+    networks: tuple[WireNetwork, ...] | None = None
 
 
 INSTANCE_DECODER = msgspec.json.Decoder(WireInstance)
-"""Raises ``msgspec.DecodeError`` (``ValidationError`` for a type mismatch)."""
+"""Raises ``msgspec.DecodeError`` (``ValidationError`` when the element breaks the schema)."""
+
+DNS_RECORD_TYPES = frozenset({"A", "AAAA", "CNAME", "TXT", "SRV", "MX", "PTR", "NS"})
+
+
+class Problems:
+    """Where each problem was found (a JSON-path-like location) and what it is."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+# -- cloud and networks -----------------------------------------------------------------------------
+
+_DEFAULT_CLOUD = Cloud()
+
+
+def cloud_from_wire(wire: WireCloud | None, problems: Problems) -> Cloud:
+    if wire is None:
+        return Cloud()
+    values: dict[str, Any] = {name: getattr(wire, name) for name in WireCloud.__struct_fields__
+                              if getattr(wire, name) is not None}
+    for key in ("internal_domain", "public_domain"):
+        if key in values:
+            values[key] = values[key].rstrip(".").lower()
+    resolvers = []
+    for index, text in enumerate(wire.upstream_resolvers or ()):
+        if parse_resolver_address(text) is None:
+            problems.add(f"$.cloud.upstream_resolvers[{index}]", f"not an address or address:port: {text!r}")
+        else:
+            resolvers.append(text)
+    values["upstream_resolvers"] = tuple(resolvers)
+    default_ttl = values.get("dns_ttl", _DEFAULT_CLOUD.dns_ttl)
+    records = []
+    for index, record in enumerate(wire.dns_records or ()):
+        rtype = record.type.upper()
+        where = f"$.cloud.dns_records[{index}]"
+        if rtype not in DNS_RECORD_TYPES:
+            problems.add(f"{where}.type", f"unsupported record type {rtype!r} "
+                                          f"(supported: {', '.join(sorted(DNS_RECORD_TYPES))})")
+            continue
+        message = _record_value_problem(rtype, record.value)
+        if message:
+            problems.add(f"{where}.value", message)
+            continue
+        records.append(DnsRecord(name=record.name.rstrip(".").lower(), type=rtype, value=record.value,
+                                 ttl=default_ttl if record.ttl is None else record.ttl))
+    values["dns_records"] = tuple(records)
+    return Cloud(**values)
+
+
+def _record_value_problem(rtype: str, value: str) -> str | None:
+    if rtype == "A":
+        return None if canonical_ipv4(value) else f"not an IPv4 address: {value!r}"
+    if rtype == "AAAA":
+        return None if canonical_ipv6(value) else f"not an IPv6 address: {value!r}"
+    if rtype in ("CNAME", "PTR", "NS"):
+        return None if is_hostname(value) else f"not a domain name: {value!r}"
+    if rtype == "MX":
+        parts = value.split()
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < 65536 and is_hostname(parts[1]):
+            return None
+        return f"MX value must be 'PREFERENCE EXCHANGE': {value!r}"
+    if rtype == "SRV":
+        parts = value.split()
+        if (len(parts) == 4 and all(p.isdigit() and int(p) < 65536 for p in parts[:3])
+                and is_hostname(parts[3])):
+            return None
+        return f"SRV value must be 'PRIORITY WEIGHT PORT TARGET': {value!r}"
+    if rtype == "TXT":
+        return None if len(value.encode()) <= 4000 else "TXT value longer than 4000 bytes"
+    return None
+
 
 PrefixTable = dict[str, "tuple[str, ...] | None"]
 """Network id -> the text prefixes its IPv4 addresses must start with (None: compare as integers)."""
 
 
-def prefix_table(cidr_table: _CidrTable) -> PrefixTable:
-    """Octet-aligned IPv4 CIDRs as text prefixes, so membership is one ``str.startswith``."""
-    table: PrefixTable = {DEFAULT_NETWORK: ("",)}
-    for network, cidrs in cidr_table.items():
+class Cidrs:
+    """Each network's CIDRs, as integers and (octet-aligned IPv4) as text prefixes.
+
+    Membership of an IPv4 address is then one ``str.startswith``; other CIDRs take two
+    integer operations per CIDR.
+    """
+
+    __slots__ = ("table", "prefixes")
+
+    def __init__(self, table: dict[str, list[tuple[int, int, int]]]) -> None:
+        self.table = table
+        """Network id -> [(network int, mask int, IP version)]."""
+        self.prefixes: PrefixTable = {DEFAULT_NETWORK: ("",)}
+        for network, cidrs in table.items():
+            self.prefixes[network] = _prefixes(cidrs)
+
+    def contains(self, network: str, address: str) -> bool:
+        cidrs = self.table.get(network)
         if not cidrs:
-            table[network] = ("",)
+            return True
+        if ":" in address:
+            value, version = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big"), 6
+        else:
+            value, version = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), 4
+        return any(v == version and value & mask == net for net, mask, v in cidrs)
+
+
+def _prefixes(cidrs: list[tuple[int, int, int]]) -> tuple[str, ...] | None:
+    if not cidrs:
+        return ("",)
+    prefixes = []
+    for net, mask, version in cidrs:
+        if version != 4:
             continue
-        prefixes: list[str] | None = []
-        for net, mask, version in cidrs:
-            if version != 4:
-                continue
-            length = bin(mask).count("1")
-            if length % 8 or length == 32:
-                prefixes = None
-                break
-            octets = socket.inet_ntop(socket.AF_INET, net.to_bytes(4, "big")).split(".")[:length // 8]
-            prefixes.append("".join(o + "." for o in octets))
-        table[network] = None if prefixes is None else tuple(prefixes)
-    return table
-
-
-def instance_from_wire(wire: WireInstance, cidr_table: _CidrTable, prefixes: PrefixTable) -> Instance | None:
-    """The :class:`Instance` for a typed element, or None when the explaining parser must decide."""
-    if len(wire.interfaces) == 1:
-        interface = _interface_from_wire(wire.interfaces[0], cidr_table, prefixes)
-        if interface is None:
+        length = bin(mask).count("1")
+        if length % 8 or length == 32:
             return None
-        interfaces: tuple[Interface, ...] = (interface,)
+        octets = socket.inet_ntop(socket.AF_INET, net.to_bytes(4, "big")).split(".")[:length // 8]
+        prefixes.append("".join(o + "." for o in octets))
+    return tuple(prefixes)
+
+
+def _network_of(text: str, where: str, problems: Problems) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        problems.add(where, f"invalid CIDR {text!r}: {exc}")
+        return None
+
+
+def networks_from_wire(items: list[tuple[str, WireNetwork]], problems: Problems) -> tuple[tuple[Network, ...], Cidrs]:
+    """The networks (each given with its location) and their CIDRs; problems go to ``problems``."""
+    networks: list[Network] = []
+    table: dict[str, list[tuple[int, int, int]]] = {}
+    for where, wire in items:
+        if wire.id in table:
+            problems.add(f"{where}.id", f"duplicate network id {wire.id!r}")
+            continue
+        parsed = [net for index, text in enumerate(wire.cidrs or ())
+                  if (net := _network_of(text, f"{where}.cidrs[{index}]", problems)) is not None]
+        table[wire.id] = [(int(n.network_address), int(n.netmask), n.version) for n in parsed]
+        subnets: list[Subnet] = []
+        seen: set[str] = set()
+        for sindex, subnet in enumerate(wire.subnets or ()):
+            swhere = f"{where}.subnets[{sindex}]"
+            ranges = []
+            if subnet.cidr is not None:
+                net = _network_of(subnet.cidr, f"{swhere}.cidr", problems)
+                if net is not None:
+                    ranges.append((f"{swhere}.cidr", net))
+            for index, text in enumerate(subnet.ipv6_cidrs or ()):
+                net = _network_of(text, f"{swhere}.ipv6_cidrs[{index}]", problems)
+                if net is not None and net.version != 6:
+                    problems.add(f"{swhere}.ipv6_cidrs[{index}]", f"not an IPv6 CIDR: {text!r}")
+                elif net is not None:
+                    ranges.append((f"{swhere}.ipv6_cidrs[{index}]", net))
+            if subnet.id in seen:
+                problems.add(f"{swhere}.id", f"duplicate subnet id {subnet.id!r}")
+            seen.add(subnet.id)
+            for rwhere, inner in ranges:
+                if parsed and not any(inner.version == p.version and inner.subnet_of(p)  # type: ignore[arg-type]
+                                      for p in parsed):
+                    problems.add(rwhere, f"{inner} is not inside network {wire.id!r} CIDRs")
+            # An IPv6 range in cidr (views written before ipv6_cidrs existed) is the first IPv6 range.
+            subnets.append(Subnet(id=subnet.id, cidr=next((str(r) for _, r in ranges if r.version == 4), ""),
+                                  availability_zone=subnet.availability_zone,
+                                  ipv6_cidrs=tuple(str(r) for _, r in ranges if r.version == 6)))
+        networks.append(Network(id=wire.id, cidrs=tuple(str(n) for n in parsed), subnets=tuple(subnets)))
+    return tuple(networks), Cidrs(table)
+
+
+# -- instances --------------------------------------------------------------------------------------
+
+def _positional_builder(model: type[msgspec.Struct], wire: type[msgspec.Struct], computed: tuple[str, ...],
+                        shared: frozenset[str] = frozenset()) -> Callable[..., Any]:
+    """``build(wire_value, *computed)`` -> ``model(...)`` with positional arguments in the model's field order.
+
+    A Struct matches keyword arguments one by one, five times slower than positional ones at
+    a million values per build; positions written by hand shift silently when a field is
+    added.  The call is therefore generated from ``model.__struct_fields__``: a field named in
+    ``computed`` is a parameter (the check made it), any other is read from the wire value
+    of the same name (interned when in ``shared``, the model's default when null).  A model
+    field the wire type lacks fails here, at import.
+    """
+    fields = model.__struct_fields__
+    defaults = dict(zip(fields[len(fields) - len(model.__struct_defaults__):], model.__struct_defaults__))
+    namespace: dict[str, Any] = {"_model": model, "_intern": intern}
+    arguments = []
+    for name in fields:
+        if name in computed:
+            arguments.append(name)
+            continue
+        if name not in wire.__struct_fields__:
+            raise TypeError(f"{model.__name__}.{name} is not in the schema ({wire.__name__}): add it there")
+        value = f"w.{name}"
+        if name in shared:
+            value = f"({value} and _intern({value}))"
+        default = defaults.get(name)
+        if default is not None:
+            namespace[f"_default_{name}"] = default
+            value = f"(_default_{name} if w.{name} is None else {value})"
+        arguments.append(value)
+    missing = set(computed) - set(fields)
+    if missing:
+        raise TypeError(f"{model.__name__} has no field {sorted(missing)}")
+    source = f"def build(w, {', '.join(computed)}):\n    return _model({', '.join(arguments)})\n"
+    exec(source, namespace)  # noqa: S102 - generated from the model's own field names
+    return namespace["build"]  # type: ignore[no-any-return]
+
+
+_build_instance = _positional_builder(
+    Instance, WireInstance, ("interfaces", "public_keys", "iam", "tags", "block_devices", "metadata_options"),
+    # Fields most instances share a handful of values of: one string object per value.
+    shared=frozenset({"account_id", "image_id", "kernel_id", "ramdisk_id", "instance_type", "architecture",
+                      "launch_time", "availability_zone"}))
+_build_interface = _positional_builder(
+    Interface, WireInterface,
+    ("mac", "device_index", "network", "subnet", "private_ips", "public_ip", "ipv6s", "security_groups"),
+    shared=frozenset({"owner_id"}))
+
+
+def instance_from_wire(wire: WireInstance, cidrs: Cidrs, problems: Problems, where: str = "$") -> Instance | None:
+    """The :class:`Instance` for a typed element, or None with its problems in ``problems``."""
+    before = len(problems.items)
+    raws = wire.interfaces
+    if len(raws) == 1:
+        interfaces: tuple[Interface, ...] | list[Interface | None] = (
+            _interface_from_wire(raws[0], 0, cidrs, problems, where),)
     else:
-        found = [_interface_from_wire(raw, cidr_table, prefixes) for raw in wire.interfaces]
-        if None in found:
-            return None
-        found.sort(key=lambda i: i.device_index)  # type: ignore[union-attr]
-        if len({i.device_index for i in found}) != len(found):  # type: ignore[union-attr]
-            return None
-        interfaces = tuple(found)  # type: ignore[arg-type]
-    shared = _SHARED_VALUES.get
+        interfaces = [_interface_from_wire(raw, index, cidrs, problems, where) for index, raw in enumerate(raws)]
     iam = wire.iam
     if iam is not None:
         known = _BY_ROLE.get(iam.role)
-        if known is not None and known == iam:
-            iam = known
-        elif not iam.role or "/" in iam.role:
-            return None
-        else:
-            _share_as(_BY_ROLE, iam.role, iam)
+        if known is None or known[0] != iam:
+            known = (iam, IamProfile(intern(iam.instance_profile_arn), iam.instance_profile_id, intern(iam.role)))
+            _share_as(_BY_ROLE, iam.role, known)
+        iam = known[1]
     options = wire.metadata_options
-    if options is not DEFAULT_METADATA_OPTIONS:
-        options = shared(options) or _share(options, (
-            options.http_tokens in ("optional", "required") and 1 <= options.hop_limit <= 64
-            and options.endpoint in ("enabled", "disabled")))
-        if options is None:
-            return None
-    keys = wire.public_keys
+    if options is None:
+        options = DEFAULT_METADATA_OPTIONS
+    else:
+        known = _OPTIONS.get(options)
+        if known is None:
+            d = DEFAULT_METADATA_OPTIONS
+            known = MetadataOptions(
+                options.http_tokens or d.http_tokens, options.hop_limit or d.hop_limit,
+                d.tags if options.tags is None else options.tags, options.endpoint or d.endpoint)
+            _share_as(_OPTIONS, options, known)
+        options = known
+    keys = wire.public_keys or ()
     if keys:
         # Key pairs are shared by every instance launched with them.
         known = _BY_KEY_NAME.get(keys[0].name)
@@ -154,76 +488,125 @@ def instance_from_wire(wire: WireInstance, cidr_table: _CidrTable, prefixes: Pre
             keys = known
         else:
             _share_as(_BY_KEY_NAME, keys[0].name, keys)
-    tags = wire.tags
-    devices = wire.block_devices
-    # Fields most instances share a handful of values of: one string object per value.
-    account, image, kernel, ramdisk, kind, architecture, zone = (
-        wire.account_id, wire.image_id, wire.kernel_id, wire.ramdisk_id, wire.instance_type, wire.architecture,
-        wire.availability_zone)
-    # Positional: a Struct matches keyword arguments one by one, five times slower here.
-    return Instance(
-        wire.id, interfaces, wire.reservation_id,
-        account and intern(account), image and intern(image), kernel and intern(kernel),
-        ramdisk and intern(ramdisk), kind and intern(kind), architecture and intern(architecture),
-        wire.launch_index, wire.launch_time, zone and intern(zone),
-        keys, wire.user_data, iam,
-        # msgspec already shares the text of short keys (tag keys, device names).
-        tuple(tags.items()) if tags else (),
-        _shared_pairs(tuple(devices.items())) if devices else (),
-        options, wire.product_codes,
-    )
+    if len(problems.items) != before:
+        return None
+    if len(interfaces) > 1:
+        interfaces = sorted(interfaces, key=lambda i: i.device_index)  # type: ignore[union-attr]
+        for first, second in zip(interfaces, interfaces[1:]):
+            if first.device_index == second.device_index:  # type: ignore[union-attr]
+                problems.add(f"{where}.interfaces", f"two interfaces with device_index {first.device_index}")
+                return None
+        interfaces = tuple(interfaces)
+    tags, devices = wire.tags, wire.block_devices
+    # msgspec already shares the text of short keys (tag keys, device names).
+    return _build_instance(
+        wire, interfaces, keys, iam, tuple(tags.items()) if tags else (),
+        _shared_pairs(tuple(devices.items())) if devices else (), options)
 
 
-_SHARED_VALUES: dict[Any, Any] = {}
-_BY_ROLE: dict[str, IamProfile] = {}
+def _interface_from_wire(raw: WireInterface, index: int, cidrs: Cidrs, problems: Problems,
+                         where: str) -> Interface | None:
+    before = len(problems.items)
+    network = raw.network
+    network = DEFAULT_NETWORK if network is None else intern(network)
+    allowed = cidrs.prefixes.get(network, False)
+    if allowed is False:
+        problems.add(f"{where}.interfaces[{index}].network", f"unknown network {network!r} (not in $.networks)")
+    addresses = raw.private_ips
+    if allowed is not False:
+        for position, address in enumerate(addresses):
+            if ":" in address:
+                address = canonical_ipv6(address)
+                if address is None:
+                    problems.add(f"{where}.interfaces[{index}].private_ips[{position}]",
+                                 f"not a valid IP address: {raw.private_ips[position]!r}")
+                    continue
+                if address != raw.private_ips[position]:
+                    addresses = tuple(canonical_ip(a) or a for a in addresses)
+                inside = cidrs.contains(network, address)
+            elif allowed is None:
+                inside = cidrs.contains(network, address)
+            else:
+                inside = address.startswith(allowed)
+            if not inside:
+                problems.add(f"{where}.interfaces[{index}].private_ips",
+                             f"{address} is outside network {network!r} CIDRs")
+    public_ip = raw.public_ip
+    if public_ip is not None and ":" in public_ip:
+        public_ip = canonical_ipv6(public_ip)
+        if public_ip is None:
+            problems.add(f"{where}.interfaces[{index}].public_ip", f"not a valid IP address: {raw.public_ip!r}")
+    ipv6s = raw.ipv6s or ()
+    if ipv6s:
+        canonical = tuple(canonical_ipv6(a) for a in ipv6s)
+        if canonical != ipv6s:
+            for position, address in enumerate(canonical):
+                if address is None:
+                    problems.add(f"{where}.interfaces[{index}].ipv6s[{position}]",
+                                 f"not a valid IPv6 address: {ipv6s[position]!r}")
+            ipv6s = canonical
+    groups = raw.security_groups or ()
+    if groups:
+        known = _GROUPS.get(groups)
+        if known is None:
+            known = tuple(SecurityGroup(g.id, g.id if g.name is None else g.name) for g in groups)
+            _share_as(_GROUPS, groups, known)
+        groups = known
+    if len(problems.items) != before:
+        return None
+    subnet = raw.subnet
+    return _build_interface(raw, raw.mac.lower(), raw.device_index or 0, network,
+                            None if subnet is None else intern(subnet), addresses, public_ip, ipv6s, groups)
+
+
+_BY_ROLE: dict[str, tuple[WireIamProfile, IamProfile]] = {}
 _BY_KEY_NAME: dict[str, tuple[PublicKey, ...]] = {}
 """Looked up by a short name, then compared: cheaper than hashing long texts (ARNs, keys)."""
+_OPTIONS: dict[WireMetadataOptions, MetadataOptions] = {}
+_GROUPS: dict[tuple[WireSecurityGroup, ...], tuple[SecurityGroup, ...]] = {}
+_PAIRS: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
 _SHARED_LIMIT = 65536
+"""Most distinct values kept per table: beyond that, values are simply not shared."""
 
 
-def _share_as(table: dict[str, Any], key: str, value: Any) -> None:
+def _share_as(table: dict[Any, Any], key: Any, value: Any) -> None:
     if len(table) < _SHARED_LIMIT:
         table[key] = value
 
 
-def _share(value: Any, valid: bool) -> Any:
-    """Keep one object per distinct valid value (key lists, IAM profiles, options, security groups)."""
-    if not valid:
-        return None
-    if len(_SHARED_VALUES) < _SHARED_LIMIT:
-        _SHARED_VALUES[value] = value
+def _shared_pairs(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """One tuple per distinct mapping (block device mappings repeat across instances of an image)."""
+    shared = _PAIRS.get(pairs)
+    if shared is None:
+        _share_as(_PAIRS, pairs, pairs)
+        return pairs
+    return shared
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``edge-view/1``, generated from the types above."""
+    generated = msgspec.json.schema(WireDocument)
+    definitions = {name.removeprefix("Wire"): _renamed(body) for name, body in generated["$defs"].items()}
+    for name, body in definitions.items():
+        body["title"] = name
+    document = definitions.pop("Document")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://edge.invalid/schemas/edge-view-1.schema.json",
+        **document,
+        "title": "edge-view/1",
+        "$comment": ("Generated from edge/view/wire.py (`edge view schema`). Rules no JSON Schema can state are "
+                     "listed in docs/view-format.md: addresses inside their network's CIDRs, CIDRs without "
+                     "host bits, DNS record values by type, and uniqueness (instance ids, addresses, MACs, "
+                     "network, subnet and device indexes)."),
+        "$defs": definitions,
+    }
+
+
+def _renamed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: (item.replace("#/$defs/Wire", "#/$defs/") if key == "$ref" else _renamed(item))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_renamed(item) for item in value]
     return value
-
-
-def _interface_from_wire(raw: WireInterface, cidr_table: _CidrTable, prefixes: PrefixTable) -> Interface | None:
-    network = raw.network
-    allowed = prefixes.get(network, False)
-    if allowed is False:
-        return None  # an unknown network
-    if allowed is None:
-        if not _in_networks(raw.private_ips, cidr_table[network]):
-            return None
-    else:
-        for address in raw.private_ips:
-            if not address.startswith(allowed):
-                return None
-    ipv6s = raw.ipv6s
-    if ipv6s and any(_ipv6(a) != a for a in ipv6s):
-        return None
-    groups = raw.security_groups
-    if groups:
-        groups = _SHARED_VALUES.get(groups) or _share(groups, True)
-    subnet, owner_id = raw.subnet, raw.owner_id
-    return Interface(
-        raw.id, raw.mac, raw.device_index, intern(network), None if subnet is None else intern(subnet),
-        raw.private_ips, raw.public_ip, ipv6s, groups, None if owner_id is None else intern(owner_id),
-        raw.metadata_sources,
-    )
-
-
-def _in_networks(addresses: tuple[str, ...], cidrs: list[tuple[int, int, int]]) -> bool:
-    for address in addresses:
-        value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
-        if not any(version == 4 and value & mask == net for net, mask, version in cidrs):
-            return False
-    return True

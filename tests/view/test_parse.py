@@ -226,3 +226,34 @@ def test_null_addresses_in_a_list_are_refused_not_indexed(key) -> None:
     document["instances"][1]["interfaces"][0][key] = [None]
     problems = _problems(document)
     assert len(problems) == 1 and f"$.instances[1].interfaces[0].{key}[0]: not a valid" in problems[0], problems
+
+
+def test_a_model_field_missing_from_the_schema_fails_at_import() -> None:
+    # Instances are built with positional arguments generated from the model's own field
+    # list: a field the wire schema lacks is an error when the module loads, never a shift.
+    import msgspec
+
+    from edge.view.wire import WireInstance, _positional_builder
+
+    class Grown(msgspec.Struct):
+        id: str
+        interfaces: tuple
+        not_in_the_schema: str = ""
+
+    with pytest.raises(TypeError, match=r"Grown.not_in_the_schema is not in the schema \(WireInstance\)"):
+        _positional_builder(Grown, WireInstance, ("interfaces",))
+
+
+def test_every_field_reaches_the_model_by_name() -> None:
+    # Each model field holds the value of the wire field of the same name, whatever the order.
+    document = demo_document()
+    raw = document["instances"][0]
+    raw.update(kernel_id="eki-1", ramdisk_id="eri-2", product_codes=["pc-1"], launch_index=7)
+    instance = parse_view(document).instances[0]
+    for name in ("id", "reservation_id", "account_id", "image_id", "kernel_id", "ramdisk_id", "instance_type",
+                 "architecture", "launch_index", "launch_time", "availability_zone"):
+        assert getattr(instance, name) == raw[name], name
+    assert instance.product_codes == ("pc-1",)
+    interface = instance.interfaces[0]
+    for name in ("id", "mac", "device_index", "network", "subnet", "public_ip"):
+        assert getattr(interface, name) == raw["interfaces"][0][name], name
