@@ -51,6 +51,15 @@ class Listen:
         return f"{host}:{self.port}" + (f"@{self.network}" if self.network else "")
 
 
+class Secret(str):
+    """A string setting that is never shown: ``repr`` (``edge config show``, tracebacks) redacts it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'" if self else "''"
+
+
 def _default_state_dir() -> str:
     # systemd's StateDirectory= exports STATE_DIRECTORY; otherwise a per-user directory.
     return os.environ.get("STATE_DIRECTORY") or str(Path.home() / ".local" / "state" / "edge")
@@ -77,7 +86,17 @@ class ViewConfig:
     max_size: int = 256 * 1024 * 1024
     """Largest view document accepted, in bytes."""
     ca_file: str = ""
-    """HTTPS and ``etcds://`` sources: CA bundle to verify the server with (system CAs when empty)."""
+    """HTTPS and ``etcds://`` sources (and ``fleet.token_key_source``): CA bundle to verify the server with (system CAs when empty)."""
+    cert_file: str = ""
+    """``etcds://`` sources (and ``fleet.token_key_source``): client certificate (PEM) presented to etcd, as ``--client-cert-auth`` requires."""
+    key_file: str = ""
+    """Private key (PEM) of ``cert_file``; empty when ``cert_file`` holds both."""
+    etcd_username: str = ""
+    """etcd sources (and ``fleet.token_key_source``): user to authenticate as, when the cluster has authentication enabled."""
+    etcd_password_file: str = ""
+    """File whose first line is the password of ``etcd_username`` (read at every login, so it can be rotated without a restart)."""
+    etcd_password: Secret = Secret("")
+    """The password itself, when not in a file: set it in the environment (``EDGE_VIEW_ETCD_PASSWORD``) rather than the configuration file. Never logged or shown."""
     format: str = "auto"
     """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
     swap_by_restart_instances: int = 20000
@@ -459,6 +478,10 @@ def _coerce(hint: Any, raw: Any, where: str) -> Any:
             if not isinstance(raw, str):
                 raise ValueError("expected a string")
             return raw
+        if hint is Secret:
+            if not isinstance(raw, str):
+                raise ValueError("expected a string")
+            return Secret(raw)
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             raise ValueError("expected a table")
     except ConfigError as exc:
@@ -483,6 +506,12 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_view_age must not be negative")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
+        if config.key_file and not config.cert_file:
+            raise ConfigError(f"{prefix}key_file is set without cert_file")
+        if config.etcd_password and config.etcd_password_file:
+            raise ConfigError(f"{prefix}etcd_password and etcd_password_file are both set; use one")
+        if (config.etcd_password or config.etcd_password_file) and not config.etcd_username:
+            raise ConfigError(f"{prefix}an etcd password is set without etcd_username")
     if isinstance(config, DnsConfig):
         from edge.view.addresses import parse_resolver_address
         for upstream in config.upstreams:
@@ -595,7 +624,7 @@ def _walk_docs(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) ->
             shown = "number of cores"
         elif isinstance(default, tuple):
             shown = ", ".join(str(d) for d in default)
-        elif default is None:
+        elif default is None or hint is Secret:
             shown = ""
         else:
             shown = str(default)
@@ -608,6 +637,8 @@ def _type_text(hint: Any) -> str:
         return f"list of {_type_text(typing.get_args(hint)[0])}"
     if hint is Listen:
         return "ADDR:PORT[@NETWORK]"
+    if hint is Secret:
+        return "secret"
     if typing.get_args(hint):
         return _type_text(next(a for a in typing.get_args(hint) if a is not type(None)))
     return getattr(hint, "__name__", str(hint))
