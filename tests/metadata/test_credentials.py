@@ -272,3 +272,25 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
     # Renewed as botocore needed them, not on every request: about once per lifetime minus 15 minutes.
     assert len(keys) == len(source.calls) <= 8 * 3600 // (lifetime - 30 * 60) + 2
     assert len(keys) >= 8 * 3600 // lifetime
+
+
+def test_a_helper_that_dies_is_counted_and_the_next_request_is_answered(start, tmp_path, caplog):
+    import os
+    import signal
+
+    source = Source(tmp_path)
+    server = start(credentials=source.config())
+    assert get_credentials(server.port)[0] == 200
+    cache = server.service.handler.credentials
+    helper = cache.runner._process
+    assert helper is not None
+    with caplog.at_level("WARNING", logger="edge.metadata"):
+        os.kill(helper.pid, signal.SIGKILL)
+        wait_until(lambda: cache.runner.failures["exited"] == 1, timeout=10)
+    assert "credential command helper exited" in caplog.text
+    server.call(server.service.export_metrics)
+    assert server.service.tally.events[("credential_helper_failures", "exited")] == 1
+    server.call(lambda: cache._cache.clear())
+    status, document = get_credentials(server.port)  # a new helper runs the command
+    assert status == 200 and document["AccessKeyId"] == "AKIA0002"
+    assert cache.runner._process is not None and cache.runner._process.pid != helper.pid
