@@ -176,7 +176,7 @@ def test_pipelined_requests_behind_a_slow_one_keep_their_order(start, tmp_path):
 
 def test_large_and_oversized_output_fails_only_that_call(start, tmp_path, caplog):
     source = Source(tmp_path, pad=60 * 1024)
-    server = start(credentials=source.config(retry_interval=0.2))
+    server = start(credentials=source.config(retry_interval=0.2, timeout=10.0))  # slow machines: not a timeout
     status, document = get_credentials(server.port)
     assert status == 200 and len(document) == 7  # 60 KB printed, then served (Padding is not passed on)
     # 1 MB: over the 64 KiB default cap; that call fails at once, clearly, and is counted.
@@ -198,7 +198,7 @@ def test_large_and_oversized_output_fails_only_that_call(start, tmp_path, caplog
 
 def test_a_failing_source_is_asked_once_per_retry_interval_not_once_per_request(start, tmp_path):
     source = Source(tmp_path, fail=True)
-    server = start(credentials=source.config(retry_interval=60.0), rate=0)
+    server = start(credentials=source.config(retry_interval=60.0, timeout=10.0), rate=0)
     statuses = [parse(request(server.port, "GET", CREDENTIALS))[0] for _ in range(150)]
     assert statuses == [503] * 150
     assert len(source.calls) == 1
@@ -236,7 +236,7 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
 
     offset = [0.0]
     source = Source(tmp_path, expires_in=lifetime)
-    server = start(credentials=source.config())  # the default refresh settings
+    server = start(credentials=source.config(timeout=10.0))  # the default refresh settings
 
     def edge_now() -> float:
         return time.time() + offset[0]
@@ -251,7 +251,7 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
     def botocore_now() -> datetime.datetime:
         return datetime.datetime.now(tzlocal()) + datetime.timedelta(seconds=offset[0])
 
-    fetcher = InstanceMetadataFetcher(timeout=5, num_attempts=1, base_url=server.base,
+    fetcher = InstanceMetadataFetcher(timeout=15, num_attempts=1, base_url=server.base,
                                       config={"ec2_credential_refresh_window": 15 * 60})
     with caplog.at_level("INFO", logger="botocore"):
         metadata = fetcher.retrieve_iam_role_credentials()

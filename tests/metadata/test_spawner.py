@@ -243,7 +243,7 @@ def test_a_helper_that_exits_is_counted(tmp_path) -> None:
         assert helper is not None
         os.kill(helper.pid, signal.SIGKILL)
         await helper.wait()
-        for _ in range(100):
+        for _ in range(400):
             if runner.failures["exited"]:
                 break
             await asyncio.sleep(0.05)
