@@ -3,7 +3,7 @@
 Local answers and cache hits are written inside the callback that read the
 query (a UDP listener's reader callback, which takes a batch of waiting
 datagrams, or ``data_received``); only forwarded questions leave it, through
-:meth:`DnsService.forward`.  TCP follows RFC 7766: length-prefixed messages,
+:meth:`ListenerHost.forward`.  TCP follows RFC 7766: length-prefixed messages,
 several per connection, replies written as they complete (clients match IDs),
 an idle timeout, a deadline for each message that further bytes do not
 extend (a client trickling a byte every few seconds cannot hold a slot), and
@@ -16,16 +16,56 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
+from edge.config import Config
 from edge.dns.datagrams import datagrams_for
-
-if TYPE_CHECKING:
-    from edge.dns.service import DnsService
+from edge.dns.engine import Engine, Forward
+from edge.metrics import Tally
+from edge.ratelimit import RateLimiter
+from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.dns")
 
 MAX_TCP_BUFFER = 65535 + 2
+
+
+@dataclass(slots=True)
+class DnsStats:
+    udp_queries: int = 0
+    tcp_queries: int = 0
+    tcp_connections: int = 0
+    tcp_refused: int = 0
+    tcp_message_timeouts: int = 0
+    """TCP connections closed because a message was not complete within ``dns.tcp_message_timeout``."""
+    forwarded: int = 0
+    dropped: int = 0
+    udp_replies_dropped: int = 0
+    """Replies the kernel would not take (send buffer full): dropped, as a UDP server does, never waited for."""
+
+
+class ListenerHost(Protocol):
+    """What the listeners use of the service that owns them (:class:`edge.dns.service.DnsService`).
+
+    Stated here so that this module depends on nothing above it: the service imports the
+    listeners, never the other way round.
+    """
+
+    config: Config
+    store: ViewStore
+    engine: Engine
+    limiter: RateLimiter
+    stats: DnsStats
+    tally: Tally
+    closing: bool
+    connections: set[DnsStreamProtocol]
+    tcp_per_source: dict[str, int]
+    """Source address -> open TCP connections."""
+
+    def forward(self, forward: Forward, send: Callable[[bytes | None], None], udp: bool) -> None:
+        """Resolve ``forward`` upstream and ``send`` the reply (None: drop)."""
 
 
 class DnsDatagramProtocol:
@@ -36,7 +76,7 @@ class DnsDatagramProtocol:
     are answered later with a ``sendto`` on the same socket.
     """
 
-    def __init__(self, service: DnsService, network: str, sock: socket.socket | None = None) -> None:
+    def __init__(self, service: ListenerHost, network: str, sock: socket.socket | None = None) -> None:
         self.service = service
         self.network = network
         self.sock = sock
@@ -148,7 +188,7 @@ class DnsDatagramProtocol:
 
 
 class DnsStreamProtocol(asyncio.Protocol):
-    def __init__(self, service: DnsService, network: str) -> None:
+    def __init__(self, service: ListenerHost, network: str) -> None:
         # per-connection
         self.service = service
         self.network = network

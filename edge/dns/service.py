@@ -12,13 +12,12 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from edge.config import Config
 from edge.dns.acl import RecursionPolicy
 from edge.dns.engine import Engine, Forward
 from edge.dns.forwarder import Forwarder
-from edge.dns.protocol import DnsDatagramProtocol, DnsStreamProtocol
+from edge.dns.protocol import DnsDatagramProtocol, DnsStats, DnsStreamProtocol
 from edge.ratelimit import RateLimiter
 from edge.dns.zonedata import make_preparer
 from edge.view.snapshot import Preparer, Snapshot
@@ -28,21 +27,9 @@ from edge.view.store import ViewStore
 log = logging.getLogger("edge.dns")
 
 
-@dataclass(slots=True)
-class DnsStats:
-    udp_queries: int = 0
-    tcp_queries: int = 0
-    tcp_connections: int = 0
-    tcp_refused: int = 0
-    tcp_message_timeouts: int = 0
-    """TCP connections closed because a message was not complete within ``dns.tcp_message_timeout``."""
-    forwarded: int = 0
-    dropped: int = 0
-    udp_replies_dropped: int = 0
-    """Replies the kernel would not take (send buffer full): dropped, as a UDP server does, never waited for."""
-
-
 class DnsService:
+    """Owns the listeners; what they use of it is :class:`edge.dns.protocol.ListenerHost`."""
+
     def __init__(self, config: Config, store: ViewStore) -> None:
         self.config = config
         self.store = store
