@@ -27,7 +27,7 @@ from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
 from edge.view.snapshot import Preparer
 from edge.view.sources import FileSource, SourceKinds, builtin_source_kinds, configured_source
-from edge.view.statefile import StateFile
+from edge.view.statefile import LAST_GOOD_NAME, StateFile
 from edge.view.store import ViewStore
 
 if TYPE_CHECKING:
@@ -228,11 +228,27 @@ class Gateway:
         await self.stop()
 
 
+def state_dir_contents(config: Config) -> list[str]:
+    """What this configuration makes edge write to ``view.state_dir`` (said in the first log line)."""
+    contents = [f"the last good view ({LAST_GOOD_NAME}.*)"]
+    if config.metadata.listen and not (config.metadata.token_key_file or config.fleet.token_key_source):
+        contents.append("generated IMDSv2 token keys (token-keys)")
+    if config.metadata.listen and not config.metadata.identity_key_file:
+        contents.append("a generated instance identity key and certificate (identity-key.pem, identity-cert.pem)")
+    if config.workers > 1:
+        contents.append("the workers' metrics (metrics/)")
+    return contents
+
+
 def serve(config: Config, reload_config: Callable[[], Config] | None = None,
           argv: Sequence[str] = ()) -> int:
     """Run a gateway: one process, or a supervisor with ``config.workers`` workers."""
     control = control_socket_from_env()
     rate_table = rate_table_from_env()
+    if control is None:
+        # Said first, so nobody finds keys and views in a home directory without having been told.
+        event(log, logging.INFO, "edge starting", state_dir=config.view.state_dir,
+              writes="; ".join(state_dir_contents(config)))
     if control is None and config.workers > 1:
         # Before anything imports prometheus-client: workers write their metrics there.
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)

@@ -200,3 +200,28 @@ def test_keys_added_within_one_second_get_different_names(tmp_path, monkeypatch)
     load_key_file(path)  # a valid key file
     names = [line.split()[0] for line in path.read_text().splitlines() if line and not line.startswith("#")]
     assert len(names) == 3 and len(set(names)) == 3, names
+
+
+def test_the_first_log_line_says_what_the_quick_start_writes_and_where(tmp_path) -> None:
+    """`edge serve` with no options keeps keys and the last good view in ~/.local/state/edge: it says so first."""
+    ports = {name: free_port() for name in ("metadata", "dns", "admin")}
+    env = {key: value for key, value in os.environ.items() if key != "STATE_DIRECTORY"}
+    env.update(HOME=str(tmp_path), EDGE_WORKERS="1")
+    state = tmp_path / ".local" / "state" / "edge"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edge", "serve", "--metadata-listen", f"127.0.0.1:{ports['metadata']}",
+         "--dns-listen", f"127.0.0.1:{ports['dns']}", "--admin-listen", f"127.0.0.1:{ports['admin']}"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: _get(f"http://127.0.0.1:{ports['admin']}/readyz")[0] == 200, timeout=20)
+        wait_until(lambda: _get(f"http://127.0.0.1:{ports['metadata']}/latest/meta-data/instance-id")[0] == 200)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    first = server.stderr.read().splitlines()[0]
+    assert 'event="edge starting"' in first and f"state_dir={state}" in first, first
+    written = sorted(path.name for path in state.iterdir() if not path.name.startswith("."))
+    assert written, "the quick start writes its state"
+    for name in written:
+        shown = name.split(".", 1)[0] + ".*" if name.startswith("last-good-view.") else name
+        assert shown in first, (name, first)
