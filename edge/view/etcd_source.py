@@ -1,4 +1,4 @@
-"""The view stored under one etcd key, polled by revision.
+"""The view in etcd: stored under one key (polled by revision), or as a keyspace under a prefix (watched).
 
 Each poll is one range request with ``min_mod_revision`` set just past the
 revision last delivered: while the key is unchanged etcd answers with the
@@ -16,11 +16,30 @@ default).
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
 
 from edge.config import ViewConfig
-from edge.errors import SourceError, ViewTooLarge
-from edge.etcd import EtcdAccess, EtcdAddress, EtcdClient, EtcdError, EtcdValueTooLarge, RangeResult
+from edge.errors import SourceError, ViewInvalid, ViewTooLarge
+from edge.etcd import (
+    EtcdAccess,
+    EtcdAddress,
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    EtcdValueTooLarge,
+    KeyValue,
+    RangeResult,
+    Watch,
+    prefix_end,
+)
+from edge.logs import event
+from edge.view.keyspace import Keyspace, PreparedView
 from edge.view.sources import gunzip_capped
+
+log = logging.getLogger("edge.view")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -84,3 +103,269 @@ class EtcdSource:
             raise SourceError(str(exc)) from None
 
 
+
+
+# -- the view as a keyspace ---------------------------------------------------------------------------
+
+WATCH_STALL_AFTER = 5.0
+"""Seconds a change the safety-net poll found may take to come through the watch before it counts as stalled."""
+PAGE_KEYS = 1000
+"""Keys per range request of a full read: pages of about a megabyte, each well inside etcd's limits."""
+
+
+def is_keyspace(spec: str) -> bool:
+    """``etcd://HOST:PORT/PREFIX/`` (a key ending in ``/``) names a keyspace, not one key."""
+    return spec.startswith(("etcd://", "etcds://")) and spec.endswith("/")
+
+
+def open_etcd_source(spec: str, config: ViewConfig) -> EtcdSource | EtcdKeyspaceSource:
+    """The view under one etcd key, or (for an address ending in ``/``) the keyspace under that prefix."""
+    return EtcdKeyspaceSource(spec, config) if is_keyspace(spec) else EtcdSource(spec, config)
+
+
+class EtcdKeyspaceSource:
+    """The view as keys under a prefix (:mod:`edge.view.keyspace`), read once and then watched.
+
+    The first poll reads every key under the prefix at one revision R (a linearizable
+    first page, the others pinned to R) and starts a watch from R+1 over the gateway's
+    streaming ``/v3/watch``; each event is applied to the mirror as it arrives and the
+    poller is told to poll, which delivers the new view once its serial has risen.
+
+    Every scheduled poll is also a safety net: one range request asks for the keys
+    modified since the mirror's revision (header only when there are none) and the
+    number of keys under the prefix.  Changes the watch has not delivered are applied;
+    changes it has failed to deliver for a whole poll interval mean it stalled, and a
+    count that differs from the mirror's means deletions were missed: both end in a
+    fresh read of every key, as does a watch that breaks, is compacted or sends
+    anything but watch messages.  So a gateway is never more than one poll behind.
+    """
+
+    def __init__(self, spec: str, config: ViewConfig) -> None:
+        try:
+            address = EtcdAddress.parse(spec)
+        except EtcdError as exc:
+            raise SourceError(str(exc)) from None
+        self.description = str(address)
+        self.prefix = address.key
+        self.end = prefix_end(address.key)
+        self.client = EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size,
+                                 etcd_access(config))
+        self._timeout = len(address.endpoints) * (config.connect_timeout + config.read_timeout) * 4 + 1
+        self.keyspace = Keyspace(self.description)
+        self.revision = 0
+        """The mirror holds every change up to this revision (0: nothing read yet)."""
+        self._lock = threading.Lock()
+        """Held while the mirror changes: by a poll's reads and by the watch thread's events."""
+        self._fresh_read_needed = True
+        self._watch: Watch | None = None
+        self._watch_generation = 0
+        self._watch_revision = 0
+        """The highest revision the watch has reported (applied or already held)."""
+        self._awaiting_watch: tuple[int, float] | None = None
+        """(revision, when): changes a safety-net poll applied that the watch has yet to report."""
+        self.stall_after = WATCH_STALL_AFTER
+        self._delivered_serial: int | None = None
+        self._delivered_once = False
+        self._notify: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.full_reads = 0
+        self.watch_events = 0
+        self.watch_restarts = 0
+        """Watches ended by an error, a compaction or a stall (each followed by a fresh read)."""
+        self.caught_up = 0
+        """Changes the safety-net poll applied before the watch delivered them."""
+
+    # -- the poller's side -------------------------------------------------------------------
+
+    def subscribe(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on the running loop whenever the watch brings news (the poller polls then)."""
+        self._loop = asyncio.get_running_loop()
+        self._notify = changed
+
+    async def fetch(self) -> PreparedView | None:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._poll), self._timeout)
+        except asyncio.TimeoutError:
+            raise SourceError(f"{self.description}: no answer within {self._timeout:g}s") from None
+
+    def forget(self) -> None:
+        """Deliver the view again next poll even if its serial has not changed."""
+        self._delivered_serial = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._watch_generation += 1
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    # -- one poll (in a thread) ------------------------------------------------------------
+
+    def _poll(self) -> PreparedView | None:
+        try:
+            with self._lock:
+                if self._fresh_read_needed:
+                    self._read_everything()
+                else:
+                    self._catch_up()
+                start_watch = self._watch is None
+            if start_watch:
+                self._start_watch()
+            with self._lock:
+                return self._deliver()
+        except EtcdValueTooLarge as exc:
+            raise ViewTooLarge(str(exc)) from None
+        except EtcdError as exc:
+            raise SourceError(str(exc)) from None
+
+    def _read_everything(self) -> None:
+        """Every key under the prefix at one revision, into the mirror (unchanged parts stay as they are)."""
+        for attempt in range(3):
+            try:
+                items, revision = self._range_all()
+                break
+            except EtcdCompacted:
+                if attempt == 2:
+                    raise
+        if not items:
+            raise SourceError(f"{self.description}: no keys under the prefix")
+        self.keyspace.reset(items)
+        self.revision = revision
+        self._awaiting_watch = None
+        self._fresh_read_needed = False
+        self.full_reads += 1
+        self._stop_watch()
+
+    def _range_all(self) -> tuple[list[tuple[str, bytes, int]], int]:
+        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS)
+        revision = page.revision
+        items = [self._item(kv) for kv in page.kvs]
+        while page.more and page.kvs:
+            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision)
+            items += [self._item(kv) for kv in page.kvs]
+        return items, revision
+
+    def _item(self, kv: KeyValue) -> tuple[str, bytes, int]:
+        return self._name(kv.key), kv.value, kv.mod_revision
+
+    def _name(self, key: bytes) -> str:
+        return key[len(self.prefix):].decode("utf-8", "replace")
+
+    def _catch_up(self) -> None:
+        """The safety net: changes since the mirror's revision, and the key count."""
+        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS, min_mod_revision=self.revision + 1)
+        revision, count = page.revision, page.count
+        if revision < self.revision:
+            # The cluster was restored from a backup to an older revision: start over.
+            self.revision = self._watch_revision = 0
+            self._read_everything()
+            return
+        kvs = list(page.kvs)
+        while page.more and page.kvs:
+            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision,
+                                          min_mod_revision=self.revision + 1)
+            kvs += page.kvs
+        awaiting = self._awaiting_watch
+        if (awaiting is not None and self._watch is not None and self._watch_revision < awaiting[0]
+                and time.monotonic() - awaiting[1] >= self.stall_after):
+            # Changes an earlier poll found have still not come through the watch: it is stuck.
+            event(log, logging.WARNING, "etcd watch stalled; reading every key again", source=self.description,
+                  waiting_for=awaiting[0], watch_revision=self._watch_revision)
+            self.watch_restarts += 1
+            self._read_everything()
+            return
+        for kv in kvs:
+            self.keyspace.put(self._name(kv.key), kv.value, kv.mod_revision)
+        self.caught_up += len(kvs)
+        self.revision = max(self.revision, revision)
+        if kvs and self._watch is not None and awaiting is None:
+            self._awaiting_watch = (max(kv.mod_revision for kv in kvs), time.monotonic())
+        elif awaiting is not None and self._watch_revision >= awaiting[0]:
+            self._awaiting_watch = None
+        if count != len(self.keyspace.keys):
+            # Keys were deleted and the watch has not said so: only a full read finds which.
+            self._read_everything()
+
+    def _deliver(self) -> PreparedView | None:
+        if not self.keyspace.changed and self._delivered_serial is not None:
+            return None
+        try:
+            view, document = self.keyspace.view()
+        except ViewInvalid as exc:
+            raise SourceError("; ".join(exc.problems)) from None
+        if view.serial == self._delivered_serial:
+            return None
+        incremental = self._delivered_once
+        self._delivered_serial = view.serial
+        self._delivered_once = True
+        return PreparedView(view, document, incremental)
+
+    # -- the watch (its own thread) ----------------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        with self._lock:
+            if self._watch is not None:
+                return
+            self._watch_generation += 1
+            generation = self._watch_generation
+            watch = self._watch = self.client.watch(self.prefix, self.end, self.revision + 1)
+        threading.Thread(target=self._follow, args=(watch, generation), name="etcd-watch", daemon=True).start()
+
+    def _stop_watch(self) -> None:
+        """Called with the lock held."""
+        self._watch_generation += 1
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    def _follow(self, watch: Watch, generation: int) -> None:
+        try:
+            for _, events in watch:
+                if not events:
+                    continue
+                with self._lock:
+                    if generation != self._watch_generation:
+                        return
+                    self._watch_revision = max(self._watch_revision, max(item.kv.mod_revision for item in events))
+                    applied = 0
+                    for item in events:
+                        if item.kv.mod_revision <= self.revision:
+                            continue  # a poll's read already holds it
+                        name = self._name(item.kv.key)
+                        if item.deleted:
+                            self.keyspace.delete(name)
+                        else:
+                            self.keyspace.put(name, item.kv.value, item.kv.mod_revision)
+                        applied += 1
+                    if applied:
+                        self.revision = max(self.revision, max(item.kv.mod_revision for item in events))
+                        self.watch_events += applied
+                if applied:
+                    self._tell_poller()
+        except EtcdError as exc:
+            with self._lock:
+                if generation != self._watch_generation:
+                    return
+                self._watch = None
+                self._fresh_read_needed = True
+                self.watch_restarts += 1
+            event(log, logging.WARNING, "etcd watch ended; reading every key again", source=self.description,
+                  error=str(exc))
+            self._tell_poller()
+        except Exception as exc:  # noqa: BLE001 - a fault here must not leave the mirror silently frozen
+            with self._lock:
+                if generation == self._watch_generation:
+                    self._watch = None
+                    self._fresh_read_needed = True
+                    self.watch_restarts += 1
+            event(log, logging.ERROR, "etcd watch failed; reading every key again", exc_info=True,
+                  source=self.description, error=repr(exc))
+            self._tell_poller()
+
+    def _tell_poller(self) -> None:
+        loop, notify = self._loop, self._notify
+        if loop is not None and notify is not None:
+            try:
+                loop.call_soon_threadsafe(notify)
+            except RuntimeError:
+                pass  # the loop has closed: the gateway is stopping

@@ -16,6 +16,13 @@ snapshot when it can be (:mod:`edge.view.delta`): unchanged instances are not
 decoded, validated or indexed again.  What that needs from the last build is
 kept in ``_memo``, which never refers to a snapshot, only to values the
 snapshots share.
+
+A source may deliver a :class:`~edge.view.keyspace.PreparedView` (a view it
+decoded and checked part by part, such as an etcd keyspace) instead of
+bytes; one whose unchanged instances are the very objects being served is
+applied as a delta without any decoding.  A source that is told of changes (a
+watch) calls the function it was given by ``subscribe``, and the poller polls
+at once (no sooner than ``refresh_min_interval`` after the previous poll).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from edge.errors import SourceError, StateError, ViewInvalid
 from edge.logs import event
 from edge.view.delta import apply_delta, applies
 from edge.view.formats import DecodeMemo, Decoded, decode_view, decode_view_reusing
+from edge.view.keyspace import PreparedView
 from edge.view.model import View
 from edge.view.release import release_gradually, release_memo
 from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked, remember_counts
@@ -117,6 +125,7 @@ class Poller:
         self._memo: BuildMemo | None = None
         self._pending: BuildMemo | None = None
         self._in_progress: asyncio.Future[None] | None = None
+        self._source_changed = False
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -152,7 +161,15 @@ class Poller:
     # -- the polling task -----------------------------------------------------------------------
 
     def start(self) -> None:
+        subscribe = getattr(self.source, "subscribe", None)
+        if subscribe is not None:
+            subscribe(self._changed_at_source)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="view-poller")
+
+    def _changed_at_source(self) -> None:
+        """The source says it has news (a watch event): poll now rather than at the next interval."""
+        self._source_changed = True
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -162,6 +179,9 @@ class Poller:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
         self._answer_waiters()
 
     async def refresh(self) -> None:
@@ -201,7 +221,7 @@ class Poller:
             except asyncio.TimeoutError:
                 return
             self._wake.clear()
-            if self._waiters:
+            if self._waiters or self._source_changed:
                 # Rate-limit refreshes: never poll sooner than refresh_min_interval after the last poll.
                 earliest = self._last_poll_started + self.config.refresh_min_interval
                 await asyncio.sleep(max(0.0, earliest - time.monotonic()))
@@ -211,6 +231,7 @@ class Poller:
 
     async def poll_once(self) -> PollOutcome:
         self._last_poll_started = time.monotonic()
+        self._source_changed = False
         answering = self._waiters
         self._waiters = []
         in_progress = self._in_progress = asyncio.get_running_loop().create_future()
@@ -279,14 +300,14 @@ class Poller:
             return PollOutcome("unchanged", serial=current)
         event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,
               previous=current, build="delta" if self.last_build_was_delta else "full", **snapshot.counts())
-        await self._persist(data)
+        await self._persist(data.document if isinstance(data, PreparedView) else data)
         return PollOutcome("accepted", serial=snapshot.serial)
 
     def _current_serial(self) -> int | None:
         current = self.store.current
         return None if current is None else current.serial
 
-    def _build(self, data: bytes, current_serial: int | None) -> Snapshot | None:
+    def _build(self, data: bytes | PreparedView, current_serial: int | None) -> Snapshot | None:
         """Runs in a worker thread: decode, check the serial (or version), index, prepare."""
         current = self.store.current
         memo = self._memo
@@ -294,7 +315,14 @@ class Poller:
             memo = None
         decoded: Decoded | None = None
         delta: tuple[Snapshot, IndexState] | None = None
-        if self._speaks_view(data):
+        prepared = isinstance(data, PreparedView)
+        if isinstance(data, PreparedView):
+            view = data.view
+            if (data.incremental and memo is not None and current is not None and view.serial > current.serial
+                    and applies(current, view)):
+                # None when a rule across instances is broken: the full build below explains it.
+                delta = apply_delta(current, memo.index, view)
+        elif self._speaks_view(data):
             decoded = decode_view_reusing(data, memo.decoded if memo is not None else None, defer_cross_check=True)
             view = decoded.view
             if decoded.delta:
@@ -323,7 +351,7 @@ class Poller:
                 prepare(snapshot)
         else:
             snapshot, state = build_snapshot_tracked(
-                view, self.preparers, check_unique=decoded is not None and not decoded.cross_checked)
+                view, self.preparers, check_unique=prepared or (decoded is not None and not decoded.cross_checked))
         remember_counts(snapshot)
         self._pending = BuildMemo(snapshot.generation, decoded.memo if decoded is not None else None, state,
                                   delta=delta is not None)
@@ -358,11 +386,13 @@ class Poller:
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
 
-    async def _persist(self, data: bytes) -> None:
+    async def _persist(self, data: bytes | Callable[[], bytes]) -> None:
+        """Write the accepted document (or what makes it: a prepared view's is built in the thread)."""
         if self.state is None:
             return
+        state = self.state
         try:
-            await asyncio.to_thread(self.state.write, data)
+            await asyncio.to_thread(lambda: state.write(data() if callable(data) else data))
             self.store.status.state_write_error = ""
         except StateError as exc:
             self.store.status.state_write_error = str(exc)

@@ -33,7 +33,11 @@ class ViewSource(Protocol):
     description: str
 
     async def fetch(self) -> bytes | None:
-        """New document bytes, or None when unchanged; raises SourceError."""
+        """New document bytes, or None when unchanged; raises SourceError.
+
+        A source that decodes and checks the view itself, part by part (an etcd keyspace),
+        returns a :class:`edge.view.keyspace.PreparedView` instead of bytes.
+        """
 
 
 class DemoSource:
@@ -270,8 +274,8 @@ class SourceKinds:
 
 
 def _etcd_source(spec: str, config: ViewConfig) -> ViewSource:
-    from edge.view.etcd_source import EtcdSource
-    return EtcdSource(spec, config)
+    from edge.view.etcd_source import open_etcd_source
+    return open_etcd_source(spec, config)
 
 
 def builtin_source_kinds() -> SourceKinds:

@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -295,3 +296,102 @@ class RecordingProxy:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class TcpProxy:
+    """A byte-level proxy in front of a member, for streams (watches) the recording proxy cannot carry.
+
+    ``freeze()`` holds what the member sends (a watch that stalls), ``inject()`` sends
+    bytes of its own to every client (garbage in a stream), ``cut()`` closes every
+    connection (a watch that breaks).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._lock = threading.Lock()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            thawed = threading.Event()
+            thawed.set()
+            with self._lock:
+                self._pairs.append((client, upstream, thawed))
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, thawed), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, thawed: threading.Event | None) -> None:
+        try:
+            while data := source.recv(65536):
+                if thawed is not None:
+                    thawed.wait()
+                with self._lock:
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def freeze(self) -> None:
+        """Hold what the member sends on the connections open now (later ones flow)."""
+        with self._lock:
+            for _, _, thawed in self._pairs:
+                thawed.clear()
+
+    def thaw(self) -> None:
+        with self._lock:
+            for _, _, thawed in self._pairs:
+                thawed.set()
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return sum(1 for client, _, _ in self._pairs if client.fileno() >= 0)
+
+    def inject(self, data: bytes) -> None:
+        with self._lock:
+            for client, _, _ in self._pairs:
+                try:
+                    client.sendall(data)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, upstream, thawed in pairs:
+            thawed.set()
+            for end in (client, upstream):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                end.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()

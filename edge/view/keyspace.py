@@ -1,0 +1,288 @@
+"""The view as a keyspace: one key per part, so a change costs what it changes.
+
+A control plane that keeps the view in a key-value store (etcd) writes it as
+keys under one prefix rather than as one document:
+
+=========================  ===============================================
+``PREFIX/serial``          the view's ``serial``, a decimal integer
+``PREFIX/cloud``           the view's ``cloud`` object (JSON)
+``PREFIX/networks/<id>``   one element of ``networks`` (JSON, its ``id`` is ``<id>``; the flat network ``""`` is ``PREFIX/networks/``)
+``PREFIX/instances/<id>``  one element of ``instances`` (JSON, its ``id`` is ``<id>``)
+=========================  ===============================================
+
+:class:`Keyspace` mirrors those keys and turns them into a :class:`View`.  It
+is pure (no I/O): a source feeds it the keys it reads and the changes it is
+told about, in revision order.  Each value is checked on its own as it
+arrives; a value that does not parse is a problem of that one part (logged,
+counted, and the previous value of that part kept), so one bad instance never
+holds back the others.  Unchanged instances stay the very same objects from
+one view to the next, which lets the poller build each new serial as a delta of
+the served snapshot (:mod:`edge.view.delta`) in time proportional to the
+change.  Instances come in key order (their ids sorted), which is the order in
+which records of a name shared by several instances are served.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from edge.errors import ViewInvalid
+from edge.logs import event
+from edge.view.model import FORMAT, Cloud, Instance, Network, View
+from edge.view.parse import Reused, instance_validator, parse_view
+
+log = logging.getLogger("edge.view")
+
+SERIAL = "serial"
+CLOUD = "cloud"
+NETWORKS = "networks/"
+INSTANCES = "instances/"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedView:
+    """A view a source has decoded and validated itself, instead of document bytes."""
+
+    view: View
+    document: Callable[[], bytes]
+    """The same view as an ``edge-view/1`` document (for the last-good-view file); costs O(view)."""
+    incremental: bool
+    """Instances also in the previously delivered view are the very same objects (build it as a delta)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    text: bytes
+    """The last good text of the part (what the view and the document are made of)."""
+    value: Any
+    """Its decoded, checked form."""
+
+
+class Keyspace:
+    """The keys under one prefix, each checked as it arrives, and the view they make."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.keys: dict[str, int] = {}
+        """Every key name present (good, bad or unknown) -> its mod revision: compared with the store's count."""
+        self.serial: int | None = None
+        self.cloud: _Part | None = None
+        self.networks: dict[str, _Part] = {}
+        self.instances: dict[str, _Part] = {}
+        self.order: list[str] = []
+        """Instance ids, sorted; ``parts`` and ``values`` hold their parts and instances in the same order,
+        so a view's tuple of instances is one C-level copy rather than a loop over every instance."""
+        self.parts: list[_Part] = []
+        self.values: list[Instance] = []
+        self.refused_instances: dict[str, bytes] = {}
+        """Instance id -> its latest text, refused: tried again when the networks change (an instance written
+        before the network it is in is refused until the network arrives)."""
+        self.problems = 0
+        """Values refused so far (each logged)."""
+        self.rejected: dict[str, str] = {}
+        """Key name -> why its current value is refused (until a good value or a deletion)."""
+        self._cidr_validate: Callable[[Any], Any] | None = None
+        self._network_list: list[Any] = []
+        self._cloud_object: Any = {}
+        self.changed = False
+        """Something changed since :meth:`view` last ran."""
+        self._view: tuple[View, Callable[[], bytes]] | None = None
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def put(self, name: str, text: bytes, revision: int) -> None:
+        self.keys[name] = revision
+        self.changed = True
+        try:
+            if name == SERIAL:
+                self._put_serial(text)
+            elif name == CLOUD:
+                self._put_cloud(text)
+            elif name.startswith(NETWORKS):  # the flat network's id is "" (key ``networks/``)
+                self._put_network(name[len(NETWORKS):], text)
+            elif name.startswith(INSTANCES) and len(name) > len(INSTANCES):
+                self._put_instance(name[len(INSTANCES):], text)
+            else:
+                raise _Refused("not a key of the view layout (serial, cloud, networks/ID, instances/ID)")
+        except _Refused as refused:
+            if name.startswith(INSTANCES):
+                self.refused_instances[name[len(INSTANCES):]] = text
+            self._refuse(name, str(refused))
+            return
+        self.rejected.pop(name, None)
+        if name.startswith(INSTANCES):
+            self.refused_instances.pop(name[len(INSTANCES):], None)
+
+    def delete(self, name: str) -> None:
+        if self.keys.pop(name, None) is None:
+            return
+        self.changed = True
+        self.rejected.pop(name, None)
+        if name == SERIAL:
+            self.serial = None
+        elif name == CLOUD:
+            self.cloud = None
+            self._cloud_object = {}
+        elif name.startswith(NETWORKS):
+            if self.networks.pop(name[len(NETWORKS):], None) is not None:
+                self._networks_changed()
+        elif name.startswith(INSTANCES):
+            instance_id = name[len(INSTANCES):]
+            self.refused_instances.pop(instance_id, None)
+            if instance_id in self.instances:
+                self._remove(instance_id)
+
+    def reset(self, items: Iterable[tuple[str, bytes, int]]) -> None:
+        """Make the mirror hold exactly ``items`` (a fresh read of every key), keeping unchanged parts as they are."""
+        seen: set[str] = set()
+        # Networks first: instances are checked against them.
+        for name, text, revision in sorted(items, key=lambda item: not item[0].startswith((NETWORKS, CLOUD))):
+            seen.add(name)
+            if self.keys.get(name) != revision:
+                self.put(name, text, revision)
+        for name in [name for name in self.keys if name not in seen]:
+            self.delete(name)
+
+    # -- the view -----------------------------------------------------------------------------
+
+    def view(self) -> tuple[View, Callable[[], bytes]]:
+        """The view the keys make now, and a function giving it as an ``edge-view/1`` document.
+
+        The document is made of the parts' last good texts when the function is called
+        (O(view), in another thread if need be): later changes to the keys do not alter it.
+        Raises ViewInvalid when a part every view needs is missing.
+        """
+        if not self.changed and self._view is not None:
+            return self._view
+        if self.serial is None:
+            raise ViewInvalid([f"{self.where}: no valid {SERIAL} key"])
+        serial = self.serial
+        cloud = self.cloud
+        networks = [self.networks[key] for key in sorted(self.networks)]
+        parts = self.parts.copy()
+        view = View(serial=serial, generated=None, cloud=cloud.value if cloud is not None else Cloud(),
+                    networks=tuple([part.value for part in networks]), instances=tuple(self.values))
+
+        def document() -> bytes:
+            return b"".join((b'{"format":', json.dumps(FORMAT).encode(), b',"serial":', str(serial).encode(),
+                             b',"cloud":', cloud.text if cloud is not None else b"{}",
+                             b',"networks":[', b",".join([part.text for part in networks]),
+                             b'],"instances":[', b",".join([part.text for part in parts]), b"]}"))
+
+        self._view = (view, document)
+        self.changed = False
+        return self._view
+
+    # -- each part ----------------------------------------------------------------------------
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.problems += 1
+        self.rejected[name] = reason
+        event(log, logging.ERROR, "view key refused; keeping its previous value", source=self.where, key=name,
+              reason=reason)
+
+    def _put_serial(self, text: bytes) -> None:
+        try:
+            serial = int(text.strip())
+        except ValueError:
+            raise _Refused(f"not an integer: {text[:40]!r}") from None
+        if serial < 0:
+            raise _Refused("must not be negative")
+        self.serial = serial
+
+    def _put_cloud(self, text: bytes) -> None:
+        obj = _json_object(text)
+        view = _check({"cloud": obj, "networks": self._network_list})
+        self.cloud = _Part(text, view.cloud)
+        self._cloud_object = obj
+
+    def _put_network(self, network_id: str, text: bytes) -> None:
+        obj = _json_object(text)
+        if obj.get("id") != network_id:
+            raise _Refused(f"its id {obj.get('id')!r} is not the key's {network_id!r}")
+        network: Network = _check({"networks": [obj]}).networks[0]
+        self.networks[network_id] = _Part(text, network)
+        self._networks_changed()
+
+    def _put_instance(self, instance_id: str, text: bytes) -> None:
+        self._place(instance_id, _Part(text, self._instance(instance_id, text)))
+
+    def _place(self, instance_id: str, part: _Part) -> None:
+        index = bisect.bisect_left(self.order, instance_id)
+        if instance_id in self.instances:
+            self.parts[index] = part
+            self.values[index] = part.value
+        else:
+            self.order.insert(index, instance_id)
+            self.parts.insert(index, part)
+            self.values.insert(index, part.value)
+        self.instances[instance_id] = part
+
+    def _remove(self, instance_id: str) -> None:
+        index = bisect.bisect_left(self.order, instance_id)
+        del self.order[index], self.parts[index], self.values[index], self.instances[instance_id]
+
+    def _instance(self, instance_id: str, text: bytes) -> Instance:
+        obj = _json_object(text)
+        if obj.get("id") != instance_id:
+            raise _Refused(f"its id {obj.get('id')!r} is not the key's {instance_id!r}")
+        validate = self._cidr_validate
+        if validate is None:
+            validate = self._cidr_validate = instance_validator({"networks": self._network_list})
+        checked = validate(obj) if validate is not None else obj
+        if type(checked) is Reused:
+            return checked.instance
+        # The explaining parser words every problem (or, rarely, accepts what the fast check doubted).
+        return _check({"networks": self._network_list, "instances": [obj]}).instances[0]
+
+    def _networks_changed(self) -> None:
+        """Instances are checked against the networks' CIDRs: check every one again."""
+        self._network_list = [json.loads(self.networks[key].text) for key in sorted(self.networks)]
+        self._cidr_validate = None
+        for instance_id in list(self.order):
+            part = self.instances[instance_id]
+            try:
+                self._place(instance_id, _Part(part.text, self._instance(instance_id, part.text)))
+            except _Refused as refused:
+                name = INSTANCES + instance_id
+                self._remove(instance_id)
+                self.refused_instances[instance_id] = part.text
+                self._refuse(name, f"no longer valid with the networks now in the view: {refused}")
+        for instance_id, text in list(self.refused_instances.items()):
+            try:
+                instance = self._instance(instance_id, text)
+            except _Refused:
+                continue  # still refused, as logged when it arrived
+            del self.refused_instances[instance_id]
+            self.rejected.pop(INSTANCES + instance_id, None)
+            self._place(instance_id, _Part(text, instance))
+
+
+class _Refused(Exception):
+    """One key's value is not a valid part of the view (the message says why)."""
+
+
+def _json_object(text: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Refused(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _Refused("not valid JSON: nested too deeply") from None
+    if type(obj) is not dict:
+        raise _Refused("not a JSON object")
+    return obj
+
+
+def _check(parts: dict[str, Any]) -> View:
+    """``parts`` checked by the one view parser, as members of an otherwise empty document."""
+    document = {"format": FORMAT, "serial": 0, "cloud": {}, "networks": [], "instances": [], **parts}
+    try:
+        return parse_view(document)
+    except ViewInvalid as exc:
+        raise _Refused("; ".join(exc.problems[:5])) from None

@@ -1,0 +1,340 @@
+"""The view as an etcd keyspace: checked key by key, read once, then followed by a watch; and its publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from bench.generate import generate_view
+from edge.config import ViewConfig
+from edge.errors import SourceError, ViewInvalid
+from edge.etcd import EtcdAccess, EtcdClient, EtcdCompacted, prefix_end
+from edge.etcd_publish import MAX_TXN_OPS, Published, PublishError, publish, publish_client
+from edge.view.demo import demo_document
+from edge.view.etcd_source import EtcdKeyspaceSource, open_etcd_source
+from edge.view.formats import decode_view
+from edge.view.keyspace import Keyspace, PreparedView
+from edge.view.poller import Poller
+from edge.view.statefile import StateFile
+from edge.view.store import ViewStore
+from tests.etcd.server import RecordingProxy, TcpProxy
+from tests.support import wait_until
+
+FAST = ViewConfig(connect_timeout=1.0, read_timeout=3.0)
+PREFIX = "edge/view/"
+
+
+def demo(serial: int) -> dict[str, Any]:
+    document = demo_document()
+    document["serial"] = serial
+    return document
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document).encode()
+
+
+def publisher(endpoint: str, prefix: str = PREFIX) -> EtcdClient:
+    return publish_client(f"etcd://{endpoint}/{prefix}", 1.0, 5.0, 1 << 28, EtcdAccess())
+
+
+def keyspace_source(endpoint: str, prefix: str = PREFIX) -> EtcdKeyspaceSource:
+    source = open_etcd_source(f"etcd://{endpoint}/{prefix}", FAST)
+    assert isinstance(source, EtcdKeyspaceSource)
+    return source
+
+
+def fetch(source: EtcdKeyspaceSource) -> PreparedView | None:
+    return asyncio.run(source.fetch())
+
+
+# -- the keyspace on its own ------------------------------------------------------------------------
+
+def put_document(keyspace: Keyspace, document: dict[str, Any], revision: int = 1) -> None:
+    for network in document["networks"]:
+        keyspace.put("networks/" + network["id"], encode(network), revision)
+    for instance in document["instances"]:
+        keyspace.put("instances/" + instance["id"], encode(instance), revision)
+    keyspace.put("cloud", encode(document["cloud"]), revision)
+    keyspace.put("serial", str(document["serial"]).encode(), revision)
+
+
+def test_a_keyspace_makes_the_view_its_document_makes() -> None:
+    document = demo(4)
+    keyspace = Keyspace("test")
+    put_document(keyspace, document)
+    view, as_document = keyspace.view()
+    expected = decode_view(encode({**document, "instances": sorted(document["instances"], key=lambda i: i["id"]),
+                                   "networks": sorted(document["networks"], key=lambda n: n["id"])}))
+    assert view.serial == 4 and view.instances == expected.instances and view.cloud == expected.cloud
+    assert view.networks == expected.networks
+    assert decode_view(as_document()) == view
+    assert keyspace.problems == 0
+
+
+def test_a_bad_key_is_a_problem_of_that_part_only() -> None:
+    document = demo(1)
+    keyspace = Keyspace("test")
+    put_document(keyspace, document)
+    before, _ = keyspace.view()
+    victim = document["instances"][0]["id"]
+    kept = next(i for i in before.instances if i.id == victim)
+
+    keyspace.put("instances/" + victim, b"{not json", 2)
+    keyspace.put("serial", b"2", 2)
+    view, as_document = keyspace.view()
+    assert view.serial == 2 and next(i for i in view.instances if i.id == victim) is kept
+    assert keyspace.problems == 1 and "not valid JSON" in keyspace.rejected["instances/" + victim]
+    assert decode_view(as_document()).instances == view.instances
+
+    wrong_id = dict(document["instances"][1], id="i-elsewhere")
+    keyspace.put("instances/" + document["instances"][1]["id"], encode(wrong_id), 3)
+    keyspace.put("instances/i-bad-address", encode(dict(document["instances"][2], id="i-bad-address",
+                                                        interfaces=[{"mac": "zz"}])), 3)
+    keyspace.put("surprise", b"{}", 3)
+    keyspace.put("serial", b"three", 3)
+    view, _ = keyspace.view()
+    assert view.serial == 2 and len(view.instances) == len(document["instances"])
+    assert keyspace.problems == 5
+    assert {"surprise", "serial", "instances/i-bad-address"} <= set(keyspace.rejected)
+
+    # A good value clears the problem; a deletion removes the instance.
+    keyspace.put("instances/" + victim, encode(document["instances"][0]), 4)
+    keyspace.delete("instances/" + document["instances"][1]["id"])
+    keyspace.put("serial", b"4", 4)
+    view, _ = keyspace.view()
+    assert view.serial == 4 and "instances/" + victim not in keyspace.rejected
+    assert len(view.instances) == len(document["instances"]) - 1
+
+
+def test_an_instance_written_before_its_network_is_taken_when_the_network_arrives() -> None:
+    document = demo(1)
+    keyspace = Keyspace("test")
+    instance = next(i for i in document["instances"] if i["interfaces"][0].get("network"))
+    network_id = instance["interfaces"][0]["network"]
+    keyspace.put("serial", b"1", 1)
+    keyspace.put("instances/" + instance["id"], encode(instance), 1)
+    assert keyspace.view()[0].instances == ()
+    network = next(n for n in document["networks"] if n["id"] == network_id)
+    keyspace.put("networks/" + network_id, encode(network), 2)
+    view, _ = keyspace.view()
+    assert [i.id for i in view.instances] == [instance["id"]] and not keyspace.rejected
+
+
+def test_a_keyspace_without_a_serial_is_not_a_view() -> None:
+    keyspace = Keyspace("test")
+    keyspace.put("cloud", b"{}", 1)
+    with pytest.raises(ViewInvalid, match="serial"):
+        keyspace.view()
+
+
+# -- the publisher ---------------------------------------------------------------------------------
+
+def test_publish_writes_the_fewest_changes_in_bounded_transactions(etcd) -> None:
+    document = generate_view(instances=300, networks=2, serial=1)
+    proxy = RecordingProxy(etcd.endpoint).start()
+    try:
+        client = publisher(proxy.endpoint)
+        first = publish(encode(document), client)
+        assert first.puts == 300 + 2 + 2 and first.deletes == 0 and first.transactions >= 3
+        txns = [e for e in proxy.exchanges if e.path == "/v3/kv/txn"]
+        assert len(txns) == first.transactions and all(e.status == 200 for e in txns)
+        assert all(len(e.request["success"]) <= MAX_TXN_OPS for e in txns)
+        serial_key = _b64((PREFIX + "serial").encode())
+        puts_in = [[op["request_put"]["key"] for op in e.request["success"] if "request_put" in op] for e in txns]
+        assert [serial_key in keys for keys in puts_in] == [False] * (len(txns) - 1) + [True]
+
+        assert publish(encode(document), client) == Published(1, 0, 0, 0, first.revision)
+
+        changed = copy.deepcopy(document)
+        changed["serial"] = 2
+        changed["instances"][7]["instance_type"] = "m5.xlarge"
+        removed = changed["instances"].pop(9)["id"]
+        proxy.exchanges.clear()
+        second = publish(encode(changed), client)
+        assert (second.puts, second.deletes, second.transactions) == (2, 1, 1)
+        (txn,) = [e for e in proxy.exchanges if e.path == "/v3/kv/txn"]
+        assert {"request_delete_range": {"key": _b64((PREFIX + "instances/" + removed).encode())}} in \
+            txn.request["success"]
+
+        # A serial not above the one in etcd would never be served: refused, nothing written.
+        stale = copy.deepcopy(changed)
+        stale["instances"][0]["instance_type"] = "t1.micro"
+        with pytest.raises(PublishError, match="not above"):
+            publish(encode(stale), client)
+        # An invalid view is refused before anything is written.
+        broken = copy.deepcopy(changed)
+        broken["serial"] = 3
+        broken["instances"][0]["interfaces"][0]["mac"] = "not a mac"
+        proxy.exchanges.clear()
+        with pytest.raises(ViewInvalid):
+            publish(encode(broken), client)
+        assert proxy.exchanges == []
+    finally:
+        proxy.close()
+
+    source = keyspace_source(etcd.endpoint)
+    try:
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 2 and len(prepared.view.instances) == 299
+        assert decode_view(prepared.document()).instances == prepared.view.instances
+    finally:
+        source.close()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode()
+
+
+# -- the source: a full read, then the watch --------------------------------------------------------
+
+def test_a_gateway_poller_follows_the_keyspace_by_watch_and_builds_deltas(etcd, tmp_path) -> None:
+    document = generate_view(instances=200, networks=2, serial=1)
+    client = publisher(etcd.endpoint)
+    publish(encode(document), client)
+    source = keyspace_source(etcd.endpoint)
+    store = ViewStore()
+    state = StateFile(str(tmp_path / "state"), source.description)
+    # Polls an hour apart: after the first, only the watch can bring a change in time.
+    poller = Poller(ViewConfig(poll_interval=3600, refresh_min_interval=0.05), source, store, state)
+
+    async def scenario() -> None:
+        poller.start()
+        try:
+            await _until(lambda: store.current is not None and store.current.serial == 1)
+            first = store.current
+            assert first is not None
+            changed = copy.deepcopy(document)
+            changed["serial"] = 2
+            changed["instances"][5]["instance_type"] = "c5.large"
+            await asyncio.to_thread(publish, encode(changed), client)
+            await _until(lambda: store.current is not None and store.current.serial == 2)
+            second = store.current
+            assert second is not None and poller.last_build_was_delta
+            target = changed["instances"][5]["id"]
+            assert second.instances[target].instance_type == "c5.large"
+            same = sum(second.instances[i] is first.instances[i] for i in first.instances)
+            assert same == len(first.instances) - 1
+            assert source.full_reads == 1 and source.watch_events == 2
+        finally:
+            await poller.stop()
+
+    asyncio.run(scenario())
+    assert decode_view(state.read()).serial == 2
+
+
+async def _until(condition: Any, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_bad_values_in_etcd_are_problems_of_their_keys_never_a_lost_view(etcd) -> None:
+    document = demo(1)
+    client = publisher(etcd.endpoint)
+    publish(encode(document), client)
+    source = keyspace_source(etcd.endpoint)
+    try:
+        prepared = fetch(source)
+        assert prepared is not None
+        victim = document["instances"][0]["id"]
+        etcd.put(PREFIX + "instances/" + victim, "garbage")
+        etcd.put(PREFIX + "serial", "2")
+        wait_until(lambda: source.keyspace.problems == 1)
+        later = fetch(source)
+        assert later is not None and later.view.serial == 2
+        assert [i for i in later.view.instances if i.id == victim] == [i for i in prepared.view.instances
+                                                                        if i.id == victim]
+    finally:
+        source.close()
+
+
+def test_deletions_the_watch_missed_are_found_by_the_next_poll(etcd) -> None:
+    document = demo(1)
+    publish(encode(document), publisher(etcd.endpoint))
+    source = keyspace_source(etcd.endpoint)
+    try:
+        assert fetch(source) is not None
+        source.close()  # no watch: the poll alone must notice
+        gone = document["instances"][0]["id"]
+        etcd.delete(PREFIX + "instances/" + gone)
+        etcd.put(PREFIX + "serial", "2")
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 2
+        assert gone not in {i.id for i in prepared.view.instances}
+        assert source.full_reads == 2
+    finally:
+        source.close()
+
+
+def test_a_broken_garbled_or_stalled_watch_ends_in_a_fresh_read(etcd) -> None:
+    document = demo(1)
+    client = publisher(etcd.endpoint)
+    publish(encode(document), client)
+    proxy = TcpProxy(etcd.client_port)
+    source = keyspace_source(proxy.endpoint)
+
+    def watching() -> bool:
+        return source._watch is not None and proxy.open_connections() >= 1
+
+    try:
+        assert fetch(source) is not None and source.full_reads == 1
+        wait_until(watching)
+
+        # Garbage in the stream (one well-framed chunk that is not a watch message).
+        proxy.inject(b"8\r\ngarbage\n\r\n")
+        wait_until(lambda: source.watch_restarts == 1)
+        assert fetch(source) is None and source.full_reads == 2
+        wait_until(watching)
+
+        # The connection breaks.
+        proxy.cut()
+        wait_until(lambda: source.watch_restarts == 2)
+        document["serial"] = 2
+        document["instances"][0]["instance_type"] = "m1.small"
+        publish(encode(document), client)
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 2 and source.full_reads == 3
+        wait_until(watching)
+
+        # The watch stalls: the next poll applies what it misses (one poll behind at most),
+        # and the one after, finding it still silent, reads everything and starts a new watch.
+        source.stall_after = 0.0
+        proxy.freeze()
+        document["serial"] = 3
+        document["instances"][1]["instance_type"] = "m1.large"
+        publish(encode(document), client)
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 3 and source.caught_up == 2
+        assert source.full_reads == 3
+        assert fetch(source) is None
+        assert source.full_reads == 4 and source.watch_restarts == 3
+    finally:
+        source.close()
+        proxy.close()
+
+
+def test_a_watch_from_a_compacted_revision_says_so(etcd) -> None:
+    for serial in range(1, 5):
+        etcd.put(PREFIX + "serial", str(serial))
+    revision = etcd.put(PREFIX + "serial", "5")
+    etcd.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+    client = publisher(etcd.endpoint)
+    watch = client.watch(PREFIX.encode(), prefix_end(PREFIX.encode()), 2)
+    with pytest.raises(EtcdCompacted):
+        for _ in watch:
+            pass
+
+
+def test_an_empty_prefix_is_a_source_error(etcd) -> None:
+    source = keyspace_source(etcd.endpoint, "nothing/here/")
+    with pytest.raises(SourceError, match="no keys"):
+        fetch(source)
+
