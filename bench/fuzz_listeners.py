@@ -10,7 +10,7 @@ sent for the time budget.  After every burst the server must still answer a vali
 over the same transport, and the resident memory of its process must stay within a bound of where
 it started.  Every reply read during a burst is checked too: a DNS reply must be a response
 carrying the ID of a query that was sent, a TCP stream must stay correctly framed, an HTTP answer
-must start with a status line.  Rate limits are off in the fuzzed server so that every input
+must start with a status line and never be a 500.  Rate limits are off in the fuzzed server so that every input
 reaches the parsers.  The same code runs for a few seconds per target in the test suite
 (``tests/test_listener_fuzz.py``); this script gives it a longer budget.  Traffic stays on loopback.
 """
@@ -395,6 +395,9 @@ def burst_http(port: int, seeds: list[bytes], rng: random.Random, tally: Tally, 
                     tally.replies += 1
                     if not received.startswith(b"HTTP/1."):
                         tally.anomaly(f"an answer without a status line: {received[:40]!r}")
+                    elif b"HTTP/1.1 500 " in received or b"HTTP/1.0 500 " in received:
+                        # Bad input gets a 4xx; a 500 is the server failing on it.
+                        tally.anomaly(f"500 for {stream[:200]!r}")
         except OSError:
             pass  # refused or reset by the server: allowed
 

@@ -19,6 +19,21 @@ from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
 
 SNAPSHOT = build_snapshot(parse_view(demo_document()), [make_preparer()])
+
+
+def _delegating_document() -> dict:
+    """The demo view plus a zone cut and CNAMEs leaving the local zones (answers that go upstream)."""
+    document = demo_document()
+    document["cloud"]["dns_records"] += [
+        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
+        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
+        {"name": "alias.demo.example", "type": "CNAME", "value": "host.upstream.test", "ttl": 300},
+        {"name": "into.demo.internal", "type": "CNAME", "value": "www.sub.demo.example", "ttl": 300},
+    ]
+    return document
+
+
+DELEGATING = build_snapshot(parse_view(_delegating_document()), [make_preparer()])
 CONFIG = DnsConfig()
 ENGINE = Engine(CONFIG, Forwarder(CONFIG), RecursionPolicy())
 SEEDS = [dns.message.make_query(name, rtype, **kwargs).to_wire() for name, rtype, kwargs in [
@@ -27,12 +42,16 @@ SEEDS = [dns.message.make_query(name, rtype, **kwargs).to_wire() for name, rtype
     ("nope.demo.internal", "AAAA", {"want_dnssec": True}),
     ("1.0.0.127.in-addr.arpa", "PTR", {"use_edns": 0, "payload": 4096}),
     ("example.com", "ANY", {}),
-]]
+    ("alias.demo.example", "A", {"use_edns": 0}),
+    ("x.sub.demo.example", "AAAA", {}),
+    ("into.demo.internal", "TXT", {"want_dnssec": True}),
+]] + [b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03a.b\x02\xc3\xa9\x04demo\x08internal\x00\x00\x01\x00\x01"]
 
 
 def check(data: bytes, udp: bool) -> None:
-    for address in ("127.0.0.1", "127.0.0.9"):
-        reply = ENGINE.answer(data, SNAPSHOT, "", address, 1000.0, udp)
+    for address, snapshot in (("127.0.0.1", SNAPSHOT), ("127.0.0.9", SNAPSHOT), ("127.0.0.1", DELEGATING),
+                              ("127.0.0.9", DELEGATING)):
+        reply = ENGINE.answer(data, snapshot, "", address, 1000.0, udp)
         assert reply is None or isinstance(reply, (bytes, Forward))
         if isinstance(reply, bytes):
             assert len(reply) >= 12
