@@ -67,8 +67,8 @@ QUESTIONS = [
 ]
 
 
-def zone_files(directory: Path) -> list[str]:
-    texts = zone_texts(build_snapshot(parse_view(demo_document())), NETWORK)
+def zone_files(directory: Path, document: dict | None = None) -> list[str]:
+    texts = zone_texts(build_snapshot(parse_view(document or demo_document())), NETWORK)
     for apex, text in texts.items():
         (directory / f"{apex}.zone").write_text(text)
     return list(texts)
@@ -76,8 +76,28 @@ def zone_files(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def nsd_port(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("nsd")
-    apexes = zone_files(directory)
+    yield from run_nsd(tmp_path_factory.mktemp("nsd"), demo_document())
+
+
+def delegating_document() -> dict:
+    """The demo view with a zone cut below demo.example (NS records and glue in ``dns_records``)."""
+    document = demo_document()
+    document["cloud"]["dns_records"] += [
+        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
+        {"name": "sub.demo.example", "type": "NS", "value": "ns.elsewhere.test", "ttl": 300},
+        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
+        {"name": "www.sub.demo.example", "type": "A", "value": "192.0.2.80", "ttl": 300},
+    ]
+    return document
+
+
+@pytest.fixture(scope="module")
+def nsd_delegating_port(tmp_path_factory):
+    yield from run_nsd(tmp_path_factory.mktemp("nsd-cut"), delegating_document())
+
+
+def run_nsd(directory: Path, document: dict):
+    apexes = zone_files(directory, document)
     port = free_port()
     config = directory / "nsd.conf"
     config.write_text(f"""server:
@@ -137,6 +157,19 @@ def test_same_answer_as_nsd_over_tcp(edge, nsd_port):
         ours = dns.query.tcp(query, "127.0.0.1", port=edge.port, timeout=3, source="127.0.0.9")
         theirs = dns.query.tcp(query, "127.0.0.1", port=nsd_port, timeout=3)
         assert summary(ours) == summary(theirs)
+
+
+@pytest.mark.parametrize("name,rtype", [("host.sub.demo.example", "A"), ("sub.demo.example", "NS"),
+                                        ("sub.demo.example", "A"), ("ns1.sub.demo.example", "A"),
+                                        ("www.sub.demo.example", "A"), ("a.b.sub.demo.example", "TXT"),
+                                        ("demo.example", "SOA"), ("other.demo.example", "A")])
+def test_same_referral_as_nsd_at_a_zone_cut(edge_factory, nsd_delegating_port, name, rtype):
+    server = edge_factory(delegating_document())
+    query = dns.message.make_query(name, rtype, use_edns=0, payload=1232)
+    query.flags &= ~dns.flags.RD  # an iterative question, as a resolver asks
+    ours = dns.query.udp(query, "127.0.0.1", port=server.port, timeout=3, source="127.0.0.9")
+    theirs = dns.query.udp(query, "127.0.0.1", port=nsd_delegating_port, timeout=3)
+    assert summary(ours) == summary(theirs)
 
 
 def test_kdig_sees_the_same(edge, nsd_port):
