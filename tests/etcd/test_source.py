@@ -212,7 +212,7 @@ def test_edge_view_check_reads_etcd(etcd) -> None:
     assert "OK" in result.stdout and "serial      9" in result.stdout
     result = subprocess.run([sys.executable, "-m", "edge", "view", "check", etcd.url("edge/absent")],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "key not found" in result.stdout
+    assert result.returncode == 1 and "key not found" in result.stderr
 
 
 def test_the_etcd_client_knows_nothing_of_the_configuration_or_the_token_keys() -> None:
