@@ -124,13 +124,15 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _view_check(args: argparse.Namespace) -> int:
+    from edge.server import adapters
     from edge.view.formats import make_decoder
     from edge.view.snapshot import build_snapshot
     from edge.view.sources import open_source
 
     config = load_config(args.config, os.environ, {})
     shown = redact(args.source)  # a URL's password or token is not printed
-    source = open_source(args.source, config.view)
+    plugged = adapters()
+    source = open_source(args.source, config.view, plugged.sources)
     try:
         data = asyncio.run(source.fetch())
     except EdgeError as exc:
@@ -143,7 +145,7 @@ def _view_check(args: argparse.Namespace) -> int:
         print(f"edge: cannot read the view: {shown}: no content", file=sys.stderr)
         return 1
     try:
-        view = make_decoder(config)(data)
+        view = make_decoder(config, plugged.formats)(data)
     except ViewInvalid as exc:
         print(f"{shown}: REJECTED, {len(exc.problems)} problem(s):")
         for problem in exc.problems:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge.errors import ConfigError
 
@@ -244,26 +245,40 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class EucalyptusConfig:
-    name_style: str = "euca"
-    """Instance names: ``euca`` (5.0: euca-A-B-C-D.eucalyptus.internal) or ``ec2`` (ip-A-B-C-D.compute.internal)."""
+    version: str = "5"
+    """Eucalyptus generation whose answers and names edge gives: ``5`` (ip-/ec2-A-B-C-D.compute...) or ``4`` (euca-A-B-C-D.eucalyptus...)."""
+    use_instance_dns: bool = False
+    """The cloud's ``bootstrap.webservices.use_instance_dns``: hostnames in metadata are DNS names, not addresses."""
+    instance_subdomain: str = ""
+    """The cloud's ``cloud.vmstate.instance_subdomain``; empty: the version's default (``.compute``, 4: ``.eucalyptus``)."""
+    private_prefix: str = "ip-"
+    """The cloud's ``cloud.vmstate.instance_private_prefix`` (5.x; 4.x names always start ``euca-``)."""
+    public_prefix: str = "ec2-"
+    """The cloud's ``cloud.vmstate.instance_public_prefix`` (5.x; 4.x names always start ``euca-``)."""
     dns_domain: str = "localhost"
     """The cloud's ``system.dns.dnsdomain``; public names live under it."""
     region: str = "eucalyptus"
     """Region reported to instances for a GNI view."""
     intip_map_file: str = ""
+    mido_md_cidr: str = "255.0.0.0/8"
+    """eucanetd's ``MIDO_MD_CIDR`` (``eucalyptus.conf``): the range of the intip map's metadata addresses."""
     """eucanetd's ``eucanetd_intip_eni_map`` (VPC mode): 255.x.y.z metadata addresses -> interfaces."""
     controller_url: str = ""
     """The controller's metadata service (e.g. ``http://CLC:8773/``): answers what the GNI lacks."""
-    controller_identity: str = "source"
-    """How the controller learns the instance: ``source`` (X-Forwarded-For) or ``instance-id`` (Euca-Instance-Id)."""
+    controller_identity: str = "instance-id"
+    """How the controller learns the instance: ``instance-id`` (Euca-Instance-Id from 127.0.0.1, VPCMIDO) or ``source-address`` (connect from the instance's own address, EDGE)."""
     controller_ttl: float = 60.0
     """Seconds a controller answer is fresh."""
     controller_stale_if_error: float = 86400.0
     """Seconds a controller answer may still be served while the controller is unreachable."""
     controller_timeout: float = 2.0
     """Seconds to wait for the controller before serving stale or failing."""
-    controller_cache_entries: int = 100000
-    """Most (instance, path) answers kept."""
+    controller_cache_entries: int = 250000
+    """Most (instance, path) answers kept: prefetching keeps about 25 per instance (10,000 instances by default)."""
+    prefetch: bool = True
+    """Fetch every controller-only path of an instance as soon as it appears in the GNI (survives a controller outage)."""
+    prefetch_concurrency: int = 4
+    """Controller requests prefetching may have in flight at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,10 +604,22 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, ViewConfig) and config.format not in ("auto", "edge-view", "eucalyptus-gni"):
         raise ConfigError(f"{prefix}format must be auto, edge-view or eucalyptus-gni")
     if isinstance(config, EucalyptusConfig):
-        if config.name_style not in ("euca", "ec2"):
-            raise ConfigError(f"{prefix}name_style must be euca or ec2")
-        if config.controller_identity not in ("source", "instance-id"):
-            raise ConfigError(f"{prefix}controller_identity must be source or instance-id")
+        if config.version not in ("4", "5"):
+            raise ConfigError(f"{prefix}version must be 4 or 5")
+        if config.controller_identity not in ("instance-id", "source-address"):
+            raise ConfigError(f"{prefix}controller_identity must be instance-id or source-address")
+        if config.prefetch_concurrency < 1:
+            raise ConfigError(f"{prefix}prefetch_concurrency must be at least 1")
+        try:
+            ipaddress.IPv4Network(config.mido_md_cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{prefix}mido_md_cidr {config.mido_md_cidr!r} is not an IPv4 CIDR") from None
+        if config.controller_url and config.controller_identity == "instance-id" and \
+                urlsplit(config.controller_url).hostname not in ("127.0.0.1", "localhost"):
+            # MetadataPipeline trusts Euca-Instance-Id only from 127.0.0.1: elsewhere every path is a 404.
+            raise ConfigError(f"{prefix}controller_identity = \"instance-id\" needs controller_url on 127.0.0.1 "
+                              "(the controller trusts Euca-Instance-Id only from there, in VPC mode); "
+                              "use \"source-address\" in EDGE mode")
         if config.controller_url and not config.controller_url.startswith(("http://", "https://")):
             raise ConfigError(f"{prefix}controller_url must be an http(s) URL")
         if min(config.controller_ttl, config.controller_stale_if_error, config.controller_timeout) < 0:

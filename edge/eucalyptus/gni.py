@@ -56,13 +56,15 @@ class GniOptions:
     """``cloud.vmstate.instance_subdomain``; empty: the version's default."""
     private_prefix: str = "ip-"
     public_prefix: str = "ec2-"
+    mido_md_cidr: str = "255.0.0.0/8"
+    """eucanetd's ``MIDO_MD_CIDR``: where the intip map's metadata addresses are."""
 
     @classmethod
     def of(cls, config: Config) -> GniOptions:
         euca = config.eucalyptus
         return cls(version=euca.version, dns_domain=euca.dns_domain, region=euca.region,
                    instance_subdomain=euca.instance_subdomain, private_prefix=euca.private_prefix,
-                   public_prefix=euca.public_prefix)
+                   public_prefix=euca.public_prefix, mido_md_cidr=euca.mido_md_cidr)
 
     @property
     def subdomain(self) -> str:
@@ -109,16 +111,21 @@ def is_gni(data: bytes) -> bool:
     return b"<network-data" in head or (head.lstrip().startswith(b"<") and MAP_COMMENT.encode() in head)
 
 
-def parse_intip_map(text: str) -> tuple[list[MapEntry], list[str]]:
-    """Entries of eucanetd's intip map, and a problem line for each line that is not one."""
+def parse_intip_map(text: str, md_cidr: str = "255.0.0.0/8") -> tuple[list[MapEntry], list[str]]:
+    """Entries of eucanetd's intip map, and a problem line for each line that is not one.
+
+    Addresses are in ``MIDO_MD_CIDR`` (``net/eucanetd.c`` default ``255.0.0.0/8``; configurable).
+    """
     entries: list[MapEntry] = []
     problems: list[str] = []
+    network = ipaddress.IPv4Network(md_cidr, strict=False)
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) not in (4, 5) or canonical_ipv4(fields[0]) is None or not fields[0].startswith("255."):
-            problems.append(f"intip map line {number}: not '<255.x.y.z> <instance or eni id> <vpc> <subnet> [new]': "
+        address = canonical_ipv4(fields[0]) if fields else None
+        if len(fields) not in (4, 5) or address is None or ipaddress.IPv4Address(address) not in network:
+            problems.append(f"intip map line {number}: not '<address in {md_cidr}> <instance or eni id> <vpc> <subnet> [new]': "
                             f"{line.strip()[:80]!r}")
             continue
         entries.append(MapEntry(fields[0], fields[1], fields[2], fields[3]))
@@ -153,7 +160,7 @@ def decode_gni(data: bytes, options: GniOptions) -> View:
     map_entries: list[MapEntry] = []
     match = _MAP_BLOCK.search(data)
     if match:
-        map_entries, map_problems = parse_intip_map(match.group(1).decode("utf-8", "replace"))
+        map_entries, map_problems = parse_intip_map(match.group(1).decode("utf-8", "replace"), options.mido_md_cidr)
         # eucanetd rewrites the map in place: a torn line costs that line, not the view.
         for problem in map_problems[:20]:
             event(log, logging.WARNING, "intip map line ignored", problem=problem)

@@ -174,3 +174,18 @@ def _demo_bytes() -> bytes:
 
     from edge.view.demo import demo_document
     return json.dumps(demo_document()).encode()
+
+
+def test_intip_addresses_are_in_mido_md_cidr_whatever_it_is(caplog) -> None:
+    """``MIDO_MD_CIDR`` (net/eucanetd.c, default 255.0.0.0/8) is configurable: the map follows it."""
+    from edge.eucalyptus.gni import bundle
+    intip = b"100.64.0.10 eni-00000001 vpc-00000001 subnet-00000001\n255.0.0.11 eni-00000011 vpc-00000001 subnet-00000001\n"
+    options = GniOptions(version="5", dns_domain="cloud.example", mido_md_cidr="100.64.0.0/16")
+    with caplog.at_level(logging.WARNING, logger="edge.eucalyptus"):
+        snapshot = build_snapshot(decode_gni(bundle(fixture_bytes("gni-vpc.xml"), intip), options))
+    assert snapshot.attachment_for("", "100.64.0.10").interface.id == "eni-00000001"
+    assert snapshot.attachment_for("", "255.0.0.11") is None
+    assert any("intip map line 2" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="mido_md_cidr"):
+        from edge.config import load_config
+        load_config(None, env={"EDGE_EUCALYPTUS_MIDO_MD_CIDR": "not-a-cidr"})
