@@ -18,12 +18,15 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,6 +103,7 @@ def core_plan(cores: Iterable[int] | None = None) -> CorePlan:
 # -- CPU accounting ----------------------------------------------------------------------------
 
 def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a supervisor and its workers), from ``/proc/PID/task/*/children``."""
     members = [pid]
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -135,6 +139,19 @@ def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
     return ticks / TICKS
 
 
+def cpu_user_system(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the process tree rooted at ``pid``."""
+    user = system = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICKS, system / TICKS
+
+
 def self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -160,8 +177,35 @@ def read_port_line(process: subprocess.Popen, what: str) -> int:
         line = line.decode()
     if not line.startswith("port="):
         process.kill()
-        raise RuntimeError(f"{what} did not start (printed {line!r})")
+        process.wait()
+        errors = process.stderr.read() if process.stderr else ""  # type: ignore[union-attr]
+        raise RuntimeError(f"{what} did not start (printed {line!r}){': ' + errors[-2000:] if errors else ''}")
     return int(line.strip().split("=", 1)[1])
+
+
+def start_helper_server(script: str, *args: str, prefix: Sequence[str] = (), stderr: int | IO[str] | None = None,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """Start ``bench/SCRIPT``, a helper server that prints ``port=N`` once it listens: (process, N).
+
+    ``prefix`` goes before the interpreter (``taskset -c CORE``, ``ip netns exec NAME``); the
+    repository root is put on ``PYTHONPATH`` so the script imports this tree's edge and bench.
+    Stop it with :func:`stop` (by its PID).
+    """
+    environment = dict(os.environ if env is None else env)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    process = subprocess.Popen([*prefix, sys.executable, str(ROOT / "bench" / script), *args],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment)
+    return process, read_port_line(process, script)
+
+
+def start_metadata_server(*args: str, prefix: Sequence[str] = (), stderr: int | IO[str] | None = None,
+                          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """edge's metadata service alone on one loop (``bench/metadata_server.py ARGS``): (process, port).
+
+    The one way tests and benchmarks start it; see that script for its options
+    (``--listen``, ``--state-dir``, ``--view``, ``--token-key-file``, ``--limits``).
+    """
+    return start_helper_server("metadata_server.py", *args, prefix=prefix, stderr=stderr, env=env)
 
 
 def start_dnsmasq(conf_lines: Iterable[str], directory: Path, port: int, argv_prefix: Sequence[str] = (),

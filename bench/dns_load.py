@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import process_tree  # noqa: E402
+from bench.common import cpu_user_system  # noqa: E402
 from bench.generate import generate_view  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
@@ -77,19 +77,6 @@ def wait_udp(port: int, name: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"server on port {port} did not answer")
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of ``pid`` and its descendants."""
-    user = system = 0
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / TICKS, system / TICKS
-
-
 @dataclass
 class Result:
     server: str
@@ -113,9 +100,9 @@ def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = (
 
 
 def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float) -> Result:
-    user_before, system_before = cpu_seconds(pid)
+    user_before, system_before = cpu_user_system(pid)
     output = dnsperf(port, queries, seconds)
-    user_after, system_after = cpu_seconds(pid)
+    user_after, system_after = cpu_user_system(pid)
     user, system = user_after - user_before, system_after - system_before
     used = user + system
     completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]

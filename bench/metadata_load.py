@@ -13,10 +13,8 @@ seconds per measurement, ``--rounds`` rounds (medians are reported).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,9 +25,12 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import cpu_seconds, free_port, start_helper_server, wait_tcp  # noqa: E402
+
 PATH = "/latest/meta-data/instance-id"
 BODY = "i-0de0000000000001"  # what edge answers 127.0.0.1 for PATH in the demo view
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -42,38 +43,9 @@ class Result:
     errors: int
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
 def start_python(cpu: int, script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, str(HERE / script), *args],
-                             stdout=subprocess.PIPE, text=True, env=env)
-    line = child.stdout.readline()  # type: ignore[union-attr]
-    if not line.startswith("port="):
-        child.kill()
-        raise RuntimeError(f"{script} did not start")
-    port = int(line.strip().split("=")[1])
-    wait_listening(port)
+    child, port = start_helper_server(script, *args, prefix=["taskset", "-c", str(cpu)])
+    wait_tcp(port)
     return child, port
 
 
@@ -105,7 +77,7 @@ http {{
 """)
     child = subprocess.Popen(["taskset", "-c", str(cpu), "nginx", "-p", str(directory), "-c", str(conf)],
                              stderr=subprocess.PIPE)
-    wait_listening(port)
+    wait_tcp(port)
     return child, port
 
 
@@ -136,9 +108,9 @@ def _latency_ms(text: str) -> float:
 def measure(name: str, pid: int, port: int, mode: str, args: argparse.Namespace) -> Result:
     close = mode == "close"
     connections = args.connections_close if close else args.connections
-    before = cpu_seconds(pid)
+    before = cpu_seconds([pid])
     requests, rate, p99, errors = run_wrk(port, args.client_cpu, args.duration, connections, close)
-    used = cpu_seconds(pid) - before
+    used = cpu_seconds([pid]) - before
     return Result(name, mode, rate, used / max(requests, 1) * 1e6, p99, errors)
 
 

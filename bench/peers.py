@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (CorePlan, cpu_seconds, free_port, read_port_line, start_dnsmasq, stop, tool_version,
-                          wait_tcp)
+from bench.common import (CorePlan, cpu_seconds, free_port, start_dnsmasq, start_helper_server, stop,
+                          tool_version, wait_tcp)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,11 +129,8 @@ def measure_wrk(server: str, workload: str, pids: list[int], port: int, path: st
 
 
 def _start_script(cores: CorePlan, script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    """One of the bench/ helper servers that print ``port=N`` once listening."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen(cores.pin_server([sys.executable, str(ROOT / "bench" / script), *args]),
-                               stdout=subprocess.PIPE, text=True, env=env)
-    port = read_port_line(process, script)
+    """One of the bench/ helper servers that print ``port=N`` once listening, on the server cores."""
+    process, port = start_helper_server(script, *args, prefix=cores.pin_server([]))
     wait_tcp(port)
     return process, port
 

@@ -46,24 +46,64 @@ def _flow_hash(address: str) -> int:
     return zlib.crc32(address.encode())
 
 
-def _one(gateway: tuple[str, int], source: str, timeout: float) -> tuple[str, int, bytes]:
-    """('ok', status, body), ('refused', 0, b'') or ('broken', 0, b'')."""
-    connection = http.client.HTTPConnection(*gateway, timeout=timeout, source_address=(source, 0))
-    try:
+Gateway = tuple[str, int]
+
+ANSWERED, WRONG, BAD_STATUS, REFUSED, BROKEN = "answered", "wrong", "bad_status", "refused", "broken"
+"""What one attempt on one gateway gave."""
+
+Attempt = Callable[[Gateway], str]
+"""One request, already formed, tried on the gateway given; returns one of the outcomes above."""
+
+
+def _http_attempt(path: str, source: str, expected: str, timeout: float) -> Attempt:
+    """GET ``path`` from ``source``; the answer must be ``expected`` (the asking instance's own)."""
+
+    def attempt(gateway: Gateway) -> str:
+        connection = http.client.HTTPConnection(*gateway, timeout=timeout, source_address=(source, 0))
         try:
-            connection.connect()
-        except OSError:
-            # Refused, reset during the handshake (a listener dying with the connection in its
-            # backlog) or timed out: nothing was sent.
-            return "refused", 0, b""
+            try:
+                connection.connect()
+            except OSError:
+                # Refused, reset during the handshake (a listener dying with the connection in its
+                # backlog) or timed out: nothing was sent.
+                return REFUSED
+            try:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                status, body = response.status, response.read()
+            except (OSError, http.client.HTTPException):
+                return BROKEN
+        finally:
+            connection.close()
+        if status != 200:
+            return BAD_STATUS
+        return ANSWERED if body.decode(errors="replace") == expected else WRONG
+
+    return attempt
+
+
+def _dns_attempt(name: str, source: str, expected: str, timeout: float) -> Attempt:
+    """An A query for ``name`` over UDP from ``source``; the answer must be ``expected`` alone.
+
+    A query that times out counts as BROKEN: a lost UDP query is never "refused".
+    """
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    def attempt(gateway: Gateway) -> str:
+        host, port = gateway
         try:
-            connection.request("GET", PATH)
-            response = connection.getresponse()
-            return "ok", response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            return "broken", 0, b""
-    finally:
-        connection.close()
+            response = dns.query.udp(dns.message.make_query(name, dns.rdatatype.A), host, port=port,
+                                     timeout=timeout, source=source)
+        except (dns.exception.Timeout, OSError):
+            return BROKEN
+        if response.rcode() != 0:
+            return BAD_STATUS
+        return ANSWERED if [r.address for rrset in response.answer for r in rrset] == [expected] else WRONG
+
+    return attempt
 
 
 def _run_pool(worker: Callable[[int], None], threads: int, reports: list[LoadReport],
@@ -94,15 +134,16 @@ def _run_pool(worker: Callable[[int], None], threads: int, reports: list[LoadRep
     return total
 
 
-def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], duration: float, threads: int = 6,
-                timeout: float = 2.0, max_requests: int | None = None) -> LoadReport:
-    """Every client address asks its own instance id for ``duration`` seconds (or ``max_requests`` in all).
+def run_flows(gateways: list[Gateway], addresses: list[str], request: Callable[[str, int, int], Attempt],
+              duration: float, threads: int, max_requests: int | None = None) -> LoadReport:
+    """The client loop every load here shares: clients spread over gateways the way ECMP spreads flows.
 
-    A client's flow goes to the gateway its address hashes to; when that one
-    refuses or breaks the connection the client retries on the next gateway and
-    keeps using it (as flows move after an ECMP route is withdrawn).
+    Thread ``n`` speaks as every ``threads``-th address in turn, for ``duration`` seconds (or
+    ``max_requests`` in all); ``request(source, n, i)`` forms its ``i``-th request. A flow
+    goes to the gateway its source address hashes to; when that one refuses or breaks the
+    connection, the client retries on the next gateway and keeps avoiding the failed one
+    (as flows move after an ECMP route is withdrawn, or a stub resolver moves on).
     """
-    addresses = sorted(expected)
     reports = [LoadReport() for _ in range(threads)]
     budget = [max_requests] if max_requests is not None else None
     lock = threading.Lock()
@@ -120,25 +161,25 @@ def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], durat
                         return
                     budget[0] -= 1
             source = mine[index % len(mine)]
+            attempt = request(source, number, index)
             index += 1
             start = _flow_hash(source) % len(gateways)
             for step in range(len(gateways)):
                 choice = (start + step) % len(gateways)
                 if choice in down and step < len(gateways) - 1:
                     continue
-                outcome, status, body = _one(gateways[choice], source, timeout)
-                if outcome == "refused":
-                    report.refused += 1
+                outcome = attempt(gateways[choice])
+                if outcome in (REFUSED, BROKEN):
+                    if outcome == REFUSED:
+                        report.refused += 1
+                    else:
+                        report.in_flight_errors += 1
                     down.add(choice)
                     continue
-                if outcome == "broken":
-                    report.in_flight_errors += 1
-                    down.add(choice)
-                    continue
-                if status != 200:
+                if outcome == BAD_STATUS:
                     report.bad_status += 1
                     continue
-                if body.decode(errors="replace") != expected[source]:
+                if outcome == WRONG:
                     report.wrong += 1
                 else:
                     report.answered += 1
@@ -150,57 +191,25 @@ def run_clients(gateways: list[tuple[str, int]], expected: dict[str, str], durat
     return _run_pool(worker, threads, reports, duration)
 
 
-def run_dns_clients(gateways: list[tuple[str, int]], expected: dict[str, str], domain: str, duration: float,
+def run_clients(gateways: list[Gateway], expected: dict[str, str], duration: float, threads: int = 6,
+                timeout: float = 2.0, max_requests: int | None = None) -> LoadReport:
+    """Every client address asks its own instance id for ``duration`` seconds (or ``max_requests`` in all)."""
+    return run_flows(gateways, sorted(expected),
+                     lambda source, _number, _index: _http_attempt(PATH, source, expected[source], timeout),
+                     duration, threads, max_requests)
+
+
+def run_dns_clients(gateways: list[Gateway], expected: dict[str, str], domain: str, duration: float,
                     threads: int = 2, timeout: float = 0.5) -> LoadReport:
     """Every client address resolves a neighbour's name over UDP for ``duration`` seconds.
 
-    As with HTTP, the flow goes to the gateway the source address hashes to; a
-    query that times out (the gateway is gone) is retried on the next one, which
-    the client keeps using, as a stub resolver moves on to its next server.
     ``refused`` stays 0 here: a lost UDP query shows up as ``in_flight_errors``.
     """
-    import dns.exception
-    import dns.message
-    import dns.query
-    import dns.rdatatype
-
     addresses = sorted(expected)
-    reports = [LoadReport() for _ in range(threads)]
-    stop_at = time.monotonic() + duration
 
-    def worker(number: int) -> None:
-        report = reports[number]
-        mine = addresses[number::threads]
-        down: set[int] = set()
-        index = 0
-        while time.monotonic() < stop_at and mine:
-            source = mine[index % len(mine)]
-            target = addresses[(index * 7 + number) % len(addresses)]
-            index += 1
-            name = "ip-" + target.replace(".", "-") + "." + domain + "."
-            start = _flow_hash(source) % len(gateways)
-            for step in range(len(gateways)):
-                choice = (start + step) % len(gateways)
-                if choice in down and step < len(gateways) - 1:
-                    continue
-                host, port = gateways[choice]
-                try:
-                    response = dns.query.udp(dns.message.make_query(name, dns.rdatatype.A), host, port=port,
-                                             timeout=timeout, source=source)
-                except (dns.exception.Timeout, OSError):
-                    report.in_flight_errors += 1
-                    down.add(choice)
-                    continue
-                if response.rcode() != 0:
-                    report.bad_status += 1
-                    continue
-                if [r.address for rrset in response.answer for r in rrset] != [target]:
-                    report.wrong += 1
-                else:
-                    report.answered += 1
-                    report.per_gateway[f"{host}:{port}"] += 1
-                break
-            else:
-                report.unanswered += 1
+    def request(source: str, number: int, index: int) -> Attempt:
+        target = addresses[(index * 7 + number) % len(addresses)]
+        name = "ip-" + target.replace(".", "-") + "." + domain + "."
+        return _dns_attempt(name, source, target, timeout)
 
-    return _run_pool(worker, threads, reports, duration)
+    return run_flows(gateways, addresses, request, duration, threads)

@@ -9,15 +9,13 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 from imds_harness import parse, request
 
+from bench.common import start_metadata_server, stop
 from edge.config import CredentialsConfig
 from tests.support import cloud_init_pythonpath, extracted_client
-
-ROOT = Path(__file__).parent.parent.parent
 
 CREDENTIAL_PROCESS = textwrap.dedent("""
     import json, sys, time
@@ -185,13 +183,10 @@ def test_ec2_metadata_in_a_network_namespace(tmp_path):
         document["networks"][0]["cidrs"].append("10.99.0.0/24")
         view = tmp_path / "view.json"
         view.write_text(json.dumps(document))
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, str(ROOT / "bench" / "metadata_server.py"),
-             "--limits", "default", "--listen", "169.254.169.254:80", "--state-dir", str(tmp_path / "state"), "--view", str(view)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = server.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("port=80"), server.stderr.read()  # type: ignore[union-attr]
+        server, port = start_metadata_server(
+            "--limits", "default", "--listen", "169.254.169.254:80", "--state-dir", str(tmp_path / "state"),
+            "--view", str(view), prefix=["ip", "netns", "exec", name], stderr=subprocess.PIPE)
+        assert port == 80
         result = netns(name, str(ec2_metadata), "--instance-id", "--local-ipv4", "--availability-zone",
                        "--public-keys", capture_output=True, text=True, timeout=30, env=no_proxy_env())
         assert result.returncode == 0, result.stdout + result.stderr
@@ -201,6 +196,5 @@ def test_ec2_metadata_in_a_network_namespace(tmp_path):
         assert "ssh-ed25519" in result.stdout
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(5)
+            stop(server, timeout=5)
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)

@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from imds_harness import parse, request, token
 
+from bench.common import start_metadata_server, stop
 from edge.metadata.tokens import generate_token_key_file
-
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
 
 
 class Process:
     def __init__(self, state_dir: Path, key_file: Path | None = None, view: Path | None = None) -> None:
-        argv = [sys.executable, str(ROOT / "bench" / "metadata_server.py"), "--limits", "default",
-                "--state-dir", str(state_dir)]
+        args = ["--limits", "default", "--state-dir", str(state_dir)]
         if key_file is not None:
-            argv += ["--token-key-file", str(key_file)]
+            args += ["--token-key-file", str(key_file)]
         if view is not None:
-            argv += ["--view", str(view)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.child.stdout.readline()  # type: ignore[union-attr]
-        if not line.startswith("port="):
-            self.child.kill()
-            errors = self.child.stderr.read()  # type: ignore[union-attr]
-            pytest.fail(f"metadata process did not start: {line!r} {errors}")
-        self.port = int(line.strip().split("=")[1])
+            args += ["--view", str(view)]
+        log = state_dir.parent / f"{state_dir.name}.log"
+        with open(log, "w") as output:
+            try:
+                self.child, self.port = start_metadata_server(*args, stderr=output)
+            except RuntimeError as exc:
+                pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        self.child.terminate()
-        try:
-            self.child.wait(5)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
+        stop(self.child, timeout=5)
 
 
 @pytest.fixture
