@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
     view = commands.add_parser("view", help="work with view documents")
     view_commands = view.add_subparsers(dest="view_command", required=True)
+    publish = view_commands.add_parser(
+        "publish", help="write a view into an etcd keyspace as the fewest changes (one transaction per batch)")
+    publish.add_argument("path", metavar="FILE", help="an edge-view/1 document")
+    publish.add_argument("--etcd", required=True, metavar="etcd://HOST:PORT[,...]/PREFIX/",
+                         help="the keyspace: an etcd(s) address ending in /")
+    publish.add_argument("--config", help="TOML configuration file (etcd TLS files, user, password, timeouts)")
     check = view_commands.add_parser("check", help="validate a view and summarise it")
     check.add_argument("source", metavar="FILE_OR_URL")
     check.add_argument("--config", help="TOML configuration file (for HTTP timeouts, CA file, size cap)")
@@ -96,6 +102,8 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
+        if args.command == "view" and args.view_command == "publish":
+            return _view_publish(args)
         if args.command == "serve":
             return _serve(args, argv)
         if args.command == "view":
@@ -141,6 +149,9 @@ def _view_check(args: argparse.Namespace) -> int:
         print(f"edge: cannot read the view: {message if shown in message else f'{shown}: {message}'}",
               file=sys.stderr)
         return 1
+    from edge.view.keyspace import PreparedView
+    if isinstance(data, PreparedView):
+        data = data.document()  # an etcd keyspace's view, checked again as one document
     if data is None:
         print(f"edge: cannot read the view: {shown}: no content", file=sys.stderr)
         return 1
@@ -164,6 +175,43 @@ def _view_check(args: argparse.Namespace) -> int:
     print(f"  zones       {len(snapshot.zones)}")
     print(f"  domains     internal {view.cloud.internal_domain}, public {view.cloud.public_domain}")
     print("  problems    none")
+    return 0
+
+
+def _view_publish(args: argparse.Namespace) -> int:
+    from edge.etcd import EtcdError
+    from edge.etcd_publish import publish, publish_client
+    from edge.view.etcd_source import etcd_access
+
+    config = load_config(args.config, os.environ, {})
+    try:
+        with open(args.path, "rb") as handle:
+            data = handle.read(config.view.max_size + 1)
+    except OSError as exc:
+        print(f"edge: cannot read {args.path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if len(data) > config.view.max_size:
+        print(f"edge: {args.path} is over view.max_size ({config.view.max_size} bytes)", file=sys.stderr)
+        return 1
+    view = config.view
+    try:
+        client = publish_client(args.etcd, view.connect_timeout, view.read_timeout, view.max_size, etcd_access(view))
+        done = publish(data, client)
+    except ViewInvalid as exc:
+        print(f"{args.path}: REJECTED, {len(exc.problems)} problem(s); nothing written:")
+        for problem in exc.problems:
+            print(f"  - {problem}")
+        return 1
+    except EtcdError as exc:
+        print(f"edge: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    if not done.transactions:
+        print(f"{args.etcd}: serial {done.serial} already published, nothing to change")
+        return 0
+    plural = "" if done.transactions == 1 else "s"
+    print(f"published serial {done.serial}: {done.puts} put{'' if done.puts == 1 else 's'}, "
+          f"{done.deletes} delete{'' if done.deletes == 1 else 's'} in {done.transactions} transaction{plural} "
+          f"(revision {done.revision})")
     return 0
 
 
