@@ -23,8 +23,9 @@ def fixture_bytes(name: str) -> bytes:
 class StandInController:
     """The controller's metadata service on port 8773, reduced to what the tests need.
 
-    It identifies the instance the way the real one does: ``Euca-Instance-Id``
-    (trusted from localhost) or the ``X-Forwarded-For`` address.
+    It identifies the instance the way the real one does (``MetadataPipeline.java``):
+    ``Euca-Instance-Id`` from 127.0.0.1, otherwise the connection's source address.
+    (``emulator.py`` is the full controller; this one is for the cache's unit tests.)
     """
 
     by_address: dict[str, str] = field(default_factory=dict)
@@ -32,7 +33,9 @@ class StandInController:
     data: dict[str, dict[str, bytes]] = field(default_factory=dict)
     """instance id -> relative path (``latest/meta-data/ami-id``) -> body"""
     down: bool = False
+    starting: bool = False
     delay: float = 0.0
+    peers: list[str] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     url: str = ""
 
@@ -68,11 +71,15 @@ def _handler(controller: StandInController) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            instance_id = self.headers.get("Euca-Instance-Id") or controller.by_address.get(
-                self.headers.get("X-Forwarded-For", ""), "")
+            peer = self.client_address[0]
+            controller.peers.append(peer)
+            header = self.headers.get("Euca-Instance-Id")
+            instance_id = header if header and peer == "127.0.0.1" else controller.by_address.get(peer, "")
             path = self.path.lstrip("/")
             controller.requests.append((instance_id, path))
             body = controller.data.get(instance_id, {}).get(path)
+            if controller.starting:
+                body = b"System is still starting up"
             status = 200 if body is not None else 404
             body = body if body is not None else b"not found"
             self.send_response(status)

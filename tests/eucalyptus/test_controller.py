@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import dataclasses
 import time
 
@@ -116,3 +118,102 @@ def test_credentials_are_never_served_past_their_expiration(controller) -> None:
             await client.fetch("i-00000001", "10.0.0.10", path)
 
     uvloop.run(scenario())
+
+
+def test_identity_by_source_address(controller) -> None:
+    """EDGE mode (VmMetadata.java): the controller knows an instance only by the address it connects from."""
+    controller.add("i-00000005", "127.16.0.5")
+    client = _client(controller, controller_identity="source-address")
+
+    async def scenario():
+        answer = await client.fetch("i-00000005", "127.16.0.5", "latest/user-data")
+        assert answer.body == b"#!/bin/sh\necho i-00000005\n"
+        assert controller.peers == ["127.16.0.5"]
+
+    uvloop.run(scenario())
+
+
+def test_still_starting_up_is_never_cached(controller) -> None:
+    """MetadataPipeline answers 200 'System is still starting up' to every path while bootstrapping."""
+    controller.add("i-00000001", "10.0.0.10")
+    client = _client(controller, controller_ttl=0.0)
+
+    async def scenario():
+        controller.starting = True
+        with pytest.raises(ControllerUnavailable, match="still starting up"):
+            await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")
+        assert client.cache.get(("i-00000001", "latest/meta-data/ami-id")) is None
+        assert client.stats.not_ready == 1
+        controller.starting = False
+        client.paused_until = 0.0  # the pause after a failure has passed
+        assert (await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")).body == b"emi-00010000"
+        controller.starting = True
+        client.paused_until = 0.0
+        # While it restarts, the last real answer is served, not the text.
+        assert (await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")).body == b"emi-00010000"
+
+    uvloop.run(scenario())
+
+
+def _raw_server(reply: bytes) -> tuple[socket.socket, list[int], threading.Thread]:
+    """A 'controller' that answers every connection with ``reply`` and counts connections."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            connections.append(1)
+            with client:
+                client.recv(4096)
+                client.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, connections, thread
+
+
+@pytest.mark.parametrize("reply", [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nshort",
+                                   b"HTTP/1.1 abc\r\n\r\n", b""])
+def test_a_controller_answering_garbage_is_a_failure_and_the_cache_answers(controller, reply: bytes) -> None:
+    controller.add("i-00000001", "10.0.0.10")
+    client = _client(controller, controller_ttl=0.0)
+    server, connections, _ = _raw_server(reply)
+
+    async def scenario():
+        good = await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")
+        client.configure(dataclasses.replace(client.config, controller_url=f"http://127.0.0.1:{server.getsockname()[1]}/"))
+        assert await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id") is good
+        assert client.stats.failures == 1 and client.stats.stale_served == 1
+        with pytest.raises(ControllerUnavailable):
+            await client.fetch("i-00000001", "10.0.0.10", "latest/user-data")
+
+    try:
+        uvloop.run(scenario())
+    finally:
+        server.close()
+
+
+def test_after_a_failure_the_controller_is_left_alone_for_a_while(controller) -> None:
+    """Requests during the pause get the cache at once instead of each waiting for a timeout."""
+    controller.add("i-00000001", "10.0.0.10")
+    client = _client(controller, controller_ttl=0.0)
+    server, connections, _ = _raw_server(b"garbage\r\n\r\n")
+
+    async def scenario():
+        first = await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")
+        client.configure(dataclasses.replace(client.config, controller_url=f"http://127.0.0.1:{server.getsockname()[1]}/"))
+        for _ in range(20):
+            assert await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id") is first
+        assert len(connections) == 1 and client.stats.paused == 19
+        client.paused_until = 0.0
+        await client.fetch("i-00000001", "10.0.0.10", "latest/meta-data/ami-id")
+        assert len(connections) == 2 and client.pause == 2.0  # the pause doubles while it keeps failing
+
+    try:
+        uvloop.run(scenario())
+    finally:
+        server.close()
