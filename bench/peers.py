@@ -41,9 +41,8 @@ def ensure_tools(install: bool = True, log: Callable[[str], None] = print) -> li
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
         packages = sorted({TOOLS[tool] for tool in missing})
-        log(f"installing Debian packages: {' '.join(packages)}")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env,
+        log(f"installing Debian packages (services neither started nor enabled): {' '.join(packages)}")
+        subprocess.run(["bash", str(ROOT / "tests" / "install-debian-packages"), *packages],
                        stdout=subprocess.DEVNULL, check=False, timeout=600)
         missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     return missing

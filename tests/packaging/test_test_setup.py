@@ -11,7 +11,8 @@ REACHING_OUT = re.compile(r"\b(systemctl|pkill|killall|update-rc\.d|invoke-rc\.d
 
 
 def scripts() -> list[Path]:
-    found = [ROOT / "tests" / "run", ROOT / ".ci" / "run", ROOT / "bench" / "run"]
+    found = [ROOT / "tests" / "run", ROOT / "tests" / "install-debian-packages", ROOT / ".ci" / "run",
+             ROOT / "bench" / "run"]
     for tree in ("tests", "bench"):
         found += sorted((ROOT / tree).rglob("*.py"))
     return [path for path in found if path.exists() and path != Path(__file__).resolve()]
@@ -34,4 +35,8 @@ def test_tests_run_installs_no_client_or_init_system_on_the_machine() -> None:
         assert package not in packages, package
     # Clients come from their packages, extracted into the venv; services are kept from starting.
     assert re.search(r"^EXTRACTED_PACKAGES=\(cloud-init amazon-ec2-utils\)", text, re.M)
-    assert "dpkg-deb -x" in text and "policy-rc.d" in text
+    assert "dpkg-deb -x" in text and "bash tests/install-debian-packages" in text
+    installer = (ROOT / "tests" / "install-debian-packages").read_text()
+    assert "policy-rc.d" in installer and "disable *" in installer
+    # bench installs its peers the same way.
+    assert "install-debian-packages" in (ROOT / "bench" / "peers.py").read_text()
