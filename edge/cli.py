@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     check = view_commands.add_parser("check", help="validate a view and summarise it")
     check.add_argument("source", metavar="FILE_OR_URL")
     check.add_argument("--config", help="TOML configuration file (for HTTP timeouts, CA file, size cap)")
+    view_commands.add_parser("schema", help="print the JSON Schema of edge-view/1 documents")
+    view_commands.add_parser("example", help="print a valid starter edge-view/1 document")
 
     keys = commands.add_parser("keys", help="IMDSv2 token keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -107,7 +109,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "serve":
             return _serve(args, argv)
         if args.command == "view":
-            return _view_check(args)
+            return _view_document(args.view_command) if args.view_command in ("schema", "example") \
+                else _view_check(args)
         if args.command == "keys":
             return _keys_generate(args)
         if args.command == "config":
@@ -129,6 +132,19 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     config = load()
     configure_logging(config.log.level, config.log.format)
     return serve(config, load, argv)
+
+
+def _view_document(which: str) -> int:
+    """``view schema`` (the file shipped in the package) or ``view example``."""
+    if which == "schema":
+        from importlib.resources import files
+
+        sys.stdout.write(files("edge.view").joinpath("schema.json").read_text(encoding="utf-8"))
+    else:
+        from edge.view.example import example_text
+
+        sys.stdout.write(example_text())
+    return 0
 
 
 def _view_check(args: argparse.Namespace) -> int:

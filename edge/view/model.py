@@ -1,7 +1,7 @@
 """The network view as typed, immutable values (format ``edge-view/1``).
 
 These are the parsed form of the document control planes publish (see
-``view-format.md``).  Everything here is frozen: a snapshot built from a view
+``docs/view-format.md``; the schema is :mod:`edge.view.wire`).  Everything here is frozen: a snapshot built from a view
 is shared by every request handler and never changes after it is swapped in.
 Addresses are kept as canonical strings (``ipaddress`` ``str()``), which is the
 form sockets report peers in, so handlers can look them up without parsing.
@@ -131,6 +131,8 @@ class Interface(Value):
 
 
 class PublicKey(Value):
+    """A key pair's public key: ``openssh`` is its authorized_keys line."""
+
     name: str
     openssh: str
 

@@ -95,6 +95,11 @@ def _at_least_one(item: Any, what: str) -> Any:
     return Annotated[tuple[item, ...], msgspec.Meta(min_length=1, extra={"problem": f"at least one {what} is required"})]
 
 
+Base64 = Annotated[bytes, msgspec.Meta(
+    description="Base64 (RFC 4648, with '=' padding, no line breaks) of the raw bytes.",
+    # msgspec decodes base64 in C; JSON Schema's contentEncoding is only an annotation, so the
+    # schema also states the same alphabet and padding as a pattern.
+    extra_json_schema={"pattern": rf"^(?:[A-Za-z0-9+/]{{4}})*(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?{_END}"})]
 PrivateIps = _at_least_one(IPAddress, "private IP")
 
 
@@ -132,6 +137,8 @@ class WireCloud(_Wire):
 
 
 class WireSubnet(_Wire):
+    """A subnet; cidr and ipv6_cidrs lie inside the network's CIDRs."""
+
     id: str
     cidr: CidrText | None = None
     """The subnet's IPv4 range (an IPv6 range here is read as the first of ipv6_cidrs)."""
@@ -148,18 +155,24 @@ class WireNetwork(_Wire):
 
 
 class WireSecurityGroup(_Wire):
+    """A security group the interface is in; name defaults to the id."""
+
     id: str
     name: str | None = None
     """Defaults to the id."""
 
 
 class WireIamProfile(_Wire):
+    """The instance profile; its credentials come from the gateway's credential source, never the view."""
+
     instance_profile_arn: str
     instance_profile_id: str
     role: RoleName
 
 
 class WireMetadataOptions(_Wire):
+    """Defaults: http_tokens optional, hop_limit 1, tags false, endpoint enabled."""
+
     http_tokens: Literal["optional", "required"] | None = None
     hop_limit: HopLimit | None = None
     tags: bool | None = None
@@ -167,7 +180,11 @@ class WireMetadataOptions(_Wire):
 
 
 class WireInterface(_Wire):
-    """A network interface; the first of an instance (lowest device_index) is its primary one."""
+    """A network interface. The one with the lowest device_index is the instance's primary interface.
+
+    (network, private IP), public IPs and MACs are unique in the document; private IPs lie inside
+    the network's CIDRs.
+    """
 
     id: str
     mac: MacAddress
@@ -188,7 +205,7 @@ Interfaces = _at_least_one(WireInterface, "interface")
 
 
 class WireInstance(_Wire):
-    """One instance; everything but id and interfaces is optional."""
+    """One instance; everything but id and interfaces is optional. Ids are unique in the document."""
 
     id: NonEmpty
     interfaces: Interfaces
@@ -203,8 +220,7 @@ class WireInstance(_Wire):
     launch_time: str | None = None
     availability_zone: str | None = None
     public_keys: tuple[PublicKey, ...] | None = None
-    user_data: bytes | None = None
-    """Base64 (RFC 4648, with padding) of the raw bytes."""
+    user_data: Base64 | None = None
     iam: WireIamProfile | None = None
     tags: dict[str, str] | None = None
     block_devices: dict[str, str] | None = None
@@ -213,7 +229,10 @@ class WireInstance(_Wire):
 
 
 class WireDocument(_Wire):
-    """An ``edge-view/1`` document."""
+    """A network view: what a control plane publishes and every edge gateway polls (format edge-view/1).
+
+    Every optional member may be null, which means the same as absent. Unknown members are ignored.
+    """
 
     format: Literal[FORMAT]  # type: ignore[valid-type]
     serial: Serial
@@ -592,7 +611,7 @@ def json_schema() -> dict[str, Any]:
     document = definitions.pop("Document")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://edge.invalid/schemas/edge-view-1.schema.json",
+        "$id": "urn:edge:schema:edge-view-1",
         **document,
         "title": "edge-view/1",
         "$comment": ("Generated from edge/view/wire.py (`edge view schema`). Rules no JSON Schema can state are "
@@ -610,3 +629,16 @@ def _renamed(value: Any) -> Any:
     if isinstance(value, list):
         return [_renamed(item) for item in value]
     return value
+
+
+def schema_text() -> str:
+    """:func:`json_schema` as the files ``edge/view/schema.json`` and ``docs/edge-view-1.schema.json`` hold it."""
+    import json
+
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    # Regenerate the shipped schema after changing a type above:
+    #   python -m edge.view.wire > edge/view/schema.json && cp edge/view/schema.json docs/edge-view-1.schema.json
+    print(schema_text(), end="")
