@@ -3,20 +3,27 @@
 It runs on its own address, never on an instance-facing one.  Liveness is
 trivial; readiness asks the parts that can be unready (a view is loaded and
 young enough, the gateway is not shutting down).
+
+Its connections are the metadata listeners' HTTP/1.1 protocol with an admin
+handler, so the same limits hold with the same code: the target and header
+block sizes and the head timeout of ``[metadata]``, and ``admin.max_connections``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-import httptools
-
 from edge.config import Config
+from edge.metadata.handler import Request
+from edge.metadata.identify import Peer, TrustedProxies
+from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
+from edge.metrics import NullTally
 from edge.redact import redact
 from edge.view.store import ViewStore
 
@@ -102,47 +109,59 @@ class AdminRoutes:
         return 404, "text/plain", b"not found\n"
 
 
-class _AdminProtocol(asyncio.Protocol):
-    """HTTP/1.1 for a handful of operator requests: simple, not tuned."""
+class AdminHandler:
+    """The admin routes as a handler of the HTTP connection protocol (what MetadataHandler is to metadata)."""
 
     def __init__(self, routes: AdminRoutes) -> None:
         self.routes = routes
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._send(400, "text/plain", b"bad request\n", keep_alive=False, head=False)
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_message_complete(self) -> None:
-        method = self.parser.get_method().decode()
-        status, content_type, body = self.routes.answer(method, self.url.decode("latin-1"))
-        self.url = b""
-        self._send(status, content_type, body, keep_alive=self.parser.should_keep_alive(), head=method == "HEAD")
-
-    def _send(self, status: int, content_type: str, body: bytes, keep_alive: bool, head: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        head_bytes = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
-                      f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-                      f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
-        self.transport.write(head_bytes if head else head_bytes + body)
-        if not keep_alive:
-            self.transport.close()
+    def answer(self, snapshot: object, peer: Peer, request: Request, now: float | None, mono: float | None) -> bytes:
+        method = request.method.decode("latin-1")
+        status, content_type, body = self.routes.answer(method, request.target.decode("latin-1"))
+        keep_alive = request.keep_alive
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
+        return head if method == "HEAD" else head + body
 
 
-async def start_admin(config: Config, routes: AdminRoutes) -> asyncio.AbstractServer | None:
+def admin_limits(config: Config) -> ProtocolLimits:
+    """The metadata listeners' limits, with the admin listener's own connection cap."""
+    metadata, cap = config.metadata, config.admin.max_connections
+    return ProtocolLimits(metadata.header_timeout, True, metadata.max_url_bytes, metadata.max_header_bytes,
+                          max_connections=cap, max_connections_per_source=cap)
+
+
+class AdminListener(Listeners):
+    def __init__(self, config: Config, routes: AdminRoutes) -> None:
+        super().__init__(admin_limits(config), routes.store, TrustedProxies(()), NullTally("admin"))
+        self.handler = AdminHandler(routes)  # type: ignore[assignment]
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        factory = functools.partial(MetadataProtocol, self, "")
+        self.server = await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True)
+        self.start_ticker()
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self.server.sockets) if self.server is not None else ()
+
+    def close(self) -> None:
+        """Stop listening and close every connection (operators' requests are short)."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        self.stop_ticker()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+
+
+async def start_admin(config: Config, routes: AdminRoutes) -> AdminListener | None:
     listen = config.admin.listen
     if listen is None:
         return None
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _AdminProtocol(routes), listen.host, listen.port, reuse_address=True)
+    listener = AdminListener(config, routes)
+    await listener.start(listen.host, listen.port)
+    return listener

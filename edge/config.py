@@ -241,6 +241,8 @@ class AdminConfig:
     """On SIGTERM, seconds readiness answers 503 before the listeners close (time to withdraw routes)."""
     shutdown_grace: float = 5.0
     """Then, seconds in-flight requests get to finish before connections are closed."""
+    max_connections: int = 64
+    """Concurrent admin connections (also per source address); more get 429 and are closed. Target and header sizes and the head timeout are ``[metadata]``'s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,6 +630,8 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, AdminConfig):
         if config.shutdown_delay < 0 or config.shutdown_grace < 0:
             raise ConfigError(f"{prefix}shutdown_delay and shutdown_grace must not be negative")
+        if config.max_connections < 1:
+            raise ConfigError(f"{prefix}max_connections must be at least 1")
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{prefix}level must be debug, info, warning or error")

@@ -8,26 +8,37 @@ reading pauses.
 Limits (target length, header block, body, slow heads, queue depth) turn into
 their protocol answer in :mod:`edge.metadata.responses` and close the
 connection; nothing a client sends can grow memory without bound.
+
+The connections of one set of listeners share a :class:`Listeners`: their
+:class:`ProtocolLimits`, the open connections counted per source for the
+connection caps, and the ticker that closes heads that take too long.  The
+metadata service is one; the admin listener is another, with its own handler,
+so both enforce the same limits with the same code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httptools
 
+from edge.config import MetadataConfig
 from edge.metadata.fallback import NeedFallback
 from edge.metadata.handler import NeedCredentials, Pending, Request, UnknownSource
-from edge.metadata.identify import Peer
+from edge.metadata.identify import Peer, TrustedProxies, canonical_peer
 from edge.metadata.responses import ANSWERS, Outcome
+from edge.metrics import Tally
 
 if TYPE_CHECKING:
-    from edge.metadata.service import MetadataService, ProtocolLimits
+    from edge.metadata.handler import MetadataHandler
+    from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.metadata")
 
@@ -51,6 +62,109 @@ _monotonic = time.monotonic
 _NEVER = 1 << 62
 
 
+PEERS_REMEMBERED = 16_384
+"""Source addresses whose :class:`Peer` is reused by their next connection; the oldest is forgotten
+first, one at a time (a Peer may hold the last reference to an instance of a replaced view, so
+dropping thousands at once could stall the loop the way freeing a whole snapshot would)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolLimits:
+    """What a set of listeners allows one client: each breach has its protocol answer (responses.py)."""
+
+    header_timeout: float
+    keep_alive: bool
+    max_url_bytes: int
+    max_header_bytes: int
+    max_connections: int
+    max_connections_per_source: int
+    gateway_hops: int = 0
+    """Routed hops from the instances to this gateway, added to an answer's hop limit."""
+    max_body_bytes: int = 64 * 1024
+
+    @classmethod
+    def of(cls, config: MetadataConfig) -> ProtocolLimits:
+        return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes,
+                   config.max_connections, config.max_connections_per_source, config.gateway_hops)
+
+
+class Listeners:
+    """What the connections of one set of listeners share: limits, open connections, peers, the ticker.
+
+    Subclasses set ``handler`` (whose ``answer`` gives each request's bytes) before connections arrive
+    and call :meth:`start_ticker` once the loop runs.
+    """
+
+    handler: MetadataHandler
+
+    def __init__(self, limits: ProtocolLimits, store: ViewStore, trusted_proxies: TrustedProxies,
+                 tally: Tally) -> None:
+        self.limits = limits
+        self.store = store
+        self.trusted_proxies = trusted_proxies
+        self.tally = tally
+        """Per-request counts and latencies; the composition root exports them as metrics."""
+        self.connections: set[MetadataProtocol] = set()
+        self.per_source: dict[str, int] = {}
+        """Open connections per source address; the protocol counts them (caps in ``limits``)."""
+        self.peers: OrderedDict[str, Peer] = OrderedDict()
+        """Socket peer name -> its Peer: an instance opens a connection per request, so its identity
+        (and the attachment it last looked up) carry over instead of being rebuilt every time."""
+        self.stopping = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self.tick = 0
+        """Incremented by the ticker; connection deadlines are in ticks so requests never read a clock for them."""
+        self.idle_deadline = 0
+        """The deadline a connection gets when it starts waiting for a request head."""
+        # plain counters, exported as metrics by the owner
+        self.rejected = 0
+        self.timeouts = 0
+        self.refused_connections = 0
+
+    def new_peer(self, address: str, network: str) -> Peer:
+        """The Peer of a connection from ``address`` (the socket's peer name) to a listener on ``network``;
+        remembered for the next connection from the same address."""
+        canonical = canonical_peer(address) if ":" in address else address
+        proxies = self.trusted_proxies
+        peer = Peer(canonical, network, bool(proxies.networks) and canonical in proxies)
+        peers = self.peers
+        peers[address] = peer
+        if len(peers) > PEERS_REMEMBERED:
+            peers.popitem(last=False)
+        return peer
+
+    def start_ticker(self) -> None:
+        """Close connections whose request head is overdue (one timer for all of them)."""
+        self.tick += 1
+        tick = self.tick
+        for connection in [c for c in self.connections if c.deadline < tick]:
+            connection.timed_out()
+        interval = min(1.0, self.limits.header_timeout / 4)
+        # header_timeout .. header_timeout + one interval after the last answer or the connection.
+        self.idle_deadline = tick + math.ceil(self.limits.header_timeout / interval)
+        self._ticker = asyncio.get_running_loop().call_later(interval, self.start_ticker)
+
+    def stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def close_connections(self, grace: float) -> None:
+        """Close idle connections now, let the others finish for ``grace`` seconds, then abort them."""
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    async def await_source(self, network: str, address: str) -> None:
+        """Wait for a view that knows ``address`` (only listeners that answer from the view wait)."""
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the outcome is on the protocol."""
 
@@ -62,7 +176,7 @@ class MetadataProtocol(asyncio.Protocol):
                  "_reject", "_target", "_header_size", "_body_size", "_request", "_has_fields",
                  "writing_paused", "_max_url_bytes", "_max_header_bytes", "_max_body_bytes", "_keep_alive")
 
-    def __init__(self, service: MetadataService, network: str) -> None:
+    def __init__(self, service: Listeners, network: str) -> None:
         # global
         self.service = service
         self.network = network

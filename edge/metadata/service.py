@@ -12,23 +12,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import mmap
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import Config, MetadataConfig
+from edge.config import Config
 from edge.fleet_keys import FleetTokenKeys, read_fleet_token_keys
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
 from edge.metadata.fallback import MetadataFallback
 from edge.metadata.handler import MetadataHandler
-from edge.metadata.identify import Peer, TrustedProxies, canonical_peer
+from edge.metadata.identify import TrustedProxies
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
-from edge.metadata.protocol import MetadataProtocol
+from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
 from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
@@ -38,30 +35,6 @@ from edge.view.store import ViewStore
 log = logging.getLogger("edge.metadata")
 
 TOKEN_KEY_FILE = "token-keys"
-
-PEERS_REMEMBERED = 16_384
-"""Source addresses whose :class:`Peer` is reused by their next connection; the oldest is forgotten
-first, one at a time (a Peer may hold the last reference to an instance of a replaced view, so
-dropping thousands at once could stall the loop the way freeing a whole snapshot would)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolLimits:
-    header_timeout: float
-    keep_alive: bool
-    max_url_bytes: int
-    max_header_bytes: int
-    max_connections: int
-    max_connections_per_source: int
-    gateway_hops: int = 0
-    """Routed hops from the instances to this gateway, added to an answer's hop limit."""
-    max_body_bytes: int = 64 * 1024
-
-    @classmethod
-    def of(cls, config: MetadataConfig) -> ProtocolLimits:
-        return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes,
-                   config.max_connections, config.max_connections_per_source, config.gateway_hops)
-
 
 def token_key_path(config: Config) -> Path:
     return Path(config.metadata.token_key_file or Path(config.view.state_dir) / TOKEN_KEY_FILE)
@@ -98,42 +71,24 @@ FallbackFactory = Callable[[Config, "MetadataFallback | None"], "MetadataFallbac
 cloud adapter; it reconfigures the one in use rather than replacing it, so its cache survives SIGHUP."""
 
 
-class MetadataService:
+class MetadataService(Listeners):
     def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]],
                  fallback_for: FallbackFactory | None = None) -> None:
         self.config = config
         self.fallback_for = fallback_for
-        self.store = store
+        Listeners.__init__(self, ProtocolLimits.of(config.metadata), store,
+                           TrustedProxies(config.metadata.trusted_proxies), Tally("http"))
         self.refresh = refresh
         self.preparers: list[Preparer] = []
         self.rate_table: mmap.mmap | None = None
         """The rate-limit table shared by a gateway's workers (set by the composition root); None: a private one."""
-        self.limits = ProtocolLimits.of(config.metadata)
-        self.trusted_proxies = TrustedProxies(config.metadata.trusted_proxies)
         self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
         self.fleet_keys = FleetTokenKeys(self._use_fleet_keys)
         self.servers: list[asyncio.Server] = []
-        self.connections: set[MetadataProtocol] = set()
-        self.per_source: dict[str, int] = {}
-        """Open connections per source address; the protocol counts them (caps in ``limits``)."""
-        self.peers: OrderedDict[str, Peer] = OrderedDict()
-        """Socket peer name -> its Peer: an instance opens a connection per request, so its identity
-        (and the attachment it last looked up) carry over instead of being rebuilt every time."""
-        self.stopping = False
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_started = 0.0
-        self._ticker: asyncio.TimerHandle | None = None
-        self.tick = 0
-        """Incremented by the ticker; connection deadlines are in ticks so requests never read a clock for them."""
-        self.idle_deadline = 0
-        """The deadline a connection gets when it starts waiting for a request head."""
-        self.tally = Tally("http")
-        """Per-request counts and latencies; the composition root exports them as metrics."""
-        # plain counters, exported by export_metrics
         self.refreshes = 0
-        self.rejected = 0
-        self.timeouts = 0
-        self.refused_connections = 0
+        """Refreshes asked for by unknown addresses (exported by export_metrics)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -154,7 +109,7 @@ class MetadataService:
                                               backlog=self.config.metadata.listen_backlog)
             self.servers.append(server)
             log.info("metadata listening on %s network=%r", _bound(server), network)
-        self._tick()
+        self.start_ticker()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -165,17 +120,9 @@ class MetadataService:
         self.stopping = True
         for server in self.servers:
             server.close()
-        for connection in list(self.connections):
-            connection.close_if_idle()
-        deadline = time.monotonic() + grace
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.abort()
+        await self.close_connections(grace)
         await self.fleet_keys.stop()
-        if self._ticker is not None:
-            self._ticker.cancel()
+        self.stop_ticker()
         if self._refresh_task is not None and not self._refresh_task.done():
             self._refresh_task.cancel()
         if self.handler is not None:
@@ -252,31 +199,6 @@ class MetadataService:
                 events.update(handler.fallback.counters())
         events[("unknown_source_refreshes", "http")] = self.refreshes
         events[("connections_refused", "http")] = self.refused_connections
-
-    # -- connections -----------------------------------------------------------------------------
-
-    def new_peer(self, address: str, network: str) -> Peer:
-        """The Peer of a connection from ``address`` (the socket's peer name) to a listener on ``network``;
-        remembered for the next connection from the same address."""
-        canonical = canonical_peer(address) if ":" in address else address
-        proxies = self.trusted_proxies
-        peer = Peer(canonical, network, bool(proxies.networks) and canonical in proxies)
-        peers = self.peers
-        peers[address] = peer
-        if len(peers) > PEERS_REMEMBERED:
-            peers.popitem(last=False)
-        return peer
-
-    def _tick(self) -> None:
-        """Close connections whose request head is overdue (one timer for all of them)."""
-        self.tick += 1
-        tick = self.tick
-        for connection in [c for c in self.connections if c.deadline < tick]:
-            connection.timed_out()
-        interval = min(1.0, self.limits.header_timeout / 4)
-        # header_timeout .. header_timeout + one interval after the last answer or the connection.
-        self.idle_deadline = tick + math.ceil(self.limits.header_timeout / interval)
-        self._ticker = asyncio.get_running_loop().call_later(interval, self._tick)
 
     # -- unknown sources -------------------------------------------------------------------------
 

@@ -498,8 +498,8 @@ def test_same_source_on_listeners_of_two_networks(start):
 
 
 def test_remembered_sources_are_bounded(start, monkeypatch):
-    import edge.metadata.service
-    monkeypatch.setattr(edge.metadata.service, "PEERS_REMEMBERED", 3)
+    import edge.metadata.protocol
+    monkeypatch.setattr(edge.metadata.protocol, "PEERS_REMEMBERED", 3)
     server = start(unknown_source_wait=0.1)
     path = "/latest/meta-data/instance-id"
     expected = {"127.0.0.1": 200, "127.0.0.2": 200, "127.0.0.3": 401, "127.0.0.4": 200, "127.0.9.9": 404}
