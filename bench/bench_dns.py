@@ -2,7 +2,8 @@
 
 ``python -m pytest bench/bench_dns.py --benchmark-enable`` measures
 ``Engine.answer`` (query bytes in, reply bytes out) for a local hit, NXDOMAIN,
-PTR, a forwarded cache hit and a miss that must be rendered, plus the UDP
+PTR, a forwarded cache hit, a local CNAME chased to a cached outside answer, and a
+miss that must be rendered, plus the UDP
 protocol callback with a collecting transport.
 """
 
@@ -34,7 +35,10 @@ INSTANCE = "127.0.0.1"
 @pytest.fixture(scope="module")
 def setup():
     config = DnsConfig()
-    snapshot = build_snapshot(parse_view(demo_document()), [make_preparer()])
+    document = demo_document()
+    document["cloud"]["dns_records"].append(
+        {"name": "alias.demo.example", "type": "CNAME", "value": "host.upstream.test", "ttl": 300})
+    snapshot = build_snapshot(parse_view(document), [make_preparer()])
     forwarder = Forwarder(config)
     engine = Engine(config, forwarder, RecursionPolicy())
     # Seed the cache as a real upstream answer would.
@@ -43,6 +47,12 @@ def setup():
     response.answer.append(dns.rrset.from_text("www.example.com.", 300, "IN", "A", "192.0.2.80", "192.0.2.81"))
     wire = response.to_wire()
     entry = forwarder._entry(wire, len(parse_query(query.to_wire()).question), forwarder.settings)
+    forwarder.cache[cache_key(parse_query(query.to_wire()))] = entry
+    # And the target of a local CNAME that leaves the local zones (alias.demo.example below).
+    query = dns.message.make_query("host.upstream.test", "A", use_edns=0)
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text("host.upstream.test.", 300, "IN", "A", "192.0.2.11"))
+    entry = forwarder._entry(response.to_wire(), len(parse_query(query.to_wire()).question), forwarder.settings)
     forwarder.cache[cache_key(parse_query(query.to_wire()))] = entry
     return engine, snapshot
 
@@ -77,6 +87,12 @@ def test_ptr(benchmark, setup):
 def test_forwarded_cache_hit(benchmark, setup):
     reply = run(benchmark, setup, "WWW.example.com", "A", "NOERROR")
     assert len(dns.message.from_wire(reply).answer[0]) == 2
+
+
+def test_chased_cname_cache_hit(benchmark, setup):
+    """A local CNAME whose target is outside the local zones, the target's answer in the cache."""
+    reply = run(benchmark, setup, "alias.demo.example", "A", "NOERROR")
+    assert len(dns.message.from_wire(reply).answer) == 2
 
 
 def test_render_on_first_use(benchmark, setup):

@@ -16,6 +16,7 @@ import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import dns.opcode
 import dns.query
 import dns.rcode
@@ -431,3 +432,25 @@ def test_a_cname_to_an_outside_name_alone_for_strangers_and_without_rd(edge_fact
         assert [(r.name.to_text(), r.rdtype) for r in reply.answer] == [("alias.demo.example.", dns.rdatatype.CNAME)]
     assert not stranger.flags & dns.flags.RA
     assert server.service.forwarder.stats.upstream_queries == 0
+
+
+def test_a_chased_answer_from_the_cache_counts_its_ttl_down():
+    from edge.dns.engine import Forward
+
+    document = _with_outside_aliases(demo_document())
+    snapshot = build_snapshot(parse_view(document), [make_preparer()])
+    config = DnsConfig()
+    pure = Engine(config, Forwarder(config, clock=lambda: 1000.0), RecursionPolicy())  # answer stored at 1000
+    wire = dns.message.make_query("twice.demo.internal", "A").to_wire()
+    forward = pure.answer(wire, snapshot, "", "127.0.0.1", 1000.0)
+    assert isinstance(forward, Forward) and forward.query.name == b"\x04host\x08upstream\x04test\x00"
+    upstream = dns.message.make_response(dns.message.make_query("host.upstream.test", "A"))
+    upstream.answer.append(dns.rrset.from_text("host.upstream.test.", 300, "IN", "A", "192.0.2.11"))
+    pure.forwarder.cache[forward.query.key + b"\x00"] = pure.forwarder._entry(
+        upstream.to_wire(), len(forward.query.question), pure.forwarder.settings)
+    ttls = []
+    for now in (1000.2, 1000.7, 1010.0):
+        reply = dns.message.from_wire(pure.answer(wire, snapshot, "", "127.0.0.1", now))
+        assert [r.rdtype for r in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.CNAME, dns.rdatatype.A]
+        ttls.append(reply.answer[2].ttl)
+    assert ttls == [300, 300, 290]
