@@ -149,7 +149,6 @@ def _view_document(which: str) -> int:
 
 def _view_check(args: argparse.Namespace) -> int:
     from edge.server import adapters
-    from edge.view.formats import make_decoder
     from edge.view.snapshot import build_snapshot
     from edge.view.sources import open_source
 
@@ -171,8 +170,9 @@ def _view_check(args: argparse.Namespace) -> int:
     if data is None:
         print(f"edge: cannot read the view: {shown}: no content", file=sys.stderr)
         return 1
+    decoder = plugged.formats.decoder(config)
     try:
-        view = make_decoder(config, plugged.formats)(data)
+        view = decoder(data)
     except ViewInvalid as exc:
         print(f"{shown}: REJECTED, {len(exc.problems)} problem(s):")
         for problem in exc.problems:
@@ -181,7 +181,7 @@ def _view_check(args: argparse.Namespace) -> int:
     snapshot = build_snapshot(view)
     counts = snapshot.counts()
     print(f"{shown}: OK")
-    print(f"  format      {view.format}")
+    print(f"  format      {decoder.format_of(data)}")  # the document's own (a GNI is read as edge-view/1)
     print(f"  serial      {view.serial}" if view.ordered else f"  version     {view.version}")
     print(f"  generated   {view.generated or '-'}")
     print(f"  networks    {counts['networks']}")

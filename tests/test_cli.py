@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 
 from edge.config import load_config
@@ -225,3 +226,13 @@ def test_the_first_log_line_says_what_the_quick_start_writes_and_where(tmp_path)
     for name in written:
         shown = name.split(".", 1)[0] + ".*" if name.startswith("last-good-view.") else name
         assert shown in first, (name, first)
+
+
+def test_view_check_names_the_format_of_the_document_it_read() -> None:
+    """A Eucalyptus GNI is read as an edge view, but it is reported as what it is."""
+    gni = Path(__file__).parent / "eucalyptus" / "fixtures" / "gni-edge.xml"
+    result = edge("view", "check", str(gni))
+    assert result.returncode == 0, result.stderr
+    assert "  format      eucalyptus-gni\n" in result.stdout
+    result = edge("view", "check", "demo")
+    assert result.returncode == 0 and "  format      edge-view/1\n" in result.stdout

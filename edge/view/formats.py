@@ -29,7 +29,7 @@ import msgspec
 
 from edge.config import Config
 from edge.errors import ConfigError, ViewInvalid
-from edge.view.model import Instance, View
+from edge.view.model import FORMAT, Instance, View
 from edge.view.parse import Reused, cidr_table_of, instance_validator, parse_view
 from edge.view.scan import elements_end, likely_elements_ends, skip_whitespace, string_end, value_end
 from edge.view.wire import INSTANCE_DECODER, Cidrs, Problems, instance_from_wire
@@ -83,20 +83,29 @@ class FormatDecoder:
         self.others = [(name, sniff, make(config)) for name, (sniff, make) in registered.items()
                        if self.chosen in ("auto", name)]
 
-    def _other(self, data: bytes) -> Callable[[bytes], View] | None:
+    def _other(self, data: bytes) -> tuple[str, Callable[[bytes], View]] | None:
+        """(name, decoder) of the registered format that takes ``data``; None for ``edge-view/1``."""
         if self.chosen == "edge-view":
             return None
         for name, sniff, decode in self.others:
             if name == self.chosen or sniff(data):
-                return decode
+                return name, decode
         return None
 
     def speaks_view(self, data: bytes) -> bool:
         return self._other(data) is None
 
+    def format_of(self, data: bytes) -> str:
+        """The format ``data`` is read as: ``edge-view/1`` or a registered one (``eucalyptus-gni``).
+
+        The decoded :class:`View` is always ``edge-view/1``; this is what the document itself is.
+        """
+        other = self._other(data)
+        return FORMAT if other is None else other[0]
+
     def __call__(self, data: bytes) -> View:
-        decode = self._other(data)
-        return decode_view(data) if decode is None else decode(data)
+        other = self._other(data)
+        return decode_view(data) if other is None else other[1](data)
 
 
 def make_decoder(config: Config, formats: ViewFormats | None = None) -> Callable[[bytes], View]:
