@@ -237,8 +237,9 @@ class AdminConfig:
     """Operations listener (health, readiness, metrics); empty string disables it."""
     metrics: bool = True
     """Count requests for ``/metrics``; off, the hot paths skip even their plain counters."""
-    shutdown_delay: float = 0.5
-    """On SIGTERM, seconds readiness answers 503 before the listeners close (time to withdraw routes)."""
+    shutdown_delay: float = 2.0
+    """On SIGTERM, seconds readiness answers 503 before the listeners close (time to withdraw routes: edge-route-health
+    at its defaults withdraws within one check interval, 1 s, of the first 503)."""
     shutdown_grace: float = 5.0
     """Then, seconds in-flight requests get to finish before connections are closed."""
     max_connections: int = 64

@@ -108,6 +108,7 @@ class Gateway:
         self.poller: Poller | None = None
         self._admin: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
+        self._supervisor_lost = False
         self._supervised: SupervisedRefresh | None = None
         self._syncer: Syncer | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -157,6 +158,7 @@ class Gateway:
                                  decode=make_decoder(config, self.adapters.formats))
             self._supervised = SupervisedRefresh(self.control)
             self._supervised.poller = self.poller
+            self._supervised.on_lost = self._orphaned
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
             await self.poller.poll_once()
             if self.store.current is None:
@@ -190,7 +192,9 @@ class Gateway:
         self.readiness.shutting_down = True
         admin = self.config.admin
         event(log, logging.INFO, "edge stopping", delay=admin.shutdown_delay, grace=admin.shutdown_grace)
-        await asyncio.sleep(admin.shutdown_delay)
+        # Orphaned, nobody answers this gateway's readiness any more and its routes are on their way
+        # out (edge.service withdraws them once every process has exited): no drain, stop now.
+        await asyncio.sleep(0 if self._supervisor_lost else admin.shutdown_delay)
         if self.poller is not None:
             await self.poller.stop()
         await asyncio.gather(*(service.stop(admin.shutdown_grace) for service in self.services))
@@ -223,9 +227,28 @@ class Gateway:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await self.start()
-        await self._stopping.wait()
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # Stopped while starting (a worker still waiting for its first view, or orphaned): leave
+            # without binding, rather than serve late next to whatever runs by then.
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            for task in self._background:
+                task.cancel()
+            if self.poller is not None:
+                await self.poller.stop()
+            event(log, logging.INFO, "edge stopped before serving")
+            return
+        starting.result()
+        await stopping
         await self.stop()
+
+    def _orphaned(self) -> None:
+        """The supervisor died (crash, kill -9): stop at once, without the drain delay."""
+        self._supervisor_lost = True
+        self._stopping.set()
 
 
 def state_dir_contents(config: Config) -> list[str]:

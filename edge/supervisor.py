@@ -154,9 +154,10 @@ class Supervisor:
         self._served_before = await self.poller.load_last_good()
         if config.metadata.listen and self.rate_table_fd is None:
             self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)
+        # The admin listener before any worker: a supervisor that cannot start leaves no workers behind.
+        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
         for slot in self.slots:
             slot.current = self._spawn(slot)
-        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
         if self.store.current is None:
             await self.poller.poll_once()
         self.poller.start()
@@ -368,6 +369,8 @@ class SupervisedRefresh:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.poller: Poller | None = None
+        self.on_lost: Callable[[], None] | None = None
+        """Called when the supervisor is gone (without it: SIGTERM to this worker)."""
         self.frozen = False
         self._waiters: list[asyncio.Future[None]] = []
         self._polled = asyncio.Event()
@@ -383,7 +386,10 @@ class SupervisedRefresh:
             if not data:
                 # The supervisor is gone: a worker without its supervisor must not linger.
                 event(log, logging.ERROR, "supervisor connection lost; worker exiting")
-                os.kill(os.getpid(), signal.SIGTERM)
+                if self.on_lost is not None:
+                    self.on_lost()
+                else:
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
             if FREEZE in data and self.poller is not None and not self.frozen:
                 # A replacement worker will serve the next view; this one keeps what it has.

@@ -1,0 +1,115 @@
+"""Workers never outlive their supervisor: not when it cannot start, not when it is killed before they serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line contains ``marker`` (a per-test path): the edge processes of this test."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra: str) -> subprocess.Popen:
+    log = open(tmp_path / "edge.log", "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge", "serve", "--view", view, "--state-dir", str(tmp_path / "state"),
+             "--workers", "2", "--metadata-listen", f"127.0.0.1:{metadata_port}",
+             "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra],
+            stdout=log, stderr=log, cwd=ROOT)
+    finally:
+        log.close()
+
+
+def port_bound(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def kill_leftovers(marker: str) -> None:
+    for pid in processes_mentioning(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_supervisor_that_cannot_bind_its_admin_port_leaves_no_workers(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    admin_port = taken.getsockname()[1]
+    metadata_port = free_port()
+    marker = str(tmp_path / "state")
+    try:
+        process = serve(tmp_path, "demo", admin_port, metadata_port)
+        assert process.wait(30) == 1
+        assert "edge cannot start" in (tmp_path / "edge.log").read_text()
+        # No worker is left to bind the service ports later (next to another edge, with SO_REUSEPORT).
+        wait_until(lambda: not processes_mentioning(marker), timeout=10)
+        assert not port_bound(metadata_port)
+    finally:
+        taken.close()
+        kill_leftovers(marker)
+
+
+def test_workers_waiting_for_their_first_view_exit_with_a_killed_supervisor(tmp_path: Path) -> None:
+    # A control plane that accepts and never answers: the supervisor's first poll hangs, the workers
+    # (with nothing on disk) wait for it before they bind.
+    plane = socket.socket()
+    plane.bind(("127.0.0.1", 0))
+    plane.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            while True:
+                held.append(plane.accept()[0])
+        except OSError:  # closed at the end of the test
+            pass
+
+    accepting = threading.Thread(target=accept, daemon=True)
+    accepting.start()
+    metadata_port = free_port()
+    marker = str(tmp_path / "state")
+    try:
+        process = serve(tmp_path, f"http://127.0.0.1:{plane.getsockname()[1]}/view.json", free_port(),
+                        metadata_port, "--poll-interval", "30")
+        wait_until(lambda: len(processes_mentioning(marker)) == 3, timeout=20)
+        wait_until(lambda: (tmp_path / "edge.log").read_text().count("worker started") >= 2, timeout=20)
+        process.kill()
+        process.wait(5)
+        # Orphaned before they served, the workers leave at once instead of binding up to 60 s later.
+        wait_until(lambda: not processes_mentioning(marker), timeout=10)
+        assert not port_bound(metadata_port)
+    finally:
+        plane.close()
+        for connection in held:
+            connection.close()
+        kill_leftovers(marker)
