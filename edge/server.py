@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from edge.admin import AdminRoutes, Readiness, start_admin
 from edge.config import Config
 from edge.errors import ConfigError, EdgeError
+from edge.fd_limit import raise_fd_limit
 from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_table_from_env
@@ -276,6 +277,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
         # Before anything imports prometheus-client: workers write their metrics there.
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         prepare_multiprocess_dir(config.view.state_dir)
+    # Workers inherit the raised limit; the first process of the gateway says when it is too low.
+    raise_fd_limit(config, warn=control is None)
     install_uvloop()
     try:
         if control is None and config.workers > 1:
