@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from edge.errors import ViewInvalid
-from edge.view.addresses import canonical_ip, canonical_ipv4, parse_resolver_address  # noqa: F401 - importers
+from edge.view.addresses import canonical_ipv4  # noqa: F401 - still imported from here by the GNI adapter
 from edge.view.model import DEFAULT_NETWORK, FORMAT, Instance, View
 from edge.view.wire import (
     Cidrs,
@@ -110,11 +110,11 @@ def explain(value: Any, info: msgspec.inspect.Type, where: str, problems: Proble
         if type(value) is not dict:
             problems.add(where, f"expected object, got {_type_name(value)}")
             return
-        for field in info.fields:
-            item = value.get(field.encode_name)
-            if item is None and not field.required:
+        for member in info.fields:
+            item = value.get(member.encode_name)
+            if item is None and not member.required:
                 continue
-            explain(item, field.type, f"{where}.{field.encode_name}", problems)
+            explain(item, member.type, f"{where}.{member.encode_name}", problems)
     elif isinstance(info, (msgspec.inspect.ListType, msgspec.inspect.VarTupleType)):
         if type(value) is not list:
             problems.add(where, f"expected array, got {_type_name(value)}")
