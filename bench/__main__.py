@@ -2,16 +2,22 @@
 
     python -m bench all [--quick] [--only SECTIONS] [--no-install] [--output bench/results/latest.md]
     python -m bench bootstorm [...]      (the boot storm alone, see bench/bootstorm.py)
+    python -m bench calibrate [...]      (the calibration step alone, see bench/calibration.py)
 
 ``all`` checks the peers (installing nginx-light, nsd, dnsmasq-base, wrk,
 dnsperf and knot with apt-get when root and missing), then runs, with servers
 and load generators pinned to different cores and everything on loopback:
-metadata keep-alive and connection per request vs nginx ``return 200``; DNS
+a calibration step (each peer's rate in a short run against its expected range
+on this machine kind, bench/calibration.py); metadata keep-alive and connection
+per request vs nginx ``return 200`` and nginx answering from a ``map``; DNS
 local hits vs NSD, Knot and dnsmasq; DNS forwarded cache hits vs a caching
 dnsmasq; ``edge --workers 1`` vs ``--workers 2``; the boot storm (edge w1, w2,
 classic design); the view pipeline at scale; and (full run) the
 pytest-benchmark hot-path suites with timing.  Each comparison is repeated
-(3 times, once with ``--quick``) and reported as medians with min-max.  The
+(3 times, once with ``--quick``) and reported as medians with min-max.  Every
+peer runs with the settings of bench/peer_configs.py (its best for the
+workload, per its manual); a comparison in which any server shows errors,
+timeouts or dropped queries prints INVALID instead of a ratio.  The
 Markdown report is written to ``--output`` (and its raw figures next to it as
 JSON) and printed.  Full run about 10-15 minutes, ``--quick`` under 3.
 """
@@ -38,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    calibration_seconds: float
     rounds: int
     metadata_seconds: float
     dns_seconds: float
@@ -50,10 +57,10 @@ class Plan:
     storm_targets: tuple[str, ...] = ("edge-w1", "edge-w2", "classic")
 
 
-FULL = Plan(rounds=3, metadata_seconds=5, dns_seconds=5, dns_instances=1000, storm_instances=1000, storm_rounds=3,
+FULL = Plan(calibration_seconds=2, rounds=3, metadata_seconds=5, dns_seconds=5, dns_instances=1000, storm_instances=1000, storm_rounds=3,
             scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True,
             storm_targets=("edge-w1", "edge-w2", "edge-w1-http", "classic"))
-QUICK = Plan(rounds=1, metadata_seconds=2, dns_seconds=2, dns_instances=1000, storm_instances=200, storm_rounds=2,
+QUICK = Plan(calibration_seconds=1, rounds=1, metadata_seconds=2, dns_seconds=2, dns_instances=1000, storm_instances=200, storm_rounds=2,
              scale_sizes="1000,10000", scale_repeat=1, timed_benchmarks=False)
 
 
@@ -84,13 +91,14 @@ class Report:
         self.sections.append((title, text))
 
 
-SECTIONS = ("metadata", "workers", "dns", "bootstorm", "scale", "hotpaths")
+SECTIONS = ("calibration", "metadata", "workers", "dns", "bootstorm", "scale", "hotpaths")
 
 
 def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0.010,
             classic_workers: int = 64, only: tuple[str, ...] = SECTIONS) -> tuple[str, dict[str, object]]:
     """(Markdown report, raw figures)."""
-    from bench import bootstorm, peers
+    from bench import bootstorm, calibration, peers
+    from bench.peer_configs import settings_table
     from bench.report import benchmark_table, comparison, key_values
 
     started = time.monotonic()
@@ -103,6 +111,15 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
     report.commands.append("python -m bench " + " ".join(shlex.quote(a) for a in argv))
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as temporary:
         directory = Path(temporary)
+
+        def calibrate() -> str:
+            round_dir = directory / "calibration"
+            round_dir.mkdir()
+            verdicts = calibration.run(round_dir, cores, plan.calibration_seconds, log)
+            report.raw["calibration"] = [dict(asdict(v), verdict=v.verdict) for v in verdicts]
+            report.commands.append(f"python -m bench calibrate --seconds {plan.calibration_seconds:g}   (ranges: "
+                                   "bench/calibration.py EXPECTED)")
+            return calibration.markdown(verdicts)
 
         def metadata_vs_nginx() -> str:
             samples = []
@@ -117,7 +134,8 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                 f"bench/metadata_load.py); floor: taskset -c {cores.server_list} python bench/metadata_bare.py; "
                 f"load: taskset -c {cores.client_list} wrk -t1 -c64 -d{plan.metadata_seconds:g}s --latency "
                 "(close: -c32 -H 'Connection: close') http://127.0.0.1:PORT/latest/meta-data/instance-id")
-            parts = []
+            parts = ["nginx `return 200` is the floor (one fixed answer); nginx with a `map` of 1,000 source "
+                     "addresses to answers is the realistic static peer."]
             for mode in ("keep-alive", "connection per request"):
                 parts.append(f"**{mode}**\n\n" + comparison([s for s in samples if s.workload == mode], "edge",
                                                              "req/s"))
@@ -203,6 +221,7 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
             return benchmark_table(document) + status
 
         sections = {
+            "calibration": ("Calibration: each peer in its expected range", calibrate),
             "metadata": ("Instance metadata: edge vs nginx return 200", metadata_vs_nginx),
             "workers": ("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers),
             "dns": ("DNS: edge vs NSD, Knot, dnsmasq", dns_peers),
@@ -230,11 +249,33 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
     ]
     if "knotd" in missing:
         header += ["", "Knot DNS is not installed: no Knot figures."]
+    header += ["", validity(report.sections)]
     body = [f"## {title}\n\n{text}" for title, text in report.sections]
+    body.append("## Peer configuration\n\nEvery peer at its documented best for the workload "
+                "(bench/peer_configs.py):\n\n" + settings_table())
     timings = ", ".join(f"{title.split(':')[0]} {seconds:.0f} s" for title, seconds in report.timings)
     footer = ["## Commands", "", *("    " + command for command in report.commands), "", f"Section times: {timings}."]
     markdown = "\n".join(header) + "\n\n" + "\n\n".join(body) + "\n\n" + "\n".join(footer) + "\n"
     return markdown, report.raw
+
+
+def validity(sections: list[tuple[str, str]]) -> str:
+    """One line saying whether every comparison of the run can be trusted, and if not, which and why."""
+    invalid = [title for title, text in sections if "**INVALID" in text]
+    flagged = [title for title, text in sections if "**CALIBRATION FLAGGED" in text]
+    unmeasured = [title for title, text in sections if text.startswith("**Not measured")]
+    if not (invalid or flagged or unmeasured):
+        return ("Validity: every peer landed in its calibration range and every server was error-free in every "
+                "counted run." if any(t.startswith("Calibration") for t, _ in sections)
+                else "Validity: every server was error-free in every counted run (no calibration in this run).")
+    parts = []
+    if flagged:
+        parts.append("calibration flagged (machine too noisy / peer misconfigured): do not trust this run's ratios")
+    if invalid:
+        parts.append("INVALID comparisons (a server showed errors, timeouts or drops): " + "; ".join(invalid))
+    if unmeasured:
+        parts.append("not measured: " + "; ".join(unmeasured))
+    return "**Validity: " + ". ".join(parts) + ".**"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bootstorm"]:
         from bench.bootstorm import main as bootstorm_main
         return bootstorm_main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from bench.calibration import main as calibrate_main
+        return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     everything = commands.add_parser("all", help="every comparison, one report")
@@ -257,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     everything.add_argument("--record", action="store_true",
                             help="also put the report in bench/RESULTS.md, replacing its latest one-command report")
     commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
+    commands.add_parser("calibrate", help="the calibration step alone (python -m bench calibrate --help)")
     args = parser.parse_args(argv)
     only = tuple(part for part in args.only.split(",") if part)
     unknown = set(only) - set(SECTIONS)

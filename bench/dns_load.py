@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_user_system  # noqa: E402
 from bench.generate import generate_view  # noqa: E402
+from bench.peer_configs import DNSPERF_OUTSTANDING, dnsmasq_local_args, write_nsd  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
 from edge.view.snapshot import build_snapshot, reverse_name  # noqa: E402
@@ -91,17 +92,38 @@ class Result:
     p99_ms: float = 0.0
     rcodes: str = ""
     """dnsperf's response code summary: every workload here should be all NOERROR."""
+    errors: int = 0
+    """Answers whose response code is not NOERROR: every question here has an answer."""
+    drops: int = 0
+    """Queries the kernel dropped at the server's sockets during the run (receive buffer full), from
+    /proc/net/udp: the server's own count of what it never saw."""
 
 
 def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = ()) -> str:
     args = ["taskset", "-c", CLIENT_CORE, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
-            "-l", str(seconds), "-c", "4", "-q", "200", "-t", "2", *extra]
+            "-l", str(seconds), "-c", "4", "-q", str(DNSPERF_OUTSTANDING), "-t", "2", *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
 
 
-def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float) -> Result:
+def udp_drops(port: int, table: str = "/proc/net/udp") -> int:
+    """Datagrams dropped so far at the UDP sockets bound to ``port`` (the ``drops`` column of /proc/net/udp)."""
+    suffix = f":{port:04X}"
+    dropped = 0
+    for line in Path(table).read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 13 and fields[1].endswith(suffix):
+            dropped += int(fields[-1])
+    return dropped
+
+
+def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float,
+            latency: bool = True) -> Result:
+    """One full-load dnsperf run against the server ``pid`` on ``port``; with ``latency``, then a second,
+    rate-limited run for p50/p99."""
     user_before, system_before = cpu_user_system(pid)
+    drops_before = udp_drops(port)
     output = dnsperf(port, queries, seconds)
+    drops = udp_drops(port) - drops_before
     user_after, system_after = cpu_user_system(pid)
     user, system = user_after - user_before, system_after - system_before
     used = user + system
@@ -109,8 +131,11 @@ def measure(name: str, workload: str, pid: int, port: int, queries: Path, second
     lost = int(re.search(r"Queries lost:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     rcodes = re.search(r"Response codes:\s+(.*)", output)
+    rcode_text = rcodes.group(1).strip() if rcodes else ""
     result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6, user / max(used, 1e-9),
-                    rcodes=rcodes.group(1).strip() if rcodes else "")
+                    rcodes=rcode_text, errors=not_noerror(rcode_text), drops=drops)
+    if not latency:
+        return result
     # Latency at a fixed, moderate rate, one line per query.
     verbose = dnsperf(port, queries, min(seconds, 3), ("-Q", "20000", "-v"))
     latencies = sorted(float(m) for m in re.findall(r"^> \w+ .* ([\d.]+)$", verbose, re.MULTILINE))
@@ -118,6 +143,27 @@ def measure(name: str, workload: str, pid: int, port: int, queries: Path, second
         result.p50_ms = statistics.median(latencies) * 1000
         result.p99_ms = latencies[int(len(latencies) * 0.99) - 1] * 1000
     return result
+
+
+def not_noerror(rcodes: str) -> int:
+    """Answers other than NOERROR in dnsperf's ``Response codes:`` line (``NOERROR 91007 (100.00%), ...``)."""
+    return sum(int(count) for code, count in re.findall(r"([A-Z]+) (\d+) \(", rcodes) if code != "NOERROR")
+
+
+def dnsmasq_records(snapshot: object) -> list[str]:
+    """dnsmasq configuration lines holding the snapshot's A and PTR records for the local-hits workload."""
+    lines = []
+    for name, entry in sorted(snapshot.names.items()):  # type: ignore[attr-defined]
+        for record in entry.records_for(""):
+            if record.type == "A":
+                lines.append(f"host-record={name},{record.value}")
+    # host-record derives PTRs for its own addresses; public addresses need explicit ones.
+    derived = {reverse_name(line.rsplit(",", 1)[1]) for line in lines}
+    for name, entry in sorted(snapshot.names.items()):  # type: ignore[attr-defined]
+        for record in entry.records_for(""):
+            if record.type == "PTR" and name not in derived:
+                lines.append(f"ptr-record={name},{record.value}")
+    return lines
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -185,43 +231,22 @@ def main() -> int:
              "--admin-listen", f"127.0.0.1:{free_port()}"], cwd=ROOT, stderr=subprocess.DEVNULL)
         processes.append(edge)
 
-        # NSD, one server process.
-        nsd_dir = work / "nsd"
-        nsd_dir.mkdir()
-        for apex, text in texts.items():
-            (nsd_dir / f"{apex}.zone").write_text(text)
+        # NSD, one server process, response rate limiting off (bench/peer_configs.py).
         nsd_port = free_port()
-        (nsd_dir / "nsd.conf").write_text(
-            f"server:\n  ip-address: 127.0.0.1@{nsd_port}\n  port: {nsd_port}\n  do-ip6: no\n  server-count: 1\n"
-            f'  username: ""\n  chroot: ""\n  zonesdir: "{nsd_dir}"\n  database: ""\n'
-            f'  zonelistfile: "{nsd_dir}/zone.list"\n  xfrdfile: "{nsd_dir}/xfrd.state"\n'
-            f'  pidfile: "{nsd_dir}/nsd.pid"\n  logfile: "{nsd_dir}/nsd.log"\n  verbosity: 0\n'
-            "remote-control:\n  control-enable: no\n"
-            + "".join(f"zone:\n  name: {apex}\n  zonefile: {apex}.zone\n" for apex in texts))
-        nsd = subprocess.Popen(["taskset", "-c", SERVER_CORE, "nsd", "-d", "-c", str(nsd_dir / "nsd.conf")],
+        nsd_conf = write_nsd(work / "nsd", nsd_port, texts)
+        nsd = subprocess.Popen(["taskset", "-c", SERVER_CORE, "nsd", "-d", "-c", str(nsd_conf)],
                                stderr=subprocess.DEVNULL)
         processes.append(nsd)
 
         # dnsmasq with the same records: host-record lines, plus ptr-record where it cannot derive the PTR.
         dnsmasq_port = free_port()
         dnsmasq_conf = work / "dnsmasq.conf"
-        lines = []
-        for name, entry in sorted(snapshot.names.items()):
-            for record in entry.records_for(""):
-                if record.type == "A":
-                    lines.append(f"host-record={name},{record.value}")
-        # host-record derives PTRs for its own addresses; public addresses need explicit ones.
-        derived = {reverse_name(line.rsplit(",", 1)[1]) for line in lines}
-        for name, entry in sorted(snapshot.names.items()):
-            for record in entry.records_for(""):
-                if record.type == "PTR" and name not in derived:
-                    lines.append(f"ptr-record={name},{record.value}")
-        dnsmasq_conf.write_text("\n".join(lines) + "\n")
+        dnsmasq_conf.write_text("\n".join(dnsmasq_records(snapshot)) + "\n")
         dnsmasq = subprocess.Popen(
             ["taskset", "-c", SERVER_CORE, "dnsmasq", "--keep-in-foreground", f"--conf-file={dnsmasq_conf}",
              "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
              "--except-interface=nonexistent0", f"--port={dnsmasq_port}", "--pid-file=", "--user=root",
-             "--group=root", "--cache-size=10000"], stderr=subprocess.DEVNULL)
+             "--group=root", *dnsmasq_local_args()], stderr=subprocess.DEVNULL)
         processes.append(dnsmasq)
 
         for port in (edge_port, nsd_port, dnsmasq_port):
@@ -247,12 +272,14 @@ def main() -> int:
         results.append(Result(samples[0].server, samples[0].workload,
                               statistics.median(s.qps for s in samples),
                               int(statistics.median(s.completed for s in samples)),
-                              int(statistics.median(s.lost for s in samples)),
+                              sum(s.lost for s in samples),
                               statistics.median(s.cpu_us_per_query for s in samples),
                               statistics.median(s.user_share for s in samples),
                               statistics.median(s.p50_ms for s in samples),
                               statistics.median(s.p99_ms for s in samples),
-                              samples[-1].rcodes))
+                              samples[-1].rcodes,
+                              sum(s.errors for s in samples),
+                              sum(s.drops for s in samples)))
     if options.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'user %':>7} {'p50 ms':>7} "

@@ -49,32 +49,14 @@ def start_python(cpu: int, script: str, *args: str) -> tuple[subprocess.Popen, i
     return child, port
 
 
-def start_nginx(cpu: int, directory: Path) -> tuple[subprocess.Popen, int]:
+def start_nginx(cpu: int, directory: Path, mode: str = "return") -> tuple[subprocess.Popen, int]:
+    """One nginx process on ``cpu`` answering BODY: ``return 200`` (the floor) or a ``map`` of the client's
+    address to its answer over 1,000 addresses (the realistic static peer); see bench/peer_configs.py."""
+    from bench.peer_configs import instance_addresses, nginx_conf
+
     port = free_port()
-    conf = directory / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-master_process off;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    server_tokens off;
-    client_body_temp_path {directory}/nginx-body;
-    proxy_temp_path {directory}/nginx-proxy;
-    fastcgi_temp_path {directory}/nginx-fastcgi;
-    uwsgi_temp_path {directory}/nginx-uwsgi;
-    scgi_temp_path {directory}/nginx-scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        default_type text/plain;
-        location / {{ return 200 "{BODY}"; }}
-    }}
-}}
-""")
+    conf = directory / f"nginx-{mode}.conf"
+    conf.write_text(nginx_conf(directory, port, BODY, mode, instance_addresses(1000, BODY)))
     child = subprocess.Popen(["taskset", "-c", str(cpu), "nginx", "-p", str(directory), "-c", str(conf)],
                              stderr=subprocess.PIPE)
     wait_tcp(port)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench.common import (CorePlan, cpu_seconds, free_port, start_dnsmasq, start_helper_server, stop,
                           tool_version, wait_tcp)
+from bench.peer_configs import dnsmasq_forwarding_args, dnsmasq_forwarding_lines, write_knot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,28 +91,40 @@ class Sample:
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    """Wrong answers: wrk's socket errors and non-2xx responses, DNS answers other than NOERROR."""
+    timeouts: int = 0
+    """Requests never answered: wrk's timeouts, dnsperf's lost queries."""
+    drops: int = 0
+    """The server's own count: queries the kernel dropped at its UDP sockets (/proc/net/udp)."""
 
 
-def wrk(port: int, path: str, cores: CorePlan, duration: float, connections: int, close: bool) -> tuple[int, float,
-                                                                                                     float, float, int]:
-    """(requests, requests/s, p50 ms, p99 ms, errors) of one ``wrk -t1`` run."""
+def wrk(port: int, path: str, cores: CorePlan, duration: float, connections: int,
+        close: bool) -> tuple[int, float, float, float, int, int]:
+    """(requests, requests/s, p50 ms, p99 ms, errors, timeouts) of one ``wrk -t1`` run."""
     argv = cores.pin_client(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"])
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{port}{path}")
     output = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    return parse_wrk(output)
+
+
+def parse_wrk(output: str) -> tuple[int, float, float, float, int, int]:
+    """(requests, requests/s, p50 ms, p99 ms, errors, timeouts) from ``wrk --latency``'s output."""
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     p50 = _latency_ms(re.search(r"50%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
     p99 = _latency_ms(re.search(r"99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
-    errors = 0
+    errors = timeouts = 0
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non_2xx:
         errors += int(non_2xx.group(1))
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if socket_errors:
-        errors += sum(int(g) for g in socket_errors.groups())
-    return requests, rate, p50, p99, errors
+        connect, read, write, timeout = (int(g) for g in socket_errors.groups())
+        errors += connect + read + write
+        timeouts += timeout
+    return requests, rate, p50, p99, errors, timeouts
 
 
 def _latency_ms(text: str) -> float:
@@ -122,9 +135,9 @@ def _latency_ms(text: str) -> float:
 def measure_wrk(server: str, workload: str, pids: list[int], port: int, path: str, cores: CorePlan,
                 duration: float, connections: int, close: bool) -> Sample:
     before = cpu_seconds(pids)
-    requests, rate, p50, p99, errors = wrk(port, path, cores, duration, connections, close)
+    requests, rate, p50, p99, errors, timeouts = wrk(port, path, cores, duration, connections, close)
     used = cpu_seconds(pids) - before
-    return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors)
+    return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors, timeouts)
 
 
 def _start_script(cores: CorePlan, script: str, *args: str) -> tuple[subprocess.Popen, int]:
@@ -135,7 +148,8 @@ def _start_script(cores: CorePlan, script: str, *args: str) -> tuple[subprocess.
 
 
 def metadata_vs_nginx(directory: Path, cores: CorePlan, duration: float) -> list[Sample]:
-    """edge's metadata worker vs nginx ``return 200`` (and the bare uvloop+httptools floor when present),
+    """edge's metadata worker vs nginx ``return 200`` (the floor), nginx answering from a ``map`` of
+    source addresses (the realistic static peer) and the bare uvloop+httptools floor when present,
     keep-alive and connection per request, with the servers of bench/metadata_load.py."""
     from bench import metadata_load
 
@@ -144,17 +158,21 @@ def metadata_vs_nginx(directory: Path, cores: CorePlan, duration: float) -> list
     try:
         edge, edge_port = _start_script(cores, "metadata_server.py", "--state-dir", str(directory / "edge-state"))
         processes.append(edge)
-        nginx, nginx_port = metadata_load.start_nginx(cores.server[0], directory)
+        nginx, nginx_port = metadata_load.start_nginx(cores.server[0], directory, "return")
         processes.append(nginx)
-        servers = [("edge", edge, edge_port), ("nginx return 200", nginx, nginx_port)]
+        nginx_map, nginx_map_port = metadata_load.start_nginx(cores.server[0], directory, "map")
+        processes.append(nginx_map)
+        servers = [("edge", edge, edge_port), ("nginx return 200", nginx, nginx_port),
+                   ("nginx map $remote_addr", nginx_map, nginx_map_port)]
         if (ROOT / "bench" / "metadata_bare.py").exists():
             bare, bare_port = _start_script(cores, "metadata_bare.py")
             processes.append(bare)
             servers.append(("bare uvloop+httptools (floor)", bare, bare_port))
-        check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{edge_port}{metadata_load.PATH}"],
-                               capture_output=True, text=True).stdout
-        if check != metadata_load.BODY:
-            raise RuntimeError(f"edge answered {check!r} for {metadata_load.PATH}")
+        for name, _, port in servers:
+            check = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}{metadata_load.PATH}"],
+                                   capture_output=True, text=True).stdout
+            if check != metadata_load.BODY:
+                raise RuntimeError(f"{name} answered {check!r} for {metadata_load.PATH}")
         for mode, connections, close in (("keep-alive", 64, False), ("connection per request", 32, True)):
             for name, process, port in servers:
                 time.sleep(0.3)
@@ -213,6 +231,8 @@ class DnsData:
     forwarded: Path
     first_name: str
     zone_texts: dict[str, str]
+    dnsmasq_lines: list[str]
+    """host-record / ptr-record lines giving dnsmasq the same records (bench/dns_load.py)."""
 
 
 def dns_data(directory: Path, instances: int) -> DnsData:
@@ -233,24 +253,9 @@ def dns_data(directory: Path, instances: int) -> DnsData:
     hits.write_text("\n".join(questions) + "\n")
     forwarded = directory / "dns-forwarded.txt"
     forwarded.write_text("".join(f"host{n}.upstream.test A\n" for n in range(1000)))
-    return DnsData(view_path, hits, forwarded, questions[0].split()[0], zone_texts(snapshot, ""))
-
-
-def _knot_conf(directory: Path, port: int, zones: dict[str, str]) -> Path:
-    knot_dir = directory / "knot"
-    knot_dir.mkdir(exist_ok=True)
-    for apex, text in zones.items():
-        (knot_dir / f"{apex}.zone").write_text(text)
-    conf = knot_dir / "knot.conf"
-    conf.write_text(
-        f"server:\n    listen: 127.0.0.1@{port}\n    rundir: {knot_dir}\n    udp-workers: 1\n    tcp-workers: 1\n"
-        f"    background-workers: 1\n"
-        f"database:\n    storage: {knot_dir}\n"
-        f"log:\n  - target: stderr\n    any: error\n"
-        f"template:\n  - id: default\n    storage: {knot_dir}\n    file: \"%s.zone\"\n    journal-content: none\n"
-        f"    zonefile-sync: -1\n    zonefile-load: whole\n"
-        "zone:\n" + "".join(f"  - domain: {apex}\n" for apex in zones))
-    return conf
+    from bench.dns_load import dnsmasq_records
+    return DnsData(view_path, hits, forwarded, questions[0].split()[0], zone_texts(snapshot, ""),
+                   dnsmasq_records(snapshot))
 
 
 def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) -> list[Sample]:
@@ -264,7 +269,7 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
     def record(server: str, workload: str, process: subprocess.Popen, port: int, queries: Path) -> None:
         result = dns_load.measure(server, workload, process.pid, port, queries, seconds)
         samples.append(Sample(server, workload, result.qps, result.cpu_us_per_query, result.p50_ms, result.p99_ms,
-                              result.lost))
+                              result.errors, result.lost, result.drops))
 
     try:
         upstream_port = free_port()
@@ -276,8 +281,8 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
 
         if shutil.which("knotd"):
             knot_port = free_port()
-            knot = subprocess.Popen(cores.pin_server(["knotd", "-c", str(_knot_conf(directory, knot_port,
-                                                                                     data.zone_texts))]),
+            knot_conf = write_knot(directory / "knot", knot_port, data.zone_texts)
+            knot = subprocess.Popen(cores.pin_server(["knotd", "-c", str(knot_conf)]),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             processes.append(knot)
             dns_load.wait_udp(knot_port, data.first_name)
@@ -298,8 +303,8 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
             stop(edge)
 
         forwarder_port = free_port()
-        forwarder = start_dnsmasq([f"server=127.0.0.1#{upstream_port}"], directory, forwarder_port,
-                                  cores.pin_server([]), ("--cache-size=10000",))
+        forwarder = start_dnsmasq(dnsmasq_forwarding_lines(upstream_port), directory, forwarder_port,
+                                  cores.pin_server([]), dnsmasq_forwarding_args())
         processes.append(forwarder)
         dns_load.wait_udp(forwarder_port, "host1.upstream.test")
         dns_load.dnsperf(forwarder_port, data.forwarded, 1, ("-Q", "5000"))
@@ -328,5 +333,5 @@ def dns_load_run(seconds: float, instances: int) -> list[Sample]:
         if attempt == 2:
             raise RuntimeError(f"dns_load.py failed twice ({done.returncode}): {done.stderr[-500:]}")
     rows, _ = json.JSONDecoder().raw_decode(done.stdout.lstrip())
-    return [Sample(r["server"], r["workload"], r["qps"], r["cpu_us_per_query"], r["p50_ms"], r["p99_ms"], r["lost"])
-            for r in rows]
+    return [Sample(r["server"], r["workload"], r["qps"], r["cpu_us_per_query"], r["p50_ms"], r["p99_ms"],
+                   r.get("errors", 0), r["lost"], r.get("drops", 0)) for r in rows]

@@ -14,7 +14,8 @@ import dns.rdatatype
 import pytest
 
 from bench.common import free_port, start_dnsmasq, stop
-from bench.peers import _knot_conf, dns_data
+from bench.peer_configs import write_knot
+from bench.peers import dns_data
 
 
 def _ask_retrying(port: int, name: str, qtype: str) -> dns.message.Message:
@@ -37,7 +38,7 @@ def questions(path: Path, count: int) -> list[tuple[str, str]]:
 def test_knot_serves_the_benchmark_zones(tmp_path: Path) -> None:
     data = dns_data(tmp_path, 50)
     port = free_port()
-    knot = subprocess.Popen(["knotd", "-c", str(_knot_conf(tmp_path, port, data.zone_texts))],
+    knot = subprocess.Popen(["knotd", "-c", str(write_knot(tmp_path / "knot", port, data.zone_texts))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         asked = questions(data.hits, 20)
