@@ -6,8 +6,9 @@ The buckets live in a fixed table of slots, one slot per tracked client:
 can be shared: the supervisor of a gateway with workers creates one in shared
 memory before the workers start and hands it to every worker, so the limit
 holds per gateway, whichever worker a connection lands on, and across worker
-restarts (the table outlives them).  A process without a supervisor uses a
-private one.
+restarts (the table outlives them).  A process without a supervisor (and the
+DNS limiter, which stays per worker) uses a private one: a plain list, which
+Python indexes faster than shared memory.
 
 Under concurrency the table is approximate, by design: two workers updating
 the same bucket at the same instant can lose one of the two updates (one
@@ -51,10 +52,6 @@ def map_table(fd: int) -> mmap.mmap:
     return mmap.mmap(fd, 0)
 
 
-def private_table(entries: int) -> mmap.mmap:
-    return mmap.mmap(-1, table_bytes(entries))
-
-
 def _tag(key: str) -> int:
     """A stable 64-bit hash, never 0 (Python's str hash differs between processes)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1
@@ -69,11 +66,15 @@ class RateLimiter:
         self.burst = float(burst)
         self.max_entries = max_entries
         """Bounds this process's key -> slot memo; the table's size is fixed when it is created."""
-        self._table = table if table is not None else private_table(max_entries)
-        view = memoryview(self._table)
-        self._tags = view.cast("Q")
-        self._values = view.cast("d")
-        self.entries = len(self._table) // SLOT_BYTES
+        self._table = table
+        if table is not None:
+            view = memoryview(table)
+            self._tags: memoryview | list[float] = view.cast("Q")
+            self._values: memoryview | list[float] = view.cast("d")
+            self.entries = len(table) // SLOT_BYTES
+        else:
+            self.entries = max(1, max_entries)
+            self._tags = self._values = [0] * (self.entries * SLOT_FIELDS)
         self._slots: dict[str, tuple[int, int]] = {}
         """key -> (index of its slot's first field, its tag): the hash is computed once per key."""
         self.refused = 0
