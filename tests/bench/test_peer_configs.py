@@ -150,3 +150,8 @@ def test_nginx_answers_by_mode(tmp_path: Path, mode: str) -> None:
 def test_an_unknown_nginx_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         nginx_conf(tmp_path, 80, "x", "proxy")
+
+
+def test_results_show_the_peer_configuration_that_runs() -> None:
+    results = (Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md").read_text()
+    assert settings_table() in results
