@@ -100,6 +100,25 @@ class BuildMemo:
     """Whether this build was a delta (reported in logs and benchmarks)."""
 
 
+SHARED_SAMPLE = 64
+
+
+def _mostly_shared(current: Snapshot, view: View) -> bool:
+    """Whether at least half of a sample of ``view``'s instances are the very objects ``current`` serves.
+
+    A prepared view shares its unchanged instances with the snapshot built from the source's
+    previous one; after the served snapshot came from elsewhere (the state file, a full
+    document) they are equal but not the same, and a delta would redo every instance.
+    """
+    instances = view.instances
+    if not instances:
+        return True
+    step = max(1, len(instances) // SHARED_SAMPLE)
+    sample = instances[::step]
+    served = current.instances
+    return sum(served.get(instance.id) is instance for instance in sample) * 2 >= len(sample)
+
+
 class _Stale(Exception):
     def __init__(self, serial: int) -> None:
         self.serial = serial
@@ -319,7 +338,7 @@ class Poller:
         if isinstance(data, PreparedView):
             view = data.view
             if (data.incremental and memo is not None and current is not None and view.serial > current.serial
-                    and applies(current, view)):
+                    and applies(current, view) and _mostly_shared(current, view)):
                 # None when a rule across instances is broken: the full build below explains it.
                 delta = apply_delta(current, memo.index, view)
         elif self._speaks_view(data):

@@ -24,7 +24,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from edge.config import Config, ViewConfig
-from edge.errors import SourceError, ViewTooLarge
+from edge.errors import SourceError, ViewInvalid, ViewTooLarge
+from edge.view.changes import apply_changes, decode_changes, load_document, serial_of
+from edge.view.keyspace import Keyspace, PreparedView
 
 USER_AGENT = "edge-view-poller/1"
 
@@ -113,7 +115,15 @@ def _stamp_of(st: os.stat_result) -> _FileStamp:
 
 
 class HttpSource:
-    """An ``http://`` or ``https://`` URL polled with conditional GETs."""
+    """An ``http://`` or ``https://`` URL polled with conditional GETs, asking for changes only once it can.
+
+    Once it holds a view with serial S, each poll asks ``URL?since=S``
+    (:mod:`edge.view.changes`).  A control plane that answers with a changes
+    document moves the source to incremental mode: it keeps the view part by
+    part and delivers prepared views the poller builds as deltas.  A control
+    plane that ignores ``since`` answers as before (304, or the full document),
+    and nothing changes for it.
+    """
 
     def __init__(self, url: str, config: ViewConfig) -> None:
         parts = urlsplit(url)
@@ -131,17 +141,73 @@ class HttpSource:
         self._ca_file = config.ca_file or None
         self._etag: str | None = None
         self._last_modified: str | None = None
+        self._serial: int | None = None
+        """Serial of the last full ``edge-view/1`` document delivered as bytes (asked ``since`` next)."""
+        self._mirror: Keyspace | None = None
+        """In incremental mode, the view part by part; None until the control plane sends changes."""
+        self._delivered: int | None = None
+        self.changes_applied = 0
+        """Changes documents applied (incremental polls)."""
 
-    async def fetch(self) -> bytes | None:
-        # The thread is bounded by socket timeouts; wait_for bounds the whole exchange.
+    async def fetch(self) -> bytes | PreparedView | None:
+        # The thread is bounded by socket timeouts; wait_for bounds the whole exchange (two
+        # requests when a changes answer sends the source to the full document).
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._get),
-                                          self._connect_timeout + self._read_timeout + 1)
+            return await asyncio.wait_for(asyncio.to_thread(self._poll),
+                                          2 * (self._connect_timeout + self._read_timeout) + 1)
         except asyncio.TimeoutError:
             raise SourceError(f"{self.url}: no complete answer within {self._read_timeout:g}s") from None
 
     def forget(self) -> None:
         self._etag = self._last_modified = None
+        self._serial = self._delivered = None
+        self._mirror = None
+
+    def _poll(self) -> bytes | PreparedView | None:
+        mirror = self._mirror
+        since = mirror.serial if mirror is not None else self._serial
+        if since is None:
+            body = self._get(self._target)
+            return None if body is None else self._full(body)
+        body = self._get(f"{self._target}{'&' if '?' in self._target else '?'}since={since}")
+        if body is None:
+            return None
+        changes = decode_changes(body)
+        if changes is None:
+            return self._full(body)
+        if changes.since != since:
+            raise SourceError(f"{self.url}: changes since {changes.since} sent for since={since}")
+        if changes.too_old or mirror is None:
+            # The control plane cannot say what changed (or this is its first changes answer):
+            # take the full document now, and keep it part by part from here on.
+            self._mirror = Keyspace(self.url)
+            body = self._get(self._target, conditional=False)
+            assert body is not None
+            return self._full(body)
+        apply_changes(mirror, changes)
+        self.changes_applied += 1
+        return self._prepared()
+
+    def _full(self, body: bytes) -> bytes | PreparedView | None:
+        """A full document: bytes for the poller, or (incremental mode) taken into the mirror."""
+        if self._mirror is not None and load_document(self._mirror, body):
+            return self._prepared()
+        # Not incremental, or a document the mirror cannot take (the poller explains why).
+        self._mirror = self._delivered = None
+        self._serial = serial_of(body)
+        return body
+
+    def _prepared(self) -> PreparedView | None:
+        assert self._mirror is not None
+        try:
+            view, document = self._mirror.view()
+        except ViewInvalid as exc:
+            raise SourceError(f"{self.url}: {'; '.join(exc.problems)}") from None
+        if view.serial == self._delivered:
+            return None
+        incremental = self._delivered is not None
+        self._delivered = view.serial
+        return PreparedView(view, document, incremental)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._scheme == "https":
@@ -150,11 +216,11 @@ class HttpSource:
                                                context=context)
         return http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
 
-    def _get(self) -> bytes | None:
+    def _get(self, target: str, conditional: bool = True) -> bytes | None:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip", "Accept": "application/json, */*"}
-        if self._etag:
+        if self._etag and conditional:
             headers["If-None-Match"] = self._etag
-        if self._last_modified:
+        if self._last_modified and conditional:
             headers["If-Modified-Since"] = self._last_modified
         connection = self._connection()
         deadline = time.monotonic() + self._read_timeout
@@ -162,7 +228,7 @@ class HttpSource:
             connection.connect()
             if connection.sock is not None:
                 connection.sock.settimeout(self._read_timeout)
-            connection.request("GET", self._target, headers=headers)
+            connection.request("GET", target, headers=headers)
             response = connection.getresponse()
             if response.status == 304:
                 return None
