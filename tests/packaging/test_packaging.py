@@ -20,7 +20,7 @@ from edge.etcd import EtcdAddress
 from edge.view.etcd_source import EtcdSource
 from edge.view.sources import open_source
 from tests.fleet.gateway import Gateway
-from tests.installed import Dist, InstalledRoot
+from tests.installed import Dist, InstalledRoot, namespaces_unavailable
 from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,3 +230,21 @@ def test_routes_follow_readiness(tmp_path) -> None:
         gateway.stop()
         daemon.terminate()
         daemon.wait(10)
+
+
+@pytest.mark.slow
+def test_installing_again_upgrades_in_place_and_keeps_the_configuration(dist: Dist, tmp_path) -> None:
+    reason = namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = InstalledRoot(tmp_path)
+    root.install(dist.wheel)
+    edited = "# this gateway's own settings\nworkers = 1\n"
+    root.path("/etc/edge/edge.toml").write_text(edited)
+    root.path("/opt/edge/kept").write_text("")
+    output = root.install(dist.wheel).stdout
+    assert "kept as it was" in output
+    assert root.path("/etc/edge/edge.toml").read_text() == edited
+    assert root.path("/opt/edge/kept").exists()  # the same venv, upgraded, not a new one
+    assert root.run(["/opt/edge/bin/edge", "config", "show", "--config", "/etc/edge/edge.toml"]).stdout.startswith(
+        "workers = 1\n")
