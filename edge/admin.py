@@ -23,7 +23,7 @@ from edge.config import Config
 from edge.metadata.handler import Request
 from edge.metadata.identify import Peer, TrustedProxies
 from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
-from edge.metrics import NullTally
+from edge.metrics import Metrics, NullTally
 from edge.redact import redact
 from edge.view.store import ViewStore
 
@@ -125,6 +125,9 @@ class AdminHandler:
         return head if method == "HEAD" else head + body
 
 
+_REFUSED = ("connections_refused", "admin")
+
+
 def admin_limits(config: Config) -> ProtocolLimits:
     """The metadata listeners' limits, with the admin listener's own connection cap."""
     metadata, cap = config.metadata, config.admin.max_connections
@@ -144,6 +147,16 @@ class AdminListener(Listeners):
         self.start_ticker()
 
     @property
+    def refused_connections(self) -> int:
+        return self.tally.events.get(_REFUSED, 0)
+
+    @refused_connections.setter
+    def refused_connections(self, count: int) -> None:
+        # Kept where a scrape reads it (edge_connections_refused_total{protocol="admin"}): the admin
+        # listener has no periodic export of its own.
+        self.tally.events[_REFUSED] = count
+
+    @property
     def sockets(self) -> tuple[Any, ...]:
         return tuple(self.server.sockets) if self.server is not None else ()
 
@@ -158,10 +171,12 @@ class AdminListener(Listeners):
                 connection.transport.close()
 
 
-async def start_admin(config: Config, routes: AdminRoutes) -> AdminListener | None:
+async def start_admin(config: Config, routes: AdminRoutes, metrics: Metrics | None = None) -> AdminListener | None:
     listen = config.admin.listen
     if listen is None:
         return None
     listener = AdminListener(config, routes)
+    if metrics is not None:
+        metrics.adopt(listener.tally)
     await listener.start(listen.host, listen.port)
     return listener

@@ -167,7 +167,8 @@ class Gateway:
         for service in self.services:
             await service.start(reuse_port=self.control is not None)
         if self.control is None:
-            self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
+            self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
+                                            self.metrics)
             # With nothing on disk, poll before going on, so a fresh gateway is ready as
             # soon as its source answers.
             if self.store.current is None:

@@ -155,7 +155,8 @@ class Supervisor:
         if config.metadata.listen and self.rate_table_fd is None:
             self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)
         # The admin listener before any worker: a supervisor that cannot start leaves no workers behind.
-        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render))
+        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
+                                        self.metrics)
         for slot in self.slots:
             slot.current = self._spawn(slot)
         if self.store.current is None:

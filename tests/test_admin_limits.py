@@ -133,8 +133,10 @@ def test_admin_connections_are_capped_and_idle_ones_closed_after_the_head_timeou
     finally:
         for sock in held:
             sock.close()
-    # Their places are free again.
+    # Their places are free again, and the refusal was counted.
     assert edge.get("/healthz") == (200, b"ok\n")
+    status, metrics = edge.get("/metrics")
+    assert status == 200 and b'edge_connections_refused_total{protocol="admin"} 1.0' in metrics
     # A kept-alive connection is served, then closed when it stays idle as long.
     with edge.connect() as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
