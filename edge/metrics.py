@@ -226,6 +226,10 @@ class Metrics:
                                     "When the source last delivered or confirmed the served view", **kwargs,
                                     **gauge_mode)
         self.view_failures = Gauge("edge_view_consecutive_failures", "Polls failed in a row", **kwargs, **gauge_mode)
+        self.source_events = Counter("edge_view_source_events_total",
+                                     "What the view source did: keys refused, watch events and restarts, full reads",
+                                     ["event"], **kwargs)
+        self._source_events_seen: dict[str, int] = {}
         self.worker_restarts = Counter("edge_worker_restarts_total", "Workers restarted after exiting", **kwargs)
         self._tallies: list[Tally] = []
         self._exported: dict[int, dict[Any, Any]] = {}
@@ -289,6 +293,11 @@ class Metrics:
         if status.confirmed_at is not None:
             self.view_confirmed.set(status.confirmed_at)
         self.view_failures.set(status.consecutive_failures)
+        for name, total in status.source_events.items():
+            delta = total - self._source_events_seen.get(name, 0)
+            if delta > 0:
+                self.source_events.labels(name).inc(delta)
+            self._source_events_seen[name] = total
 
     def render(self) -> tuple[str, bytes]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

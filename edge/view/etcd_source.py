@@ -177,6 +177,11 @@ class EtcdKeyspaceSource:
 
     # -- the poller's side -------------------------------------------------------------------
 
+    def counters(self) -> dict[str, int]:
+        """Running totals for ``edge_view_source_events_total``."""
+        return {"key_refused": self.keyspace.problems, "watch_event": self.watch_events,
+                "watch_restart": self.watch_restarts, "full_read": self.full_reads, "caught_up": self.caught_up}
+
     def subscribe(self, changed: Callable[[], None]) -> None:
         """Call ``changed`` on the running loop whenever the watch brings news (the poller polls then)."""
         self._loop = asyncio.get_running_loop()

@@ -264,6 +264,9 @@ class Poller:
             if self._in_progress is in_progress:
                 self._in_progress = None
         status = self.store.status
+        counters = getattr(self.source, "counters", None)
+        if counters is not None:
+            status.source_events = counters()
         status.polls += 1
         status.last_poll_at = time.time()
         status.last_poll_result = outcome.result

@@ -148,6 +148,8 @@ class HttpSource:
         self._delivered: int | None = None
         self.changes_applied = 0
         """Changes documents applied (incremental polls)."""
+        self._refused_before = 0
+        """Instances refused by mirrors since dropped."""
 
     async def fetch(self) -> bytes | PreparedView | None:
         # The thread is bounded by socket timeouts; wait_for bounds the whole exchange (two
@@ -161,6 +163,16 @@ class HttpSource:
     def forget(self) -> None:
         self._etag = self._last_modified = None
         self._serial = self._delivered = None
+        self._drop_mirror()
+
+    def counters(self) -> dict[str, int]:
+        """Running totals for ``edge_view_source_events_total`` (incremental mode)."""
+        refused = self._refused_before + (self._mirror.problems if self._mirror is not None else 0)
+        return {"changes_applied": self.changes_applied, "key_refused": refused}
+
+    def _drop_mirror(self) -> None:
+        if self._mirror is not None:
+            self._refused_before += self._mirror.problems
         self._mirror = None
 
     def _poll(self) -> bytes | PreparedView | None:
@@ -179,8 +191,10 @@ class HttpSource:
             raise SourceError(f"{self.url}: changes since {changes.since} sent for since={since}")
         if changes.too_old or mirror is None:
             # The control plane cannot say what changed (or this is its first changes answer):
-            # take the full document now, and keep it part by part from here on.
-            self._mirror = Keyspace(self.url)
+            # take the full document now, and keep it part by part from here on (parts whose
+            # text is unchanged keep their objects).
+            if mirror is None:
+                self._mirror = Keyspace(self.url)
             body = self._get(self._target, conditional=False)
             assert body is not None
             return self._full(body)
@@ -193,7 +207,8 @@ class HttpSource:
         if self._mirror is not None and load_document(self._mirror, body):
             return self._prepared()
         # Not incremental, or a document the mirror cannot take (the poller explains why).
-        self._mirror = self._delivered = None
+        self._drop_mirror()
+        self._delivered = None
         self._serial = serial_of(body)
         return body
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edge.view.snapshot import Snapshot
 
@@ -32,6 +32,8 @@ class ViewStatus:
     consecutive_failures: int = 0
     polls: int = 0
     state_write_error: str = ""
+    source_events: dict[str, int] = field(default_factory=dict)
+    """Running totals the source keeps (keys refused, watch events and restarts, full reads...)."""
 
 
 SwapListener = Callable[[Snapshot], None]

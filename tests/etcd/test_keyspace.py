@@ -247,7 +247,7 @@ def test_bad_values_in_etcd_are_problems_of_their_keys_never_a_lost_view(etcd) -
         victim = document["instances"][0]["id"]
         etcd.put(PREFIX + "instances/" + victim, "garbage")
         etcd.put(PREFIX + "serial", "2")
-        wait_until(lambda: source.keyspace.problems == 1)
+        wait_until(lambda: source.counters()["key_refused"] == 1)
         later = fetch(source)
         assert later is not None and later.view.serial == 2
         assert [i for i in later.view.instances if i.id == victim] == [i for i in prepared.view.instances

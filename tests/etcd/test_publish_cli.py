@@ -53,6 +53,9 @@ def test_edge_view_publish_then_gateways_serve_the_keyspace_and_follow_it(etcd, 
                 answer = gateway.get("/latest/meta-data/instance-type", source=address_of_probe)
                 assert answer.status == 200 and answer.body == b"m7.metal"
         assert "build=delta" in gateways[0].log()
+        metrics = gateways[0].admin("/metrics").body.decode()
+        assert 'edge_view_source_events_total{event="watch_event"} 2.0' in metrics
+        assert 'edge_view_source_events_total{event="full_read"} 1.0' in metrics
     finally:
         for gateway in gateways:
             gateway.stop()
