@@ -248,3 +248,24 @@ def test_installing_again_upgrades_in_place_and_keeps_the_configuration(dist: Di
     assert root.path("/opt/edge/kept").exists()  # the same venv, upgraded, not a new one
     assert root.run(["/opt/edge/bin/edge", "config", "show", "--config", "/etc/edge/edge.toml"]).stdout.startswith(
         "workers = 1\n")
+
+
+def test_servers_get_the_dependency_versions_the_tests_run() -> None:
+    """packaging/requirements.txt pins every runtime dependency, at the version this test run uses."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    pinned = dict(line.split("==") for line in (PACKAGING / "requirements.txt").read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    normal = {name.lower().replace("_", "-"): wanted for name, wanted in pinned.items()}
+    declared = [Requirement(text) for text in requires("edge") or [] if "extra ==" not in text]
+    for requirement in declared:
+        name = requirement.name.lower().replace("_", "-")
+        assert name in normal, f"{requirement.name} is not pinned in packaging/requirements.txt"
+        assert requirement.specifier.contains(normal[name]), (requirement, normal[name])
+    for name, wanted in pinned.items():
+        try:
+            assert version(name) == wanted, f"tests run {name} {version(name)}, servers get {wanted}"
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is pinned but not installed here")
