@@ -48,6 +48,8 @@ PREFETCH_PATHS_PER_INSTANCE = 256
 PREFETCH_QUEUE = 100_000
 """Instances waiting to be walked; more are dropped (and counted) until the queue drains."""
 RENDERED_PER_ENTRY = 4
+PREFETCH_RETRY = 30.0
+"""Seconds after which instances whose walk failed (the controller was down) are walked again."""
 
 
 def controller_path(target: bytes) -> str | None:
@@ -91,6 +93,10 @@ class ControllerFallback(MetadataFallback):
         self._queue: collections.deque[tuple[str, str]] = collections.deque()
         self._queued: set[str] = set()
         self._workers: list[asyncio.Task[None]] = []
+        self._unwalked: dict[str, str] = {}
+        """Instances whose last walk failed -> their address: walked again every PREFETCH_RETRY seconds,
+        so an instance that appeared while the controller was down is prefetched once it is back."""
+        self._retry: asyncio.TimerHandle | None = None
         self.counts = {"hit": 0, "profile": 0, "prefetched": 0, "prefetch_failed": 0, "prefetch_dropped": 0}
 
     def configure(self, config: Config) -> None:
@@ -176,6 +182,17 @@ class ControllerFallback(MetadataFallback):
             self._queued.add(instance.id)
         for gone in [i for i in self._walked if i not in present]:
             del self._walked[gone]
+        for gone in [i for i in self._unwalked if i not in present]:
+            del self._unwalked[gone]
+        if self._queue:
+            self._start_workers()
+
+    def _walk_failed_again(self) -> None:
+        self._retry = None
+        for instance_id, address in list(self._unwalked.items()):
+            if instance_id not in self._queued and len(self._queue) < PREFETCH_QUEUE:
+                self._queue.append((instance_id, address))
+                self._queued.add(instance_id)
         if self._queue:
             self._start_workers()
 
@@ -198,9 +215,13 @@ class ControllerFallback(MetadataFallback):
                 complete = False
             if complete:
                 self._walked[instance_id] = (address, time.time())
+                self._unwalked.pop(instance_id, None)
                 self.counts["prefetched"] += 1
             else:
+                self._unwalked[instance_id] = address
                 self.counts["prefetch_failed"] += 1
+                if self._retry is None:
+                    self._retry = asyncio.get_running_loop().call_later(PREFETCH_RETRY, self._walk_failed_again)
 
     async def prefetch(self, instance_id: str, address: str) -> bool:
         """Walk every path the controller serves for one instance; True when every one answered."""
@@ -240,6 +261,8 @@ class ControllerFallback(MetadataFallback):
         return {("metadata_fallback", name): value for name, value in values.items()}
 
     async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         for task in self._workers:
             task.cancel()
         for task in self._workers:

@@ -217,3 +217,37 @@ def test_after_a_failure_the_controller_is_left_alone_for_a_while(controller) ->
         uvloop.run(scenario())
     finally:
         server.close()
+
+
+def test_instances_that_appeared_while_the_controller_was_down_are_prefetched_once_it_is_back(controller,
+                                                                                              monkeypatch) -> None:
+    from edge.config import Config
+    from edge.eucalyptus import fallback as fallback_module
+    from edge.eucalyptus.gni import GniOptions, decode_gni
+    from edge.view.snapshot import build_snapshot
+    from tests.eucalyptus.conftest import fixture_bytes
+
+    monkeypatch.setattr(fallback_module, "PREFETCH_RETRY", 0.2)
+    snapshot = build_snapshot(decode_gni(fixture_bytes("gni-vpc.xml"), GniOptions()))
+    for instance in snapshot.view.instances:
+        controller.add(instance.id, instance.primary_interface.primary_ip)
+    controller.down = True
+    fallback = fallback_module.ControllerFallback(Config(eucalyptus=EucalyptusConfig(
+        controller_url=controller.url, controller_timeout=1.0)))
+
+    async def until(condition, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        fallback.view_changed(snapshot)
+        await until(lambda: fallback.counts["prefetch_failed"] >= 3, 10)
+        controller.down = False
+        await until(lambda: fallback.counts["prefetched"] == 3, 20)
+        answer = fallback.controller.cache[("i-00000002", "latest/user-data")]
+        assert answer.body == b"#!/bin/sh\necho i-00000002\n"
+        await fallback.close()
+
+    uvloop.run(scenario())
