@@ -27,6 +27,8 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+
+import msgspec
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,8 @@ from typing import Any
 from edge.errors import ViewInvalid
 from edge.logs import event
 from edge.view.model import FORMAT, Cloud, Instance, Network, View
-from edge.view.parse import Reused, instance_validator, parse_view
+from edge.view.parse import cidr_table_of, parse_view
+from edge.view.wire import INSTANCE_DECODER, Cidrs, Problems, instance_from_wire
 
 log = logging.getLogger("edge.view")
 
@@ -86,7 +89,8 @@ class Keyspace:
         """Values refused so far (each logged)."""
         self.rejected: dict[str, str] = {}
         """Key name -> why its current value is refused (until a good value or a deletion)."""
-        self._cidr_validate: Callable[[Any], Any] | None = None
+        self._cidrs: Cidrs | None = None
+        """The networks' CIDRs, which instances are checked against (None: to be computed)."""
         self._network_list: list[Any] = []
         self._cloud_object: Any = {}
         self.changed = False
@@ -228,22 +232,27 @@ class Keyspace:
         del self.order[index], self.parts[index], self.values[index], self.instances[instance_id]
 
     def _instance(self, instance_id: str, text: bytes) -> Instance:
+        cidrs = self._cidrs
+        if cidrs is None:
+            cidrs = self._cidrs = cidr_table_of({"networks": self._network_list})
+        if cidrs is not None:
+            # The typed decoder and checks the document decoder uses, straight from the bytes.
+            try:
+                instance = instance_from_wire(INSTANCE_DECODER.decode(text), cidrs, Problems())
+            except msgspec.DecodeError:
+                instance = None
+            if instance is not None and instance.id == instance_id:
+                return instance
         obj = _json_object(text)
         if obj.get("id") != instance_id:
             raise _Refused(f"its id {obj.get('id')!r} is not the key's {instance_id!r}")
-        validate = self._cidr_validate
-        if validate is None:
-            validate = self._cidr_validate = instance_validator({"networks": self._network_list})
-        checked = validate(obj) if validate is not None else obj
-        if type(checked) is Reused:
-            return checked.instance
         # The explaining parser words every problem (or, rarely, accepts what the fast check doubted).
         return _check({"networks": self._network_list, "instances": [obj]}).instances[0]
 
     def _networks_changed(self) -> None:
         """Instances are checked against the networks' CIDRs: check every one again."""
         self._network_list = [json.loads(self.networks[key].text) for key in sorted(self.networks)]
-        self._cidr_validate = None
+        self._cidrs = None
         for instance_id in list(self.order):
             part = self.instances[instance_id]
             try:
