@@ -27,6 +27,7 @@ its ``Expiration``, stale or not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import logging
@@ -44,6 +45,7 @@ log = logging.getLogger("edge.eucalyptus")
 
 MAX_BODY = 1 << 20
 CREDENTIALS_PREFIX = "meta-data/iam/security-credentials/"
+SAVED_FORMAT = "edge-eucalyptus-controller-cache/1"
 NOT_READY_BODIES = (b"System is still starting up", b"System shutting down")
 """``MetadataPipeline``: what the controller answers (200) for every path while it is not serving."""
 PAUSE_FIRST = 1.0
@@ -96,6 +98,8 @@ class ControllerMetadata:
         self.paused_until = 0.0
         """Monotonic time before which the controller is not asked (it just failed)."""
         self.pause = 0.0
+        self.stored = 0
+        """Answers stored so far: whether the cache changed since it was last saved."""
 
     def configure(self, config: EucalyptusConfig) -> None:
         self.config = config
@@ -185,6 +189,7 @@ class ControllerMetadata:
         answer = ControllerAnswer(status, body, content_type, now, fresh_until, usable_until)
         if status == 200 or key not in self.cache:
             self.cache[key] = answer
+            self.stored += 1
         return answer
 
     def _failed(self, error: str) -> None:
@@ -259,6 +264,33 @@ class ControllerMetadata:
             sock.close()
             raise
         return sock
+
+
+    def saved(self, now: float) -> bytes:
+        """The answers worth keeping across a restart: 200s still usable, never credentials."""
+        rows = []
+        for key in list(self.cache.keys()):
+            answer = self.cache.get(key)  # touching every key in order keeps the LRU order
+            if answer is None or answer.status != 200 or answer.usable_until <= now or CREDENTIALS_PREFIX in key[1]:
+                continue
+            rows.append([key[0], key[1], answer.content_type, base64.b64encode(answer.body).decode("ascii"),
+                         answer.fetched_at, answer.fresh_until, answer.usable_until])
+        return json.dumps({"format": SAVED_FORMAT, "answers": rows}, separators=(",", ":")).encode()
+
+    def restore(self, data: bytes, now: float) -> int:
+        """Answers saved by :meth:`saved` that are still usable (the cache's own are kept); raises ValueError."""
+        document = json.loads(data)
+        if not isinstance(document, dict) or document.get("format") != SAVED_FORMAT:
+            raise ValueError("not a saved controller cache")
+        restored = 0
+        for instance_id, path, content_type, body, fetched_at, fresh_until, usable_until in document["answers"]:
+            key = (str(instance_id), str(path))
+            if float(usable_until) <= now or key in self.cache:
+                continue
+            self.cache[key] = ControllerAnswer(200, base64.b64decode(body), str(content_type), float(fetched_at),
+                                               float(fresh_until), float(usable_until))
+            restored += 1
+        return restored
 
 
 def _expiration(body: bytes) -> float | None:

@@ -27,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 
 from edge.config import Config
 from edge.eucalyptus.controller import ControllerAnswer, ControllerMetadata, ControllerUnavailable
@@ -48,6 +51,10 @@ PREFETCH_PATHS_PER_INSTANCE = 256
 PREFETCH_QUEUE = 100_000
 """Instances waiting to be walked; more are dropped (and counted) until the queue drains."""
 RENDERED_PER_ENTRY = 4
+SAVED_NAME = "eucalyptus-controller-cache.json"
+SAVE_INTERVAL = 30.0
+"""The controller's answers are saved at most this often while they change (and when prefetching
+drains its queue, and at stop), so a gateway restarted during an outage still has them."""
 PREFETCH_RETRY = 30.0
 """Seconds after which instances whose walk failed (the controller was down) are walked again."""
 
@@ -86,6 +93,10 @@ class ControllerFallback(MetadataFallback):
     def __init__(self, config: Config) -> None:
         self.controller = ControllerMetadata(config.eucalyptus)
         self.configure(config)
+        self.saved_path = Path(config.view.state_dir) / SAVED_NAME
+        self._saved_stored = 0
+        self._saver: asyncio.Task[None] | None = None
+        self._restore()
         self._rendered: dict[tuple[str, str], tuple[object, Response]] = {}
         self._profiled: dict[tuple[str, str], tuple[int, Response | None]] = {}
         self._walked: dict[str, tuple[str, float]] = {}
@@ -186,6 +197,8 @@ class ControllerFallback(MetadataFallback):
             del self._unwalked[gone]
         if self._queue:
             self._start_workers()
+        if self._saver is None:
+            self._saver = asyncio.get_running_loop().create_task(self._save_while_serving())
 
     def _walk_failed_again(self) -> None:
         self._retry = None
@@ -203,6 +216,11 @@ class ControllerFallback(MetadataFallback):
             self._workers.append(loop.create_task(self._prefetch_worker()))
 
     async def _prefetch_worker(self) -> None:
+        await self._drain_queue()
+        if not self._queue and not any(not t.done() for t in self._workers if t is not asyncio.current_task()):
+            await self.save()  # a finished round of prefetching is worth keeping at once
+
+    async def _drain_queue(self) -> None:
         while self._queue:
             instance_id, address = self._queue.popleft()
             self._queued.discard(instance_id)
@@ -263,14 +281,55 @@ class ControllerFallback(MetadataFallback):
     async def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
-        for task in self._workers:
+        tasks = [*self._workers, *([self._saver] if self._saver is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._workers:
+        for task in tasks:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._workers = []
+        self._workers, self._saver = [], None
+        await self.save()
+
+    # -- kept across restarts ----------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        try:
+            data = self.saved_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            event(log, logging.WARNING, "saved controller answers unreadable", path=str(self.saved_path),
+                  error=exc.strerror or str(exc))
+            return
+        try:
+            restored = self.controller.restore(data, time.time())
+        except (ValueError, TypeError, KeyError) as exc:
+            event(log, logging.WARNING, "saved controller answers ignored", path=str(self.saved_path),
+                  error=str(exc)[:200])
+            return
+        self._saved_stored = self.controller.stored
+        event(log, logging.INFO, "saved controller answers loaded", path=str(self.saved_path), answers=restored)
+
+    async def _save_while_serving(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL)
+            await self.save()
+
+    async def save(self) -> None:
+        """Write the usable answers to the state directory if they changed (temporary file, rename)."""
+        stored = self.controller.stored
+        if stored == self._saved_stored:
+            return
+        data = self.controller.saved(time.time())
+        try:
+            await asyncio.to_thread(_write_atomically, self.saved_path, data)
+        except OSError as exc:
+            event(log, logging.WARNING, "controller answers not saved", path=str(self.saved_path),
+                  error=exc.strerror or str(exc))
+            return
+        self._saved_stored = stored
 
 
 def _primary_address(instance: Instance) -> str:
@@ -285,3 +344,20 @@ def fallback_for(config: Config, current: MetadataFallback | None) -> MetadataFa
         current.configure(config)
         return current
     return ControllerFallback(config)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:  # mkstemp: mode 0600 (user-data may hold secrets)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

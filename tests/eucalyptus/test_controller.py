@@ -251,3 +251,28 @@ def test_instances_that_appeared_while_the_controller_was_down_are_prefetched_on
         await fallback.close()
 
     uvloop.run(scenario())
+
+
+def test_saved_answers_round_trip_without_credentials_and_a_corrupt_file_is_ignored(controller, tmp_path,
+                                                                                   caplog) -> None:
+    from edge.config import Config, ViewConfig
+    from edge.eucalyptus.fallback import SAVED_NAME, ControllerFallback
+
+    controller.add("i-00000001", "10.0.0.10")
+    config = Config(view=ViewConfig(state_dir=str(tmp_path)),
+                    eucalyptus=EucalyptusConfig(controller_url=controller.url, controller_timeout=1.0))
+    first = ControllerFallback(config)
+
+    async def fill():
+        for path in ("latest/user-data", "latest/meta-data/iam/security-credentials/role", "latest/meta-data/nope"):
+            await first.controller.fetch("i-00000001", "10.0.0.10", path)
+        await first.save()
+
+    uvloop.run(fill())
+    again = ControllerFallback(config)
+    assert set(again.controller.cache.keys()) == {("i-00000001", "latest/user-data")}
+    assert again.controller.cache[("i-00000001", "latest/user-data")].body == b"#!/bin/sh\necho i-00000001\n"
+    (tmp_path / SAVED_NAME).write_bytes(b'{"format": "edge-eucalyptus-controller-cache/1", "answers": [[1]]}')
+    with caplog.at_level("WARNING", logger="edge.eucalyptus"):
+        assert len(ControllerFallback(config).controller.cache) == 0
+    assert any("saved controller answers ignored" in r.getMessage() for r in caplog.records)

@@ -8,9 +8,9 @@ EDGE and VPCMIDO fixtures (``gni-edge.xml``, ``gni-vpc.xml``) and the NetworkInf
 from __future__ import annotations
 
 import signal
-import time
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -243,3 +243,30 @@ def test_still_starting_is_never_cached_or_served(tmp_path) -> None:
     finally:
         _stop(process)
         controller.kill()
+
+
+def test_a_gateway_restarted_during_the_outage_still_answers_what_the_controller_said(tmp_path) -> None:
+    """Prefetched answers are kept in the state directory: edge restarted while the controller is
+    gone still gives every instance its user-data and keys (IAM credentials are never kept)."""
+    controller = _controller(EDGE_GNI, vpc=False)
+    process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
+    expected = {(r.private_ip, uri): get(controller.port, uri, source=r.private_ip)
+                for r in controller.records.values()
+                for uri in ("/latest/user-data", "/latest/meta-data/public-keys/0/openssh-key",
+                            "/latest/meta-data/instance-type")}
+    saved = tmp_path / "state" / "eucalyptus-controller-cache.json"
+    try:
+        wait_until(lambda: _metric(ports["admin"], "edge_metadata_fallback_total", "prefetched")
+                   >= len(controller.records), timeout=30)
+        wait_until(saved.exists, timeout=10)
+        assert oct(saved.stat().st_mode & 0o777) == "0o600"
+        controller.kill()
+    finally:
+        _stop(process)
+    process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
+    try:
+        for (address, uri), answer in expected.items():
+            got = get(ports["metadata"], uri, source=address)
+            assert got == answer if answer[0] == 200 else got[0] == 404, (address, uri, got)
+    finally:
+        _stop(process)
