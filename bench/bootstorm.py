@@ -56,8 +56,18 @@ from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import (CorePlan, core_plan, cpu_seconds, free_port, median_range, percentile,
-                          raise_open_files_limit, self_cpu_seconds, start_dnsmasq, stop)
+from bench.common import (
+    CorePlan,
+    core_plan,
+    cpu_seconds,
+    free_port,
+    median_range,
+    percentile,
+    raise_open_files_limit,
+    self_cpu_seconds,
+    start_dnsmasq,
+    stop,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FORWARD_ZONE = "upstream.test"

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from time import monotonic
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -13,8 +13,8 @@ import mmap
 import os
 import signal
 import socket
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from edge.admin import AdminRoutes, Readiness, start_admin

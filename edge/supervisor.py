@@ -49,7 +49,7 @@ from edge.logs import event
 from edge.metrics import Metrics
 from edge.ratelimit import create_shared_table, map_table
 from edge.view.formats import ViewFormats, make_decoder
-from edge.view.poller import PollOutcome, Poller
+from edge.view.poller import Poller, PollOutcome
 from edge.view.sources import SourceKinds, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore

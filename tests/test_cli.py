@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
-
 
 from edge.config import load_config
 from edge.metadata.tokens import load_key_file

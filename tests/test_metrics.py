@@ -28,8 +28,8 @@ def test_every_event_counter_is_documented_in_the_readme() -> None:
 
 
 def test_metadata_replies_are_counted_by_route_family_and_status() -> None:
-    from edge.metrics import LATENCY_SAMPLE
     from edge.metadata.responses import ANSWERS, Outcome, text
+    from edge.metrics import LATENCY_SAMPLE
 
     metrics = Metrics()
     tally = Tally("http")
@@ -67,8 +67,8 @@ def test_long_metadata_answers_are_counted_by_their_status() -> None:
 
 
 def test_several_answers_to_one_target_are_each_counted() -> None:
-    from edge.metrics import REPLIES_HELD
     from edge.metadata.responses import ANSWERS, Outcome, text
+    from edge.metrics import REPLIES_HELD
 
     tally = Tally("http")
     leaf = text(b"i-0123")
@@ -87,8 +87,8 @@ def test_several_answers_to_one_target_are_each_counted() -> None:
 
 
 def test_distinct_metadata_answers_held_are_bounded_and_still_counted() -> None:
-    from edge.metrics import REPLIES_HELD
     from edge.metadata.responses import text
+    from edge.metrics import REPLIES_HELD
 
     tally = Tally("http")
     for index in range(3 * REPLIES_HELD):

@@ -27,7 +27,6 @@ from edge.dns.wire import (
 )
 from edge.dns.zonedata import DnsData, ZoneInfo
 
-
 NOT_LOCAL = object()
 """Marker: the name is outside every local zone this network sees."""
 

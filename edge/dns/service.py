@@ -18,10 +18,10 @@ from edge.dns.acl import RecursionPolicy
 from edge.dns.engine import Engine, Forward
 from edge.dns.forwarder import Forwarder
 from edge.dns.protocol import DnsDatagramProtocol, DnsStats, DnsStreamProtocol
-from edge.ratelimit import RateLimiter
 from edge.dns.zonedata import make_preparer
-from edge.view.snapshot import Preparer, Snapshot
 from edge.metrics import Tally
+from edge.ratelimit import RateLimiter
+from edge.view.snapshot import Preparer, Snapshot
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.dns")

@@ -16,10 +16,10 @@ from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
 from edge.metadata.fallback import MetadataFallback, NeedFallback
 from edge.metadata.identify import Peer, attachment_for
-from edge.ratelimit import RateLimiter
 from edge.metadata.render import MISSING, Renderer
 from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
+from edge.ratelimit import RateLimiter
 from edge.view.model import Instance, MetadataOptions
 from edge.view.snapshot import Snapshot
 

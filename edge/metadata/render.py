@@ -11,8 +11,17 @@ from __future__ import annotations
 from edge.metadata import responses
 from edge.metadata.identity import IdentitySigner
 from edge.metadata.responses import Response
-from edge.metadata.tree import (VERSION_LISTING, VERSION_SET, CredentialsLeaf, Directory, Leaf, SignedLeaf,
-                                resolve, split_path, version_root)
+from edge.metadata.tree import (
+    VERSION_LISTING,
+    VERSION_SET,
+    CredentialsLeaf,
+    Directory,
+    Leaf,
+    SignedLeaf,
+    resolve,
+    split_path,
+    version_root,
+)
 from edge.view.model import Instance
 from edge.view.snapshot import Snapshot
 

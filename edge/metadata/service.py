@@ -26,9 +26,9 @@ from edge.metadata.handler import MetadataHandler
 from edge.metadata.identify import TrustedProxies
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
 from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
-from edge.ratelimit import RateLimiter
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
+from edge.ratelimit import RateLimiter
 from edge.view.snapshot import Preparer, Snapshot
 from edge.view.store import ViewStore
 

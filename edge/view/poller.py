@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from edge.config import ViewConfig
 from edge.errors import SourceError, StateError, ViewInvalid
 from edge.logs import event
-from edge.view.delta import apply_delta, applies
-from edge.view.formats import DecodeMemo, Decoded, decode_view, decode_view_reusing
+from edge.view.delta import applies, apply_delta
+from edge.view.formats import Decoded, DecodeMemo, decode_view, decode_view_reusing
 from edge.view.keyspace import PreparedView
 from edge.view.model import View
 from edge.view.release import release_gradually, release_memo

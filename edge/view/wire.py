@@ -41,8 +41,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from edge.view.addresses import HOSTNAME_PATTERN, canonical_ip, canonical_ipv4, canonical_ipv6, is_hostname, \
-    parse_resolver_address
+from edge.view.addresses import (
+    HOSTNAME_PATTERN,
+    canonical_ip,
+    canonical_ipv4,
+    canonical_ipv6,
+    is_hostname,
+    parse_resolver_address,
+)
 from edge.view.model import (
     DEFAULT_METADATA_OPTIONS,
     DEFAULT_NETWORK,

@@ -14,8 +14,19 @@ import dns.rcode
 import pytest
 
 from bench.common import free_port, start_dnsmasq, stop, wait_tcp
-from bench.peer_configs import (SERVERS, SETTINGS, dnsmasq_forwarding_args, dnsmasq_local_args, instance_addresses,
-                                knot_conf, nginx_conf, nsd_conf, settings_table, write_knot, write_nsd)
+from bench.peer_configs import (
+    SERVERS,
+    SETTINGS,
+    dnsmasq_forwarding_args,
+    dnsmasq_local_args,
+    instance_addresses,
+    knot_conf,
+    nginx_conf,
+    nsd_conf,
+    settings_table,
+    write_knot,
+    write_nsd,
+)
 from bench.peers import dns_data
 from tests.support import wait_until
 

@@ -14,12 +14,12 @@ import dns.edns
 import dns.flags
 import dns.message
 import dns.name
-import dns.rdatatype
-import dns.resolver
-import dns.rrset
 import dns.opcode
 import dns.query
 import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
 import pytest
 
 from edge.config import DnsConfig

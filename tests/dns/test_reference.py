@@ -7,16 +7,15 @@ NSD runs on a free loopback port, and the same questions go to both servers.
 from __future__ import annotations
 
 import shutil
-
 import subprocess
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
-import dns.exception
 import pytest
 
 from edge.dns.zonefile import zone_texts

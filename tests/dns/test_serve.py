@@ -28,7 +28,6 @@ def wait_for(condition, timeout: float = 15.0) -> None:
 @pytest.mark.slow
 def test_edge_serve_answers_forwards_follows_the_view_and_reloads(tmp_path: Path, dnsmasq_factory):
     first = dnsmasq_factory(*UPSTREAM_RECORDS, ttl=60)
-    second = dnsmasq_factory("--address=/only-second.test/192.0.2.22", ttl=60)
     document = copy.deepcopy(demo_document())
     view = tmp_path / "view.json"
     view.write_text(json.dumps(document))

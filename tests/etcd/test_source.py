@@ -13,8 +13,8 @@ from edge.config import ViewConfig
 from edge.errors import SourceError, ViewTooLarge
 from edge.etcd import EtcdAddress, EtcdError
 from edge.view.demo import demo_document
-from edge.view.formats import decode_view
 from edge.view.etcd_source import EtcdSource
+from edge.view.formats import decode_view
 from edge.view.sources import open_source
 from tests.etcd.server import RecordingProxy
 from tests.support import free_port

@@ -114,8 +114,9 @@ def test_auto_detection_by_content() -> None:
     config = Config(eucalyptus=EucalyptusConfig(dns_domain="cloud.example"))
     decode = make_decoder(config, adapters().formats)
     assert not decode(fixture_bytes("gni-edge.xml")).ordered
-    from edge.view.demo import demo_document
     import json
+
+    from edge.view.demo import demo_document
     assert decode(json.dumps(demo_document()).encode()).ordered
 
 

@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from imds_harness import Harness, make_config
 
 from edge.config import CredentialsConfig
 from edge.view.demo import demo_document
-from imds_harness import Harness, make_config
+
 
 @pytest.fixture
 def start(tmp_path: Any) -> Iterator[Callable[..., Harness]]:

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from imds_harness import demo, exchange, parse, request
-from tests.support import wait_until
 
 from edge.config import CredentialsConfig
+from tests.support import wait_until
 
 CREDENTIALS = "/latest/meta-data/iam/security-credentials/demo-role"
 
@@ -227,12 +227,13 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
     import datetime
 
     import botocore.utils
-    import edge.metadata.handler
-    import edge.metadata.protocol
     from botocore.credentials import RefreshableCredentials
     from botocore.utils import InstanceMetadataFetcher
     from dateutil.parser import parse as parse_time
     from dateutil.tz import tzlocal
+
+    import edge.metadata.handler
+    import edge.metadata.protocol
 
     offset = [0.0]
     source = Source(tmp_path, expires_in=lifetime)

@@ -7,7 +7,6 @@ import socket
 import time
 
 import pytest
-
 from imds_harness import add_instance, connect, demo, exchange, make_config, parse, read_all, request, token
 
 from edge.metadata.responses import NOT_FOUND_PAGE
