@@ -30,7 +30,7 @@ EXTRA_URIS = ("/", "/latest/meta-data/hostname/", "/latest/meta-data", "/latest/
               "/latest/meta-data/nothing-here", "/latest/meta-data/public-keys", "/latest/user-data/")
 
 
-def _controller(document: bytes, vpc: bool) -> Controller:
+def _controller(document: bytes, vpc: bool, cloud: Cloud | None = None) -> Controller:
     records = records_from_gni(document, GROUP_NAMES)
     for number, record in enumerate(records):
         record.launch_index = number
@@ -41,12 +41,13 @@ def _controller(document: bytes, vpc: bool) -> Controller:
             record.user_data = f"#cloud-config\nhostname: {record.id}\n".encode()
         if number == 2:
             record.kernel_id, record.ramdisk_id, record.monitoring = "eki-00000001", "eri-00000001", True
-    controller = Controller(Cloud(vpc=vpc), records)
+    controller = Controller(cloud or Cloud(vpc=vpc), records)
     controller.start()
     return controller
 
 
 def _edge(tmp_path: Path, document: bytes, controller: Controller, identity: str, ttl: float = 60.0):
+    cloud = controller.cloud
     gni = tmp_path / "global_network_info.xml"
     gni.write_bytes(document)
     ports = {"metadata": free_port(), "admin": free_port()}
@@ -66,8 +67,9 @@ listen = []
 [admin]
 listen = "127.0.0.1:{ports['admin']}"
 [eucalyptus]
-version = "5"
-dns_domain = "cloud.example"
+version = "{cloud.version}"
+use_instance_dns = {str(cloud.use_instance_dns).lower()}
+dns_domain = "{cloud.dns_domain}"
 controller_url = "{controller.url}"
 controller_identity = "{identity}"
 controller_ttl = {ttl}
@@ -154,6 +156,28 @@ def test_edge_mode_every_path_the_controller_serves_is_answered_identically(edge
     assert get(ports["metadata"], "/latest/meta-data/instance-id", source="127.16.0.11",
                headers={"X-aws-ec2-metadata-token": "bogus"})[0] == 401
     assert all(who != "127.0.0.1" for who, _ in controller.asked)  # never asked as itself
+
+
+@pytest.mark.parametrize("version", ["4", "5"])
+def test_with_instance_dns_hostnames_are_the_versions_names(tmp_path, version: str) -> None:
+    """``use_instance_dns``: hostnames are VmInstances.dnsName names, 4.x ``euca-...eucalyptus``,
+    5.x ``ip-``/``ec2-...compute``; every path still answered as the controller does."""
+    cloud = Cloud(vpc=False, use_instance_dns=True, version=version)
+    controller = _controller(EDGE_GNI, vpc=False, cloud=cloud)
+    process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
+    try:
+        for record in controller.records.values():
+            _compare(lambda uri: get(controller.port, uri, source=record.private_ip),
+                     lambda uri: get(ports["metadata"], uri, source=record.private_ip))
+        expected = b"euca-127-16-0-11.eucalyptus.internal" if version == "4" else b"ip-127-16-0-11.compute.internal"
+        assert get(ports["metadata"], "/latest/meta-data/hostname", source="127.16.0.11") == (200, expected)
+        public = get(ports["metadata"], "/latest/meta-data/public-hostname", source="127.16.0.11")[1]
+        assert public == (b"euca-127-111-200-1.eucalyptus.cloud.example" if version == "4"
+                          else b"ec2-127-111-200-1.compute.cloud.example")
+        assert get(ports["metadata"], "/latest/meta-data/public-hostname", source="127.16.0.13") == (200, b"")
+    finally:
+        _stop(process)
+        controller.kill()
 
 
 def test_vpcmido_every_path_the_controller_serves_is_answered_identically(vpc_mode) -> None:
