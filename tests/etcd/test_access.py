@@ -150,3 +150,28 @@ def test_access_settings_are_checked_when_the_configuration_loads() -> None:
                          "EDGE_VIEW_ETCD_PASSWORD_FILE": "/p"})
     config = load_config(env={"EDGE_VIEW_ETCD_USERNAME": "u", "EDGE_VIEW_ETCD_PASSWORD": "hunter2"})
     assert config.view.etcd_password == "hunter2" and "hunter2" not in repr(config)
+
+
+def test_a_keyspace_is_read_and_watched_with_the_same_login(secure, tmp_path) -> None:
+    from edge.view.etcd_source import EtcdKeyspaceSource
+
+    server, tls = secure
+    document = json.loads(view_bytes(1))
+    server.put("edge/keyspace/serial", "1")
+    server.put("edge/keyspace/cloud", json.dumps(document["cloud"]))
+    for network in document["networks"]:
+        server.put("edge/keyspace/networks/" + network["id"], json.dumps(network))
+    for instance in document["instances"]:
+        server.put("edge/keyspace/instances/" + instance["id"], json.dumps(instance))
+    source = open_source(server.url("edge/keyspace/"), settings(tls, tmp_path))
+    assert isinstance(source, EtcdKeyspaceSource)
+    try:
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 1
+        wait_until(lambda: source._watch is not None)
+        server.put("edge/keyspace/serial", "2")
+        wait_until(lambda: source.watch_events == 1)
+        assert fetch(source).view.serial == 2
+        assert source.client.authentications == 1
+    finally:
+        source.close()
