@@ -401,6 +401,7 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
     # InstanceDataDnsResolver: instance-data, under internal. and under eucalyptus.internal.
     records = [{"name": name, "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600}
                for name in ("instance-data", "instance-data.internal", "instance-data.eucalyptus.internal")]
+    records.append({"name": "254.169.254.169.in-addr.arpa", "type": "PTR", "value": "instance-data", "ttl": 3600})
     document = {
         "format": "edge-view/1",
         "serial": 0,

@@ -102,6 +102,11 @@ def test_instance_names_and_instance_data_in_dns(node) -> None:
     # Split horizon: inside the flat network the public name answers the private address.
     answer = _query(port, "euca-10-111-200-1.eucalyptus.cloud.example", "A")
     assert [r.to_text() for r in answer.answer[0]] == ["127.16.0.11"]
+    # InstanceDataDnsResolver.java: the metadata address's PTR is instance-data.
+    answer = _query(port, "254.169.254.169.in-addr.arpa", "PTR")
+    assert [r.to_text() for r in answer.answer[0]] == ["instance-data."]
+    answer = _query(port, "instance-data.internal", "A")
+    assert [r.to_text() for r in answer.answer[0]] == ["169.254.169.254"]
     answer = _query(port, "12.0.16.127.in-addr.arpa", "PTR")
     assert [r.to_text() for r in answer.answer[0]] == ["euca-127-16-0-12.eucalyptus.internal."]
 
