@@ -82,6 +82,18 @@ class InstalledRoot:
         kwargs.setdefault("cwd", "/")
         return subprocess.Popen(self._inside(argv), **kwargs)
 
+    def verify_unit(self, unit: Path) -> subprocess.CompletedProcess[str]:
+        """``systemd-analyze verify`` of ``unit`` installed in this root's /etc/systemd/system.
+
+        Inside the namespace /opt/edge/bin/edge is the installed edge, so a unit is checked
+        on its real ExecStart path; verify exits 0 on some findings, so read its stderr too.
+        """
+        target = self.path("/etc/systemd/system") / unit.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if unit.resolve() != target.resolve():
+            shutil.copyfile(unit, target)
+        return self.run(["systemd-analyze", "verify", f"/etc/systemd/system/{unit.name}"], timeout=60)
+
     def install(self, wheel: Path) -> subprocess.CompletedProcess[str]:
         result = self.run([str(ROOT / "packaging" / "install"), "--wheel", str(wheel)], timeout=600)
         if result.returncode != 0:

@@ -128,7 +128,7 @@ def test_systemd_unit_verifies_on_the_installed_path(installed_edge: InstalledRo
     assert installed_edge.path("/etc/sysusers.d/edge.conf").exists()
     assert installed_edge.path("/etc/edge/edge.toml").read_text() == (PACKAGING / "edge.toml").read_text()
     # Where packaging/install ran, /opt/edge/bin/edge is the installed edge and the unit verifies as it is.
-    result = installed_edge.run([analyze, "verify", "/etc/systemd/system/edge.service"], timeout=60)
+    result = installed_edge.verify_unit(installed_edge.path("/etc/systemd/system/edge.service"))
     assert result.returncode == 0, result.stderr
     assert "edge.service" not in result.stderr, result.stderr
     # The same unit where nothing is installed at /opt/edge fails: verify does check the path.
