@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edge.config import Config
 from edge.errors import SourceError
-from edge.eucalyptus.gni import bundle
+from edge.eucalyptus.gni import bundle, parse_intip_map
 from edge.view.sources import FileSource, ViewSource
 
 
@@ -15,8 +15,11 @@ class GniWithIntipMap:
     have written it yet): the GNI is delivered alone.
     """
 
-    def __init__(self, gni: ViewSource, map_path: str, max_size: int) -> None:
+    def __init__(self, gni: ViewSource, map_path: str, max_size: int, md_cidr: str = "255.0.0.0/8") -> None:
         self.gni = gni
+        self.md_cidr = md_cidr
+        self.lines_ignored = 0
+        """Map lines that were not entries (torn while eucanetd rewrote it, or outside MIDO_MD_CIDR)."""
         self.map = FileSource(map_path, max_size)
         self.description = f"{gni.description}+intip:{map_path}"
         self._gni: bytes | None = None
@@ -36,15 +39,21 @@ class GniWithIntipMap:
             changed_map = intip is not None
             if intip is not None:
                 self._map = intip
+                self.lines_ignored += len(parse_intip_map(intip.decode("utf-8", "replace"), self.md_cidr)[1])
         if gni is not None:
             self._gni = gni
         if self._gni is None or (gni is None and not changed_map):
             return None
         return bundle(self._gni, self._map)
 
+    def counters(self) -> dict[str, int]:
+        """Exported as ``edge_view_source_events_total{event="intip_lines_ignored"}``."""
+        return {"intip_lines_ignored": self.lines_ignored}
+
 
 def with_intip_map(source: ViewSource, config: Config) -> ViewSource:
     """The source wrapper the composition root registers: bundle the intip map when one is configured."""
     if not config.eucalyptus.intip_map_file:
         return source
-    return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size)
+    return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size,
+                           config.eucalyptus.mido_md_cidr)

@@ -163,3 +163,26 @@ def test_view_check_reads_a_gni(tmp_path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "version     9e41d7a0" in result.stdout and "instances   3" in result.stdout
+
+
+def test_a_torn_intip_map_line_costs_that_line_is_logged_and_counted(tmp_path, caplog) -> None:
+    gni_path, map_path = tmp_path / "global_network_info.xml", tmp_path / "eucanetd_intip_eni_map"
+    gni_path.write_bytes(fixture_bytes("gni-vpc.xml"))
+    # eucanetd rewrites the map in place: a reader may see half a line.
+    map_path.write_bytes(fixture_bytes("eucanetd_intip_eni_map") + b"255.0.0.4")
+    config = Config(view=ViewConfig(state_dir=str(tmp_path / "state")),
+                    eucalyptus=EucalyptusConfig(dns_domain="cloud.example", intip_map_file=str(map_path)))
+    source = adapters().sources.configured(dataclasses.replace(config, view=dataclasses.replace(
+        config.view, source=str(gni_path))))
+    store = ViewStore(source.description)
+    poller = Poller(config.view, source, store, None, decode=make_decoder(config, adapters().formats))
+
+    async def scenario():
+        with caplog.at_level("WARNING", logger="edge.eucalyptus"):
+            assert (await poller.poll_once()).result == "accepted"
+        assert store.current.attachment_for("", "255.0.0.10").interface.id == "eni-00000001"
+        assert store.status.source_events == {"intip_lines_ignored": 1}
+        assert any("intip map line ignored" in r.getMessage() and "line 5" in r.getMessage()
+                   for r in caplog.records)
+
+    uvloop.run(scenario())
