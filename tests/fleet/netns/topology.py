@@ -280,7 +280,7 @@ level = "info"
         while edge.group_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         edge.signal_group(signal.SIGKILL)
-        for command in unit_exec_stop_post():
+        for command in unit_exec_stop_post() if self.fleet.stop_post else []:
             if command[0].endswith("birdc"):
                 command = [*self.birdc, *command[1:]]
             self.namespace.run(*command, check=False)
@@ -321,7 +321,7 @@ level = "info"
 
     def start_health(self) -> None:
         self.health = start_process(f"gw{self.number}-health", self.namespace.argv(
-            str(PACKAGING / "bird" / "edge-route-health")), self.root / "health.log",
+            str(self.fleet.health_script)), self.root / "health.log",
             env={"BIRDC": shlex.join(self.birdc)})
 
     def announcing(self) -> bool:
@@ -338,7 +338,8 @@ level = "info"
 
 class RoutedFleet:
     def __init__(self, root: Path, gateways: int = 3, per_subnet: int = 40, bfd: bool = True,
-                 workers: tuple[int, ...] = (2, 1, 1), shutdown_delay: float | None = None) -> None:
+                 workers: tuple[int, ...] = (2, 1, 1), shutdown_delay: float | None = None,
+                 health_script: Path = PACKAGING / "bird" / "edge-route-health", stop_post: bool = True) -> None:
         self.root = root
         self.prefix = f"e{uuid.uuid4().hex[:6]}"
         self.router = Namespace(f"{self.prefix}-r")
@@ -347,6 +348,9 @@ class RoutedFleet:
         self.per_subnet = per_subnet
         self.bfd = bfd
         self.shutdown_delay = shutdown_delay
+        self.health_script = health_script
+        self.stop_post = stop_post
+        """Run edge.service's ExecStopPost when edge ends (benchmarks turn it off to measure without it)."""
         self.key_file = root / "token-keys"
         self.credential_process = root / "credentials"
         self.view_dir = root / "control-plane"
