@@ -118,6 +118,10 @@ class Keyspace:
                 self.refused_instances[name[len(INSTANCES):]] = text
             self._refuse(name, str(refused))
             return
+        except Exception as exc:  # noqa: BLE001 - a fault checking one value must not stop the source
+            event(log, logging.ERROR, "view key could not be checked", exc_info=True, source=self.where, key=name)
+            self._refuse(name, f"could not be checked: {exc!r}")
+            return
         self.rejected.pop(name, None)
         if name.startswith(INSTANCES):
             self.refused_instances.pop(name[len(INSTANCES):], None)

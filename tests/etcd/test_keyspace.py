@@ -111,6 +111,25 @@ def test_a_bad_key_is_a_problem_of_that_part_only() -> None:
     assert len(view.instances) == len(document["instances"]) - 1
 
 
+def test_a_fault_checking_a_value_is_a_problem_of_that_key(monkeypatch) -> None:
+    document = demo(1)
+    keyspace = Keyspace("test")
+    put_document(keyspace, document)
+    before, _ = keyspace.view()
+    import edge.view.keyspace as module
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(module, "instance_from_wire", broken)
+    victim = document["instances"][0]
+    keyspace.put("instances/" + victim["id"], encode(dict(victim, instance_type="m5.large")), 2)
+    keyspace.put("serial", b"2", 2)
+    view, _ = keyspace.view()
+    assert view.serial == 2 and view.instances == before.instances
+    assert keyspace.problems == 1 and "a bug" in keyspace.rejected["instances/" + victim["id"]]
+
+
 def test_an_instance_written_before_its_network_is_taken_when_the_network_arrives() -> None:
     document = demo(1)
     keyspace = Keyspace("test")
