@@ -17,7 +17,11 @@ pytest-benchmark hot-path suites with timing.  Each comparison is repeated
 (3 times, once with ``--quick``) and reported as medians with min-max.  Every
 peer runs with the settings of bench/peer_configs.py (its best for the
 workload, per its manual); a comparison in which any server shows errors,
-timeouts or dropped queries prints INVALID instead of a ratio.  The
+timeouts or dropped queries prints INVALID instead of a ratio.  An open-loop
+sweep (bench/open_loop.py) records latency percentiles against offered load
+for edge and each peer, and the run draws pictures into ``--plots``
+(bench/plots/ by default; matplotlib from the ``bench`` extra): those latencies,
+and view build time and memory against instance count.  The
 Markdown report is written to ``--output`` (and its raw figures next to it as
 JSON) and printed.  Full run about 10-15 minutes, ``--quick`` under 3.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -54,14 +59,20 @@ class Plan:
     scale_sizes: str
     scale_repeat: int
     timed_benchmarks: bool
+    sweep_seconds: float
+    dns_rates: tuple[int, ...]
+    http_rates: tuple[int, ...]
     storm_targets: tuple[str, ...] = ("edge-w1", "edge-w2", "classic")
 
 
 FULL = Plan(calibration_seconds=2, rounds=3, metadata_seconds=5, dns_seconds=5, dns_instances=1000, storm_instances=1000, storm_rounds=3,
-            scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True,
+            scale_sizes="1000,10000,100000", scale_repeat=3, timed_benchmarks=True, sweep_seconds=2,
+            dns_rates=(10_000, 25_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 350_000, 400_000, 450_000),
+            http_rates=(1_000, 2_000, 5_000, 10_000, 15_000, 20_000, 30_000, 40_000, 60_000, 80_000),
             storm_targets=("edge-w1", "edge-w2", "edge-w1-http", "classic"))
 QUICK = Plan(calibration_seconds=1, rounds=1, metadata_seconds=2, dns_seconds=2, dns_instances=1000, storm_instances=200, storm_rounds=2,
-             scale_sizes="1000,10000", scale_repeat=1, timed_benchmarks=False)
+             scale_sizes="1000,10000", scale_repeat=1, timed_benchmarks=False, sweep_seconds=1,
+             dns_rates=(10_000, 50_000, 100_000, 200_000, 300_000), http_rates=(1_000, 5_000, 10_000, 20_000))
 
 
 def log(text: str) -> None:
@@ -91,17 +102,34 @@ class Report:
         self.sections.append((title, text))
 
 
-SECTIONS = ("calibration", "metadata", "workers", "dns", "bootstorm", "scale", "hotpaths")
+SECTIONS = ("calibration", "metadata", "workers", "dns", "openloop", "bootstorm", "scale", "hotpaths")
+
+
+PLOTS = ROOT / "bench" / "plots"
+
+
+def picture(path: Path, alt: str) -> str:
+    """A Markdown image link to ``path``, relative to bench/ where RESULTS.md lives."""
+    return f"![{alt}]({Path(os.path.relpath(path, ROOT / 'bench')).as_posix()})"
 
 
 def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0.010,
-            classic_workers: int = 64, only: tuple[str, ...] = SECTIONS) -> tuple[str, dict[str, object]]:
-    """(Markdown report, raw figures)."""
-    from bench import bootstorm, calibration, peers
+            classic_workers: int = 64, only: tuple[str, ...] = SECTIONS,
+            plots: Path = PLOTS) -> tuple[str, dict[str, object]]:
+    """(Markdown report, raw figures); pictures are written to ``plots``."""
+    from bench import bootstorm, calibration, open_loop, peers
+    from bench import plots as pictures
     from bench.peer_configs import settings_table
     from bench.report import benchmark_table, comparison, key_values
 
     started = time.monotonic()
+
+    def drawn_by() -> str:
+        """The footer of every picture: which command drew it, when, and how busy the machine was."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return (f"python -m bench all{' --quick' if plan is QUICK else ''}, {stamp}, "
+                f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
     missing = peers.ensure_tools(install, log)
     required_missing = [tool for tool in missing if tool not in peers.OPTIONAL]
     if required_missing:
@@ -180,6 +208,64 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                     + "\n\n**Local hits, edge serve --workers 1 vs --workers 2**\n\n"
                     + comparison(workers, "edge --workers 1", "qps"))
 
+        def open_loop_sweeps() -> str:
+            from bench import metadata_load
+            from bench.common import stop
+
+            round_dir = directory / "open-loop"
+            round_dir.mkdir()
+            data = peers.dns_data(round_dir, plan.dns_instances)
+            dns_sweeps = []
+            for kind in peers.DNS_SERVERS:
+                if kind == "knot" and "knotd" in missing:
+                    continue
+                server, port = peers.start_dns_server(kind, round_dir, cores, data)
+                try:
+                    dns_sweeps.append(open_loop.sweep(
+                        kind, "dns", plan.dns_rates,
+                        lambda rate: open_loop.dns_point(kind, port, data.hits, rate, plan.sweep_seconds,
+                                                         cores.client), log))
+                finally:
+                    stop(server)
+            http_sweeps = []
+            http_servers = [("edge", lambda: peers._start_script(cores, "metadata_server.py", "--state-dir",
+                                                                 str(round_dir / "edge-state"))),
+                            ("nginx return 200",
+                             lambda: metadata_load.start_nginx(cores.server[0], round_dir, "return")),
+                            ("nginx map $remote_addr",
+                             lambda: metadata_load.start_nginx(cores.server[0], round_dir, "map"))]
+            for name, start in http_servers:
+                server, port = start()
+                try:
+                    http_sweeps.append(open_loop.sweep(
+                        name, "http", plan.http_rates,
+                        lambda rate: open_loop.http_sweep_point(name, port, metadata_load.PATH, rate,
+                                                                plan.sweep_seconds, cores.client), log))
+                finally:
+                    stop(server)
+            report.raw["open_loop"] = open_loop.to_json(dns_sweeps + http_sweeps)
+            report.commands.append(
+                f"open loop, {plan.sweep_seconds:g} s per point, servers on cpu {cores.server_list}: DNS local hits "
+                f"taskset -c {cores.client_list} dnsperf -Q RATE -q 20000 -t 2 -v, rates "
+                f"{','.join(map(str, plan.dns_rates))}; metadata keep-alive: taskset -c {cores.client_list} python -m "
+                f"bench.open_loop --rate RATE --connections 64, rates {','.join(map(str, plan.http_rates))}; "
+                "each server's sweep stops after its first saturated point")
+            text = ["Requests offered at a fixed rate (open loop), latency counted from each request's scheduled "
+                    "send time. A point the generator itself could not offer is marked and left out of the plot.",
+                    "", "**DNS local hits**", "", open_loop.markdown(dns_sweeps, "queries/s"), "",
+                    "**Metadata, keep-alive**", "", open_loop.markdown(http_sweeps, "requests/s")]
+            if pictures.available():
+                dns_png = pictures.latency_plot(dns_sweeps, plots / "dns-latency.png",
+                                                "DNS local hits, open loop", "queries/s", drawn_by())
+                http_png = pictures.latency_plot(http_sweeps, plots / "metadata-latency.png",
+                                                 "Instance metadata keep-alive, open loop", "requests/s",
+                                                 drawn_by())
+                text += ["", picture(dns_png, "DNS latency percentiles against offered load"), "",
+                         picture(http_png, "metadata latency percentiles against offered load")]
+            else:
+                text += ["", "**Plots not drawn: matplotlib is not installed (pip install -e '.[bench]').**"]
+            return "\n".join(text)
+
         def storm() -> str:
             result = bootstorm.run_bootstorm(instances=plan.storm_instances, rounds=plan.storm_rounds, cores=cores,
                                              targets=plan.storm_targets, delay=classic_delay,
@@ -192,18 +278,26 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
             return bootstorm.markdown(result)
 
         def scale() -> str:
+            rows_file = directory / "view-scale.json"
             argv = [sys.executable, "-m", "bench.view_scale", "--sizes", plan.scale_sizes, "--repeat",
-                    str(plan.scale_repeat)]
+                    str(plan.scale_repeat), "--json", str(rows_file)]
             done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
             report.commands.append(f"python -m bench.view_scale --sizes {plan.scale_sizes} --repeat "
                                    f"{plan.scale_repeat}")
             if done.returncode != 0:
                 raise RuntimeError(f"view_scale failed: {done.stderr.strip()[-500:]}")
             report.raw["view_scale"] = done.stdout.strip()
+            rows = json.loads(rows_file.read_text())
+            report.raw["view_scale_rows"] = rows
+            if pictures.available():
+                drawing = "\n\n" + picture(pictures.scale_plot(rows, plots / "view-scale.png", drawn_by()),
+                                            "view build time and memory against instance count")
+            else:
+                drawing = "\n\n**Plot not drawn: matplotlib is not installed (pip install -e '.[bench]').**"
             return ("Targets: 100k instances built in <= 2 s, <= 8 KB resident per instance, p99 latency under "
                     "steady load during a swap <= 20 ms (measured by `python -m bench.swap_latency`, not in this "
                     "run; the loop stall columns are the longest pause of the serving loop).\n\n"
-                    + done.stdout.strip())
+                    + done.stdout.strip() + drawing)
 
         def timed() -> str:
             output = directory / "pytest-benchmark.json"
@@ -225,6 +319,7 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
             "metadata": ("Instance metadata: edge vs nginx return 200", metadata_vs_nginx),
             "workers": ("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers),
             "dns": ("DNS: edge vs NSD, Knot, dnsmasq", dns_peers),
+            "openloop": ("Latency against offered load (open loop)", open_loop_sweeps),
             "bootstorm": ("Boot storm: edge vs the classic design", storm),
             "scale": ("View pipeline at scale", scale),
             "hotpaths": ("Hot paths (pytest-benchmark)", timed),
@@ -298,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     everything.add_argument("--only", default=",".join(SECTIONS),
                             help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     everything.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.md")
+    everything.add_argument("--plots", type=Path, default=PLOTS,
+                            help="where the pictures go (PNG; needs the bench extra: pip install -e '.[bench]')")
     everything.add_argument("--record", action="store_true",
                             help="also put the report in bench/RESULTS.md, replacing its latest one-command report")
     commands.add_parser("bootstorm", help="the boot storm alone (python -m bench bootstorm --help)")
@@ -308,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     markdown, raw = run_all(QUICK if args.quick else FULL, not args.no_install, argv, args.classic_delay_ms / 1000,
-                            max(1, args.classic_workers), only)
+                            max(1, args.classic_workers), only, args.plots)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown)
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2))

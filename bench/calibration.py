@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import CorePlan, core_plan, free_port, start_dnsmasq, stop
-from bench.peer_configs import dnsmasq_forwarding_args, dnsmasq_forwarding_lines, dnsmasq_local_args, write_knot, \
-    write_nsd
+from bench.peer_configs import dnsmasq_forwarding_args, dnsmasq_forwarding_lines
 
 # Expected rates on this machine kind: 2 cores (AMD EPYC, 23 GiB), one server
 # process pinned to cpu 1, the load generator (dnsperf -c 4 -q 100, wrk -t1) on
@@ -119,31 +118,13 @@ def run(directory: Path, cores: CorePlan, seconds: float, log: Callable[[str], N
         log(f"calibration: {peer} {workload} {result.qps:,.0f}")
 
     try:
-        port = free_port()
-        nsd = subprocess.Popen(cores.pin_server(["nsd", "-d", "-c", str(write_nsd(directory / "nsd", port,
-                                                                                  data.zone_texts))]),
-                               stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(nsd)
-        dns_load.wait_udp(port, data.first_name)
-        dns("nsd", "local hits", nsd, port, data.hits)
-        stop(nsd)
-
-        if shutil.which("knotd"):
-            port = free_port()
-            knot = subprocess.Popen(cores.pin_server(["knotd", "-c", str(write_knot(directory / "knot", port,
-                                                                                    data.zone_texts))]),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            processes.append(knot)
-            dns_load.wait_udp(port, data.first_name)
-            dns("knot", "local hits", knot, port, data.hits)
-            stop(knot)
-
-        port = free_port()
-        local = start_dnsmasq(data.dnsmasq_lines, directory, port, cores.pin_server([]), dnsmasq_local_args())
-        processes.append(local)
-        dns_load.wait_udp(port, data.first_name)
-        dns("dnsmasq", "local hits", local, port, data.hits)
-        stop(local)
+        for kind in ("nsd", "knot", "dnsmasq"):
+            if kind == "knot" and not shutil.which("knotd"):
+                continue
+            server, port = peers.start_dns_server(kind, directory, cores, data)
+            processes.append(server)
+            dns(kind, "local hits", server, port, data.hits)
+            stop(server)
 
         upstream_port, port = free_port(), free_port()
         upstream = start_dnsmasq([f"host-record=host{n}.upstream.test,192.0.2.{n % 250 + 1}" for n in range(1000)],

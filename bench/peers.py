@@ -25,8 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (CorePlan, cpu_seconds, free_port, start_dnsmasq, start_helper_server, stop,
-                          tool_version, wait_tcp)
+from bench.common import (
+    CorePlan,
+    cpu_seconds,
+    free_port,
+    start_dnsmasq,
+    start_helper_server,
+    stop,
+    tool_version,
+    wait_tcp,
+)
 from bench.peer_configs import dnsmasq_forwarding_args, dnsmasq_forwarding_lines, write_knot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,8 +245,8 @@ class DnsData:
 
 def dns_data(directory: Path, instances: int) -> DnsData:
     """The same questions dns_load.py asks: every A and PTR of the flat network, shuffled; 1,000 forwarded names."""
-    from edge.dns.zonefile import zone_texts
     from bench.generate import generate_view
+    from edge.dns.zonefile import zone_texts
     from edge.view.parse import parse_view
     from edge.view.snapshot import build_snapshot
 
@@ -335,3 +343,38 @@ def dns_load_run(seconds: float, instances: int) -> list[Sample]:
     rows, _ = json.JSONDecoder().raw_decode(done.stdout.lstrip())
     return [Sample(r["server"], r["workload"], r["qps"], r["cpu_us_per_query"], r["p50_ms"], r["p99_ms"],
                    r.get("errors", 0), r["lost"], r.get("drops", 0)) for r in rows]
+
+
+DNS_SERVERS = ("edge", "nsd", "knot", "dnsmasq")
+"""The servers answering the local-hits workload, as the open-loop sweep and the calibration start them."""
+
+
+def start_dns_server(kind: str, directory: Path, cores: CorePlan, data: DnsData) -> tuple[subprocess.Popen, int]:
+    """One of DNS_SERVERS on the server cores, configured as in the comparisons, answering ``data``; ready and
+    (edge) warmed: (process, port)."""
+    from bench import dns_load
+    from bench.peer_configs import dnsmasq_local_args, write_nsd
+
+    port = free_port()
+    if kind == "edge":
+        process, _, port = _edge_serve(directory, cores, 1, str(data.view_path), "[dns]\nrate_limit = 0.0\n")
+    elif kind == "nsd":
+        conf = write_nsd(directory / f"nsd-{port}", port, data.zone_texts)
+        process = subprocess.Popen(cores.pin_server(["nsd", "-d", "-c", str(conf)]), stdin=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    elif kind == "knot":
+        conf = write_knot(directory / f"knot-{port}", port, data.zone_texts)
+        process = subprocess.Popen(cores.pin_server(["knotd", "-c", str(conf)]), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elif kind == "dnsmasq":
+        process = start_dnsmasq(data.dnsmasq_lines, directory, port, cores.pin_server([]), dnsmasq_local_args())
+    else:
+        raise ValueError(f"unknown DNS server {kind!r} (known: {', '.join(DNS_SERVERS)})")
+    try:
+        dns_load.wait_udp(port, data.first_name, timeout=30)
+        if kind == "edge":
+            dns_load.dnsperf(port, data.hits, 1)  # first use renders and memoizes each answer
+    except Exception:
+        stop(process)
+        raise
+    return process, port

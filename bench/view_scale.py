@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dns", action="store_true", help="run the DNS preparer in every build")
+    parser.add_argument("--json", help="also write the rows (one per size) to this file as JSON, for plots")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,6 +220,8 @@ def main() -> None:
                     "--directory", directory] + (["--dns"] if args.dns else [])
             out = subprocess.run(argv, check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     print("| instances | first load: build median (min-max) | swap, all changed: build | swap, 1% changed: "
           "build median (max) | resident after first load (per instance) | resident at end (per instance) "
           "| loop stall: first load | swap, all changed | swap, 1% changed |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(90)
 def test_one_command_writes_the_report(tmp_path: Path) -> None:
     output = tmp_path / "latest.md"
+    plots = tmp_path / "plots"
     done = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--only", "scale", "--no-install",
-                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=85)
+                           "--output", str(output), "--plots", str(plots)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=85)
     assert done.returncode == 0, done.stderr[-2000:]
     report = output.read_text()
     assert report.startswith("# Benchmark report, ") and "(quick)" in report.splitlines()[0]
@@ -32,6 +35,12 @@ def test_one_command_writes_the_report(tmp_path: Path) -> None:
     assert done.stdout.strip() == report.strip()
     assert "| 10,000 |" in json.loads(output.with_suffix(".json").read_text())["view_scale"]
     assert "## Boot storm" not in report
+    assert "## Peer configuration" in report and "`rrl-ratelimit` | 0 |" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert (plots / "view-scale.png").read_bytes()[:4] == b"\x89PNG"
+        assert "view build time and memory against instance count](" in report
+    else:
+        assert "Plot not drawn: matplotlib is not installed" in report
 
 
 def test_a_failing_section_is_reported_and_the_run_goes_on() -> None:
