@@ -341,6 +341,9 @@ def _record_value_problem(rtype: str, value: str) -> str | None:
     return None
 
 
+DEFAULT_DEVICE_INDEX = 0
+"""An interface's ``device_index`` when the view gives none (its network's default is ``DEFAULT_NETWORK``)."""
+
 PrefixTable = dict[str, "tuple[str, ...] | None"]
 """Network id -> the text prefixes its IPv4 addresses must start with (None: compare as integers)."""
 
@@ -589,7 +592,8 @@ def _interface_from_wire(raw: WireInterface, index: int, cidrs: Cidrs, problems:
     if len(problems.items) != before:
         return None
     subnet = raw.subnet
-    return _build_interface(raw, raw.mac.lower(), raw.device_index or 0, network,
+    index = raw.device_index
+    return _build_interface(raw, raw.mac.lower(), DEFAULT_DEVICE_INDEX if index is None else index, network,
                             None if subnet is None else intern(subnet), addresses, public_ip, ipv6s, groups)
 
 
@@ -623,6 +627,7 @@ def json_schema() -> dict[str, Any]:
     definitions = {name.removeprefix("Wire"): _renamed(body) for name, body in generated["$defs"].items()}
     for name, body in definitions.items():
         body["title"] = name
+        _model_defaults(body, _MODELS.get(name))
     document = definitions.pop("Document")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -635,6 +640,34 @@ def json_schema() -> dict[str, Any]:
                      "network, subnet and device indexes)."),
         "$defs": definitions,
     }
+
+
+_MODELS: dict[str, type[msgspec.Struct]] = {
+    "Cloud": Cloud, "Subnet": Subnet, "Network": Network, "MetadataOptions": MetadataOptions,
+    "Interface": Interface, "Instance": Instance,
+}
+"""Schema definitions whose absent members take the defaults of a model type."""
+
+
+def _model_defaults(body: dict[str, Any], model: type[msgspec.Struct] | None) -> None:
+    """State each optional member's real default: the wire types default to null, the model holds the value."""
+    defaults: dict[str, Any] = {}
+    if model is not None:
+        fields = model.__struct_fields__
+        defaults = dict(zip(fields[len(fields) - len(model.__struct_defaults__):], model.__struct_defaults__))
+        if model is Interface:
+            defaults.update(device_index=DEFAULT_DEVICE_INDEX, network=DEFAULT_NETWORK)
+    for name, schema in body.get("properties", {}).items():
+        if "default" not in schema:
+            continue
+        default = defaults.get(name)
+        if isinstance(default, (str, int, bool)):
+            schema["default"] = default
+        elif default == ():
+            kinds = [branch.get("type") for branch in schema.get("anyOf", ())]
+            schema["default"] = {} if "object" in kinds else []  # tags and block devices are pairs in the model
+        else:
+            del schema["default"]  # none, or one that depends on other members (see the description)
 
 
 def _renamed(value: Any) -> Any:

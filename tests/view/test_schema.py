@@ -205,3 +205,24 @@ def test_whatever_the_schema_refuses_the_validator_refuses(mutations) -> None:
         target[_KEYS[key]] = copy.deepcopy(_ODD[value])
     if not schema_accepts(document):
         assert not validator_accepts(document)
+
+
+def test_the_defaults_the_schema_states_are_the_ones_served() -> None:
+    schema = json.loads(PACKAGED.read_text())
+    minimal = {"format": "edge-view/1", "serial": 0, "cloud": {}, "networks": [{"id": "vpc-1", "subnets": [{"id": "s"}]}],
+               "instances": [{"id": "i-1", "interfaces": [{"id": "eni-1", "mac": "d0:0d:00:00:00:01",
+                                                            "private_ips": ["10.0.0.1"]}],
+                              "metadata_options": {}}]}
+    view = parse_view(minimal)
+    instance = view.instances[0]
+    served = {"Cloud": view.cloud, "Instance": instance, "Interface": instance.interfaces[0],
+              "MetadataOptions": instance.metadata_options, "Subnet": view.networks[0].subnets[0]}
+    stated = 0
+    for name, value in served.items():
+        for member, rule in schema["$defs"][name]["properties"].items():
+            if "default" in rule:
+                default = rule["default"]
+                expected = () if default in ([], {}) else default
+                assert getattr(value, member) == expected, (name, member)
+                stated += 1
+    assert stated >= 25
