@@ -141,6 +141,10 @@ class AdminListener(Listeners):
         self.handler = AdminHandler(routes)  # type: ignore[assignment]
         self.server: asyncio.AbstractServer | None = None
 
+    def reload(self, config: Config) -> None:
+        """New limits for the connections that follow (and the head timeout for all)."""
+        self.limits = admin_limits(config)
+
     async def start(self, host: str, port: int) -> None:
         factory = functools.partial(MetadataProtocol, self, "")
         self.server = await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True)

@@ -220,6 +220,8 @@ class Gateway:
             return
         self.config = config
         self.readiness.max_view_age = config.view.max_view_age
+        if self._admin is not None:
+            self._admin.reload(config)
         for service in self.services:
             service.reload(config)
         event(log, logging.INFO, "configuration reloaded")

@@ -324,6 +324,8 @@ class Supervisor:
                 return
             self.config = config
             self.readiness.max_view_age = config.view.max_view_age
+            if self._admin is not None:
+                self._admin.reload(config)
         for worker in self._workers():
             if worker.alive:
                 worker.process.send_signal(signal.SIGHUP)

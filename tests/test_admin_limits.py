@@ -18,14 +18,18 @@ MAX_CONNECTIONS = 8
 
 
 class Edge:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, workers: int = 1, config: Path | None = None) -> None:
         self.admin_port = free_port()
-        self.log = open(tmp_path / "edge.log", "w")
-        argv = [sys.executable, "-m", "edge", "serve", "--view", "demo", "--workers", "1",
+        self.log_path = tmp_path / "edge.log"
+        self.log = open(self.log_path, "w")
+        argv = [sys.executable, "-m", "edge", "serve", "--view", "demo", "--workers", str(workers),
                 "--state-dir", str(tmp_path / "state"), "--metadata-listen", f"127.0.0.1:{free_port()}",
                 "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{self.admin_port}"]
-        env = {**os.environ, "EDGE_METADATA_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
-               "EDGE_ADMIN_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
+        env = {**os.environ, "EDGE_METADATA_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
+        if config is None:
+            env["EDGE_ADMIN_MAX_CONNECTIONS"] = str(MAX_CONNECTIONS)
+        else:
+            argv += ["--config", str(config)]
         self.process = subprocess.Popen(argv, stderr=self.log, env=env, start_new_session=True)
         wait_until(lambda: self.get("/healthz")[0] == 200, timeout=30)
 
@@ -142,3 +146,24 @@ def test_admin_connections_are_capped_and_idle_ones_closed_after_the_head_timeou
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         wait_until(lambda: closed_by_server(sock), timeout=HEADER_TIMEOUT * 10)
+
+
+def test_sighup_gives_the_admin_listener_new_limits(tmp_path):
+    """With workers the supervisor serves the admin listener; its reload applies the new cap."""
+    config = tmp_path / "edge.toml"
+    config.write_text("[admin]\nmax_connections = 8\n")
+    edge = Edge(tmp_path, workers=2, config=config)
+    try:
+        config.write_text("[admin]\nmax_connections = 2\n")
+        edge.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in edge.log_path.read_text(), timeout=30)
+        held = [edge.connect() for _ in range(2)]
+        try:
+            with edge.connect() as refused:
+                assert read_until_closed(refused).startswith(b"HTTP/1.1 429 ")
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: edge.get("/healthz") == (200, b"ok\n"), timeout=30)
+    finally:
+        edge.stop()
