@@ -226,3 +226,25 @@ def test_the_defaults_the_schema_states_are_the_ones_served() -> None:
                 assert getattr(value, member) == expected, (name, member)
                 stated += 1
     assert stated >= 25
+
+
+def test_the_specification_documents_every_member() -> None:
+    # A member added to the schema without a row in docs/view-format.md fails here.
+    from edge.view import wire
+
+    text = SPEC.read_text()
+    sections = {"### Top level": wire.WireDocument, "### `cloud`": wire.WireCloud,
+                "#### `cloud.dns_records[]`": wire.WireDnsRecord, "### `networks[]`": wire.WireNetwork,
+                "#### `networks[].subnets[]`": wire.WireSubnet, "### `instances[]`": wire.WireInstance,
+                "`metadata_options`:": wire.WireMetadataOptions,
+                "#### `instances[].interfaces[]`": wire.WireInterface}
+    for heading, struct in sections.items():
+        start = text.index(heading)
+        rows = []
+        for line in text[start:].splitlines()[1:]:
+            if line.startswith("#") or (rows and not line.startswith("|")):
+                break
+            if line.startswith("| `"):
+                rows.append(line)
+        documented = {name.strip().strip("`") for row in rows for name in row.split("|")[1].split(",")}
+        assert set(struct.__struct_fields__) <= documented, (heading, set(struct.__struct_fields__) - documented)
