@@ -136,6 +136,9 @@ def admin_limits(config: Config) -> ProtocolLimits:
 
 
 class AdminListener(Listeners):
+    """The admin listener: the metadata HTTP/1.1 connection protocol with :class:`AdminHandler`,
+    under :func:`admin_limits`."""
+
     def __init__(self, config: Config, routes: AdminRoutes) -> None:
         super().__init__(admin_limits(config), routes.store, TrustedProxies(()), NullTally("admin"))
         self.handler = AdminHandler(routes)  # type: ignore[assignment]
