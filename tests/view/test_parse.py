@@ -257,3 +257,28 @@ def test_every_field_reaches_the_model_by_name() -> None:
     interface = instance.interfaces[0]
     for name in ("id", "mac", "device_index", "network", "subnet", "public_ip"):
         assert getattr(interface, name) == raw["interfaces"][0][name], name
+
+
+def test_a_new_member_needs_only_the_model_and_the_schema() -> None:
+    # What adding instance data takes: a field on the model and on the wire type; the build
+    # picks it up by name (the tree and the docs then serve and describe it).
+    import msgspec
+
+    from edge.view.model import Instance
+    from edge.view.wire import WireInstance, _positional_builder
+
+    class GrownInstance(Instance, frozen=True, gc=False):
+        hibernation: bool = False
+
+    class GrownWire(WireInstance, frozen=True, gc=False):
+        hibernation: bool | None = None
+
+    build = _positional_builder(GrownInstance, GrownWire, ("interfaces", "public_keys", "iam", "tags",
+                                                           "block_devices", "metadata_options"))
+    text = b'{"id": "i-1", "launch_index": 3, "hibernation": true, "interfaces": [{"id": "e", "mac": "d0:0d:00:00:00:01", "private_ips": ["10.0.0.1"]}]}'
+    wire = msgspec.json.decode(text, type=GrownWire)
+    grown = build(wire, (), (), None, (), (), None)
+    assert (grown.id, grown.launch_index, grown.hibernation) == ("i-1", 3, True)
+    absent = build(msgspec.json.decode(text.replace(b'"hibernation": true, ', b""), type=GrownWire),
+                   (), (), None, (), (), None)
+    assert absent.hibernation is False  # the model's default
