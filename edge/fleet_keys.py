@@ -48,13 +48,19 @@ def read_key_text(client: EtcdClient) -> str:
 
 
 def read_fleet_token_keys(config: Config) -> str:
-    """The fleet's token key text from etcd; the cached copy when etcd cannot be reached (blocking).
+    """The fleet's token key text at start: the cached copy when there is one, else from etcd (blocking).
 
-    A gateway that starts while etcd is down keeps verifying the tokens its
-    peers issued, from the keys it last saw; raises ConfigError when there is
-    neither etcd nor a cached copy.
+    Like the last good view, the keys a gateway saw last let it start at once:
+    etcd may be down, or slow to refuse (a blackholed member costs
+    ``view.connect_timeout`` per endpoint, in the supervisor and again in every
+    worker), and :class:`FleetTokenKeys` reads etcd as soon as the gateway runs.
+    Raises ConfigError when there is neither a cached copy nor etcd.
     """
     cache = TokenKeyCache(Path(config.view.state_dir) / TOKEN_KEY_CACHE)
+    cached = cache.read()
+    if cached is not None:
+        event(log, logging.INFO, "token keys: using the cached copy until etcd is read", path=str(cache.path))
+        return cached
     try:
         text = read_key_text(token_key_client(config))
     except EtcdError as exc:
@@ -146,13 +152,14 @@ class FleetTokenKeys:
 
     async def _run(self) -> None:
         while True:
+            # Read at once: a gateway starts from the cached copy (read_fleet_token_keys).
+            await self.read_once()
             assert self.config is not None
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.fleet.token_key_refresh)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            await self.read_once()
 
     async def read_once(self) -> bool:
         """One read from etcd; True when new keys were installed."""

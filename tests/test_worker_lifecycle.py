@@ -38,7 +38,8 @@ def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra
             [sys.executable, "-m", "edge", "serve", "--view", view, "--state-dir", str(tmp_path / "state"),
              "--workers", "2", "--metadata-listen", f"127.0.0.1:{metadata_port}",
              "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra],
-            stdout=log, stderr=log, cwd=ROOT)
+            stdout=log, stderr=log, cwd=ROOT,
+            env={**os.environ, "EDGE_VIEW_CONNECT_TIMEOUT": "60", "EDGE_VIEW_READ_TIMEOUT": "60"})
     finally:
         log.close()
 
@@ -112,4 +113,45 @@ def test_workers_waiting_for_their_first_view_exit_with_a_killed_supervisor(tmp_
         plane.close()
         for connection in held:
             connection.close()
+        kill_leftovers(marker)
+
+
+def test_a_restart_with_etcd_hung_answers_from_the_cached_token_keys(tmp_path: Path) -> None:
+    """etcd that accepts and never answers (a member gone mid-request, or behind a black hole) costs
+    ``view.read_timeout`` per read; a gateway with a cached copy of the keys must not wait for it."""
+    import http.client
+
+    from edge.fleet_keys import TOKEN_KEY_CACHE
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # never accepted: connections complete in the backlog and nothing is ever answered
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "edge", "keys", "generate", str(keys)], check=True, cwd=ROOT,
+                   capture_output=True, timeout=30)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / TOKEN_KEY_CACHE).write_text(keys.read_text())
+    metadata_port = free_port()
+    marker = str(tmp_path / "state")
+    process = None
+    try:
+        process = serve(tmp_path, "demo", free_port(), metadata_port,
+                        "--token-key-source", f"etcd://127.0.0.1:{hung.getsockname()[1]}/edge/token-keys")
+
+        def token_answered() -> bool:
+            connection = http.client.HTTPConnection("127.0.0.1", metadata_port, timeout=2)
+            try:
+                connection.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+                return connection.getresponse().status == 200
+            finally:
+                connection.close()
+
+        # Well before the first read from etcd could time out (view.read_timeout = 60 s below).
+        wait_until(token_answered, timeout=30)
+        assert "using the cached copy" in (tmp_path / "edge.log").read_text()
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait(5)
+        hung.close()
         kill_leftovers(marker)
