@@ -29,7 +29,8 @@ from bench.peer_configs import dnsmasq_forwarding_args, dnsmasq_forwarding_lines
 #   about 370k queries/s;
 # * dnsmasq local hits and forwarded cache hits, nginx return 200 (keep-alive
 #   and a new connection per request): the one-command report of 2026-11-25
-#   19:26 UTC in bench/RESULTS.md (99k, 152k, 137k, 21k);
+#   19:26 UTC in bench/RESULTS.md (99k, 152k, 137k, 21k; dnsmasq lost a few
+#   dozen queries in those runs, so its figures are approximate);
 # * Knot DNS (one UDP worker, no modules) and nginx with a map of 1,000 source
 #   addresses: no quiet figure yet; their ratio to NSD and to nginx return 200
 #   in the same (loaded) short runs of 2026-12-05, about 1.1x and 0.7x, applied

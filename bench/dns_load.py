@@ -290,6 +290,11 @@ def main() -> int:
     by = {(r.server, r.workload): r for r in results}
     edge_hits, nsd_hits, dnsmasq_hits = by[("edge", "all hits")], by[("nsd", "all hits")], by[("dnsmasq", "all hits")]
     fwd = by[("edge", "forwarded, cache hits")]
+    troubled = [f"{r.server} {r.workload}: {r.errors} errors, {r.lost} lost, {r.drops} dropped" for r in results
+                if r.errors or r.lost or r.drops]
+    if troubled:
+        print("INVALID, no ratios: a server was not error-free (" + "; ".join(troubled) + ")")
+        return 1
     print(f"edge/nsd qps: {edge_hits.qps / nsd_hits.qps:.2f}x   "
           f"edge/dnsmasq qps: {edge_hits.qps / dnsmasq_hits.qps:.2f}x   "
           f"cpu per query edge/dnsmasq: {edge_hits.cpu_us_per_query / dnsmasq_hits.cpu_us_per_query:.2f}x   "

@@ -13,7 +13,6 @@ seconds per measurement, ``--rounds`` rounds (medians are reported).
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import subprocess
@@ -64,27 +63,16 @@ def start_nginx(cpu: int, directory: Path, mode: str = "return") -> tuple[subpro
 
 
 def run_wrk(port: int, cpu: int, duration: float, connections: int, close: bool) -> tuple[int, float, float, int]:
-    """(requests, requests/s, p99 ms, errors) of one wrk run."""
+    """(requests, requests/s, p99 ms, errors and timeouts) of one wrk run."""
     argv = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
             f"http://127.0.0.1:{port}{PATH}"]
     if close:
         argv[5:5] = ["-H", "Connection: close"]
     output = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
-    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p99 = _latency_ms(re.search(r"99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
-    errors = 0
-    for match in re.finditer(r"(?:Non-2xx or 3xx responses|Socket errors: .*?timeout) (\d+)", output):
-        errors += int(match.group(1))
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    if socket_errors:
-        errors = sum(int(g) for g in socket_errors.groups()) + errors
-    return requests, rate, p99, errors
+    from bench.peers import parse_wrk
 
-
-def _latency_ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    requests, rate, _, p99, errors, timeouts = parse_wrk(output)
+    return requests, rate, p99, errors + timeouts
 
 
 def measure(name: str, pid: int, port: int, mode: str, args: argparse.Namespace) -> Result:
@@ -152,6 +140,11 @@ def main() -> int:
         errors = sum(r.errors for r in runs)
         medians[(name, mode)] = (rate, cpu)
         print(f"| {name} | {mode} | {rate:,.0f} | {cpu:.1f} | {p99:.2f} | {errors} |")
+    troubled = [f"{name} {mode}: {sum(r.errors for r in runs)} errors or timeouts"
+                for (name, mode), runs in results.items() if any(r.errors for r in runs)]
+    if troubled:
+        print("INVALID, no ratios: a server was not error-free (" + "; ".join(troubled) + ")")
+        return 1
     for mode in ("keep-alive", "close"):
         edge_rate, edge_cpu = medians[("edge", mode)]
         nginx_rate, nginx_cpu = medians[("nginx", mode)]
