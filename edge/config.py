@@ -149,7 +149,7 @@ class MetadataConfig:
     burst: int = 200
     """Token bucket size per instance."""
     rate_limit_entries: int = 100_000
-    """Instances whose bucket state is kept: a table of 24 bytes each, made at start (a change needs a restart)."""
+    """Instances whose bucket state is kept: a table of 24 bytes each; with workers it is made at start (a change needs a restart)."""
     max_connections: int = 10_000
     """Concurrent connections per worker; further connections are closed at once."""
     max_connections_per_source: int = 64

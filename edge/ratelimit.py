@@ -58,26 +58,37 @@ def _tag(key: str) -> int:
 
 
 class RateLimiter:
-    __slots__ = ("rate", "burst", "max_entries", "entries", "refused", "_table", "_tags", "_values", "_slots")
+    __slots__ = ("rate", "burst", "_max_entries", "entries", "refused", "_table", "_tags", "_values", "_slots")
 
     def __init__(self, rate: float, burst: float, max_entries: int, table: mmap.mmap | None = None) -> None:
         self.rate = rate
         """Tokens per second; 0 turns the limiter off."""
         self.burst = float(burst)
-        self.max_entries = max_entries
-        """Bounds this process's key -> slot memo; the table's size is fixed when it is created."""
         self._table = table
         if table is not None:
             view = memoryview(table)
             self._tags: memoryview | list[float] = view.cast("Q")
             self._values: memoryview | list[float] = view.cast("d")
             self.entries = len(table) // SLOT_BYTES
-        else:
-            self.entries = max(1, max_entries)
-            self._tags = self._values = [0] * (self.entries * SLOT_FIELDS)
         self._slots: dict[str, tuple[int, int]] = {}
         """key -> (index of its slot's first field, its tag): the hash is computed once per key."""
+        self.max_entries = max_entries
         self.refused = 0
+
+    @property
+    def max_entries(self) -> int:
+        """Clients tracked: the size of a private table (set anew on reload, which forgets every
+        bucket), and the bound of this process's key -> slot memo.  A shared table keeps the size
+        it was created with."""
+        return self._max_entries
+
+    @max_entries.setter
+    def max_entries(self, count: int) -> None:
+        self._max_entries = count
+        if self._table is None and count != getattr(self, "entries", None):
+            self.entries = max(1, count)
+            self._tags = self._values = [0] * (self.entries * SLOT_FIELDS)
+            self._slots = {}
 
     def allow(self, key: str, now: float) -> bool:
         """Take one token from ``key``'s bucket at monotonic time ``now``; False when it is empty."""
@@ -126,7 +137,7 @@ class RateLimiter:
             values[chosen + 1] = burst
             values[chosen + 2] = now
         slots = self._slots
-        if len(slots) >= self.max_entries:
+        if len(slots) >= self._max_entries:
             slots.clear()
         found = slots[key] = (chosen, tag)
         return found

@@ -173,3 +173,20 @@ def test_rate_limiter_slots_go_to_whoever_needs_one_when_all_are_busy():
     # "a" is busy and holds the only slot: "b" takes it anyway (a fresh bucket, never a shared one).
     assert limiter.allow("b", 0.0) and limiter.allow("b", 0.0) and not limiter.allow("b", 0.0)
     assert len(limiter) == 1
+
+
+def test_a_reload_resizes_a_private_table_and_leaves_a_shared_one():
+    private = RateLimiter(rate=1, burst=1, max_entries=10)
+    assert private.allow("a", 0.0) and not private.allow("a", 0.0)
+    private.max_entries = 10  # unchanged: the buckets stay
+    assert not private.allow("a", 0.0)
+    private.max_entries = 20
+    assert private.entries == 20 and private.allow("a", 0.0)  # a new table
+    fd = create_shared_table(10)
+    try:
+        shared = RateLimiter(rate=1, burst=1, max_entries=10, table=map_table(fd))
+        assert shared.allow("a", 0.0)
+        shared.max_entries = 20
+        assert shared.entries == 10 and not shared.allow("a", 0.0)
+    finally:
+        os.close(fd)
