@@ -235,3 +235,12 @@ def test_view_check_names_the_format_of_the_document_it_read() -> None:
     assert "  format      eucalyptus-gni\n" in result.stdout
     result = edge("view", "check", "demo")
     assert result.returncode == 0 and "  format      edge-view/1\n" in result.stdout
+
+
+def test_config_show_never_prints_a_secret() -> None:
+    env = {"EDGE_VIEW_ETCD_USERNAME": "edge", "EDGE_VIEW_ETCD_PASSWORD": "hunter2-secret"}
+    result = edge("config", "show", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2-secret" not in result.stdout
+    assert "# etcd_password is set (secret, not shown)" in result.stdout.splitlines()
+    assert tomllib.loads(result.stdout)["view"]["etcd_username"] == "edge"
