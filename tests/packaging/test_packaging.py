@@ -17,7 +17,7 @@ import pytest
 
 from edge.config import Listen, load_config
 from edge.etcd import EtcdAddress
-from edge.view.etcd_source import EtcdSource
+from edge.view.etcd_source import EtcdKeyspaceSource
 from edge.view.sources import open_source
 from tests.fleet.gateway import Gateway
 from tests.installed import Dist, InstalledRoot, namespaces_unavailable
@@ -35,7 +35,8 @@ def test_example_config_loads_with_the_addresses_it_promises() -> None:
     assert config.admin.listen is not None
     instance_facing = {x.host for x in config.metadata.listen + config.dns.listen}
     assert config.admin.listen.host not in instance_facing
-    assert isinstance(open_source(config.view.source, config.view), EtcdSource)
+    assert isinstance(open_source(config.view.source, config.view), EtcdKeyspaceSource)
+    assert config.view.cert_file and config.view.etcd_username and config.view.etcd_password_file
     assert len(EtcdAddress.parse(config.fleet.token_key_source).endpoints) == 3
 
 
