@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
-import dataclasses
 import time
 
 import pytest
