@@ -357,3 +357,22 @@ def test_an_empty_prefix_is_a_source_error(etcd) -> None:
     with pytest.raises(SourceError, match="no keys"):
         fetch(source)
 
+
+
+def test_publish_keeps_each_transaction_within_etcds_request_size(etcd) -> None:
+    # 60 instances of about 40 KB each: fewer than 128 operations, but more than 1.5 MiB together.
+    document = generate_view(instances=60, networks=1, serial=1, user_data_bytes=30_000)
+    proxy = RecordingProxy(etcd.endpoint).start()
+    try:
+        done = publish(encode(document), publisher(proxy.endpoint))
+        txns = [e for e in proxy.exchanges if e.path == "/v3/kv/txn"]
+        assert done.transactions == len(txns) >= 2 and all(e.status == 200 for e in txns)
+        assert all(len(json.dumps(e.request)) <= 1024 * 1024 + 64 * 1024 for e in txns)
+    finally:
+        proxy.close()
+    source = keyspace_source(etcd.endpoint)
+    try:
+        prepared = fetch(source)
+        assert prepared is not None and len(prepared.view.instances) == 60
+    finally:
+        source.close()
