@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_user_system  # noqa: E402
+from bench.common import cpu_user_system, free_port  # noqa: E402
 from bench.generate import generate_view  # noqa: E402
 from bench.peer_configs import DNSPERF_OUTSTANDING, dnsmasq_local_args, write_nsd  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
@@ -47,19 +47,6 @@ from edge.view.snapshot import build_snapshot, reverse_name  # noqa: E402
 SERVER_CORE = "1"
 CLIENT_CORE = "0"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket() as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
 
 
 def wait_udp(port: int, name: str, timeout: float = 20.0) -> None:

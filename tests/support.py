@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench.common import free_port
+
+__all__ = ["DEBROOT", "cloud_init_pythonpath", "extracted_client", "free_port", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBROOT = ROOT / ".venv" / "debroot"
 """Where tests/run extracts the Debian packages of clients the tests drive (cloud-init,
 amazon-ec2-utils) with ``dpkg-deb -x``, instead of installing them on the machine."""
-
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on ``host`` at the time of the call."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, other) as check:
-            try:
-                check.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:

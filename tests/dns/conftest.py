@@ -19,26 +19,13 @@ from typing import Any
 import pytest
 import uvloop
 
+from bench.common import free_port
 from edge.config import Config, DnsConfig, Listen
 from edge.dns.service import DnsService
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
 from edge.view.store import ViewStore
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
 
 
 class EdgeDns:
