@@ -316,7 +316,7 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
 
         sections = {
             "calibration": ("Calibration: each peer in its expected range", calibrate),
-            "metadata": ("Instance metadata: edge vs nginx return 200", metadata_vs_nginx),
+            "metadata": ("Instance metadata: edge vs nginx (return 200, map)", metadata_vs_nginx),
             "workers": ("Instance metadata: edge --workers 1 vs --workers 2", metadata_workers),
             "dns": ("DNS: edge vs NSD, Knot, dnsmasq", dns_peers),
             "openloop": ("Latency against offered load (open loop)", open_loop_sweeps),

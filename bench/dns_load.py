@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_user_system, free_port  # noqa: E402
 from bench.generate import generate_view  # noqa: E402
-from bench.peer_configs import DNSPERF_OUTSTANDING, dnsmasq_local_args, write_nsd  # noqa: E402
+from bench.peer_configs import DNSPERF_OUTSTANDING, SERVERS, dnsmasq_local_args, write_nsd  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
 from edge.view.parse import parse_view  # noqa: E402
 from edge.view.snapshot import build_snapshot, reverse_name  # noqa: E402
@@ -212,7 +212,8 @@ def main() -> int:
         config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
                           f"rate_limit = 0.0\n")
         edge = subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "edge", "serve", "--workers", "1", "--config", str(config),
+            ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "edge", "serve", "--workers", str(SERVERS),
+             "--config", str(config),
              "--view", str(work / "view.json"), "--state-dir", str(work / "state"), "--log-level", "warning",
              "--dns-listen", f"127.0.0.1:{edge_port}", "--metadata-listen", f"127.0.0.1:{free_port()}",
              "--admin-listen", f"127.0.0.1:{free_port()}"], cwd=ROOT, stderr=subprocess.DEVNULL)

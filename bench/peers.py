@@ -353,11 +353,11 @@ def start_dns_server(kind: str, directory: Path, cores: CorePlan, data: DnsData)
     """One of DNS_SERVERS on the server cores, configured as in the comparisons, answering ``data``; ready and
     (edge) warmed: (process, port)."""
     from bench import dns_load
-    from bench.peer_configs import dnsmasq_local_args, write_nsd
+    from bench.peer_configs import SERVERS, dnsmasq_local_args, write_nsd
 
     port = free_port()
     if kind == "edge":
-        process, _, port = _edge_serve(directory, cores, 1, str(data.view_path), "[dns]\nrate_limit = 0.0\n")
+        process, _, port = _edge_serve(directory, cores, SERVERS, str(data.view_path), "[dns]\nrate_limit = 0.0\n")
     elif kind == "nsd":
         conf = write_nsd(directory / f"nsd-{port}", port, data.zone_texts)
         process = subprocess.Popen(cores.pin_server(["nsd", "-d", "-c", str(conf)]), stdin=subprocess.DEVNULL,
