@@ -407,6 +407,8 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
         "serial": 0,
         "cloud": {
             "region": options.region,
+            # services/domain in the view's own answers too (VmInstanceMetadata: the DNS domain).
+            "services_domain": options.dns_domain.strip("."),
             "internal_domain": internal_domain,
             "public_domain": public_domain,
             "private_name_template": private_prefix + "{ip}",

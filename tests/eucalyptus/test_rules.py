@@ -77,6 +77,7 @@ def test_a_missing_mac_is_a_warning_and_the_instance_is_served_without_mac_paths
     renderer = Renderer(None, 100)  # type: ignore[arg-type]  # no identity paths asked here
     assert renderer.lookup(snapshot, instance, b"/latest/meta-data/local-ipv4").body == b"172.16.0.12"
     assert renderer.lookup(snapshot, instance, b"/latest/meta-data/mac") is None
+    assert renderer.lookup(snapshot, instance, b"/latest/meta-data/services/domain").body == b"cloud.example"
     assert renderer.lookup(snapshot, instance, b"/latest/meta-data/network/interfaces/macs/").body == b""
     assert "d0:0d:ab:6b:40:9c" in snapshot.by_mac  # the others keep theirs
     assert split_path(b"/latest/meta-data/mac") == ["latest", "meta-data", "mac"]
@@ -189,3 +190,48 @@ def test_intip_addresses_are_in_mido_md_cidr_whatever_it_is(caplog) -> None:
     with pytest.raises(ConfigError, match="mido_md_cidr"):
         from edge.config import load_config
         load_config(None, env={"EDGE_EUCALYPTUS_MIDO_MD_CIDR": "not-a-cidr"})
+
+
+# -- the profile against the emulated controller, on Eucalyptus's own test documents ------------
+
+def _paths(entries: dict[str, str]) -> set[str]:
+    """Every path of a map, with and without a trailing slash, and every directory above one."""
+    paths = set()
+    for path in entries:
+        segments = path.split("/")
+        for depth in range(1, len(segments) + 1):
+            paths.update({"/".join(segments[:depth]), "/".join(segments[:depth]) + "/"})
+    return paths
+
+
+@pytest.mark.parametrize("fixture", ["gni-networkinfotest.xml", "gni-4x-networkinfotest.xml"])
+@pytest.mark.parametrize("version, use_instance_dns", [("5", False), ("5", True), ("4", False), ("4", True)])
+def test_the_profile_answers_as_the_controller_on_eucalyptus_test_documents(fixture: str, version: str,
+                                                                            use_instance_dns: bool) -> None:
+    """NetworkInfoTest (cluster-common, 5.x) and the 4.x NetworkInfoTest (cluster-manager) documents, with
+    the mode eucanetd requires: every path edge answers from the GNI is the controller's answer."""
+    from edge.eucalyptus.profile import EucalyptusProfile, ProfileOptions
+    from tests.eucalyptus.emulator import Cloud, Controller, records_from_gni
+
+    document = _with_mode(fixture_bytes(fixture))
+    options = GniOptions(version=version, dns_domain="cloud.example")
+    snapshot = build_snapshot(decode_gni(document, options))
+    profile = EucalyptusProfile(ProfileOptions(options, use_instance_dns))
+    controller = Controller(Cloud(vpc=False, version=version, use_instance_dns=use_instance_dns,
+                                  dns_domain="cloud.example",
+                                  instance_subdomain=".eucalyptus" if version == "4" else ".compute"),
+                            records_from_gni(document, {}))
+    compared = 0
+    for instance in snapshot.view.instances:
+        record = controller.records[instance.id]
+        entries = {**controller._core(record), **controller._network(record)}
+        for path in sorted(_paths(entries)):
+            mine = profile.answer(snapshot, instance, f"latest/meta-data/{path}")
+            if mine is None:
+                continue  # the controller's to answer (asked, cached, prefetched)
+            status, body = controller.respond(record.private_ip, f"/latest/meta-data/{path}", "169.254.169.254", None)
+            assert (status, body) == (200, mine), path
+            compared += 1
+    assert compared >= 20
+    assert profile.answer(snapshot, snapshot.view.instances[0], "") == \
+        controller.respond("1.0.0.33", "/", "169.254.169.254", None)[1]
