@@ -87,6 +87,13 @@ def judge(measured: Iterable[tuple[str, str, float, str]],
     return verdicts
 
 
+def ranges_table(expected: Mapping[tuple[str, str], tuple[float, float]] = EXPECTED) -> str:
+    """The expected ranges as a Markdown table (bench/RESULTS.md shows it)."""
+    lines = ["| peer | workload | expected rate on this machine kind |", "|---|---|---:|"]
+    lines += [f"| {peer} | {workload} | {low:,.0f}-{high:,.0f} |" for (peer, workload), (low, high) in expected.items()]
+    return "\n".join(lines)
+
+
 def markdown(verdicts: Sequence[Calibration]) -> str:
     lines = ["| peer | workload | rate in a short run | expected on this machine kind | verdict |",
              "|---|---|---:|---:|---|"]

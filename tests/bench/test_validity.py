@@ -113,3 +113,11 @@ def test_the_report_header_says_whether_the_run_can_be_trusted() -> None:
     line = validity(flagged)
     assert line.startswith("**Validity: calibration flagged") and "INVALID comparisons" in line
     assert "DNS" in line and "not measured: Boot storm" in line
+
+
+def test_results_show_the_calibration_ranges_in_force() -> None:
+    from bench.calibration import ranges_table
+
+    results = (Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md").read_text()
+    assert ranges_table() in results
+    assert "| nsd | local hits | 260,000-460,000 |" in ranges_table()
