@@ -160,6 +160,7 @@ class Gateway:
             self._supervised = SupervisedRefresh(self.control)
             self._supervised.poller = self.poller
             self._supervised.on_lost = self._orphaned
+            self._supervised.on_freeze = self._hold_unknown_sources
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
             await self.poller.poll_once()
             if self.store.current is None:
@@ -253,6 +254,13 @@ class Gateway:
         """The supervisor died (crash, kill -9): stop at once, without the drain delay."""
         self._supervisor_lost = True
         self._stopping.set()
+
+    def _hold_unknown_sources(self) -> None:
+        """Kept on its view during a swap by restart: unknown addresses wait for the new workers."""
+        for service in self.services:
+            hold = getattr(service, "hold_unknown_sources", None)
+            if hold is not None:
+                hold()
 
 
 def state_dir_contents(config: Config) -> list[str]:

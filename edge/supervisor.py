@@ -374,6 +374,8 @@ class SupervisedRefresh:
         self.poller: Poller | None = None
         self.on_lost: Callable[[], None] | None = None
         """Called when the supervisor is gone (without it: SIGTERM to this worker)."""
+        self.on_freeze: Callable[[], None] | None = None
+        """Called when this worker is told to keep its view (a replacement is building the next one)."""
         self.frozen = False
         self._waiters: list[asyncio.Future[None]] = []
         self._polled = asyncio.Event()
@@ -397,6 +399,8 @@ class SupervisedRefresh:
             if FREEZE in data and self.poller is not None and not self.frozen:
                 # A replacement worker will serve the next view; this one keeps what it has.
                 self.frozen = True
+                if self.on_freeze is not None:
+                    self.on_freeze()
                 await self.poller.stop()
             if POLL_DONE in data and self.poller is not None:
                 waiters, self._waiters = self._waiters, []

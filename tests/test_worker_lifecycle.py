@@ -31,7 +31,8 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra: str) -> subprocess.Popen:
+def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra: str,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(tmp_path / "edge.log", "ab")
     try:
         return subprocess.Popen(
@@ -39,7 +40,7 @@ def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra
              "--workers", "2", "--metadata-listen", f"127.0.0.1:{metadata_port}",
              "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra],
             stdout=log, stderr=log, cwd=ROOT,
-            env={**os.environ, "EDGE_VIEW_CONNECT_TIMEOUT": "60", "EDGE_VIEW_READ_TIMEOUT": "60"})
+            env={**os.environ, "EDGE_VIEW_CONNECT_TIMEOUT": "60", "EDGE_VIEW_READ_TIMEOUT": "60", **(env or {})})
     finally:
         log.close()
 
@@ -154,4 +155,88 @@ def test_a_restart_with_etcd_hung_answers_from_the_cached_token_keys(tmp_path: P
             process.kill()
             process.wait(5)
         hung.close()
+        kill_leftovers(marker)
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def test_a_worker_kept_on_its_view_during_a_swap_does_not_404_a_new_instance(tmp_path: Path) -> None:
+    """During a swap by restart, old workers keep their view; an instance that is only in the new one
+    must not be told 404 by them (it would stop looking), but wait for a worker that knows it."""
+    import http.client
+    import json
+    import time
+
+    from bench.generate import generate_view
+
+    view = tmp_path / "view.json"
+
+    def publish(document: dict) -> None:
+        temporary = tmp_path / "view.json.tmp"
+        temporary.write_text(json.dumps(document))
+        temporary.rename(view)
+
+    def get(source: str, timeout: float) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", metadata_port, timeout=timeout,
+                                                source_address=(source, 0))
+        try:
+            connection.request("GET", "/latest/meta-data/instance-id")
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    first = generate_view(instances=30, networks=1, loopback=True, serial=1, user_data_bytes=16)
+    publish(first)
+    metadata_port = free_port()
+    marker = str(tmp_path / "state")
+    process = serve(tmp_path, str(view), free_port(), metadata_port, "--poll-interval", "0.5",
+                    env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "10"})
+    stopped: list[int] = []
+    try:
+        known = first["instances"][0]["interfaces"][0]["private_ips"][0]
+        wait_until(lambda: get(known, 2)[0] == 200, timeout=30)
+        wait_until(lambda: len(children(process.pid)) == 2, timeout=10)
+        serving = children(process.pid)
+        # The next serial needs a full build (the cloud changed) and has one instance more.
+        second = generate_view(instances=31, networks=1, loopback=True, serial=2, user_data_bytes=16)
+        second["cloud"]["region"] = "generated-2"
+        newcomer = second["instances"][30]
+        address = newcomer["interfaces"][0]["private_ips"][0]
+        publish(second)
+        # Hold the swap: the first replacement is stopped before it can bind, so only the old
+        # workers (told to keep their view) are listening.
+        deadline = time.monotonic() + 20
+        while not stopped and time.monotonic() < deadline:
+            for pid in children(process.pid) - serving:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            time.sleep(0.002)
+        assert stopped, (tmp_path / "edge.log").read_text()[-3000:]
+        try:
+            status, body = get(address, timeout=4)
+        except (TimeoutError, OSError):
+            status, body = 0, b""  # held: no answer (the old worker will close it when it is retired)
+        assert status != 404, body
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        wait_until(lambda: get(address, 2) == (200, newcomer["id"].encode()), timeout=60, interval=0.2)
+        assert get(known, 2)[0] == 200
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        process.kill()
+        process.wait(5)
         kill_leftovers(marker)

@@ -169,6 +169,10 @@ class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the outcome is on the protocol."""
 
 
+class LeaveUnanswered(Exception):
+    """Raised by a slow step: close the connection without an answer, so the client retries elsewhere."""
+
+
 class MetadataProtocol(asyncio.Protocol):
     # Slots: a connection is set up for every request of a typical client, so its cost counts.
     __slots__ = ("service", "network", "limits", "handler", "store", "transport", "peer", "parser",
@@ -499,6 +503,11 @@ class MetadataProtocol(asyncio.Protocol):
                                                        _time(), _monotonic())
                     result = finished
         except asyncio.CancelledError:
+            return
+        except LeaveUnanswered:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
             return
         except Exception:
             log.exception("metadata slow path failed peer=%s", self.peer.address if self.peer else "-")

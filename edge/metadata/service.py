@@ -25,7 +25,7 @@ from edge.metadata.fallback import MetadataFallback
 from edge.metadata.handler import MetadataHandler
 from edge.metadata.identify import TrustedProxies
 from edge.metadata.identity import IdentitySigner, ensure_signer, load_signer
-from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
+from edge.metadata.protocol import LeaveUnanswered, Listeners, MetadataProtocol, ProtocolLimits
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
 from edge.ratelimit import RateLimiter
@@ -35,6 +35,8 @@ from edge.view.store import ViewStore
 log = logging.getLogger("edge.metadata")
 
 TOKEN_KEY_FILE = "token-keys"
+UNKNOWN_HOLD_MAX = 60.0
+"""Longest a worker kept on its view during a swap by restart holds a request from an address it does not know."""
 
 def token_key_path(config: Config) -> Path:
     return Path(config.metadata.token_key_file or Path(config.view.state_dir) / TOKEN_KEY_FILE)
@@ -89,6 +91,8 @@ class MetadataService(Listeners):
         self._refresh_started = 0.0
         self.refreshes = 0
         """Refreshes asked for by unknown addresses (exported by export_metrics)."""
+        self.holding_unknown = False
+        """Set by hold_unknown_sources (a worker kept on its view while a replacement builds the next one)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -202,9 +206,25 @@ class MetadataService(Listeners):
 
     # -- unknown sources -------------------------------------------------------------------------
 
+    def hold_unknown_sources(self) -> None:
+        """This process keeps its view while a replacement builds the next one (a swap by restart).
+
+        An address it does not know may well be in that next view: rather than a 404, a request
+        from one waits until this process is retired and is then closed unanswered, so the client's
+        retry reaches a worker that serves the new view (at most ``UNKNOWN_HOLD_MAX``, then 404).
+        """
+        self.holding_unknown = True
+
     async def await_source(self, network: str, address: str) -> None:
         """Refresh the view (shared with every other waiter) until it knows the address or time is up."""
         loop = asyncio.get_running_loop()
+        if self.holding_unknown:
+            deadline = loop.time() + UNKNOWN_HOLD_MAX
+            while loop.time() < deadline:
+                if self.stopping:
+                    raise LeaveUnanswered
+                await asyncio.sleep(0.05)
+            return
         arrived = loop.time()
         deadline = arrived + self.config.metadata.unknown_source_wait
         while True:
