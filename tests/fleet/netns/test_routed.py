@@ -13,17 +13,24 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.fleet.netns.topology import (CONTAINER_ADDRESS, DNS_ADDRESS, INTERNAL_DOMAIN, METADATA_ADDRESS, ROOT,
-                                        ROLE_ACCESS_KEY, RoutedFleet, instance_addresses)
+from tests.fleet.netns.topology import (
+    CONTAINER_ADDRESS,
+    DNS_ADDRESS,
+    INTERNAL_DOMAIN,
+    METADATA_ADDRESS,
+    ROLE_ACCESS_KEY,
+    RoutedFleet,
+    instance_addresses,
+)
+from tests.support import cloud_init_pythonpath, extracted_client
 
 BASE = f"http://{METADATA_ADDRESS}"
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def curl(namespace, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -37,23 +44,16 @@ def admin(gateway, path: str) -> tuple[int, str]:
     return int(status or 0), body
 
 
-def cloud_init_environment() -> dict[str, str] | None:
-    """Environment under which the system python imports cloud-init (installed, or extracted by tests/run)."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.pop("PYTHONPATH", None)
-    candidates = [None, str(ROOT / ".venv" / "debroot" / "usr" / "lib" / "python3" / "dist-packages")]
-    for path in candidates:
-        trial = dict(env, PYTHONPATH=path) if path else env
-        if Path(SYSTEM_PYTHON).exists() and subprocess.run(
-                [SYSTEM_PYTHON, "-c", "import cloudinit.sources.helpers.ec2"], env=trial,
-                capture_output=True).returncode == 0:
-            return trial
-    return None
+def client_environment(**extra: str) -> dict[str, str]:
+    """The environment for a client in an instance namespace: no proxy, the venv's Python path left out."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "PYTHONPATH"}
+    return {**env, **extra}
 
 
 def ec2_metadata_command() -> str | None:
-    extracted = ROOT / ".venv" / "debroot" / "usr" / "bin" / "ec2-metadata"
-    return shutil.which("ec2-metadata") or (str(extracted) if extracted.exists() else None)
+    """amazon-ec2-utils' ec2-metadata: extracted by tests/run, or installed."""
+    extracted = extracted_client("ec2-metadata")
+    return str(extracted) if extracted is not None else shutil.which("ec2-metadata")
 
 
 CLOUD_INIT_CRAWL = textwrap.dedent("""
@@ -110,18 +110,18 @@ def test_2_real_clients_through_the_router(routed_fleet: RoutedFleet) -> None:
     # dying at the router would hang it: the subprocess timeout turns that into a failure.
     ec2_metadata = ec2_metadata_command()
     if ec2_metadata is None:
-        pytest.skip("ec2-metadata is not available (amazon-ec2-utils)")
-    result = a.run(ec2_metadata, "--instance-id", "--local-ipv4", check=False, timeout=30,
-                   env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+        pytest.skip("ec2-metadata is not available (amazon-ec2-utils; bash tests/run extracts it)")
+    result = a.run(ec2_metadata, "--instance-id", "--local-ipv4", check=False, timeout=30, env=client_environment())
     assert result.returncode == 0, result.stderr
     assert f"instance-id: {fleet.expected[first_a]}" in result.stdout
     assert f"local-ipv4: {first_a}" in result.stdout
 
     # cloud-init's EC2 crawl with a token, from subnet B.
-    env = cloud_init_environment()
-    if env is None:
-        pytest.skip("cloud-init is not available to the system python")
-    crawl = b.run(SYSTEM_PYTHON, "-c", CLOUD_INIT_CRAWL, BASE, check=False, timeout=60, env=env)
+    pythonpath = cloud_init_pythonpath()
+    if pythonpath is None:
+        pytest.skip("cloud-init is not extracted into .venv/debroot (bash tests/run does it)")
+    crawl = b.run(sys.executable, "-c", CLOUD_INIT_CRAWL, BASE, check=False, timeout=60,
+                  env=client_environment(PYTHONPATH=pythonpath))
     assert crawl.returncode == 0, crawl.stderr
     document = json.loads(crawl.stdout)
     first_b = instance_addresses("b", 1)[0]
@@ -130,8 +130,7 @@ def test_2_real_clients_through_the_router(routed_fleet: RoutedFleet) -> None:
     assert document["ud"].startswith("#cloud-config")
 
     # botocore's credential provider (IMDSv2, then the role's credentials).
-    boto = a.run(str(ROOT / ".venv" / "bin" / "python"), "-c", BOTOCORE_CREDENTIALS, check=False, timeout=60,
-                 env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+    boto = a.run(sys.executable, "-c", BOTOCORE_CREDENTIALS, check=False, timeout=60, env=client_environment())
     assert boto.returncode == 0, boto.stderr
     assert json.loads(boto.stdout)["access_key"] == ROLE_ACCESS_KEY
 
