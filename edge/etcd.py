@@ -257,6 +257,14 @@ class EtcdClient:
                                         f"the {self.max_value}-byte cap")
         return page
 
+    def count(self, start: bytes, end: bytes) -> tuple[int, int]:
+        """(the cluster's revision, how many keys are in [start, end)): answered from etcd's index alone."""
+        answer = self.call("/v3/kv/range", {"key": _b64(start), "range_end": _b64(end), "count_only": True})
+        try:
+            return int(answer["header"]["revision"]), int(answer.get("count", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
+
     def txn(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
         """Put and delete keys in one transaction; the new revision."""
         operations: list[dict[str, object]] = [

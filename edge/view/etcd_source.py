@@ -257,21 +257,18 @@ class EtcdKeyspaceSource:
         return key[len(self.prefix):].decode("utf-8", "replace")
 
     def _catch_up(self) -> None:
-        """The safety net: changes since the mirror's revision, and the key count."""
-        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS, min_mod_revision=self.revision + 1)
-        revision, count = page.revision, page.count
-        if revision < self.revision:
-            # The cluster was restored from a backup to an older revision: start over.
-            self.revision = self._watch_revision = 0
-            self._read_everything()
-            return
-        kvs = list(page.kvs)
-        while page.more and page.kvs:
-            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision,
-                                          min_mod_revision=self.revision + 1)
-            kvs += page.kvs
+        """The safety net: changes since the mirror's revision, and the key count.
+
+        First a count, which etcd answers from its index: when the cluster's revision is the
+        mirror's and the count matches, nothing was written anywhere since, and the poll
+        ends there.  Otherwise a range asks for the keys modified since the mirror's
+        revision, which makes etcd read the prefix's values (it filters by revision after
+        reading), so it is asked only when something was written.
+        """
         awaiting = self._awaiting_watch
-        if (awaiting is not None and self._watch is not None and self._watch_revision < awaiting[0]
+        if awaiting is not None and self._watch_revision >= awaiting[0]:
+            awaiting = self._awaiting_watch = None  # the watch has caught up with what a poll found
+        if (awaiting is not None and self._watch is not None
                 and time.monotonic() - awaiting[1] >= self.stall_after):
             # Changes an earlier poll found have still not come through the watch: it is stuck.
             event(log, logging.WARNING, "etcd watch stalled; reading every key again", source=self.description,
@@ -279,14 +276,27 @@ class EtcdKeyspaceSource:
             self.watch_restarts += 1
             self._read_everything()
             return
+        revision, count = self.client.count(self.prefix, self.end)
+        if revision < self.revision:
+            # The cluster was restored from a backup to an older revision: start over.
+            self.revision = self._watch_revision = 0
+            self._read_everything()
+            return
+        if revision == self.revision and count == len(self.keyspace.keys):
+            return
+        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS, min_mod_revision=self.revision + 1)
+        revision, count = page.revision, page.count
+        kvs = list(page.kvs)
+        while page.more and page.kvs:
+            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision,
+                                          min_mod_revision=self.revision + 1)
+            kvs += page.kvs
         for kv in kvs:
             self.keyspace.put(self._name(kv.key), kv.value, kv.mod_revision)
         self.caught_up += len(kvs)
         self.revision = max(self.revision, revision)
         if kvs and self._watch is not None and awaiting is None:
             self._awaiting_watch = (max(kv.mod_revision for kv in kvs), time.monotonic())
-        elif awaiting is not None and self._watch_revision >= awaiting[0]:
-            self._awaiting_watch = None
         if count != len(self.keyspace.keys):
             # Keys were deleted and the watch has not said so: only a full read finds which.
             self._read_everything()

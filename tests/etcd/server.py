@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import shutil
 import signal
@@ -259,6 +260,9 @@ class RecordingProxy:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path == "/v3/watch" and proxy.mode == "forward":
+                    self._relay_stream(body)  # streamed through as it comes, and not recorded
+                    return
                 if proxy.mode == "hang":
                     time.sleep(5)
                     return
@@ -280,6 +284,25 @@ class RecordingProxy:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _relay_stream(self, body: bytes) -> None:
+                host, _, port = proxy.target.rpartition(":")
+                upstream = http.client.HTTPConnection(host, int(port), timeout=None)
+                try:
+                    upstream.request("POST", self.path, body=body, headers={"Content-Type": "application/json"})
+                    response = upstream.getresponse()
+                    self.send_response(response.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    while chunk := response.read1(65536):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+                finally:
+                    upstream.close()
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

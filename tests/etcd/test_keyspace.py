@@ -275,6 +275,38 @@ def test_bad_values_in_etcd_are_problems_of_their_keys_never_a_lost_view(etcd) -
         source.close()
 
 
+def test_an_idle_poll_costs_etcd_one_count_from_its_index(etcd) -> None:
+    publish(encode(demo(1)), publisher(etcd.endpoint))
+    proxy = RecordingProxy(etcd.endpoint).start()
+    source = keyspace_source(proxy.endpoint)
+    try:
+        assert fetch(source) is not None
+        wait_until(lambda: source._watch is not None)
+        proxy.exchanges.clear()
+        assert fetch(source) is None
+        assert [e.request.get("count_only") for e in proxy.exchanges] == [True]
+        # The watch (streamed through the proxy) is alive and brings the next change.
+        etcd.put(PREFIX + "serial", "2")
+        wait_until(lambda: source.watch_events == 1)
+        proxy.exchanges.clear()
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 2
+        assert [e.request.get("count_only") for e in proxy.exchanges] == [True]
+        # A write elsewhere in the cluster moves its revision: one range finds nothing of ours,
+        # and the polls after it are counts again.
+        etcd.put("elsewhere/key", "x")
+        proxy.exchanges.clear()
+        assert fetch(source) is None
+        assert [bool(e.request.get("count_only")) for e in proxy.exchanges] == [True, False]
+        assert "min_mod_revision" in proxy.exchanges[1].request
+        proxy.exchanges.clear()
+        assert fetch(source) is None
+        assert [e.request.get("count_only") for e in proxy.exchanges] == [True]
+    finally:
+        source.close()
+        proxy.close()
+
+
 def test_deletions_the_watch_missed_are_found_by_the_next_poll(etcd) -> None:
     document = demo(1)
     publish(encode(document), publisher(etcd.endpoint))
