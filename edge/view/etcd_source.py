@@ -103,8 +103,6 @@ class EtcdSource:
             raise SourceError(str(exc)) from None
 
 
-
-
 # -- the view as a keyspace ---------------------------------------------------------------------------
 
 WATCH_STALL_AFTER = 5.0
@@ -131,13 +129,13 @@ class EtcdKeyspaceSource:
     streaming ``/v3/watch``; each event is applied to the mirror as it arrives and the
     poller is told to poll, which delivers the new view once its serial has risen.
 
-    Every scheduled poll is also a safety net: one range request asks for the keys
-    modified since the mirror's revision (header only when there are none) and the
-    number of keys under the prefix.  Changes the watch has not delivered are applied;
-    changes it has failed to deliver for a whole poll interval mean it stalled, and a
-    count that differs from the mirror's means deletions were missed: both end in a
-    fresh read of every key, as does a watch that breaks, is compacted or sends
-    anything but watch messages.  So a gateway is never more than one poll behind.
+    Every scheduled poll is also a safety net (:meth:`_catch_up`): a count of the keys
+    under the prefix and, when the cluster's revision has moved, the keys modified since
+    the mirror's revision.  Changes the watch has not delivered are applied; changes it
+    has still not reported ``stall_after`` seconds later mean it stalled, and a count
+    that differs from the mirror's means deletions were missed: both end in a fresh
+    read of every key, as does a watch that breaks, is compacted or sends anything but
+    watch messages.  So a gateway is never more than one poll behind.
     """
 
     def __init__(self, spec: str, config: ViewConfig) -> None:
