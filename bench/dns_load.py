@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +84,9 @@ class Result:
     errors: int = 0
     """Answers whose response code is not NOERROR: every question here has an answer."""
     drops: int = 0
-    """Queries the kernel dropped at the server's sockets during the run (receive buffer full), from
-    /proc/net/udp: the server's own count of what it never saw."""
+    """Queries the kernel dropped at the server's sockets during the run (receive buffer full, from
+    /proc/net/udp), plus those the server itself counted as failed where it counts them (NSD's
+    num.rxerr/txerr/dropped, edge's edge_replies_dropped_total)."""
 
 
 def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = ()) -> str:
@@ -103,16 +106,47 @@ def udp_drops(port: int, table: str = "/proc/net/udp") -> int:
     return dropped
 
 
+def nsd_errors(conf: Path) -> int:
+    """NSD's own count of queries it failed: receive and send errors and dropped queries (``nsd-control
+    stats_noreset``: num.rxerr + num.txerr + num.dropped); needs the remote control of bench/peer_configs.py."""
+    done = subprocess.run(["nsd-control", "-c", str(conf), "stats_noreset"], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"nsd-control stats_noreset failed: {(done.stdout + done.stderr).strip()[-300:]}")
+    values = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    return sum(int(float(values.get(key, "0"))) for key in ("num.rxerr", "num.txerr", "num.dropped"))
+
+
+EDGE_EXPORT_INTERVAL = 1.0
+"""Seconds between a worker's copies of its plain counters into /metrics (edge/dns/service.py)."""
+
+
+def edge_errors(admin_port: int, settle: bool = True) -> int:
+    """edge's own count of DNS answers it could not send (``edge_replies_dropped_total{protocol="dns"}`` on its
+    admin listener's /metrics); with ``settle``, read after the workers' next export of their counters."""
+    if settle:
+        time.sleep(EDGE_EXPORT_INTERVAL * 1.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return int(sum(float(value) for value in
+                   re.findall(r'^edge_replies_dropped_total\{[^}]*protocol="dns"[^}]*\} ([\d.e+]+)$', text,
+                              re.MULTILINE)))
+
+
 def measure(name: str, workload: str, pid: int, port: int, queries: Path, seconds: float,
-            latency: bool = True) -> Result:
+            latency: bool = True, own_errors: Callable[[], int] | None = None) -> Result:
     """One full-load dnsperf run against the server ``pid`` on ``port``; with ``latency``, then a second,
-    rate-limited run for p50/p99."""
+    rate-limited run for p50/p99.  ``own_errors`` reads the server's own count of failed queries (its
+    increase over the run is added to the kernel's socket drops)."""
+    own_before = own_errors() if own_errors else 0  # first: reading them costs the server CPU too
     user_before, system_before = cpu_user_system(pid)
     drops_before = udp_drops(port)
     output = dnsperf(port, queries, seconds)
     drops = udp_drops(port) - drops_before
-    user_after, system_after = cpu_user_system(pid)
-    user, system = user_after - user_before, system_after - system_before
+    user_after_run, system_after_run = cpu_user_system(pid)
+    if own_errors:
+        drops += own_errors() - own_before
+    user, system = user_after_run - user_before, system_after_run - system_before
     used = user + system
     completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
     lost = int(re.search(r"Queries lost:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
@@ -207,7 +241,7 @@ def main() -> int:
         wait_udp(upstream_port, "host1.upstream.test")
 
         # edge: one worker; the per-source rate limit is off because all load comes from one address.
-        edge_port = free_port()
+        edge_port, edge_admin_port = free_port(), free_port()
         config = work / "edge.toml"
         config.write_text(f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
                           f"rate_limit = 0.0\n")
@@ -216,7 +250,7 @@ def main() -> int:
              "--config", str(config),
              "--view", str(work / "view.json"), "--state-dir", str(work / "state"), "--log-level", "warning",
              "--dns-listen", f"127.0.0.1:{edge_port}", "--metadata-listen", f"127.0.0.1:{free_port()}",
-             "--admin-listen", f"127.0.0.1:{free_port()}"], cwd=ROOT, stderr=subprocess.DEVNULL)
+             "--admin-listen", f"127.0.0.1:{edge_admin_port}"], cwd=ROOT, stderr=subprocess.DEVNULL)
         processes.append(edge)
 
         # NSD, one server process, response rate limiting off (bench/peer_configs.py).
@@ -241,14 +275,16 @@ def main() -> int:
             wait_udp(port, questions[0].split()[0])
         dnsperf(edge_port, hits, 1)  # first use renders and memoizes each answer
         dnsperf(edge_port, forwarded, 1, ("-Q", "5000"))  # fill the forwarding cache
-        targets = [("edge", "all hits", edge.pid, edge_port, hits),
-                   ("edge", "forwarded, cache hits", edge.pid, edge_port, forwarded),
-                   ("nsd", "all hits", nsd.pid, nsd_port, hits),
-                   ("dnsmasq", "all hits", dnsmasq.pid, dnsmasq_port, hits)]
+        edge_counted = lambda: edge_errors(edge_admin_port)  # noqa: E731
+        nsd_counted = lambda: nsd_errors(nsd_conf)  # noqa: E731
+        targets = [("edge", "all hits", edge.pid, edge_port, hits, edge_counted),
+                   ("edge", "forwarded, cache hits", edge.pid, edge_port, forwarded, edge_counted),
+                   ("nsd", "all hits", nsd.pid, nsd_port, hits, nsd_counted),
+                   ("dnsmasq", "all hits", dnsmasq.pid, dnsmasq_port, hits, None)]
         # Interleaved rounds, medians reported: the host is shared and noisy.
         for _ in range(options.rounds):
-            rounds.append([measure(name, workload, pid, port, queries, options.seconds)
-                           for name, workload, pid, port, queries in targets])
+            rounds.append([measure(name, workload, pid, port, queries, options.seconds, own_errors=counted)
+                           for name, workload, pid, port, queries, counted in targets])
     finally:
         for process in processes:
             stop(process)

@@ -62,6 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NSD", "receive-buffer-size / send-buffer-size", str(SOCKET_BUFFER), "edge's UDP buffer size",
             "nsd.conf(5)"),
     Setting("NSD", "verbosity", "0", "no per-query logging", "nsd.conf(5)"),
+    Setting("NSD", "control-enable / control-interface", "yes / a unix socket", "to read NSD's own counters "
+            "(num.rxerr, num.txerr, num.dropped) around each counted run; served by NSD's xfrd process, not the "
+            "server process", "nsd.conf(5), nsd-control(8)"),
     Setting("Knot DNS", "udp-workers", str(SERVERS), "one UDP thread", "knot.conf(5)"),
     Setting("Knot DNS", "tcp-workers / background-workers", "1", "no extra threads competing for the core",
             "knot.conf(5)"),
@@ -123,7 +126,8 @@ def nsd_conf(directory: Path, port: int, zones: Iterable[str], servers: int = SE
         f'  logfile: "{directory}/nsd.log"\n'
         "  verbosity: 0\n"
         "remote-control:\n"
-        "  control-enable: no\n"
+        "  control-enable: yes\n"
+        f"  control-interface: {directory}/nsd.ctl\n"
         + "".join(f"zone:\n  name: {apex}\n  zonefile: {apex}.zone\n" for apex in zones))
 
 

@@ -193,15 +193,16 @@ def metadata_vs_nginx(directory: Path, cores: CorePlan, duration: float) -> list
 
 
 def _edge_serve(directory: Path, cores: CorePlan, workers: int, view: str, config_text: str) -> tuple[
-        subprocess.Popen, int, int]:
+        subprocess.Popen, int, int, int]:
+    """``edge serve`` on the server cores: (process, metadata port, DNS port, admin port)."""
     config = directory / f"edge-serve-w{workers}.toml"
     config.write_text(config_text)
-    metadata_port, dns_port = free_port(), free_port()
+    metadata_port, dns_port, admin_port = free_port(), free_port(), free_port()
     argv = cores.pin_server([sys.executable, "-m", "edge", "serve", "--config", str(config), "--view", view,
                              "--state-dir", str(directory / f"state-w{workers}"), "--workers", str(workers),
                              "--log-level", "warning", "--metadata-listen", f"127.0.0.1:{metadata_port}",
-                             "--dns-listen", f"127.0.0.1:{dns_port}", "--admin-listen", f"127.0.0.1:{free_port()}"])
-    return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL), metadata_port, dns_port
+                             "--dns-listen", f"127.0.0.1:{dns_port}", "--admin-listen", f"127.0.0.1:{admin_port}"])
+    return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL), metadata_port, dns_port, admin_port
 
 
 def metadata_workers(directory: Path, cores: CorePlan, duration: float) -> list[Sample]:
@@ -210,7 +211,7 @@ def metadata_workers(directory: Path, cores: CorePlan, duration: float) -> list[
 
     samples = []
     for workers in (1, 2):
-        process, port, _ = _edge_serve(directory, cores, workers, "demo",
+        process, port, _, _ = _edge_serve(directory, cores, workers, "demo",
                                        "[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
         try:
             _wait_http(port, metadata_load.PATH, metadata_load.BODY)
@@ -274,8 +275,9 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
     samples: list[Sample] = []
     processes: list[subprocess.Popen] = []
 
-    def record(server: str, workload: str, process: subprocess.Popen, port: int, queries: Path) -> None:
-        result = dns_load.measure(server, workload, process.pid, port, queries, seconds)
+    def record(server: str, workload: str, process: subprocess.Popen, port: int, queries: Path,
+               own_errors: Callable[[], int] | None = None) -> None:
+        result = dns_load.measure(server, workload, process.pid, port, queries, seconds, own_errors=own_errors)
         samples.append(Sample(server, workload, result.qps, result.cpu_us_per_query, result.p50_ms, result.p99_ms,
                               result.errors, result.lost, result.drops))
 
@@ -300,14 +302,15 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
         config = (f'[dns]\nupstreams = ["127.0.0.1:{upstream_port}"]\nrecursion_cidrs = ["127.0.0.0/8"]\n'
                   "rate_limit = 0.0\n")
         for workers in (1, 2):
-            edge, _, dns_port = _edge_serve(directory, cores, workers, str(data.view_path), config)
+            edge, _, dns_port, admin_port = _edge_serve(directory, cores, workers, str(data.view_path), config)
             processes.append(edge)
             dns_load.wait_udp(dns_port, data.first_name)
             dns_load.dnsperf(dns_port, data.hits, 1)  # first use renders and memoizes each answer
-            record(f"edge --workers {workers}", "all hits", edge, dns_port, data.hits)
+            counted = lambda: dns_load.edge_errors(admin_port)  # noqa: E731
+            record(f"edge --workers {workers}", "all hits", edge, dns_port, data.hits, counted)
             if workers == 1:
                 dns_load.dnsperf(dns_port, data.forwarded, 1, ("-Q", "5000"))  # fill the cache
-                record("edge", "forwarded, cache hits", edge, dns_port, data.forwarded)
+                record("edge", "forwarded, cache hits", edge, dns_port, data.forwarded, counted)
             stop(edge)
 
         forwarder_port = free_port()
@@ -357,7 +360,8 @@ def start_dns_server(kind: str, directory: Path, cores: CorePlan, data: DnsData)
 
     port = free_port()
     if kind == "edge":
-        process, _, port = _edge_serve(directory, cores, SERVERS, str(data.view_path), "[dns]\nrate_limit = 0.0\n")
+        process, _, port, _ = _edge_serve(directory, cores, SERVERS, str(data.view_path),
+                                          "[dns]\nrate_limit = 0.0\n")
     elif kind == "nsd":
         conf = write_nsd(directory / f"nsd-{port}", port, data.zone_texts)
         process = subprocess.Popen(cores.pin_server(["nsd", "-d", "-c", str(conf)]), stdin=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ import dns.rcode
 import pytest
 
 from bench.common import free_port, start_dnsmasq, stop, wait_tcp
+from bench.dns_load import nsd_errors
 from bench.peer_configs import (
     SERVERS,
     SETTINGS,
@@ -42,6 +43,7 @@ def test_nsd_config_turns_rate_limiting_off_with_edges_worker_count(tmp_path: Pa
     assert options["server-count"] == str(SERVERS) == "1"
     assert options["reuseport"] == "yes"
     assert options["receive-buffer-size"] == str(4 * 1024 * 1024)
+    assert options["control-enable"] == "yes" and options["control-interface"] == f"{tmp_path}/nsd.ctl"
 
 
 def test_knot_config_has_one_udp_worker_and_no_modules(tmp_path: Path) -> None:
@@ -65,7 +67,8 @@ def test_the_settings_table_names_each_peers_options() -> None:
 @pytest.mark.skipif(shutil.which("nsd-checkconf") is None, reason="NSD is not installed")
 def test_nsd_reads_rate_limiting_off_from_the_generated_config(tmp_path: Path) -> None:
     conf = write_nsd(tmp_path, free_port(), {"demo.example": "demo.example. 60 IN SOA a. b. 1 2 3 4 5\n"})
-    for option, expected in (("rrl-ratelimit", "0"), ("server-count", "1"), ("reuseport", "yes")):
+    for option, expected in (("rrl-ratelimit", "0"), ("server-count", "1"), ("reuseport", "yes"),
+                             ("control-enable", "yes")):
         done = subprocess.run(["nsd-checkconf", "-o", option, str(conf)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == expected, option
@@ -78,8 +81,8 @@ def test_nsd_answers_a_burst_from_one_source_far_above_its_default_rate_limit(tm
     # from one address would be mostly dropped or truncated. With the benchmark's config, none is.
     data = dns_data(tmp_path, 20)
     port = free_port()
-    nsd = subprocess.Popen(["nsd", "-d", "-c", str(write_nsd(tmp_path / "nsd", port, data.zone_texts))],
-                           stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf = write_nsd(tmp_path / "nsd", port, data.zone_texts)
+    nsd = subprocess.Popen(["nsd", "-d", "-c", str(conf)], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     name = data.first_name
     try:
         wait_until(lambda: dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=0.3)
@@ -101,6 +104,10 @@ def test_nsd_answers_a_burst_from_one_source_far_above_its_default_rate_limit(tm
                     answered += 1
                     truncated += bool(reply.flags & dns.flags.TC)
         assert (answered, truncated) == (600, 0)
+        # NSD's own counters, read over its control socket, agree: nothing failed or dropped.
+        assert nsd_errors(conf) == 0
+        done = subprocess.run(["nsd-control", "-c", str(conf), "stats_noreset"], capture_output=True, text=True)
+        assert int(dict(line.split("=", 1) for line in done.stdout.splitlines())["num.queries"]) >= 600
     finally:
         stop(nsd)
 

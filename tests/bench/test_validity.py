@@ -121,3 +121,32 @@ def test_results_show_the_calibration_ranges_in_force() -> None:
     results = (Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md").read_text()
     assert ranges_table() in results
     assert "| nsd | local hits | 260,000-460,000 |" in ranges_table()
+
+
+def test_edge_own_count_of_dropped_dns_replies_is_read_from_its_metrics() -> None:
+    import http.server
+    import threading
+
+    page = ('# TYPE edge_replies_dropped_total counter\n'
+            'edge_replies_dropped_total{protocol="dns"} 7.0\n'
+            'edge_replies_dropped_total{protocol="metadata"} 100.0\n').encode()
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from bench.dns_load import edge_errors
+
+        assert edge_errors(server.server_address[1], settle=False) == 7
+    finally:
+        server.shutdown()
+        server.server_close()
