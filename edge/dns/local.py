@@ -18,7 +18,6 @@ from edge.dns.wire import (
     TYPE_ANY,
     TYPE_AXFR,
     TYPE_CNAME,
-    TYPE_CODES,
     TYPE_HINFO,
     TYPE_IXFR,
     TYPE_NS,
@@ -26,6 +25,7 @@ from edge.dns.wire import (
     encode_name,
 )
 from edge.dns.zonedata import DnsData, ZoneInfo
+from edge.view.records import RECORD_TYPES
 
 NOT_LOCAL = object()
 """Marker: the name is outside every local zone this network sees."""
@@ -99,8 +99,9 @@ def _minimal_any(records: list[Record], zone: ZoneInfo) -> list[Record]:
 
 
 def _records(data: DnsData, network: str, name: str, zone: ZoneInfo | None, owner: str | None = None) -> list[Record]:
-    out = [Record(owner, TYPE_CODES[r.type], r.ttl, r.value) for r in data.records(network, name)
-           if r.type in TYPE_CODES]
+    # Every type a view may hold has its entry in RECORD_TYPES (the schema admits no other), so
+    # nothing is filtered out here: a record is answered or the view was refused.
+    out = [Record(owner, RECORD_TYPES[r.type].code, r.ttl, r.value) for r in data.records(network, name)]
     if zone is not None and zone.apex == name:
         out.append(Record(owner, TYPE_SOA, zone.soa_ttl, zone.soa))
         if not any(r.rtype == TYPE_NS for r in out):
@@ -123,7 +124,7 @@ def _referral(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass:
     glue = []
     for server in servers:
         host = str(server.value).lower().rstrip(".")
-        glue += [Record(host, TYPE_CODES[r.type], r.ttl, r.value) for r in data.records(network, host)
+        glue += [Record(host, RECORD_TYPES[r.type].code, r.ttl, r.value) for r in data.records(network, host)
                  if r.type in ("A", "AAAA")]
     answer = render(name_wire, qtype, qclass, NOERROR, False, (), servers, glue)
     return dataclasses.replace(answer, onward=Onward(name_wire, b"", 0))

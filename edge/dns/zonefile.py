@@ -7,9 +7,8 @@ NSD; benchmarks load NSD and dnsmasq with it) and to inspect a horizon.
 from __future__ import annotations
 
 from edge.dns.zonedata import build_dns_data
+from edge.view.records import RECORD_TYPES
 from edge.view.snapshot import Snapshot
-
-_NAME_VALUED = ("CNAME", "PTR", "NS", "MX", "SRV")
 
 
 def zone_texts(snapshot: Snapshot, network: str = "") -> dict[str, str]:
@@ -27,11 +26,6 @@ def zone_texts(snapshot: Snapshot, network: str = "") -> dict[str, str]:
         if zone is None:
             continue
         for record in data.records(network, name):
-            value = record.value
-            if record.type in _NAME_VALUED:
-                value += "."
-            elif record.type == "TXT":
-                raw = value.replace("\\", "\\\\").replace('"', '\\"')
-                value = " ".join(f'"{raw[i:i + 255]}"' for i in range(0, max(len(raw), 1), 255))
+            value = RECORD_TYPES[record.type].zone_value(record.value)
             lines[zone.apex].append(f"{name}. {record.ttl} IN {record.type} {value}")
     return {apex: "\n".join(text) + "\n" for apex, text in lines.items()}

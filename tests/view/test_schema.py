@@ -139,6 +139,8 @@ INVALID = {
     "negative TTL": lambda d: d["cloud"].update(dns_ttl=-1),
     "record without value": lambda d: d["cloud"]["dns_records"][0].pop("value"),
     "record name invalid": lambda d: d["cloud"]["dns_records"][0].update(name="-bad-.example"),
+    "unknown record type": lambda d: d["cloud"]["dns_records"].append(
+        {"name": "x.demo.example", "type": "SPF", "value": "v=spf1"}),
     "cloud not an object": lambda d: d.update(cloud=[]),
 }
 
@@ -165,8 +167,6 @@ BEYOND_THE_SCHEMA = {
          "private_ips": ["127.0.9.9"]}),
     "MX without preference": lambda d: d["cloud"]["dns_records"].append(
         {"name": "x.demo.example", "type": "MX", "value": "mail.demo.example"}),
-    "unknown record type": lambda d: d["cloud"]["dns_records"].append(
-        {"name": "x.demo.example", "type": "SPF", "value": "v=spf1"}),
     "resolver not an address": lambda d: d["cloud"].update(upstream_resolvers=["resolver.example"]),
     "IPv4 range as a subnet's IPv6 range": lambda d: d["networks"][1]["subnets"][0].update(
         ipv6_cidrs=["127.0.0.0/24"]),
