@@ -138,11 +138,11 @@ def apply_changes(keyspace: Keyspace, changes: Changes) -> None:
     for raw in changes.changed:
         text = bytes(raw)
         try:
-            instance_id = _IDENTIFIED.decode(text).id
+            found: Any = _IDENTIFIED.decode(text).id
         except msgspec.DecodeError:
-            instance_id = None
+            found = None
         # An element without a usable id is refused by the keyspace (logged and counted) like any bad part.
-        keyspace.put(INSTANCES + (instance_id if type(instance_id) is str else ""), text, hash(text))
+        keyspace.put(INSTANCES + (found if type(found) is str else ""), text, hash(text))
     if changes.serial is not None:
         keyspace.put(SERIAL, str(changes.serial).encode(), changes.serial)
 

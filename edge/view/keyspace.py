@@ -27,11 +27,11 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-
-import msgspec
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from edge.errors import ViewInvalid
 from edge.logs import event

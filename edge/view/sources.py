@@ -34,7 +34,7 @@ USER_AGENT = "edge-view-poller/1"
 class ViewSource(Protocol):
     description: str
 
-    async def fetch(self) -> bytes | None:
+    async def fetch(self) -> bytes | PreparedView | None:
         """New document bytes, or None when unchanged; raises SourceError.
 
         A source that decodes and checks the view itself, part by part (an etcd keyspace),
