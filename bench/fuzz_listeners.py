@@ -198,13 +198,16 @@ def check_dns_udp(server: Server) -> str | None:
     query = _dns_query(LOCAL_NAME, 1, opt=_opt(), qid=0x5151)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((INSTANCE, 0))
+        sock.connect(("127.0.0.1", server.dns))  # connected: a closed port is reported at once
         sock.settimeout(1.0)
         for _ in range(5):  # UDP: a reply may be lost under load
-            sock.sendto(query, ("127.0.0.1", server.dns))
             try:
+                sock.send(query)
                 reply = sock.recv(65535)
             except TimeoutError:
                 continue
+            except ConnectionRefusedError:
+                return "nothing listens on the DNS port"
             return _check_local_answer(reply, 0x5151)
     return "no UDP answer"
 
