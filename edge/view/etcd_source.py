@@ -36,8 +36,8 @@ from edge.etcd import (
     prefix_end,
 )
 from edge.logs import event
+from edge.view.inflate import gunzip_capped
 from edge.view.keyspace import Keyspace, PreparedView
-from edge.view.sources import gunzip_capped
 
 log = logging.getLogger("edge.view")
 

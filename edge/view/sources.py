@@ -17,7 +17,6 @@ import http.client
 import os
 import ssl
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 from edge.config import Config, ViewConfig
 from edge.errors import SourceError, ViewInvalid, ViewTooLarge
 from edge.view.changes import apply_changes, decode_changes, load_document, serial_of
+from edge.view.inflate import gunzip_capped
 from edge.view.keyspace import Keyspace, PreparedView
 
 USER_AGENT = "edge-view-poller/1"
@@ -290,21 +290,6 @@ class HttpSource:
                 raise ViewTooLarge(f"{self.url}: body is over the {self._max_size}-byte cap")
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-
-def gunzip_capped(data: bytes, max_size: int, where: str, what: str) -> bytes:
-    """Inflate a gzip ``what`` (body, value) without ever holding more than ``max_size`` bytes."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        plain = inflater.decompress(data, max_size + 1)
-    except zlib.error as exc:
-        raise SourceError(f"{where}: corrupt gzip {what}: {exc}") from None
-    if len(plain) > max_size or inflater.unconsumed_tail:
-        raise ViewTooLarge(f"{where}: decompressed {what} is over the {max_size}-byte cap")
-    if not inflater.eof:
-        raise SourceError(f"{where}: gzip {what} truncated")
-    return plain
 
 
 SourceOpener = Callable[[str, ViewConfig], ViewSource]
