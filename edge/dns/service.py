@@ -171,6 +171,9 @@ class DnsService:
         if dns.listen != self.config.dns.listen:
             log.warning("dns: listener changes need a restart; keeping %s",
                         ", ".join(str(listen) for listen in self.config.dns.listen))
+        if dns.listen_backlog != self.config.dns.listen_backlog:
+            log.warning("dns: a new listen_backlog applies at the next restart; the listeners keep %d",
+                        self.config.dns.listen_backlog)
         self.config = config
         self.forwarder.reconfigure(dns)
         self.engine.configure(dns)

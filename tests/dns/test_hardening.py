@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -454,3 +455,13 @@ def test_a_chased_answer_from_the_cache_counts_its_ttl_down():
         assert [r.rdtype for r in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.CNAME, dns.rdatatype.A]
         ttls.append(reply.answer[2].ttl)
     assert ttls == [300, 300, 290]
+
+
+def test_a_reload_keeps_the_backlog_and_says_so(edge_factory, caplog):
+    server = edge_factory(listen_backlog=300)
+    config = server.config
+    server.run(lambda: server.service.reload(dataclasses.replace(
+        config, dns=dataclasses.replace(config.dns, listen_backlog=900, tcp_max_connections_per_source=5))))
+    assert _listen_backlog(server.port) == min(300, int(open("/proc/sys/net/core/somaxconn").read()))
+    assert "new listen_backlog applies at the next restart" in caplog.text
+    assert server.service.config.dns.tcp_max_connections_per_source == 5  # the other limits apply at once
