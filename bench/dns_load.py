@@ -52,19 +52,27 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def wait_udp(port: int, name: str, timeout: float = 20.0) -> None:
+    """Until the server on ``port`` answers ``name A`` with NOERROR: a server still loading its data (edge
+    answers SERVFAIL until its first view is in) is not ready to be measured."""
     query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
              + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01")
     deadline = time.monotonic() + timeout
+    last = "no answer"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
         while time.monotonic() < deadline:
             sock.sendto(query, ("127.0.0.1", port))
             try:
-                if sock.recv(4096)[:2] == b"\x12\x34":
-                    return
+                reply = sock.recv(4096)
             except OSError:
                 time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} did not answer")
+                continue
+            if reply[:2] == b"\x12\x34" and len(reply) >= 4:
+                if reply[3] & 0x0F == 0:
+                    return
+                last = f"rcode {reply[3] & 0x0F}"
+                time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not answer {name} with NOERROR ({last})")
 
 
 @dataclass
