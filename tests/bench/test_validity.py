@@ -150,3 +150,56 @@ def test_edge_own_count_of_dropped_dns_replies_is_read_from_its_metrics() -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_dns_server_is_ready_only_once_it_answers_noerror() -> None:
+    import socket
+    import threading
+
+    from bench.dns_load import wait_udp
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    answered: list[int] = []
+
+    def serve(servfails: int) -> None:
+        while True:
+            try:
+                query, client = server.recvfrom(4096)
+            except OSError:
+                return
+            rcode = 2 if len(answered) < servfails else 0  # SERVFAIL while "loading", then NOERROR
+            answered.append(rcode)
+            server.sendto(query[:2] + bytes([0x81, 0x80 | rcode]) + query[4:], client)
+
+    threading.Thread(target=serve, args=(3,), daemon=True).start()
+    try:
+        wait_udp(server.getsockname()[1], "ip-10-0-0-1.demo.example", timeout=10)
+        assert answered[:4] == [2, 2, 2, 0]
+    finally:
+        server.close()
+
+
+def test_a_dns_server_that_only_fails_is_never_ready() -> None:
+    import socket
+    import threading
+
+    from bench.dns_load import wait_udp
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                query, client = server.recvfrom(4096)
+            except OSError:
+                return
+            server.sendto(query[:2] + b"\x81\x82" + query[4:], client)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="rcode 2"):
+            wait_udp(server.getsockname()[1], "ip-10-0-0-1.demo.example", timeout=1)
+    finally:
+        server.close()
