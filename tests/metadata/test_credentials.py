@@ -114,8 +114,9 @@ def test_background_refresh_serves_cached_meanwhile(start, tmp_path):
 
 
 def test_source_failure_serves_cached_until_expiration_never_after(start, tmp_path):
-    source = Source(tmp_path, expires_in=3)
-    server = start(credentials=source.config(refresh_ahead=2.5, retry_interval=0.2, timeout=1.0))
+    # A lifetime of seconds, long enough that starting the command on a loaded machine fits well inside it.
+    source = Source(tmp_path, expires_in=8)
+    server = start(credentials=source.config(refresh_ahead=7.5, retry_interval=0.2, timeout=4.0))
     status, first = get_credentials(server.port)
     assert status == 200
     source.set(fail=True)
