@@ -902,6 +902,26 @@ def ceilings(report: BootstormReport, classic_rate: float) -> list[str]:
     return lines
 
 
+def storm_problems(report: BootstormReport) -> list[str]:
+    """``target: problems`` for each target that was not error-free: wrong or missing answers, instances
+    that did not finish booting, DNS queries that had to be sent again after a timeout."""
+    found = []
+    for runs in report.results.values():
+        parts = []
+        errors = sum(r.errors for r in runs)
+        if errors:
+            parts.append(f"{errors} errors")
+        unbooted = sum(r.instances - r.booted for r in runs)
+        if unbooted:
+            parts.append(f"{unbooted} boots not completed")
+        retries = sum(r.dns_retries for r in runs)
+        if retries:
+            parts.append(f"{retries} DNS timeouts")
+        if parts:
+            found.append(f"{runs[0].target}: {', '.join(parts)}")
+    return found
+
+
 def markdown(report: BootstormReport) -> str:
     """A table of medians (min-max) per target, with ratios to the classic design."""
     lines = [
@@ -932,7 +952,10 @@ def markdown(report: BootstormReport) -> str:
             f" / {max(r.dns_max_ms for r in runs):.0f} | {per_boot:.1f} | {cpu:,.0f} | "
             f"{sum(r.errors for r in runs)} | {statistics.median(r.client_cpu_share for r in runs):.0%} "
             f"({statistics.median(r.client_cpu_us_per_request for r in runs):,.0f}) |")
-    if "classic" in medians:
+    troubled = storm_problems(report)
+    if troubled:
+        lines.append(f"\n**INVALID: no ratio, a server was not error-free** ({'; '.join(troubled)}).")
+    elif "classic" in medians:
         classic_rate, classic_cpu = medians["classic"]
         for target, (rate, cpu) in medians.items():
             if target != "classic" and classic_rate > 0 and cpu > 0:

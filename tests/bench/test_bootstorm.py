@@ -171,8 +171,20 @@ def test_markdown_report_shows_ratios_and_errors() -> None:
         commands=[])
     text = bootstorm.markdown(report)
 
-    assert "edge-w1 vs classic: 5.0x instances booted per second, 2.0x less server CPU per request" in text
+    # The classic design answered two requests wrongly: no ratio is printed, the report says why.
+    assert "vs classic:" not in text
+    assert "**INVALID: no ratio, a server was not error-free** (classic: 2 errors, 2 boots not completed)." in text
     assert "classic: http 404 x2" in text and "127.0.0.16 GET /x: 404" in text
+
+    report.results["classic"] = [result("classic", 100, 100)]
+    text = bootstorm.markdown(report)
+    assert "edge-w1 vs classic: 5.0x instances booted per second, 2.0x less server CPU per request" in text
+    assert "INVALID" not in text
+
+    retried = result("edge --workers 1", 500, 50)
+    retried.dns_retries = 3
+    report.results["edge-w1"] = [retried]
+    assert "(edge --workers 1: 3 DNS timeouts)" in bootstorm.markdown(report)
 
 
 def test_machines_follow_the_view() -> None:
