@@ -23,7 +23,7 @@ for edge and each peer, and the run draws pictures into ``--plots``
 (bench/plots/ by default; matplotlib from the ``bench`` extra): those latencies,
 and view build time and memory against instance count.  The
 Markdown report is written to ``--output`` (and its raw figures next to it as
-JSON) and printed.  Full run about 10-15 minutes, ``--quick`` under 3.
+JSON) and printed.  Full run about 15-20 minutes, ``--quick`` about 4.
 """
 
 from __future__ import annotations
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     everything = commands.add_parser("all", help="every comparison, one report")
-    everything.add_argument("--quick", action="store_true", help="shorter and fewer runs (under 3 minutes)")
+    everything.add_argument("--quick", action="store_true", help="shorter and fewer runs (about 4 minutes)")
     everything.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
     everything.add_argument("--classic-delay-ms", type=float, default=10.0,
                             help="boot storm: the classic upstream's delay per request")
