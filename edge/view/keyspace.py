@@ -92,7 +92,9 @@ class Keyspace:
         self._cidrs: Cidrs | None = None
         """The networks' CIDRs, which instances are checked against (None: to be computed)."""
         self._network_list: list[Any] = []
-        self._cloud_object: Any = {}
+        self._deferred_networks = False
+        """Within :meth:`reset`: network changes are applied to the instances once, after the last network."""
+        self._networks_dirty = False
         self.changed = False
         """Something changed since :meth:`view` last ran."""
         self._view: tuple[View, Callable[[], bytes]] | None = None
@@ -135,7 +137,6 @@ class Keyspace:
             self.serial = None
         elif name == CLOUD:
             self.cloud = None
-            self._cloud_object = {}
         elif name.startswith(NETWORKS):
             if self.networks.pop(name[len(NETWORKS):], None) is not None:
                 self._networks_changed()
@@ -148,11 +149,30 @@ class Keyspace:
     def reset(self, items: Iterable[tuple[str, bytes, int]]) -> None:
         """Make the mirror hold exactly ``items`` (a fresh read of every key), keeping unchanged parts as they are."""
         seen: set[str] = set()
-        # Networks first: instances are checked against them.
-        for name, text, revision in sorted(items, key=lambda item: not item[0].startswith((NETWORKS, CLOUD))):
-            seen.add(name)
-            if self.keys.get(name) != revision:
-                self.put(name, text, revision)
+        items = list(items)
+        # Networks first, applied to the instances once (instances are checked against them).
+        self._deferred_networks, self._networks_dirty = True, False
+        try:
+            for name, text, revision in items:
+                if name.startswith(NETWORKS):
+                    seen.add(name)
+                    if self.keys.get(name) != revision:
+                        self.put(name, text, revision)
+        finally:
+            self._deferred_networks = False
+        gone = [name for name in self.keys if name.startswith(NETWORKS) and name not in seen]
+        for name in gone:
+            self.networks.pop(name[len(NETWORKS):], None)
+            del self.keys[name]
+            self.rejected.pop(name, None)
+        if self._networks_dirty or gone:
+            self.changed = True
+            self._networks_changed()
+        for name, text, revision in items:
+            if not name.startswith(NETWORKS):
+                seen.add(name)
+                if self.keys.get(name) != revision:
+                    self.put(name, text, revision)
         for name in [name for name in self.keys if name not in seen]:
             self.delete(name)
 
@@ -207,7 +227,6 @@ class Keyspace:
         obj = _json_object(text)
         view = _check({"cloud": obj, "networks": self._network_list})
         self.cloud = _Part(text, view.cloud)
-        self._cloud_object = obj
 
     def _put_network(self, network_id: str, text: bytes) -> None:
         obj = _json_object(text)
@@ -215,7 +234,10 @@ class Keyspace:
             raise _Refused(f"its id {obj.get('id')!r} is not the key's {network_id!r}")
         network: Network = _check({"networks": [obj]}).networks[0]
         self.networks[network_id] = _Part(text, network)
-        self._networks_changed()
+        if self._deferred_networks:
+            self._networks_dirty = True
+        else:
+            self._networks_changed()
 
     def _put_instance(self, instance_id: str, text: bytes) -> None:
         self._place(instance_id, _Part(text, self._instance(instance_id, text)))

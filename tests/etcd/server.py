@@ -391,10 +391,6 @@ class TcpProxy:
             for _, _, thawed in self._pairs:
                 thawed.set()
 
-    def open_connections(self) -> int:
-        with self._lock:
-            return sum(1 for client, _, _ in self._pairs if client.fileno() >= 0)
-
     def inject(self, data: bytes) -> None:
         with self._lock:
             for client, _, _ in self._pairs:

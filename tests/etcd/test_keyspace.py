@@ -144,6 +144,36 @@ def test_an_instance_written_before_its_network_is_taken_when_the_network_arrive
     assert [i.id for i in view.instances] == [instance["id"]] and not keyspace.rejected
 
 
+def document_items(document: dict[str, Any], revision: int = 1) -> list[tuple[str, bytes, int]]:
+    return ([("networks/" + n["id"], encode(n), revision) for n in document["networks"]]
+            + [("instances/" + i["id"], encode(i), revision) for i in document["instances"]]
+            + [("cloud", encode(document["cloud"]), revision), ("serial", str(document["serial"]).encode(), revision)])
+
+
+def test_a_fresh_read_applies_network_changes_to_the_instances_once(monkeypatch) -> None:
+    document = generate_view(instances=40, networks=6, serial=1)
+    keyspace = Keyspace("test")
+    passes: list[int] = []
+    original = Keyspace._networks_changed
+
+    def counted(self: Keyspace) -> None:
+        passes.append(len(self.networks))
+        original(self)
+
+    monkeypatch.setattr(Keyspace, "_networks_changed", counted)
+    keyspace.reset(document_items(document))
+    assert passes == [6] and len(keyspace.view()[0].instances) == 40
+    # A fresh read without one network: its instances are refused (logged, counted), the rest stay.
+    gone = document["networks"][1]["id"]
+    fewer = dict(document, serial=2, networks=[n for n in document["networks"] if n["id"] != gone])
+    kept = keyspace.view()[0].instances
+    keyspace.reset([item if item[0] != "serial" else ("serial", b"2", 2) for item in document_items(fewer)])
+    view, _ = keyspace.view()
+    orphans = [i["id"] for i in document["instances"] if i["interfaces"][0].get("network") == gone]
+    assert orphans and passes == [6, 5] and keyspace.problems == len(orphans)
+    assert {i.id for i in view.instances} == {i.id for i in kept} - set(orphans)
+
+
 def test_a_keyspace_without_a_serial_is_not_a_view() -> None:
     keyspace = Keyspace("test")
     keyspace.put("cloud", b"{}", 1)
@@ -333,7 +363,9 @@ def test_a_broken_garbled_or_stalled_watch_ends_in_a_fresh_read(etcd) -> None:
     source = keyspace_source(proxy.endpoint)
 
     def watching() -> bool:
-        return source._watch is not None and proxy.open_connections() >= 1
+        # The watch has its answer's headers: it exists on the member and its connection is the proxy's.
+        watch = source._watch
+        return watch is not None and watch.endpoint != ""
 
     try:
         assert fetch(source) is not None and source.full_reads == 1
