@@ -248,12 +248,12 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class EucalyptusConfig:
-    version: str = "5"
-    """Eucalyptus generation whose answers and names edge gives: ``5`` (ip-/ec2-A-B-C-D.compute...) or ``4`` (euca-A-B-C-D.eucalyptus...)."""
+    version: str = "auto"
+    """Eucalyptus generation whose names edge gives: ``5`` (ip-/ec2-A-B-C-D.compute...), ``4`` (euca-A-B-C-D.eucalyptus...), or ``auto``: 4 when the GNI's instanceDNSDomain is eucalyptus.internal, else 5."""
     use_instance_dns: bool = False
     """The cloud's ``bootstrap.webservices.use_instance_dns``: hostnames in metadata are DNS names, not addresses."""
     instance_subdomain: str = ""
-    """The cloud's ``cloud.vmstate.instance_subdomain``; empty: the version's default (``.compute``, 4: ``.eucalyptus``)."""
+    """The cloud's ``cloud.vmstate.instance_subdomain``; empty: the GNI's instanceDNSDomain without ``.internal``."""
     private_prefix: str = "ip-"
     """The cloud's ``cloud.vmstate.instance_private_prefix`` (5.x; 4.x names always start ``euca-``)."""
     public_prefix: str = "ec2-"
@@ -607,8 +607,8 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, ViewConfig) and config.format not in ("auto", "edge-view", "eucalyptus-gni"):
         raise ConfigError(f"{prefix}format must be auto, edge-view or eucalyptus-gni")
     if isinstance(config, EucalyptusConfig):
-        if config.version not in ("4", "5"):
-            raise ConfigError(f"{prefix}version must be 4 or 5")
+        if config.version not in ("auto", "4", "5"):
+            raise ConfigError(f"{prefix}version must be auto, 4 or 5")
         if config.controller_identity not in ("instance-id", "source-address"):
             raise ConfigError(f"{prefix}controller_identity must be instance-id or source-address")
         if config.prefetch_concurrency < 1:

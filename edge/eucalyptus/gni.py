@@ -48,7 +48,8 @@ _MAP_BLOCK = re.compile(rb"<!--\s*" + MAP_COMMENT.encode() + rb"\n(.*?)-->", re.
 class GniOptions:
     """The cloud properties that shape names and answers (``eucalyptus.*`` configuration keys)."""
 
-    version: str = "5"
+    version: str = "auto"
+    """``4``, ``5``, or ``auto``: from the document (:meth:`resolved`)."""
     dns_domain: str = "localhost"
     """The cloud's ``system.dns.dnsdomain`` (public names live under it)."""
     region: str = "eucalyptus"
@@ -65,6 +66,22 @@ class GniOptions:
         return cls(version=euca.version, dns_domain=euca.dns_domain, region=euca.region,
                    instance_subdomain=euca.instance_subdomain, private_prefix=euca.private_prefix,
                    public_prefix=euca.public_prefix, mido_md_cidr=euca.mido_md_cidr)
+
+    def resolved(self, instance_dns_domain: str) -> GniOptions:
+        """Concrete options for a document whose ``instanceDNSDomain`` is given.
+
+        The controller publishes ``instanceDNSDomain`` as ``INSTANCE_SUBDOMAIN + ".internal"``
+        unless the network configuration sets one (``NetworkInfoBroadcaster.java``; 4.x
+        ``NetworkInfoBroadcasts.groovy``): ``eucalyptus.internal`` is 4.x's default, anything
+        else is taken as 5.x, and the subdomain, unless configured, is the document's.
+        """
+        version = self.version
+        if version == "auto":
+            version = "4" if instance_dns_domain == "eucalyptus.internal" else "5"
+        subdomain = self.instance_subdomain
+        if not subdomain and instance_dns_domain.endswith(".internal") and instance_dns_domain != "internal":
+            subdomain = "." + instance_dns_domain[:-len(".internal")]
+        return replace(self, version=version, instance_subdomain=subdomain)
 
     @property
     def subdomain(self) -> str:
@@ -322,6 +339,7 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
     """
     problems: list[str] = []
     props = _properties(root)
+    options = options.resolved((props.get("instanceDNSDomain") or [""])[0])
     internal_domain = options.internal_domain
     public_domain = options.public_domain
     mode = (props.get("mode") or ["EDGE"])[0]

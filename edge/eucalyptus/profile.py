@@ -15,7 +15,8 @@ cached and prefetched by :mod:`edge.eucalyptus.fallback`).
 
 4.x and 5.x serve the same map; they differ in names
 (``VmInstances.dnsName``: ``euca-A-B-C-D.eucalyptus.<domain>`` in 4.x,
-``<prefix>A-B-C-D.compute.<domain>`` in 5.x), which :class:`GniOptions` knows.
+``<prefix>A-B-C-D.compute.<domain>`` in 5.x), which the view was built with
+(:class:`~edge.eucalyptus.gni.GniOptions`), so the profile takes them from it.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class EucalyptusProfile:
 
     def core_entries(self, snapshot: Snapshot, instance: Instance) -> dict[str, str | _Unknown]:
         """``getCoreMetadataMap``, the entries the GNI decides."""
-        names = self.options.names
+        names = _Names(snapshot, self.options.names.dns_domain)
         primary = _primary(instance)
         private = primary.primary_ip
         public = primary.public_ip or UNASSIGNED
@@ -135,7 +136,7 @@ class EucalyptusProfile:
 
     def network_entries(self, snapshot: Snapshot, instance: Instance) -> dict[str, str | _Unknown]:
         """``getNetworkMetadataMap``: a VPC instance's interfaces, or an EC2-Classic (EDGE) one's."""
-        names = self.options.names
+        names = _Names(snapshot, self.options.names.dns_domain)
         entries: dict[str, str | _Unknown] = {}
         vpc_interfaces = [i for i in instance.interfaces if i.network != DEFAULT_NETWORK]
         if vpc_interfaces:
@@ -181,6 +182,23 @@ class EucalyptusProfile:
         entries[prefix + "public-hostname"] = names.public_name(public) if dns else public
         entries[prefix + "public-ipv4s"] = public
         return entries
+
+
+class _Names:
+    """The version's names, as the view was built with them (its cloud's templates and domains)."""
+
+    __slots__ = ("cloud", "dns_domain")
+
+    def __init__(self, snapshot: Snapshot, dns_domain: str) -> None:
+        self.cloud = snapshot.view.cloud
+        self.dns_domain = dns_domain
+
+    def private_name(self, address: str) -> str:
+        return self.cloud.private_name(address)
+
+    def public_name(self, address: str) -> str:
+        """``VmInstances.generateDnsName``: empty for the unassigned address."""
+        return "" if address == UNASSIGNED else self.cloud.public_name(address)
 
 
 def _primary(instance: Instance) -> Interface:

@@ -22,8 +22,11 @@ from tests.support import free_port, wait_until
 
 # The EDGE fixture on loopback: private 127.16.0.x, public 127.111.200.x, so that a test (and edge,
 # asking the controller from the instance's own address) can speak as each instance.
-EDGE_GNI = (fixture_bytes("gni-edge.xml").replace(b"172.16.", b"127.16.").replace(b"10.111.200.", b"127.111.200."))
-VPC_GNI = fixture_bytes("gni-vpc.xml")
+# instanceDNSDomain as a 5.x controller publishes it (INSTANCE_SUBDOMAIN ".compute" + ".internal").
+EDGE_GNI = (fixture_bytes("gni-edge.xml").replace(b"172.16.", b"127.16.").replace(b"10.111.200.", b"127.111.200.")
+            .replace(b"<value>eucalyptus.internal</value>", b"<value>compute.internal</value>"))
+EDGE_GNI_4X = EDGE_GNI.replace(b"<value>compute.internal</value>", b"<value>eucalyptus.internal</value>")
+VPC_GNI = fixture_bytes("gni-vpc.xml").replace(b"<value>eucalyptus.internal</value>", b"<value>compute.internal</value>")
 GROUP_NAMES = {"sg-c4d8e62e": "default", "sg-00000001": "web", "sg-00000009": "db"}
 EXTRA_URIS = ("/", "/latest/meta-data/hostname/", "/latest/meta-data", "/latest/dynamic", "/2009-04-04/meta-data/mac",
               "/1.0/meta-data/local-ipv4", "/latest//meta-data//placement/availability-zone",
@@ -46,7 +49,8 @@ def _controller(document: bytes, vpc: bool, cloud: Cloud | None = None) -> Contr
     return controller
 
 
-def _edge(tmp_path: Path, document: bytes, controller: Controller, identity: str, ttl: float = 60.0):
+def _edge(tmp_path: Path, document: bytes, controller: Controller, identity: str, ttl: float = 60.0,
+          version: str | None = None):
     cloud = controller.cloud
     gni = tmp_path / "global_network_info.xml"
     gni.write_bytes(document)
@@ -67,7 +71,7 @@ listen = []
 [admin]
 listen = "127.0.0.1:{ports['admin']}"
 [eucalyptus]
-version = "{cloud.version}"
+version = "{version or cloud.version}"
 use_instance_dns = {str(cloud.use_instance_dns).lower()}
 dns_domain = "{cloud.dns_domain}"
 controller_url = "{controller.url}"
@@ -163,8 +167,9 @@ def test_with_instance_dns_hostnames_are_the_versions_names(tmp_path, version: s
     """``use_instance_dns``: hostnames are VmInstances.dnsName names, 4.x ``euca-...eucalyptus``,
     5.x ``ip-``/``ec2-...compute``; every path still answered as the controller does."""
     cloud = Cloud(vpc=False, use_instance_dns=True, version=version)
-    controller = _controller(EDGE_GNI, vpc=False, cloud=cloud)
-    process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
+    document = EDGE_GNI_4X if version == "4" else EDGE_GNI
+    controller = _controller(document, vpc=False, cloud=cloud)
+    process, ports = _edge(tmp_path, document, controller, "source-address", version="auto")
     try:
         for record in controller.records.values():
             _compare(lambda uri: get(controller.port, uri, source=record.private_ip),

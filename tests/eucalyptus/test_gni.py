@@ -62,7 +62,9 @@ def test_vpc_mode_document_keeps_overlapping_networks_apart() -> None:
 def test_5x_names() -> None:
     """5.x: ``VmInstances.dnsName`` = prefix + A-B-C-D + INSTANCE_SUBDOMAIN (``.compute``) + the internal
     (``DomainNames.internalSubdomain``: ``internal``) or external (``system.dns.dnsdomain``) domain."""
-    view = decode_gni(fixture_bytes("gni-edge.xml"), dataclasses.replace(OPTIONS, version="5"))
+    document = fixture_bytes("gni-edge.xml").replace(b"<value>eucalyptus.internal</value>",
+                                                     b"<value>compute.internal</value>")
+    view = decode_gni(document, dataclasses.replace(OPTIONS, version="5"))
     assert view.cloud.internal_domain == "compute.internal"
     assert view.cloud.private_name("172.16.0.11") == "ip-172-16-0-11.compute.internal"
     assert view.cloud.public_name("10.111.200.1") == "ec2-10-111-200-1.compute.cloud.example"

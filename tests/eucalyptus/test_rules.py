@@ -219,7 +219,8 @@ def test_the_profile_answers_as_the_controller_on_eucalyptus_test_documents(fixt
     profile = EucalyptusProfile(ProfileOptions(options, use_instance_dns))
     controller = Controller(Cloud(vpc=False, version=version, use_instance_dns=use_instance_dns,
                                   dns_domain="cloud.example",
-                                  instance_subdomain=".eucalyptus" if version == "4" else ".compute"),
+                                  # The controller that published instanceDNSDomain eucalyptus.internal.
+                                  instance_subdomain=".eucalyptus"),
                             records_from_gni(document, {}))
     compared = 0
     for instance in snapshot.view.instances:
@@ -235,3 +236,20 @@ def test_the_profile_answers_as_the_controller_on_eucalyptus_test_documents(fixt
     assert compared >= 20
     assert profile.answer(snapshot, snapshot.view.instances[0], "") == \
         controller.respond("1.0.0.33", "/", "169.254.169.254", None)[1]
+
+
+@pytest.mark.parametrize("domain, private, public", [
+    (b"eucalyptus.internal", "euca-172-16-0-11.eucalyptus.internal", "euca-10-111-200-1.eucalyptus.cloud.example"),
+    (b"compute.internal", "ip-172-16-0-11.compute.internal", "ec2-10-111-200-1.compute.cloud.example"),
+    (b"vm.internal", "ip-172-16-0-11.vm.internal", "ec2-10-111-200-1.vm.cloud.example"),
+])
+def test_version_and_subdomain_by_default_from_the_document(domain: bytes, private: str, public: str) -> None:
+    """instanceDNSDomain is INSTANCE_SUBDOMAIN + ".internal" (NetworkInfoBroadcaster.java, 4.x
+    NetworkInfoBroadcasts.groovy): 4.x's default ".eucalyptus" tells the generation."""
+    document = fixture_bytes("gni-edge.xml").replace(b"<value>eucalyptus.internal</value>",
+                                                     b"<value>" + domain + b"</value>")
+    view = decode_gni(document, GniOptions(dns_domain="cloud.example"))
+    assert view.cloud.private_name("172.16.0.11") == private
+    assert view.cloud.public_name("10.111.200.1") == public
+    forced = decode_gni(document, GniOptions(version="5", instance_subdomain=".compute", dns_domain="cloud.example"))
+    assert forced.cloud.private_name("172.16.0.11") == "ip-172-16-0-11.compute.internal"
