@@ -79,12 +79,14 @@ def latency_point(server: str, offered: float, seconds: float, sent: int, latenc
 
 # -- HTTP ----------------------------------------------------------------------------------------------
 
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
 def _response_end(buffer: bytes | bytearray) -> tuple[int, int]:
     """(length of the first complete response in ``buffer`` or -1, its status code)."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return -1, 0
-    found = re.search(rb"\r\ncontent-length:\s*(\d+)", bytes(buffer[:head_end]), re.IGNORECASE)
+    found = CONTENT_LENGTH.search(buffer, 0, head_end)
     total = head_end + 4 + (int(found.group(1)) if found else 0)
     if len(buffer) < total:
         return -1, 0
