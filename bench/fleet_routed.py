@@ -18,7 +18,8 @@ in, and reports:
 Failure kinds: ``kill-9`` (edge's supervisor), ``sigterm`` (drain),
 ``link-down`` (the gateway's link, behind a switch: the router keeps its
 carrier), ``restart`` (SIGTERM then start while the control plane is down).
-Needs root, BIRD 2 and curl.  Bounded: one storm per kind and round.
+Needs root, BIRD 2 and curl.  Bounded: one storm per kind and round, about
+20 s per kind plus 10 s to build the topology.
 
     python -m bench.fleet_routed [--bfd on|off] [--kinds kill-9,sigterm,link-down,restart] [--rounds 1]
 """
