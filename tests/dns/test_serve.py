@@ -40,7 +40,8 @@ def test_edge_serve_answers_forwards_follows_the_view_and_reloads(tmp_path: Path
             "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-listen", f"127.0.0.1:{vpc_port}@vpc-demo"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: dig(dns_port, "ip-127-0-0-1.demo.internal").status == "NOERROR")
+        # A supervisor and a worker per core start: give a loaded machine time.
+        wait_for(lambda: dig(dns_port, "ip-127-0-0-1.demo.internal").status == "NOERROR", timeout=45)
         assert dig(dns_port, "ec2-198-51-100-11.demo.example").answer[0].endswith("198.51.100.11")
         assert dig(vpc_port, "ec2-198-51-100-11.demo.example").answer[0].endswith("127.0.0.1")
         cached = dig(dns_port, "www.upstream.test", source="127.0.0.1")
