@@ -127,6 +127,8 @@ class Engine:
                                     if udp and len(reply) > limit:
                                         return self._truncate(reply, data, qend, opt)
                                     return reply
+                        # An answer with somewhere to go on upstream (a zone cut, a CNAME leaving the local
+                        # zones), for a client that may recurse and asks to, takes the slow path.
                         elif found.onward is None or not (recursion and data[2] & 1):  # type: ignore[attr-defined]
                             reply = found.assemble(data, qend, data[2] & 1, recursion, opt)  # type: ignore[attr-defined]
                             if udp and len(reply) > limit:
