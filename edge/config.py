@@ -169,6 +169,9 @@ class MetadataConfig:
     gateway_hops: int = 0
     """Routed hops between the instances and this gateway (routers in between): a token answer leaves with IP TTL
     ``hop_limit + gateway_hops``, so an instance's ``hop_limit`` keeps its AWS meaning (1 = the instance itself)."""
+    gateway_hops_by_network: tuple[str, ...] = ()
+    """``NETWORK=HOPS`` entries: ``gateway_hops`` for the listeners of one view network (``=HOPS``: the flat network),
+    e.g. ``vpc-0a1b2c3d=0`` for a listener on that network's own segment."""
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     """IAM credential source (``[metadata.credentials]``)."""
 
@@ -509,6 +512,17 @@ def _coerce(hint: Any, raw: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
+def hops_by_network(entries: tuple[str, ...], where: str = "metadata.gateway_hops_by_network") -> dict[str, int]:
+    """``NETWORK=HOPS`` entries as a mapping; ConfigError naming the entry that does not parse."""
+    found: dict[str, int] = {}
+    for entry in entries:
+        network, sep, hops = entry.rpartition("=")
+        if not sep or not hops.isdigit() or not 0 <= int(hops) <= 64 or network in found:
+            raise ConfigError(f"{where}: {entry!r} is not NETWORK=HOPS (0..64, each network once)")
+        found[network] = int(hops)
+    return found
+
+
 def _check(config: Any, prefix: str) -> None:
     """Range checks that types alone cannot express."""
     if isinstance(config, Config):
@@ -572,6 +586,7 @@ def _check(config: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}{name} must be at least 1")
         if not 0 <= config.gateway_hops <= 64:
             raise ConfigError(f"{prefix}gateway_hops must be between 0 and 64")
+        hops_by_network(config.gateway_hops_by_network, f"{prefix}gateway_hops_by_network")
         if config.max_url_bytes < 256 or config.max_header_bytes < 1024:
             raise ConfigError(f"{prefix}max_url_bytes must be >= 256 and max_header_bytes >= 1024")
         if bool(config.identity_key_file) != bool(config.identity_cert_file):

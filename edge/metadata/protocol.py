@@ -24,12 +24,12 @@ import math
 import socket
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httptools
 
-from edge.config import MetadataConfig
+from edge.config import MetadataConfig, hops_by_network
 from edge.metadata.fallback import NeedFallback
 from edge.metadata.handler import NeedCredentials, Pending, Request, UnknownSource
 from edge.metadata.identify import Peer, TrustedProxies, canonical_peer
@@ -80,12 +80,15 @@ class ProtocolLimits:
     max_connections_per_source: int
     gateway_hops: int = 0
     """Routed hops from the instances to this gateway, added to an answer's hop limit."""
+    gateway_hops_by_network: dict[str, int] = field(default_factory=dict)
+    """The same for the listeners of one network, where it differs."""
     max_body_bytes: int = 64 * 1024
 
     @classmethod
     def of(cls, config: MetadataConfig) -> ProtocolLimits:
         return cls(config.header_timeout, config.keep_alive, config.max_url_bytes, config.max_header_bytes,
-                   config.max_connections, config.max_connections_per_source, config.gateway_hops)
+                   config.max_connections, config.max_connections_per_source, config.gateway_hops,
+                   hops_by_network(config.gateway_hops_by_network))
 
 
 class Listeners:
@@ -461,7 +464,8 @@ class MetadataProtocol(asyncio.Protocol):
     def set_hop_limit(self, hops: int) -> None:
         # The instance's hop limit counts from the instance (AWS's meaning); the routers between the
         # instances and this gateway each take one more.
-        hops = min(hops + self.limits.gateway_hops, 255)
+        limits = self.limits
+        hops = min(hops + limits.gateway_hops_by_network.get(self.network, limits.gateway_hops), 255)
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is None:

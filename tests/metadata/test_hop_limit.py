@@ -103,3 +103,24 @@ def test_gateway_hops_are_added_to_the_token_answers_hop_limit(start):
                              {"X-aws-ec2-metadata-token-ttl-seconds": "80"}, source="127.0.0.4"))[0] == 200
         ttls = responses_seen(sock, server.port, b"X-aws-ec2-metadata-token-ttl-seconds: 80")
         assert ttls and set(ttls) == {3}
+
+
+def test_gateway_hops_by_network_overrides_the_default_for_that_networks_listeners(start):
+    """A listener on the instances' own segment (hops 0) next to routed ones (gateway_hops 2)."""
+    server = start(demo(**{"i-0de0000000000002": {"metadata_options": {"hop_limit": 3}}}), gateway_hops=2,
+                   gateway_hops_by_network=("vpc-elsewhere=5", "=0"))
+    sock = capture_socket(server.port)
+    with sock:
+        assert parse(request(server.port, "PUT", "/latest/api/token",
+                             {"X-aws-ec2-metadata-token-ttl-seconds": "81"}, source="127.0.0.2"))[0] == 200
+        ttls = responses_seen(sock, server.port, b"X-aws-ec2-metadata-token-ttl-seconds: 81")
+        assert ttls and set(ttls) == {3}
+
+
+@pytest.mark.parametrize("entries", [("vpc-1",), ("vpc-1=x",), ("vpc-1=65",), ("vpc-1=1", "vpc-1=2")])
+def test_gateway_hops_by_network_entries_that_do_not_parse_are_refused(entries):
+    from edge.config import load_config
+    from edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gateway_hops_by_network"):
+        load_config(env={"EDGE_METADATA_GATEWAY_HOPS_BY_NETWORK": ",".join(entries)})
