@@ -16,10 +16,11 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edge.config import Config
+from edge.lifecycle import Service
 from edge.metadata.handler import Request
 from edge.metadata.identify import Peer, TrustedProxies
 from edge.metadata.protocol import Listeners, MetadataProtocol, ProtocolLimits
@@ -43,6 +44,8 @@ class Readiness:
         self.max_view_age = max_view_age
         self.shutting_down = False
         self.workers_serving = workers_serving
+        self.services: Sequence[Service] = ()
+        """The services of this process (a single-process gateway's): each must be listening."""
 
     def problems(self, now: float | None = None) -> list[str]:
         problems = []
@@ -50,6 +53,7 @@ class Readiness:
             problems.append("shutting down")
         if self.workers_serving is not None and self.workers_serving() == 0:
             problems.append("no worker is serving")
+        problems += [f"{service.name} is not listening" for service in self.services if not service.ready]
         if self.store.current is None:
             problems.append("no view loaded")
         elif self.max_view_age > 0:
@@ -135,23 +139,34 @@ def admin_limits(config: Config) -> ProtocolLimits:
                           max_connections=cap, max_connections_per_source=cap)
 
 
-class AdminListener(Listeners):
+class AdminListener(Listeners, Service):
     """The admin listener: the metadata HTTP/1.1 connection protocol with :class:`AdminHandler`,
-    under :func:`admin_limits`."""
+    under :func:`admin_limits`, on ``admin.listen``."""
+
+    name = "admin"
 
     def __init__(self, config: Config, routes: AdminRoutes) -> None:
         super().__init__(admin_limits(config), routes.store, TrustedProxies(()), NullTally("admin"))
         self.handler = AdminHandler(routes)  # type: ignore[assignment]
+        self.listen = config.admin.listen
         self.server: asyncio.AbstractServer | None = None
 
     def reload(self, config: Config) -> None:
         """New limits for the connections that follow (and the head timeout for all)."""
         self.limits = admin_limits(config)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, reuse_port: bool = False) -> None:
+        """Listen on ``admin.listen`` (one process of a gateway holds it: never a shared port)."""
+        if self.listen is None:
+            return
         factory = functools.partial(MetadataProtocol, self, "")
-        self.server = await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True)
+        self.server = await asyncio.get_running_loop().create_server(factory, self.listen.host, self.listen.port,
+                                                                     reuse_address=True)
         self.start_ticker()
+
+    @property
+    def ready(self) -> bool:
+        return self.server is not None and not self.stopping
 
     @property
     def refused_connections(self) -> int:
@@ -167,8 +182,12 @@ class AdminListener(Listeners):
     def sockets(self) -> tuple[Any, ...]:
         return tuple(self.server.sockets) if self.server is not None else ()
 
+    async def stop(self, grace: float) -> None:
+        """Operators' requests are short: no drain (``grace`` is for the instance-facing listeners)."""
+        self.close()
+
     def close(self) -> None:
-        """Stop listening and close every connection (operators' requests are short)."""
+        """Stop listening and close every connection."""
         self.stopping = True
         if self.server is not None:
             self.server.close()
@@ -185,5 +204,5 @@ async def start_admin(config: Config, routes: AdminRoutes, metrics: Metrics | No
     listener = AdminListener(config, routes)
     if metrics is not None:
         metrics.adopt(listener.tally)
-    await listener.start(listen.host, listen.port)
+    await listener.start()
     return listener

@@ -11,22 +11,22 @@ import asyncio
 import logging
 import mmap
 import os
-import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
-from edge.admin import AdminRoutes, Readiness, start_admin
+from edge.admin import AdminListener, AdminRoutes, Readiness, start_admin
 from edge.config import Config
-from edge.errors import ConfigError, EdgeError
+from edge.errors import EdgeError
 from edge.fd_limit import raise_fd_limit
+from edge.lifecycle import Service
 from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
+from edge.process import GatewayProcess
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_table_from_env
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
-from edge.view.snapshot import Preparer
 from edge.view.sources import FileSource, SourceKinds, builtin_source_kinds, configured_source
 from edge.view.statefile import LAST_GOOD_NAME, StateFile
 from edge.view.store import ViewStore
@@ -39,16 +39,6 @@ log = logging.getLogger("edge.server")
 FIRST_VIEW_WAIT = 60.0
 """How long a worker started with no view on disk waits for the supervisor's first poll
 before binding anyway (a first build of a very large view takes tens of seconds)."""
-
-
-class Service(Protocol):
-    preparers: list[Preparer]
-
-    async def start(self, reuse_port: bool = False) -> None: ...
-
-    async def stop(self, grace: float) -> None: ...
-
-    def reload(self, config: Config) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +74,7 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-class Gateway:
+class Gateway(GatewayProcess):
     """One serving process: the whole gateway, or one worker of a supervised gateway.
 
     A worker (``control`` given) follows the state file its supervisor writes
@@ -92,6 +82,8 @@ class Gateway:
     its listeners with ``SO_REUSEPORT`` and leaves the admin listener to the
     supervisor.
     """
+
+    log = log
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
                  metrics: Metrics | None = None, control: socket.socket | None = None,
@@ -107,8 +99,8 @@ class Gateway:
         self.readiness = Readiness(self.store, config.view.max_view_age)
         self.services: list[Service] = []
         self.poller: Poller | None = None
-        self._admin: asyncio.AbstractServer | None = None
-        self._stopping = asyncio.Event()
+        self.admin: AdminListener | None = None
+        self.stop_requested = asyncio.Event()
         self._supervisor_lost = False
         self._supervised: SupervisedRefresh | None = None
         self._syncer: Syncer | None = None
@@ -121,8 +113,7 @@ class Gateway:
         services: list[Service] = []
         if self.config.metadata.listen:
             services.append(MetadataService(self.config, self.store, self.refresh,
-                                            fallback_for=self.adapters.metadata_fallback))
-            services[-1].rate_table = self.rate_table  # type: ignore[attr-defined]
+                                            fallback_for=self.adapters.metadata_fallback, rate_table=self.rate_table))
         if self.config.dns.listen:
             services.append(DnsService(self.config, self.store))
         return services
@@ -139,14 +130,14 @@ class Gateway:
         source = configured_source(config, self.adapters.sources)
         state = StateFile(config.view.state_dir, source.description)
         self.services = self._build_services()
+        self.readiness.services = self.services
         for service in self.services:
-            tally = getattr(service, "tally", None)
-            if tally is None:
+            if service.tally is None:
                 continue
             if config.admin.metrics:
-                self.metrics.adopt(tally)
+                self.metrics.adopt(service.tally)
             else:
-                service.tally = NullTally(tally.protocol)  # type: ignore[attr-defined]
+                service.tally = NullTally(service.tally.protocol)
         preparers = [p for service in self.services for p in service.preparers]
         if self.control is None:
             self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config, self.adapters.formats),
@@ -168,7 +159,7 @@ class Gateway:
         for service in self.services:
             await service.start(reuse_port=self.control is not None)
         if self.control is None:
-            self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
+            self.admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
                                             self.metrics)
             # With nothing on disk, poll before going on, so a fresh gateway is ready as
             # soon as its source answers.
@@ -187,9 +178,7 @@ class Gateway:
 
     def _export_service_counters(self) -> None:
         for service in self.services:
-            export = getattr(service, "export_metrics", None)
-            if export is not None:
-                export()
+            service.export_metrics()
 
     async def stop(self) -> None:
         self.readiness.shutting_down = True
@@ -201,8 +190,8 @@ class Gateway:
         if self.poller is not None:
             await self.poller.stop()
         await asyncio.gather(*(service.stop(admin.shutdown_grace) for service in self.services))
-        if self._admin is not None:
-            self._admin.close()
+        if self.admin is not None:
+            await self.admin.stop(admin.shutdown_grace)
         if self._syncer is not None:
             self._syncer.stop()
             self._export_service_counters()
@@ -211,29 +200,15 @@ class Gateway:
             task.cancel()
         event(log, logging.INFO, "edge stopped")
 
-    def reload(self) -> None:
-        if self.reload_config is None:
-            return
-        try:
-            config = self.reload_config()
-        except (ConfigError, EdgeError) as exc:
-            event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
-            return
-        self.config = config
-        self.readiness.max_view_age = config.view.max_view_age
-        if self._admin is not None:
-            self._admin.reload(config)
+    def apply(self, config: Config) -> dict[str, Any]:
         for service in self.services:
             service.reload(config)
-        event(log, logging.INFO, "configuration reloaded")
+        return {}
 
     async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.handle_signals()
         starting = asyncio.ensure_future(self.start())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping = asyncio.ensure_future(self.stop_requested.wait())
         await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             # Stopped while starting (a worker still waiting for its first view, or orphaned): leave
@@ -253,14 +228,12 @@ class Gateway:
     def _orphaned(self) -> None:
         """The supervisor died (crash, kill -9): stop at once, without the drain delay."""
         self._supervisor_lost = True
-        self._stopping.set()
+        self.stop_requested.set()
 
     def _hold_unknown_sources(self) -> None:
         """Kept on its view during a swap by restart: unknown addresses wait for the new workers."""
         for service in self.services:
-            hold = getattr(service, "hold_unknown_sources", None)
-            if hold is not None:
-                hold()
+            service.hold_unknown_sources()
 
 
 def state_dir_contents(config: Config) -> list[str]:

@@ -41,12 +41,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from edge.admin import AdminRoutes, Readiness, start_admin
+from edge.admin import AdminListener, AdminRoutes, Readiness, start_admin
 from edge.config import Config
-from edge.errors import ConfigError, EdgeError
 from edge.logs import event
 from edge.metrics import Metrics
+from edge.process import GatewayProcess
 from edge.ratelimit import create_shared_table, map_table
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller, PollOutcome
@@ -104,7 +105,9 @@ class WorkerSlot:
     restarts: int = 0
 
 
-class Supervisor:
+class Supervisor(GatewayProcess):
+    log = log
+
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None, worker_argv: Sequence[str],
                  metrics: Metrics, sources: SourceKinds | None = None, formats: ViewFormats | None = None) -> None:
         self.config = config
@@ -119,8 +122,8 @@ class Supervisor:
         self.slots = [WorkerSlot(number) for number in range(config.workers)]
         self.poller: Poller | None = None
         self.stopping = False
-        self._stop = asyncio.Event()
-        self._admin: asyncio.AbstractServer | None = None
+        self.stop_requested = asyncio.Event()
+        self.admin: AdminListener | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._retiring: list[Worker] = []
         self._served_before = False
@@ -142,9 +145,7 @@ class Supervisor:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.handle_signals()
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         await asyncio.to_thread(prepare_shared_secrets, config)
@@ -155,7 +156,7 @@ class Supervisor:
         if config.metadata.listen and self.rate_table_fd is None:
             self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)
         # The admin listener before any worker: a supervisor that cannot start leaves no workers behind.
-        self._admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
+        self.admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
                                         self.metrics)
         for slot in self.slots:
             slot.current = self._spawn(slot)
@@ -166,7 +167,7 @@ class Supervisor:
               metadata=",".join(str(x) for x in config.metadata.listen),
               dns=",".join(str(x) for x in config.dns.listen), admin=str(config.admin.listen or ""))
         monitor = loop.create_task(self._monitor())
-        await self._stop.wait()
+        await self.stop_requested.wait()
         await self._shutdown(monitor)
 
     # -- workers ----------------------------------------------------------------------------------
@@ -315,21 +316,12 @@ class Supervisor:
 
     # -- signals ----------------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        if self.reload_config is not None:
-            try:
-                config = self.reload_config()
-            except (ConfigError, EdgeError) as exc:
-                event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
-                return
-            self.config = config
-            self.readiness.max_view_age = config.view.max_view_age
-            if self._admin is not None:
-                self._admin.reload(config)
+    def apply(self, config: Config) -> dict[str, Any]:
+        # Each worker re-reads the same files and applies them to its own services.
         for worker in self._workers():
             if worker.alive:
                 worker.process.send_signal(signal.SIGHUP)
-        event(log, logging.INFO, "configuration reloaded", workers=len(self.slots))
+        return {"workers": len(self.slots)}
 
     async def _shutdown(self, monitor: asyncio.Task[None]) -> None:
         self.readiness.shutting_down = True
@@ -352,8 +344,8 @@ class Supervisor:
                 worker.process.kill()
                 worker.process.wait()
             worker.close()
-        if self._admin is not None:
-            self._admin.close()
+        if self.admin is not None:
+            await self.admin.stop(admin.shutdown_grace)
         event(log, logging.INFO, "edge stopped")
 
 

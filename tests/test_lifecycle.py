@@ -172,11 +172,14 @@ def test_unknown_instance_triggers_one_supervised_refresh(tmp_path, control_plan
     assert gateway.view()["serial"] == 2
 
 
-def test_sighup_reloads_configuration_and_keeps_serving(tmp_path, control_plane, gateways) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_configuration_and_keeps_serving(tmp_path, control_plane, gateways, workers: int) -> None:
+    # One reload path (edge.process) for a single process and for a supervisor with its workers.
     _published(control_plane)
     config = tmp_path / "edge.toml"
     config.write_text("[view]\nmax_view_age = 0.0\n")
-    gateway = Gateway(tmp_path, control_plane.url, workers=1, extra=["--config", str(config), "--poll-interval", "60"])
+    gateway = Gateway(tmp_path, control_plane.url, workers=workers,
+                      extra=["--config", str(config), "--poll-interval", "60"])
     gateways.append(gateway)
     wait_until(gateway.ready, timeout=20)
     config.write_text("[view]\nmax_view_age = 1.0\n")

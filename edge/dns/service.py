@@ -1,4 +1,4 @@
-"""The DNS service as the composition root sees it: start, stop, reload.
+"""The DNS service as the composition root sees it (a :class:`edge.lifecycle.Service`).
 
 It owns the listeners (UDP and TCP on every ``dns.listen``), the forwarder
 and its cache, the recursion policy and the rate limiter, and offers the
@@ -19,6 +19,7 @@ from edge.dns.engine import Engine, Forward
 from edge.dns.forwarder import Forwarder
 from edge.dns.protocol import DnsDatagramProtocol, DnsStats, DnsStreamProtocol
 from edge.dns.zonedata import make_preparer
+from edge.lifecycle import Service
 from edge.metrics import Tally
 from edge.ratelimit import RateLimiter
 from edge.view.snapshot import Preparer, Snapshot
@@ -27,8 +28,10 @@ from edge.view.store import ViewStore
 log = logging.getLogger("edge.dns")
 
 
-class DnsService:
+class DnsService(Service):
     """Owns the listeners; what they use of it is :class:`edge.dns.protocol.ListenerHost`."""
+
+    name = "dns"
 
     def __init__(self, config: Config, store: ViewStore) -> None:
         self.config = config
@@ -64,6 +67,10 @@ class DnsService:
             name = listener.sock.getsockname()  # type: ignore[union-attr]
             out.append((name[0], name[1], listener.network))
         return out
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._udp) and not self.closing
 
     async def start(self, reuse_port: bool = False) -> None:
         for listen in self.config.dns.listen:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge.config import Config
 from edge.fleet_keys import FleetTokenKeys, read_fleet_token_keys
+from edge.lifecycle import Service
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
 from edge.metadata.fallback import MetadataFallback
@@ -29,7 +30,7 @@ from edge.metadata.protocol import LeaveUnanswered, Listeners, MetadataProtocol,
 from edge.metadata.render import Renderer
 from edge.metrics import Tally
 from edge.ratelimit import RateLimiter
-from edge.view.snapshot import Preparer, Snapshot
+from edge.view.snapshot import Snapshot
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.metadata")
@@ -73,17 +74,18 @@ FallbackFactory = Callable[[Config, "MetadataFallback | None"], "MetadataFallbac
 cloud adapter; it reconfigures the one in use rather than replacing it, so its cache survives SIGHUP."""
 
 
-class MetadataService(Listeners):
+class MetadataService(Listeners, Service):
+    name = "metadata"
+
     def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]],
-                 fallback_for: FallbackFactory | None = None) -> None:
+                 fallback_for: FallbackFactory | None = None, rate_table: mmap.mmap | None = None) -> None:
         self.config = config
         self.fallback_for = fallback_for
         Listeners.__init__(self, ProtocolLimits.of(config.metadata), store,
                            TrustedProxies(config.metadata.trusted_proxies), Tally("http"))
         self.refresh = refresh
-        self.preparers: list[Preparer] = []
-        self.rate_table: mmap.mmap | None = None
-        """The rate-limit table shared by a gateway's workers (set by the composition root); None: a private one."""
+        self.rate_table = rate_table
+        """The rate-limit table shared by a gateway's workers (given by the composition root); None: a private one."""
         self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
         self.fleet_keys = FleetTokenKeys(self._use_fleet_keys)
         self.servers: list[asyncio.Server] = []
@@ -114,6 +116,10 @@ class MetadataService(Listeners):
             self.servers.append(server)
             log.info("metadata listening on %s network=%r", _bound(server), network)
         self.start_ticker()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.servers) and not self.stopping
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -1,0 +1,56 @@
+"""The Service lifecycle as the composition root uses it: readiness asks every service whether it listens."""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.error
+import urllib.request
+
+import pytest
+
+from edge.admin import AdminListener, AdminRoutes, Readiness
+from edge.config import AdminConfig, Listen
+from edge.dns.service import DnsService
+from edge.lifecycle import Service
+from edge.metadata.service import MetadataService
+from tests.dns.conftest import EdgeDns
+from tests.support import wait_until
+
+
+def _readyz(port: int) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.mark.parametrize("kind", [DnsService, MetadataService, AdminListener])
+def test_every_service_is_a_service(kind: type) -> None:
+    # The composition root calls start, stop, reload, ready, export_metrics and hold_unknown_sources
+    # on each without probing for them; an implementation missing one cannot be built.
+    assert issubclass(kind, Service)
+    assert not getattr(kind, "__abstractmethods__", None)
+
+
+def test_readiness_reports_a_service_that_stopped_listening() -> None:
+    server = EdgeDns({"format": "edge-view/1", "serial": 1, "instances": []})
+    try:
+        config = dataclasses.replace(server.config, admin=AdminConfig(listen=Listen.parse("127.0.0.1:0")))
+        readiness = Readiness(server.store)
+        readiness.services = [server.service]
+        admin = AdminListener(config, AdminRoutes(server.store, readiness))
+        server.call(admin.start())
+        port = admin.sockets[0].getsockname()[1]
+        assert server.service.ready and admin.ready
+        assert _readyz(port) == (200, b"ready\n")
+
+        server.call(server.service.stop(0.5))
+        assert not server.service.ready
+        wait_until(lambda: _readyz(port)[0] == 503, timeout=5)
+        assert _readyz(port) == (503, b"not ready: dns is not listening\n")
+
+        server.call(admin.stop(0.5))
+        assert not admin.ready
+    finally:
+        server.close()
