@@ -52,7 +52,7 @@ PAUSE_FIRST = 1.0
 PAUSE_MAX = 30.0
 """After a failure, the controller is not asked again for this long (doubling while it keeps failing)."""
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,20 +243,26 @@ class ControllerMetadata:
     async def _connect_from(self, address: str) -> socket.socket:
         """A socket connected to the controller from the instance's own address.
 
-        The address is not this host's: ``IP_TRANSPARENT`` (with ``CAP_NET_ADMIN``) lets the
-        connection use it, and the controller's answers come back because edge is on the path
-        to the instance (EDGE deployment).  ``IP_FREEBIND`` alone suffices for local addresses.
+        The address is not this host's: ``IP_TRANSPARENT`` (``CAP_NET_ADMIN``) lets the connection
+        use it, and the controller's answers come back because this host is on its route to the
+        instances (EDGE deployment).  A local address (tests, an edge on the instance's host) needs
+        no privilege.
         """
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            for option in (IP_TRANSPARENT, IP_FREEBIND):
-                try:
-                    sock.setsockopt(socket.SOL_IP, option, 1)
-                except OSError:
-                    pass  # without CAP_NET_ADMIN: bind shows whether the address is usable
-            sock.bind((address, 0))
+            try:
+                sock.setsockopt(socket.SOL_IP if family == socket.AF_INET else socket.SOL_IPV6,
+                                IP_TRANSPARENT if family == socket.AF_INET else IPV6_TRANSPARENT, 1)
+                transparent = ""
+            except OSError as exc:
+                transparent = f"; IP_TRANSPARENT refused ({exc.strerror or exc}): it needs CAP_NET_ADMIN"
+            try:
+                sock.bind((address, 0))
+            except OSError as exc:
+                raise OSError(f"cannot connect from the instance's address {address} "
+                              f"({exc.strerror or exc}){transparent}") from None
             infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, family=family,
                                                                   type=socket.SOCK_STREAM)
             await asyncio.get_running_loop().sock_connect(sock, infos[0][4])
@@ -264,7 +270,6 @@ class ControllerMetadata:
             sock.close()
             raise
         return sock
-
 
     def saved(self, now: float) -> bytes:
         """The answers worth keeping across a restart: 200s still usable, never credentials."""

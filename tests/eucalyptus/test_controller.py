@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -276,3 +280,26 @@ def test_saved_answers_round_trip_without_credentials_and_a_corrupt_file_is_igno
     with caplog.at_level("WARNING", logger="edge.eucalyptus"):
         assert len(ControllerFallback(config).controller.cache) == 0
     assert any("saved controller answers ignored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_without_cap_net_admin_asking_from_an_instance_address_fails_clearly(controller) -> None:
+    """source-address needs IP_TRANSPARENT for an address that is not this host's: without the
+    capability the failure says so, instead of a connection that never completes."""
+    controller.add("i-00000006", "192.0.2.6")
+    code = textwrap.dedent(f"""
+        import asyncio
+        from edge.config import EucalyptusConfig
+        from edge.eucalyptus.controller import ControllerMetadata, ControllerUnavailable
+        client = ControllerMetadata(EucalyptusConfig(controller_url="{controller.url}",
+                                                     controller_identity="source-address", controller_timeout=3.0))
+        try:
+            asyncio.run(client.fetch("i-00000006", "192.0.2.6", "latest/user-data"))
+        except ControllerUnavailable as exc:
+            print("unavailable:", exc)
+    """)
+    # Without CAP_NET_ADMIN and CAP_NET_RAW, as edge-eucalyptus.service would be without them.
+    result = subprocess.run(["setpriv", "--bounding-set", "-net_admin,-net_raw", "--inh-caps", "-net_admin,-net_raw",
+                             sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "unavailable: cannot connect from the instance's address 192.0.2.6" in result.stdout, result.stderr
+    assert "needs CAP_NET_ADMIN" in result.stdout
