@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import dns.edns
@@ -465,3 +467,36 @@ def test_a_reload_keeps_the_backlog_and_says_so(edge_factory, caplog):
     assert _listen_backlog(server.port) == min(300, int(open("/proc/sys/net/core/somaxconn").read()))
     assert "new listen_backlog applies at the next restart" in caplog.text
     assert server.service.config.dns.tcp_max_connections_per_source == 5  # the other limits apply at once
+
+
+def test_a_burst_of_new_connections_waits_in_the_accept_queue(edge_factory):
+    """400 connections arrive while the server is busy: all complete their handshake and wait to be accepted."""
+    server = edge_factory(tcp_max_connections=4096, tcp_max_connections_per_source=4096)
+    busy = threading.Event()
+    release = threading.Event()
+
+    def hold_the_loop() -> None:
+        busy.set()
+        release.wait(20)
+
+    server.loop.call_soon_threadsafe(hold_the_loop)
+    assert busy.wait(5)
+    burst = []
+    try:
+        for _ in range(400):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            burst.append(sock)
+
+        def connected() -> int:
+            _, writable, _ = select.select([], burst, [], 0)
+            return sum(1 for sock in writable if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+
+        # With asyncio's default backlog (100) the rest stay unanswered (their SYNs dropped) until edge accepts.
+        wait_until(lambda: connected() == len(burst), timeout=5)
+    finally:
+        release.set()
+        for sock in burst:
+            sock.close()
+    assert _tcp_query(server.port, "127.0.0.1").rcode() == dns.rcode.NOERROR
