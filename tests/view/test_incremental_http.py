@@ -217,3 +217,31 @@ def test_bad_changes_are_problems_of_their_instances_or_source_errors(plane) -> 
     with pytest.raises(SourceError, match="since=3"):
         asyncio.run(source.fetch())
 
+
+
+def test_gateways_follow_an_http_control_plane_by_changes(plane, tmp_path) -> None:
+    from tests.fleet.gateway import Gateway
+    from tests.support import wait_until
+
+    demo = __import__("edge.view.demo", fromlist=["demo_document"]).demo_document()
+    demo["serial"] = 1
+    plane.document = demo
+    gateways = [Gateway(name, host, plane.url, tmp_path / name,
+                        env={"EDGE_VIEW_POLL_INTERVAL": "0.2", "EDGE_WORKERS": workers})
+                for name, host, workers in (("one", "127.0.1.1", "1"), ("two", "127.0.1.2", "2"))]
+    for gateway in gateways:
+        gateway.start()
+    try:
+        for serial, instance_type in ((2, "m6.large"), (3, "m6.xlarge")):
+            plane.publish(changed(plane.document, serial, 0, instance_type))
+            for gateway in gateways:
+                wait_until(lambda: gateway.serial() == serial, timeout=20)
+                assert gateway.get("/latest/meta-data/instance-type").body == instance_type.encode()
+        kinds = {kind for target, kind, _ in plane.requests if "since=" in target}
+        assert "changes" in kinds
+        assert "build=delta" in gateways[0].log()
+        metrics = gateways[0].admin("/metrics").body.decode()
+        assert 'edge_view_source_events_total{event="changes_applied"}' in metrics
+    finally:
+        for gateway in gateways:
+            gateway.stop()
