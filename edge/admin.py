@@ -147,9 +147,10 @@ class AdminListener(Listeners, Service):
 
     def __init__(self, config: Config, routes: AdminRoutes) -> None:
         super().__init__(admin_limits(config), routes.store, TrustedProxies(()), NullTally("admin"))
+        # The connection protocol calls only answer(), which AdminHandler has with the same signature.
         self.handler = AdminHandler(routes)  # type: ignore[assignment]
         self.listen = config.admin.listen
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
 
     def reload(self, config: Config) -> None:
         """New limits for the connections that follow (and the head timeout for all)."""

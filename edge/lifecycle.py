@@ -25,9 +25,9 @@ class Service(ABC):
     """What readiness calls it when it is not listening (``dns``, ``metadata``, ``admin``)."""
     preparers: Sequence[Preparer] = ()
     """What each snapshot needs built for this service before it is swapped in (off the loop)."""
-    tally: Tally | None = None
-    """Its per-request counts, exported as metrics by the composition root (None: it keeps none);
-    replaced by a :class:`edge.metrics.NullTally` before :meth:`start` when metrics are off."""
+    tally: Tally
+    """Its per-request counts, exported as metrics by the composition root; replaced by a
+    :class:`edge.metrics.NullTally` before :meth:`start` when metrics are off."""
 
     @abstractmethod
     async def start(self, reuse_port: bool = False) -> None:

@@ -132,8 +132,6 @@ class Gateway(GatewayProcess):
         self.services = self._build_services()
         self.readiness.services = self.services
         for service in self.services:
-            if service.tally is None:
-                continue
             if config.admin.metrics:
                 self.metrics.adopt(service.tally)
             else:

@@ -12,6 +12,7 @@ import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from dnslib import RD, RR, SOA, DNSBuffer, DNSLabel
 
@@ -136,11 +137,11 @@ def _rdata(record: Record) -> object:
     rtype = record.rtype
     value = record.value
     if rtype == TYPE_HINFO:
-        cpu, os_name = (part.encode() for part in value)  # type: ignore[attr-defined]
+        cpu, os_name = (part.encode() for part in cast(tuple[str, str], value))
         return RD(bytes([len(cpu)]) + cpu + bytes([len(os_name)]) + os_name)
     if rtype == TYPE_SOA:
-        mname, rname, serial, refresh, retry, expire, minimum = value  # type: ignore[misc]
-        return SOA(mname, rname, (serial, refresh, retry, expire, minimum))
+        mname, rname, *timers = cast(tuple[str, str, int, int, int, int, int], value)
+        return SOA(mname, rname, tuple(timers))
     # Every other record comes from the view (or the instances) as presentation text, of a type
     # the view's schema admitted: a type missing from the table is a defect, raised, not dropped.
     return BY_CODE[rtype].rdata(str(value))

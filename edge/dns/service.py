@@ -64,6 +64,7 @@ class DnsService(Service):
         """(host, port, network) actually bound, UDP listeners first (ports resolved when 0 was asked)."""
         out = []
         for listener in self._udp:
+            # Optional only for listeners built without a socket (tests of the protocol); ours have one.
             name = listener.sock.getsockname()  # type: ignore[union-attr]
             out.append((name[0], name[1], listener.network))
         return out

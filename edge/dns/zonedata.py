@@ -8,8 +8,9 @@ invalidates every rendered answer without a purge.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from edge.view.snapshot import LocalRecord, NameEntry, Snapshot
 
@@ -39,7 +40,7 @@ class DnsData:
     """What answering needs from one snapshot, beyond ``snapshot.names``."""
 
     generation: int
-    names: dict[str, NameEntry] | object
+    names: Mapping[str, NameEntry]
     zones: dict[str | None, dict[str, ZoneInfo]]
     """Network (None: every network) -> apex -> zone."""
     empty_non_terminals: dict[str, tuple[bool, frozenset[str]]]
@@ -86,7 +87,7 @@ class DnsData:
         return cut
 
     def records(self, network: str, name: str) -> tuple[LocalRecord, ...]:
-        entry = self.names.get(name)  # type: ignore[attr-defined]
+        entry = self.names.get(name)
         if entry is None:
             return self.extra_names.get(name, ())
         return entry.records_for(network)
@@ -174,4 +175,4 @@ def dns_data(snapshot: Snapshot) -> DnsData:
     data = snapshot.extras.get(EXTRAS_KEY)
     if data is None:
         data = snapshot.extras[EXTRAS_KEY] = build_dns_data(snapshot)
-    return data  # type: ignore[return-value]
+    return cast(DnsData, data)

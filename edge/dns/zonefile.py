@@ -22,10 +22,10 @@ def zone_texts(snapshot: Snapshot, network: str = "") -> dict[str, str]:
                        f"@ {zone.soa_ttl} IN SOA {mname}. {rname}. {serial} {refresh} {retry} {expire} {minimum}",
                        f"@ {zone.soa_ttl} IN NS {zone.nameserver}."]
     for name in sorted(snapshot.names):
-        zone = data.zone_for(network, name)
-        if zone is None:
+        owner_zone = data.zone_for(network, name)
+        if owner_zone is None:
             continue
         for record in data.records(network, name):
             value = RECORD_TYPES[record.type].zone_value(record.value)
-            lines[zone.apex].append(f"{name}. {record.ttl} IN {record.type} {value}")
+            lines[owner_zone.apex].append(f"{name}. {record.ttl} IN {record.type} {value}")
     return {apex: "\n".join(text) + "\n" for apex, text in lines.items()}
