@@ -268,6 +268,8 @@ class EucalyptusConfig:
     intip_map_file: str = ""
     mido_md_cidr: str = "255.0.0.0/8"
     """eucanetd's ``MIDO_MD_CIDR`` (``eucalyptus.conf``): the range of the intip map's metadata addresses."""
+    eucalyptus_conf: str = ""
+    """eucanetd's ``eucalyptus.conf``: its ``MIDO_MD_CIDR``, when set there, replaces ``mido_md_cidr``."""
     """eucanetd's ``eucanetd_intip_eni_map`` (VPC mode): 255.x.y.z metadata addresses -> interfaces."""
     controller_url: str = ""
     """The controller's metadata service (e.g. ``http://CLC:8773/``): answers what the GNI lacks."""

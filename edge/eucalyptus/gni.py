@@ -65,7 +65,7 @@ class GniOptions:
         euca = config.eucalyptus
         return cls(version=euca.version, dns_domain=euca.dns_domain, region=euca.region,
                    instance_subdomain=euca.instance_subdomain, private_prefix=euca.private_prefix,
-                   public_prefix=euca.public_prefix, mido_md_cidr=euca.mido_md_cidr)
+                   public_prefix=euca.public_prefix, mido_md_cidr=configured_md_cidr(config))
 
     def resolved(self, instance_dns_domain: str) -> GniOptions:
         """Concrete options for a document whose ``instanceDNSDomain`` is given.
@@ -126,6 +126,34 @@ class MapEntry:
 def is_gni(data: bytes) -> bool:
     head = data[:4096]
     return b"<network-data" in head or (head.lstrip().startswith(b"<") and MAP_COMMENT.encode() in head)
+
+
+def configured_md_cidr(config: Config) -> str:
+    """``MIDO_MD_CIDR`` from eucanetd's own ``eucalyptus.conf`` when configured and set there
+    (``net/eucanetd.c`` reads it with ``configFileValue``), else ``eucalyptus.mido_md_cidr``."""
+    euca = config.eucalyptus
+    if not euca.eucalyptus_conf:
+        return euca.mido_md_cidr
+    try:
+        with open(euca.eucalyptus_conf, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+    except OSError as exc:
+        event(log, logging.WARNING, "eucalyptus.conf unreadable; using eucalyptus.mido_md_cidr",
+              path=euca.eucalyptus_conf, error=exc.strerror or str(exc), mido_md_cidr=euca.mido_md_cidr)
+        return euca.mido_md_cidr
+    value = None
+    for line in text.splitlines():
+        key, equals, raw = line.strip().partition("=")
+        if equals and key.strip() == "MIDO_MD_CIDR":
+            value = raw.split("#", 1)[0].strip().strip("\"'")  # the last assignment wins, as in a shell
+    if not value:
+        return euca.mido_md_cidr
+    try:
+        return str(ipaddress.IPv4Network(value, strict=False))
+    except ValueError:
+        event(log, logging.WARNING, "MIDO_MD_CIDR in eucalyptus.conf is not a CIDR; using eucalyptus.mido_md_cidr",
+              path=euca.eucalyptus_conf, value=value[:80], mido_md_cidr=euca.mido_md_cidr)
+        return euca.mido_md_cidr
 
 
 def parse_intip_map(text: str, md_cidr: str = "255.0.0.0/8") -> tuple[list[MapEntry], list[str]]:

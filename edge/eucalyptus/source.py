@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edge.config import Config
 from edge.errors import SourceError
-from edge.eucalyptus.gni import bundle, parse_intip_map
+from edge.eucalyptus.gni import bundle, configured_md_cidr, parse_intip_map
 from edge.view.sources import FileSource, ViewSource
 
 
@@ -56,4 +56,4 @@ def with_intip_map(source: ViewSource, config: Config) -> ViewSource:
     if not config.eucalyptus.intip_map_file:
         return source
     return GniWithIntipMap(source, config.eucalyptus.intip_map_file, config.view.max_size,
-                           config.eucalyptus.mido_md_cidr)
+                           configured_md_cidr(config))

@@ -41,6 +41,7 @@ def test_vpcmido_configuration_answers_where_eucanetd_nginx_did() -> None:
     assert config.eucalyptus.controller_url == "http://127.0.0.1:8773/"
     assert config.eucalyptus.intip_map_file.endswith("eucanetd_intip_eni_map")
     assert config.eucalyptus.mido_md_cidr == "255.0.0.0/8"
+    assert config.eucalyptus.eucalyptus_conf == "/etc/eucalyptus/eucalyptus.conf"  # MIDO_MD_CIDR from eucanetd's
 
 
 def _unit(text: str) -> configparser.ConfigParser:

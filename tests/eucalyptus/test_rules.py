@@ -253,3 +253,20 @@ def test_version_and_subdomain_by_default_from_the_document(domain: bytes, priva
     assert view.cloud.public_name("10.111.200.1") == public
     forced = decode_gni(document, GniOptions(version="5", instance_subdomain=".compute", dns_domain="cloud.example"))
     assert forced.cloud.private_name("172.16.0.11") == "ip-172-16-0-11.compute.internal"
+
+
+def test_mido_md_cidr_is_read_from_eucalyptus_conf(tmp_path, caplog) -> None:
+    from edge.eucalyptus.gni import configured_md_cidr
+    conf = tmp_path / "eucalyptus.conf"
+    conf.write_text('EUCAHOME="/"\n# MIDO_MD_CIDR="10.0.0.0/8"\nMIDO_MD_CIDR="169.254.64.0/18"  # ours\n')
+    config = Config(eucalyptus=EucalyptusConfig(eucalyptus_conf=str(conf)))
+    assert configured_md_cidr(config) == "169.254.64.0/18"
+    assert GniOptions.of(config).mido_md_cidr == "169.254.64.0/18"
+    conf.write_text('EUCAHOME="/"\n')
+    assert configured_md_cidr(config) == "255.0.0.0/8"  # unset there: eucanetd's default
+    conf.write_text('MIDO_MD_CIDR="nonsense"\n')
+    with caplog.at_level("WARNING", logger="edge.eucalyptus"):
+        assert configured_md_cidr(config) == "255.0.0.0/8"
+    assert any("not a CIDR" in r.getMessage() for r in caplog.records)
+    missing = Config(eucalyptus=EucalyptusConfig(eucalyptus_conf=str(tmp_path / "none"), mido_md_cidr="100.64.0.0/16"))
+    assert configured_md_cidr(missing) == "100.64.0.0/16"
