@@ -28,12 +28,21 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from typing import Protocol, cast
 
 SLOT_FIELDS = 3
 """tag, tokens, stamp: three 8-byte fields per slot."""
 SLOT_BYTES = SLOT_FIELDS * 8
 PROBES = 8
 """Slots a client's hash may use (consecutive, wrapping)."""
+
+
+class _Fields(Protocol):
+    """Numbered 8-byte fields read and written by index: a list, or a typed view of the shared table."""
+
+    def __getitem__(self, index: int, /) -> float: ...
+
+    def __setitem__(self, index: int, value: float, /) -> None: ...
 
 
 def table_bytes(entries: int) -> int:
@@ -67,8 +76,9 @@ class RateLimiter:
         self._table = table
         if table is not None:
             view = memoryview(table)
-            self._tags: memoryview | list[float] = view.cast("Q")
-            self._values: memoryview | list[float] = view.cast("d")
+            # The stubs type every memoryview item as int on assignment; a "d" view takes floats.
+            self._tags = cast(_Fields, view.cast("Q"))
+            self._values = cast(_Fields, view.cast("d"))
             self.entries = len(table) // SLOT_BYTES
         self._slots: dict[str, tuple[int, int]] = {}
         """key -> (index of its slot's first field, its tag): the hash is computed once per key."""
@@ -87,7 +97,8 @@ class RateLimiter:
         self._max_entries = count
         if self._table is None and count != getattr(self, "entries", None):
             self.entries = max(1, count)
-            self._tags = self._values = [0] * (self.entries * SLOT_FIELDS)
+            fields: list[float] = [0] * (self.entries * SLOT_FIELDS)
+            self._tags = self._values = fields
             self._slots = {}
 
     def allow(self, key: str, now: float) -> bool:

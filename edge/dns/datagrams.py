@@ -22,6 +22,8 @@ import mmap
 import socket
 import struct
 import sys
+from collections.abc import Callable
+from typing import Any
 
 BATCH = 64
 """Datagrams taken per wake-up; the loop runs other callbacks (TCP, timers) between batches."""
@@ -43,13 +45,13 @@ class SocketDatagrams:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.sources: list[tuple] = []  # type: ignore[type-arg]
+        self.sources: list[tuple[Any, ...]] = []
         self._dropped = 0
 
     def receive(self) -> list[tuple[bytes, str]]:
         """(payload, source address) of every datagram waiting, up to ``BATCH``."""
         recvfrom = self.sock.recvfrom
-        sources: list[tuple] = []  # type: ignore[type-arg]
+        sources: list[tuple[Any, ...]] = []
         received = []
         try:
             for _ in range(BATCH):
@@ -61,7 +63,7 @@ class SocketDatagrams:
         self.sources = sources
         return received
 
-    def source(self, index: int) -> tuple:  # type: ignore[type-arg]
+    def source(self, index: int) -> tuple[Any, ...]:
         """The socket address of datagram ``index`` of the last batch, for a reply sent later."""
         return self.sources[index]
 
@@ -91,7 +93,7 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("hdr", _MsgHdr), ("length", ctypes.c_uint)]
 
 
-def _libc_calls():  # type: ignore[no-untyped-def]
+def _libc_calls() -> tuple[Callable[..., int], Callable[..., int]] | None:
     """(recvmmsg, sendmmsg) from the C library, or None where they or the layout read below are not available."""
     if (sys.byteorder != "little" or ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(_MMsgHdr) != 64
             or _MMsgHdr.length.offset != 56):
@@ -184,10 +186,10 @@ class BatchDatagrams:
         else:
             names = self._names_view
             for index in range(count):
-                key = names[index * _NAME + 8:index * _NAME + 28].tobytes()  # address and scope
-                address = addresses.get(key)
+                name_key = names[index * _NAME + 8:index * _NAME + 28].tobytes()  # address and scope
+                address = addresses.get(name_key)
                 if address is None:
-                    address = self._address(index, key)
+                    address = self._address(index, name_key)
                 start = index * _SLOT
                 received.append((view[start:start + lengths[index]].tobytes(), address))
         return received
@@ -198,9 +200,9 @@ class BatchDatagrams:
         if len(self._addresses) >= _ADDRESS_MEMO_LIMIT:
             self._addresses.clear()
         self._addresses[key] = source[0]
-        return source[0]  # type: ignore[no-any-return]
+        return source[0]
 
-    def source(self, index: int) -> tuple:  # type: ignore[type-arg]
+    def source(self, index: int) -> tuple[Any, ...]:
         """The socket address of datagram ``index`` of the last batch, for a reply sent later."""
         name = self._names_view[index * _NAME:(index + 1) * _NAME].tobytes()
         if self.family == socket.AF_INET:

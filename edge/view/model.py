@@ -28,10 +28,14 @@ DEFAULT_NETWORK = ""
 
 
 class Value(msgspec.Struct, frozen=True, gc=False):
-    """Base of the immutable values a snapshot is made of (hashable, compared field by field)."""
+    """Base of the immutable values a snapshot is made of (hashable, compared field by field).
+
+    msgspec passes ``frozen`` on to subclasses; each subclass still says ``frozen=True``
+    because type checkers read a dataclass transform's options per class.
+    """
 
 
-class DnsRecord(Value):
+class DnsRecord(Value, frozen=True):
     """One record of the view's ``dns_records``; ``value`` is presentation text.
 
     MX values are ``"PREFERENCE EXCHANGE"``, SRV ``"PRIORITY WEIGHT PORT TARGET"``,
@@ -44,7 +48,7 @@ class DnsRecord(Value):
     ttl: int
 
 
-class Cloud(Value):
+class Cloud(Value, frozen=True):
     region: str = "eucalyptus"
     partition: str = "aws"
     services_domain: str = "amazonaws.com"
@@ -88,7 +92,7 @@ def name_renderer(template: str, domain: str) -> Callable[[str], str]:
     return render
 
 
-class Subnet(Value):
+class Subnet(Value, frozen=True):
     id: str
     cidr: str
     """The subnet's IPv4 range ("" when the view gives none)."""
@@ -97,18 +101,18 @@ class Subnet(Value):
     """The subnet's IPv6 ranges (inside its network's IPv6 CIDRs)."""
 
 
-class Network(Value):
+class Network(Value, frozen=True):
     id: str
     cidrs: tuple[str, ...] = ()
     subnets: tuple[Subnet, ...] = ()
 
 
-class SecurityGroup(Value):
+class SecurityGroup(Value, frozen=True):
     id: str
     name: str
 
 
-class Interface(Value):
+class Interface(Value, frozen=True):
     id: str
     mac: str
     """Lower-case, colon separated."""
@@ -130,20 +134,20 @@ class Interface(Value):
         return self.private_ips[0]
 
 
-class PublicKey(Value):
+class PublicKey(Value, frozen=True):
     """A key pair's public key: ``openssh`` is its authorized_keys line."""
 
     name: str
     openssh: str
 
 
-class IamProfile(Value):
+class IamProfile(Value, frozen=True):
     instance_profile_arn: str
     instance_profile_id: str
     role: str
 
 
-class MetadataOptions(Value):
+class MetadataOptions(Value, frozen=True):
     http_tokens: str = "optional"
     """``optional`` or ``required``."""
     hop_limit: int = 1
@@ -163,7 +167,7 @@ class MetadataOptions(Value):
 DEFAULT_METADATA_OPTIONS = MetadataOptions()
 
 
-class Instance(Value):
+class Instance(Value, frozen=True):
     id: str
     interfaces: tuple[Interface, ...]
     """Sorted by ``device_index``; the first one is the primary interface."""

@@ -25,21 +25,21 @@ from edge.view.parse import cross_instance_problems
 _generations = itertools.count(1)
 
 
-class Attachment(Value):
+class Attachment(Value, frozen=True):
     """An instance as seen through one of its interfaces (who is asking)."""
 
     instance: Instance
     interface: Interface
 
 
-class LocalRecord(Value):
+class LocalRecord(Value, frozen=True):
     type: str
     """``A``, ``AAAA``, ``PTR``, ``CNAME``, ``TXT``, ``SRV``, ``MX`` or ``NS``."""
     value: str
     ttl: int
 
 
-class NameEntry(Value):
+class NameEntry(Value, frozen=True):
     """The records of one owner name, by horizon."""
 
     everyone: tuple[LocalRecord, ...] = ()
@@ -54,7 +54,7 @@ class NameEntry(Value):
         return self.everyone
 
 
-class Zone(Value):
+class Zone(Value, frozen=True):
     """A local zone apex; ``network`` None means it is served to every network."""
 
     apex: str

@@ -37,7 +37,7 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from sys import intern
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 
@@ -66,11 +66,11 @@ from edge.view.records import RECORD_TYPES, supported, type_pattern
 
 
 def _text(description: str, pattern: str | None = None, problem: str | None = None,
-          schema: dict[str, Any] | None = None, min_length: int | None = None) -> Any:
-    """A string type; ``problem`` words a pattern mismatch (``{value}`` is the value's repr)."""
+          schema: dict[str, Any] | None = None, min_length: int | None = None) -> msgspec.Meta:
+    """The constraints of a string type; ``problem`` words a pattern mismatch (``{value}`` is the value's repr)."""
     extra = {"problem": problem} if problem else None
-    return Annotated[str, msgspec.Meta(pattern=pattern, min_length=min_length, description=description,
-                                       extra_json_schema=schema, extra=extra)]
+    return msgspec.Meta(pattern=pattern, min_length=min_length, description=description,
+                        extra_json_schema=schema, extra=extra)
 
 
 _END = r"$(?!\n)"
@@ -81,34 +81,43 @@ _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _IPV6_CHARS = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
 """Text that may be an IPv6 address: the check after decoding parses it (``inet_pton``)."""
 
-IPv4Address = _text("An IPv4 address in dotted-quad form, without leading zeros.", rf"^{_IPV4}{_END}",
-                    "not a valid IPv4 address: {value}", {"format": "ipv4"})
-IPv6Address = _text("An IPv6 address, in any form RFC 4291 allows; served in its RFC 5952 form.",
-                    rf"^{_IPV6_CHARS}{_END}", "not a valid IPv6 address: {value}", {"format": "ipv6"})
-IPAddress = _text("An IPv4 address (dotted quad, no leading zeros) or an IPv6 address.",
-                  rf"^(?:{_IPV4}|{_IPV6_CHARS}){_END}", "not a valid IP address: {value}",
-                  {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})
-MacAddress = _text("A MAC address, six colon-separated pairs of hex digits (any case; served in lower case); "
-                   "empty when the control plane does not know it (the interface is served without MAC paths).",
-                   rf"^(?:[0-9A-Fa-f]{{2}}(?::[0-9A-Fa-f]{{2}}){{5}})?{_END}", "not a MAC address: {value}")
-CidrText = _text("An IPv4 or IPv6 network in CIDR notation (ADDRESS/PREFIX), with no host bits set.",
-                 rf"^[0-9A-Fa-f:.]+(?:/[0-9.]+)?{_END}", "invalid CIDR {value}")
-DomainName = _text("A domain name: labels of letters, digits, '-' and '_' (no leading or trailing '-'), "
-                   "at most 253 characters, one trailing dot allowed.", HOSTNAME_PATTERN,
-                   "not a valid domain name: {value}")
-NameTemplate = _text("A name label template; {ip} is replaced by the address with '.' and ':' as '-'.",
-                     r"\{ip\}", "must contain {{ip}}")
-RoleName = _text("An IAM role name (no '/').", rf"^[^/]+{_END}", "not a valid role name: {value}")
-RecordTypeName = _text(f"A record type: {supported()} (any case).", type_pattern(),
-                       f"unsupported record type {{value}} (supported: {supported()})")
-NonEmpty = _text("A non-empty string.", min_length=1)
+IPv4Address = Annotated[str, _text(
+    "An IPv4 address in dotted-quad form, without leading zeros.", rf"^{_IPV4}{_END}",
+    "not a valid IPv4 address: {value}", {"format": "ipv4"})]
+IPv6Address = Annotated[str, _text(
+    "An IPv6 address, in any form RFC 4291 allows; served in its RFC 5952 form.",
+    rf"^{_IPV6_CHARS}{_END}", "not a valid IPv6 address: {value}", {"format": "ipv6"})]
+IPAddress = Annotated[str, _text(
+    "An IPv4 address (dotted quad, no leading zeros) or an IPv6 address.",
+    rf"^(?:{_IPV4}|{_IPV6_CHARS}){_END}", "not a valid IP address: {value}",
+    {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})]
+MacAddress = Annotated[str, _text(
+    "A MAC address, six colon-separated pairs of hex digits (any case; served in lower case); "
+    "empty when the control plane does not know it (the interface is served without MAC paths).",
+    rf"^(?:[0-9A-Fa-f]{{2}}(?::[0-9A-Fa-f]{{2}}){{5}})?{_END}", "not a MAC address: {value}")]
+CidrText = Annotated[str, _text(
+    "An IPv4 or IPv6 network in CIDR notation (ADDRESS/PREFIX), with no host bits set.",
+    rf"^[0-9A-Fa-f:.]+(?:/[0-9.]+)?{_END}", "invalid CIDR {value}")]
+DomainName = Annotated[str, _text(
+    "A domain name: labels of letters, digits, '-' and '_' (no leading or trailing '-'), "
+    "at most 253 characters, one trailing dot allowed.", HOSTNAME_PATTERN,
+    "not a valid domain name: {value}")]
+NameTemplate = Annotated[str, _text(
+    "A name label template; {ip} is replaced by the address with '.' and ':' as '-'.",
+    r"\{ip\}", "must contain {{ip}}")]
+RoleName = Annotated[str, _text("An IAM role name (no '/').", rf"^[^/]+{_END}", "not a valid role name: {value}")]
+RecordTypeName = Annotated[str, _text(
+    f"A record type: {supported()} (any case).", type_pattern(),
+    f"unsupported record type {{value}} (supported: {supported()})")]
+NonEmpty = Annotated[str, _text("A non-empty string.", min_length=1)]
 Ttl = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1, description="Seconds (0 .. 2^31-1).")]
 Serial = Annotated[int, msgspec.Meta(ge=0, description="The view's version: a larger serial replaces a smaller one.")]
 HopLimit = Annotated[int, msgspec.Meta(ge=1, le=64, description="IP TTL / hop limit of token answers (1..64).")]
 
 
-def _at_least_one(item: Any, what: str) -> Any:
-    return Annotated[tuple[item, ...], msgspec.Meta(min_length=1, extra={"problem": f"at least one {what} is required"})]
+def _at_least_one(what: str) -> msgspec.Meta:
+    """The constraint of a tuple that may not be empty."""
+    return msgspec.Meta(min_length=1, extra={"problem": f"at least one {what} is required"})
 
 
 Base64 = Annotated[bytes, msgspec.Meta(
@@ -116,14 +125,14 @@ Base64 = Annotated[bytes, msgspec.Meta(
     # msgspec decodes base64 in C; JSON Schema's contentEncoding is only an annotation, so the
     # schema also states the same alphabet and padding as a pattern.
     extra_json_schema={"pattern": rf"^(?:[A-Za-z0-9+/]{{4}})*(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?{_END}"})]
-PrivateIps = _at_least_one(IPAddress, "private IP")
+PrivateIps = Annotated[tuple[IPAddress, ...], _at_least_one("private IP")]
 
 
 class _Wire(msgspec.Struct, frozen=True, gc=False):
     """Frozen (hashable, so equal parts are shared) and outside the cyclic GC, like the model."""
 
 
-class WireDnsRecord(_Wire):
+class WireDnsRecord(_Wire, frozen=True):
     """A record served in the local zones, besides the instances' own names."""
 
     name: DomainName
@@ -134,7 +143,7 @@ class WireDnsRecord(_Wire):
     """Defaults to the cloud's dns_ttl."""
 
 
-class WireCloud(_Wire):
+class WireCloud(_Wire, frozen=True):
     """Cloud-wide settings: naming, DNS and what instances are told about their region."""
 
     region: str | None = None
@@ -151,7 +160,7 @@ class WireCloud(_Wire):
     dns_records: tuple[WireDnsRecord, ...] | None = None
 
 
-class WireSubnet(_Wire):
+class WireSubnet(_Wire, frozen=True):
     """A subnet; cidr and ipv6_cidrs lie inside the network's CIDRs."""
 
     id: str
@@ -161,7 +170,7 @@ class WireSubnet(_Wire):
     ipv6_cidrs: tuple[CidrText, ...] | None = None
 
 
-class WireNetwork(_Wire):
+class WireNetwork(_Wire, frozen=True):
     """An address space (a VPC, or the flat network "") and its subnets."""
 
     id: str
@@ -169,7 +178,7 @@ class WireNetwork(_Wire):
     subnets: tuple[WireSubnet, ...] | None = None
 
 
-class WireSecurityGroup(_Wire):
+class WireSecurityGroup(_Wire, frozen=True):
     """A security group the interface is in; name defaults to the id."""
 
     id: str
@@ -177,7 +186,7 @@ class WireSecurityGroup(_Wire):
     """Defaults to the id."""
 
 
-class WireIamProfile(_Wire):
+class WireIamProfile(_Wire, frozen=True):
     """The instance profile; its credentials come from the gateway's credential source, never the view."""
 
     instance_profile_arn: str
@@ -185,7 +194,7 @@ class WireIamProfile(_Wire):
     role: RoleName
 
 
-class WireMetadataOptions(_Wire):
+class WireMetadataOptions(_Wire, frozen=True):
     """Defaults: http_tokens optional, hop_limit 1, tags false, endpoint enabled."""
 
     http_tokens: Literal["optional", "required"] | None = None
@@ -194,7 +203,7 @@ class WireMetadataOptions(_Wire):
     endpoint: Literal["enabled", "disabled"] | None = None
 
 
-class WireInterface(_Wire):
+class WireInterface(_Wire, frozen=True):
     """A network interface. The one with the lowest device_index is the instance's primary interface.
 
     (network, private IP), public IPs and MACs are unique in the document; private IPs lie inside
@@ -216,10 +225,10 @@ class WireInterface(_Wire):
     """Addresses a proxy rewrites this interface's metadata requests to (Eucalyptus VPC 255.x.y.z)."""
 
 
-Interfaces = _at_least_one(WireInterface, "interface")
+Interfaces = Annotated[tuple[WireInterface, ...], _at_least_one("interface")]
 
 
-class WireInstance(_Wire):
+class WireInstance(_Wire, frozen=True):
     """One instance; everything but id and interfaces is optional. Ids are unique in the document."""
 
     id: NonEmpty
@@ -243,12 +252,14 @@ class WireInstance(_Wire):
     product_codes: tuple[str, ...] | None = None
 
 
-class WireDocument(_Wire):
+class WireDocument(_Wire, frozen=True):
     """A network view: what a control plane publishes and every edge gateway polls (format edge-view/1).
 
     Every optional member may be null, which means the same as absent. Unknown members are ignored.
     """
 
+    # The one constant names the format here and in the model; type checkers accept only a literal
+    # inside Literal[], msgspec takes the constant's value.
     format: Literal[FORMAT]  # type: ignore[valid-type]
     serial: Serial
     instances: tuple[WireInstance, ...]
@@ -399,6 +410,7 @@ def networks_from_wire(items: list[tuple[str, WireNetwork]], problems: Problems)
                 problems.add(f"{swhere}.id", f"duplicate subnet id {subnet.id!r}")
             seen.add(subnet.id)
             for rwhere, inner in ranges:
+                # subnet_of is typed for one address family; the version test before it ensures that.
                 if parsed and not any(inner.version == p.version and inner.subnet_of(p)  # type: ignore[arg-type]
                                       for p in parsed):
                     problems.add(rwhere, f"{inner} is not inside network {wire.id!r} CIDRs")
@@ -446,7 +458,7 @@ def _positional_builder(model: type[msgspec.Struct], wire: type[msgspec.Struct],
         raise TypeError(f"{model.__name__} has no field {sorted(missing)}")
     source = f"def build(w, {', '.join(computed)}):\n    return _model({', '.join(arguments)})\n"
     exec(source, namespace)  # noqa: S102 - generated from the model's own field names
-    return namespace["build"]  # type: ignore[no-any-return]
+    return namespace["build"]
 
 
 _build_instance = _positional_builder(
@@ -465,46 +477,49 @@ def instance_from_wire(wire: WireInstance, cidrs: Cidrs, problems: Problems, whe
     before = len(problems.items)
     raws = wire.interfaces
     if len(raws) == 1:
-        interfaces: tuple[Interface, ...] | list[Interface | None] = (
+        checked: tuple[Interface | None, ...] | list[Interface | None] = (
             _interface_from_wire(raws[0], 0, cidrs, problems, where),)
     else:
-        interfaces = [_interface_from_wire(raw, index, cidrs, problems, where) for index, raw in enumerate(raws)]
-    iam = wire.iam
-    if iam is not None:
-        known = _BY_ROLE.get(iam.role)
-        if known is None or known[0] != iam:
-            known = (iam, IamProfile(intern(iam.instance_profile_arn), iam.instance_profile_id, intern(iam.role)))
-            _share_as(_BY_ROLE, iam.role, known)
-        iam = known[1]
-    options = wire.metadata_options
-    if options is None:
+        checked = [_interface_from_wire(raw, index, cidrs, problems, where) for index, raw in enumerate(raws)]
+    iam: IamProfile | None = None
+    if wire.iam is not None:
+        role = _BY_ROLE.get(wire.iam.role)
+        if role is None or role[0] != wire.iam:
+            given = wire.iam
+            role = (given, IamProfile(intern(given.instance_profile_arn), given.instance_profile_id, intern(given.role)))
+            _share_as(_BY_ROLE, given.role, role)
+        iam = role[1]
+    wire_options = wire.metadata_options
+    if wire_options is None:
         options = DEFAULT_METADATA_OPTIONS
     else:
-        known = _OPTIONS.get(options)
-        if known is None:
+        known_options = _OPTIONS.get(wire_options)
+        if known_options is None:
             d = DEFAULT_METADATA_OPTIONS
-            known = MetadataOptions(
-                options.http_tokens or d.http_tokens, options.hop_limit or d.hop_limit,
-                d.tags if options.tags is None else options.tags, options.endpoint or d.endpoint)
-            _share_as(_OPTIONS, options, known)
-        options = known
+            known_options = MetadataOptions(
+                wire_options.http_tokens or d.http_tokens, wire_options.hop_limit or d.hop_limit,
+                d.tags if wire_options.tags is None else wire_options.tags, wire_options.endpoint or d.endpoint)
+            _share_as(_OPTIONS, wire_options, known_options)
+        options = known_options
     keys = wire.public_keys or ()
     if keys:
         # Key pairs are shared by every instance launched with them.
-        known = _BY_KEY_NAME.get(keys[0].name)
-        if known is not None and known == keys:
-            keys = known
+        known_keys = _BY_KEY_NAME.get(keys[0].name)
+        if known_keys is not None and known_keys == keys:
+            keys = known_keys
         else:
             _share_as(_BY_KEY_NAME, keys[0].name, keys)
     if len(problems.items) != before:
         return None
+    # An interface that could not be built added a problem: past the check above, none is None.
+    interfaces = cast("tuple[Interface, ...] | list[Interface]", checked)
     if len(interfaces) > 1:
-        interfaces = sorted(interfaces, key=lambda i: i.device_index)  # type: ignore[union-attr]
-        for first, second in zip(interfaces, interfaces[1:]):
-            if first.device_index == second.device_index:  # type: ignore[union-attr]
+        ordered = sorted(interfaces, key=lambda i: i.device_index)
+        for first, second in zip(ordered, ordered[1:]):
+            if first.device_index == second.device_index:
                 problems.add(f"{where}.interfaces", f"two interfaces with device_index {first.device_index}")
                 return None
-        interfaces = tuple(interfaces)
+        interfaces = tuple(ordered)
     tags, devices = wire.tags, wire.block_devices
     # msgspec already shares the text of short keys (tag keys, device names).
     return _build_instance(
@@ -517,20 +532,21 @@ def _interface_from_wire(raw: WireInterface, index: int, cidrs: Cidrs, problems:
     before = len(problems.items)
     network = raw.network
     network = DEFAULT_NETWORK if network is None else intern(network)
-    allowed = cidrs.prefixes.get(network, False)
+    allowed: tuple[str, ...] | None | Literal[False] = cidrs.prefixes.get(network, False)
     if allowed is False:
         problems.add(f"{where}.interfaces[{index}].network", f"unknown network {network!r} (not in $.networks)")
     addresses = raw.private_ips
     if allowed is not False:
         for position, address in enumerate(addresses):
             if ":" in address:
-                address = canonical_ipv6(address)
-                if address is None:
+                canonical_address = canonical_ipv6(address)
+                if canonical_address is None:
                     problems.add(f"{where}.interfaces[{index}].private_ips[{position}]",
-                                 f"not a valid IP address: {raw.private_ips[position]!r}")
+                                 f"not a valid IP address: {address!r}")
                     continue
-                if address != raw.private_ips[position]:
+                if canonical_address != address:
                     addresses = tuple(canonical_ip(a) or a for a in addresses)
+                address = canonical_address
                 inside = cidrs.contains(network, address)
             elif allowed is None:
                 inside = cidrs.contains(network, address)
@@ -544,27 +560,30 @@ def _interface_from_wire(raw: WireInterface, index: int, cidrs: Cidrs, problems:
         public_ip = canonical_ipv6(public_ip)
         if public_ip is None:
             problems.add(f"{where}.interfaces[{index}].public_ip", f"not a valid IP address: {raw.public_ip!r}")
-    ipv6s = raw.ipv6s or ()
+    # A None among them (not an address) adds a problem, and then no interface is built.
+    ipv6s: tuple[str | None, ...] = raw.ipv6s or ()
     if ipv6s:
         canonical = tuple(canonical_ipv6(a) for a in ipv6s)
         if canonical != ipv6s:
-            for position, address in enumerate(canonical):
-                if address is None:
+            for position, text in enumerate(canonical):
+                if text is None:
                     problems.add(f"{where}.interfaces[{index}].ipv6s[{position}]",
                                  f"not a valid IPv6 address: {ipv6s[position]!r}")
             ipv6s = canonical
-    groups = raw.security_groups or ()
-    if groups:
-        known = _GROUPS.get(groups)
+    groups: tuple[SecurityGroup, ...] = ()
+    if raw.security_groups:
+        wire_groups = raw.security_groups
+        known = _GROUPS.get(wire_groups)
         if known is None:
-            known = tuple(SecurityGroup(g.id, g.id if g.name is None else g.name) for g in groups)
-            _share_as(_GROUPS, groups, known)
+            known = tuple(SecurityGroup(g.id, g.id if g.name is None else g.name) for g in wire_groups)
+            _share_as(_GROUPS, wire_groups, known)
         groups = known
     if len(problems.items) != before:
         return None
     subnet = raw.subnet
-    index = raw.device_index
-    return _build_interface(raw, raw.mac.lower(), DEFAULT_DEVICE_INDEX if index is None else index, network,
+    device_index = raw.device_index
+    return _build_interface(raw, raw.mac.lower(), DEFAULT_DEVICE_INDEX if device_index is None else device_index,
+                            network,
                             None if subnet is None else intern(subnet), addresses, public_ip, ipv6s, groups)
 
 
