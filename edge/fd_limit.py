@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from typing import TypedDict
 
 from edge.config import Config
 from edge.logs import event
@@ -24,16 +25,23 @@ SLACK = 256
 state and key files, the credential helper, the worker control sockets."""
 
 
-def descriptors_needed(config: Config) -> dict[str, int]:
+class DescriptorNeeds(TypedDict):
+    """Descriptors one process may hold open at once, by cause, and their total (``needed``)."""
+
+    metadata: int
+    dns_tcp: int
+    admin: int
+    slack: int
+    needed: int
+
+
+def descriptors_needed(config: Config) -> DescriptorNeeds:
     """What the configuration may hold open at once in one process, by cause (and the total)."""
-    needs = {
-        "metadata": config.metadata.max_connections if config.metadata.listen else 0,
-        "dns_tcp": config.dns.tcp_max_connections if config.dns.listen else 0,
-        "admin": config.admin.max_connections if config.admin.listen is not None else 0,
-        "slack": SLACK,
-    }
-    needs["needed"] = sum(needs.values())
-    return needs
+    metadata = config.metadata.max_connections if config.metadata.listen else 0
+    dns_tcp = config.dns.tcp_max_connections if config.dns.listen else 0
+    admin = config.admin.max_connections if config.admin.listen is not None else 0
+    return {"metadata": metadata, "dns_tcp": dns_tcp, "admin": admin, "slack": SLACK,
+            "needed": metadata + dns_tcp + admin + SLACK}
 
 
 def raise_fd_limit(config: Config, warn: bool = True) -> tuple[int, int]:

@@ -253,7 +253,7 @@ class ControllerMetadata:
         try:
             sock.setblocking(False)
             try:
-                sock.setsockopt(socket.SOL_IP if family == socket.AF_INET else socket.SOL_IPV6,
+                sock.setsockopt(socket.IPPROTO_IP if family == socket.AF_INET else socket.IPPROTO_IPV6,
                                 IP_TRANSPARENT if family == socket.AF_INET else IPV6_TRANSPARENT, 1)
                 transparent = ""
             except OSError as exc:

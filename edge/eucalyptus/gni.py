@@ -227,7 +227,7 @@ def decode_gni(data: bytes, options: GniOptions) -> View:
                    extensions={"eucalyptus": {"mode": _properties(root).get("mode", ["EDGE"])[0],
                                               "version": root.get("version"),
                                               "applied_version": root.get("applied-version"),
-                                              "clc": (_properties(root).get("enabledCLCIp") or [None])[0],
+                                              "clc": next(iter(_properties(root).get("enabledCLCIp", [])), None),
                                               "intip_entries": len(map_entries)}})
 
 
@@ -411,8 +411,8 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
                                          f"instance {instance_id}"))
         for position, interface in enumerate(interfaces):
             eni_owner[interface["id"]] = (instance_id, position)
-        subnet = _text(element, "subnet")
-        zone = zones.get(instance_id) or subnet_zone.get(subnet) or (cluster_names[0] if cluster_names else None)
+        subnet_id = _text(element, "subnet")
+        zone = zones.get(instance_id) or subnet_zone.get(subnet_id) or (cluster_names[0] if cluster_names else None)
         instances.append({
             "id": instance_id,
             "account_id": _text(element, "ownerId") or None,

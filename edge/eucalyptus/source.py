@@ -27,6 +27,9 @@ class GniWithIntipMap:
 
     async def fetch(self) -> bytes | None:
         gni = await self.gni.fetch()
+        if gni is not None and not isinstance(gni, bytes):
+            # Only an edge-view source (etcd, a changes feed) delivers a prepared view, never a GNI.
+            raise SourceError(f"{self.gni.description} delivered a prepared view, not a GNI document")
         try:
             intip = await self.map.fetch()
         except SourceError as exc:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import itertools
 import json
 import logging
@@ -247,6 +248,10 @@ async def _read_kept(stream: asyncio.StreamReader, kept: int) -> bytes:
     return head
 
 
+def _forget(children: dict[int, asyncio.Task[None]], request_id: int, _finished: object) -> None:
+    children.pop(request_id, None)
+
+
 async def _serve() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -307,7 +312,7 @@ async def _serve() -> None:
             max_output = DEFAULT_MAX_OUTPUT
         task = loop.create_task(run(request_id, [str(a) for a in argv], max_output))
         children[request_id] = task
-        task.add_done_callback(lambda _t, i=request_id: children.pop(i, None))
+        task.add_done_callback(functools.partial(_forget, children, request_id))
     # Standard input closed: the server is gone or stopping; finish what runs, then exit.
     if children:
         await asyncio.wait(list(children.values()), timeout=5)

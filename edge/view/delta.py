@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from edge.view.model import DEFAULT_NETWORK, Instance, View
 from edge.view.snapshot import (
@@ -104,12 +104,9 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     for instance in added:
         instances[instance.id] = instance
         contribution = _contribution(view, instance)
-        for index, own in ((by_private, contribution.by_private), (by_public, contribution.by_public),
-                           (by_mac, contribution.by_mac)):
-            for key, attachment in own.items():
-                if key in index:
-                    return None  # address or MAC already used by another instance
-                index[key] = attachment  # type: ignore[index]
+        if not (_claim(by_private, contribution.by_private) and _claim(by_public, contribution.by_public)
+                and _claim(by_mac, contribution.by_mac)):
+            return None  # address or MAC already used by another instance
         if _self_conflict(instance, contribution):
             return None
         for name in contribution.names.touched():
@@ -179,7 +176,16 @@ def _copy(source: Mapping[K, V]) -> dict[K, V]:
     return out
 
 
-class _Discard(dict):  # type: ignore[type-arg]
+def _claim(index: dict[K, V], own: Mapping[K, V]) -> bool:
+    """Add ``own`` to ``index``; False as soon as one of its keys is already there."""
+    for key, value in own.items():
+        if key in index:
+            return False
+        index[key] = value
+    return True
+
+
+class _Discard(dict[Any, Any]):
     """An index that keeps nothing: recomputing names needs none of the attachments."""
 
     def __setitem__(self, key: object, value: object) -> None:

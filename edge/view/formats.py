@@ -214,7 +214,7 @@ def decode_view_reusing(data: bytes, memo: DecodeMemo | None, defer_cross_check:
         for instance, entry in zip(view.instances, stream.spans):
             if len(entry) != 3:
                 entry = (entry[0], entry[1], instance)
-            by_id[instance.id] = by_hash[entry[1]] = entry  # type: ignore[index,assignment]
+            by_id[instance.id] = by_hash[entry[1]] = entry
         kept = DecodeMemo(by_id, [i.id for i in view.instances], document.get("cloud"), document.get("networks"),
                           by_hash)
         document.pop("cloud", None)
@@ -290,7 +290,7 @@ class _StreamingObject:
     def _skip_ws(self) -> str:
         """Skip whitespace; the next character ('' at the very end)."""
         while True:
-            self.pos = _WHITESPACE.match(self.text, self.pos).end()
+            self.pos = _WHITESPACE.match(self.text, self.pos).end()  # type: ignore[union-attr]  # "[ \t\n\r]*" always matches
             if self.pos < len(self.text) or not self._more():
                 return self.text[self.pos:self.pos + 1]
 
@@ -546,8 +546,9 @@ class _ByteStream:
         pos = skip_whitespace(data, pos)
         if data[pos:pos + 1] == b"]":
             return items, pos + 1
+        end: int | None
         while True:
-            raws = None
+            raws: list[msgspec.Raw] | list[bytes] | None = None
             for end in likely_elements_ends(data, pos + self.BATCH, self.TRIES):
                 raws = self._batch(pos, end)
                 if raws is not None:

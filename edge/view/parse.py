@@ -275,9 +275,10 @@ def _parse_instances(document: dict[str, Any], cidrs: Cidrs, problems: Problems,
         if type(item) is Reused:
             instance = item.instance
         else:
-            instance = instance_of(item, cidrs, problems, f"$.instances[{index}]")
-            if instance is None:
+            built = instance_of(item, cidrs, problems, f"$.instances[{index}]")
+            if built is None:
                 continue
+            instance = built
         if not cross_check or uniqueness.check(instance, f"$.instances[{index}]", problems):
             instances.append(instance)
     return tuple(instances)

@@ -404,9 +404,9 @@ class Poller:
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
         if previous_memo:
-            task = loop.create_task(asyncio.to_thread(release_memo, previous_memo))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            memo_release = loop.create_task(asyncio.to_thread(release_memo, previous_memo))
+            self._releases.add(memo_release)
+            memo_release.add_done_callback(self._releases.discard)
 
     async def _persist(self, data: bytes | Callable[[], bytes]) -> None:
         """Write the accepted document (or what makes it: a prepared view's is built in the thread)."""

@@ -17,6 +17,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict, cast
 
 from edge.errors import ViewInvalid
 from edge.view.model import DEFAULT_NETWORK, Instance, Interface, Value, View
@@ -86,17 +87,26 @@ class Snapshot:
     def attachment_for(self, network: str, address: str) -> Attachment | None:
         return self.by_private.get((network, address))
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> ViewCounts:
         """Sizes for logs and ``/view``; counted once, in the build thread, by :func:`remember_counts`."""
         cached = self.extras.get(COUNTS_KEY)
         if cached is not None:
-            return dict(cached)  # type: ignore[call-overload]
+            return cast(ViewCounts, cached).copy()
         return {
             "networks": len(self.view.networks),
             "instances": len(self.instances),
             "interfaces": sum(len(i.interfaces) for i in self.view.instances),
             "names": len(self.names),
         }
+
+
+class ViewCounts(TypedDict):
+    """A snapshot's sizes, as logged with each accepted view and shown by ``/view``."""
+
+    networks: int
+    instances: int
+    interfaces: int
+    names: int
 
 
 COUNTS_KEY = "view.counts"
@@ -170,11 +180,11 @@ class _NameTable:
                 if name in self.everyone if network is None else network in self.scoped.get(name, ()):
                     self.shared.add(name)
                 # add_contributor, inline: overlapping networks make this the common case.
-                if type(owner) is str:
+                if isinstance(owner, str):
                     if owner != adding:
                         contributors[name] = (owner, adding)
                 elif adding not in owner:
-                    contributors[name] = owner + (adding,)  # type: ignore[operator]
+                    contributors[name] = owner + (adding,)
         if network is None:
             bucket = self.everyone.get(name)
             if bucket is None:
@@ -234,12 +244,12 @@ class _NameTable:
                     continue
             own = scoped.get(name, {})
             replace = replace or {}
-            by_network = []
+            horizons = []
             for network in sorted(set(own) | set(replace)):
                 override = replace.get(network)
                 base = [r for r in common if r.type not in ("A", "AAAA")] + override if override else list(common)
-                by_network.append((network, tuple(dict.fromkeys(base + own.get(network, [])))))
-            out[name] = NameEntry(common, tuple(by_network))
+                horizons.append((network, tuple(dict.fromkeys(base + own.get(network, [])))))
+            out[name] = NameEntry(common, tuple(horizons))
         return out
 
 
@@ -248,7 +258,7 @@ def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, i
     owner = contributors.get(name)
     if owner is None:
         contributors[name] = instance_id
-    elif type(owner) is str:
+    elif isinstance(owner, str):
         if owner != instance_id:
             contributors[name] = (owner, instance_id)
     elif instance_id not in owner:
@@ -260,7 +270,7 @@ def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, 
     owner = contributors.get(name)
     if owner is None:
         return
-    if type(owner) is str:
+    if isinstance(owner, str):
         if owner == instance_id:
             del contributors[name]
         return
@@ -276,7 +286,7 @@ def contributor_ids(contributors: dict[str, str | tuple[str, ...]], name: str) -
     owner = contributors.get(name)
     if owner is None:
         return ()
-    return (owner,) if type(owner) is str else owner  # type: ignore[return-value]
+    return (owner,) if isinstance(owner, str) else owner
 
 
 @dataclass(slots=True)
@@ -412,8 +422,9 @@ def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = (),
         network_ids=network_ids_of(view),
     )
     # Counted while indexing, so remember_counts need not walk the instances again.
-    snapshot.extras[COUNTS_KEY] = {"networks": len(view.networks), "instances": len(instances),
-                                   "interfaces": indexer.interfaces, "names": len(snapshot.names)}
+    counts: ViewCounts = {"networks": len(view.networks), "instances": len(instances),
+                          "interfaces": indexer.interfaces, "names": len(snapshot.names)}
+    snapshot.extras[COUNTS_KEY] = counts
     for prepare in preparers:
         prepare(snapshot)
     return snapshot, state
