@@ -46,11 +46,16 @@ class Readiness:
         self.workers_serving = workers_serving
         self.services: Sequence[Service] = ()
         """The services of this process (a single-process gateway's): each must be listening."""
+        self.starting = False
+        """Set while the process is still starting: a SIGTERM then leaves at once, without the
+        drain a ready gateway owes its routers, so it must not say it is ready."""
 
     def problems(self, now: float | None = None) -> list[str]:
         problems = []
         if self.shutting_down:
             problems.append("shutting down")
+        if self.starting:
+            problems.append("starting")
         if self.workers_serving is not None and self.workers_serving() == 0:
             problems.append("no worker is serving")
         problems += [f"{service.name} is not listening" for service in self.services if not service.ready]

@@ -97,6 +97,7 @@ class Gateway(GatewayProcess):
         """A worker's metadata rate-limit table, shared with the other workers by the supervisor."""
         self.store = ViewStore(source=config.view.source)
         self.readiness = Readiness(self.store, config.view.max_view_age)
+        self.readiness.starting = True
         self.services: list[Service] = []
         self.poller: Poller | None = None
         self.admin: AdminListener | None = None
@@ -168,6 +169,7 @@ class Gateway(GatewayProcess):
             self._supervised.serving()
         self._syncer = Syncer(self.metrics, before=[self._export_service_counters])
         self._syncer.start()
+        self.readiness.starting = False
         event(log, logging.INFO, "edge started" if self.control is None else "worker started", pid=os.getpid(),
               source=source.description, metadata=",".join(str(x) for x in config.metadata.listen),
               dns=",".join(str(x) for x in config.dns.listen),
