@@ -16,7 +16,7 @@ from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache
 from edge.metadata.fallback import MetadataFallback, NeedFallback
 from edge.metadata.identify import Peer, attachment_for
-from edge.metadata.render import MISSING, Renderer
+from edge.metadata.render import Renderer
 from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, response
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
 from edge.ratelimit import RateLimiter
@@ -25,7 +25,6 @@ from edge.view.snapshot import Snapshot
 
 TTL_HEADER = b"X-aws-ec2-metadata-token-ttl-seconds: "
 _time = time.time
-_monotonic = time.monotonic
 
 
 @dataclass(slots=True)
@@ -93,10 +92,10 @@ class MetadataHandler:
         self._verified = {}
 
     def answer(self, snapshot: Snapshot | None, peer: Peer, request: Request, now: float | None,
-               mono: float | None) -> bytes | Pending:
+               mono: float) -> bytes | Pending:
         """The answer to ``request``; ``now`` is the wall clock, or None to read it only if the answer
         depends on it (tokens, credentials, the controller's cache): most answers do not.  ``mono``
-        likewise, for the rate limit (read only when it is on)."""
+        is the monotonic clock, for the rate limit."""
         method = request.method
         target = request.target
         # Whether the target names the token path, decided once for every method (see token_path_version).
@@ -110,8 +109,7 @@ class MetadataHandler:
         elif not token_version:
             return self.refuse(Outcome.METHOD, request)
         elif method == b"PUT":
-            return self._put(snapshot, peer, request, token_version, _time() if now is None else now,
-                             _monotonic() if mono is None else mono)
+            return self._put(snapshot, peer, request, token_version, _time() if now is None else now, mono)
         elif method == b"OPTIONS":
             return TOKEN_OPTIONS.wire(request.keep_alive, False)
         else:
@@ -140,7 +138,7 @@ class MetadataHandler:
         if not enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         limiter = self.limiter
-        if limiter.rate > 0 and not limiter.allow(instance.id, _monotonic() if mono is None else mono):
+        if limiter.rate > 0 and not limiter.allow(instance.id, mono):
             self.throttled += 1
             return self.refuse(Outcome.THROTTLED, request)
         ttl_line = None
@@ -170,20 +168,10 @@ class MetadataHandler:
                     return self._wire(cached, ttl_line, request.keep_alive, head_only)
                 # The fallback has nothing there: the view may (paths edge adds: tokens, tags, events).
 
-        # Renderer.lookup's memo read inline: a call fewer for nearly every request.
-        renderer = self.renderer
-        found = None
-        if renderer.generation == snapshot.generation:
-            answers = renderer.answers.get(instance.id)
-            if answers is not None:
-                found = answers.get(target)
+        found = self.renderer.lookup(snapshot, instance, target)
         if found is None:
-            found = renderer.lookup(snapshot, instance, target)
-            if found is None:
-                return self.refuse(Outcome.NOT_FOUND, request)
-        if found.__class__ is CredentialsLeaf:
-            if found is MISSING:
-                return self.refuse(Outcome.NOT_FOUND, request)
+            return self.refuse(Outcome.NOT_FOUND, request)
+        if isinstance(found, CredentialsLeaf):
             if now is None:
                 now = _time()
             credentials = self.credentials.lookup(instance, attachment.interface.primary_ip, found.role, now)

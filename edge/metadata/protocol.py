@@ -25,7 +25,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -57,7 +57,6 @@ _FIELD_LENGTHS = frozenset(len(name) for name in _HEADER_FIELDS)
 _SINGLE_FIELDS = frozenset(("token", "token_ttl"))
 """Fields a request may carry once: sent twice, neither value is taken (see on_header)."""
 
-_time = time.time
 _monotonic = time.monotonic
 _NEVER = 1 << 62
 
@@ -183,6 +182,9 @@ class MetadataProtocol(asyncio.Protocol):
                  "_reject", "_target", "_header_size", "_body_size", "_request", "_has_fields",
                  "writing_paused", "_max_url_bytes", "_max_header_bytes", "_max_body_bytes", "_keep_alive")
 
+    peer: Peer
+    """Who is asking; set by connection_made, before any request."""
+
     def __init__(self, service: Listeners, network: str) -> None:
         # global
         self.service = service
@@ -199,7 +201,6 @@ class MetadataProtocol(asyncio.Protocol):
         self.store = service.store
         # per connection
         self.transport: asyncio.Transport | None = None
-        self.peer: Peer | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = _NEVER
         """Service tick by which the next request head must be complete (the service ticker checks)."""
@@ -225,8 +226,10 @@ class MetadataProtocol(asyncio.Protocol):
 
     # -- connection ------------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
+        # A stream listener's connections always have a full Transport (the base type is asyncio's
+        # signature for every kind of protocol).
+        self.transport = transport = cast(asyncio.Transport, base_transport)
         service = self.service
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else ""
@@ -284,7 +287,7 @@ class MetadataProtocol(asyncio.Protocol):
             if self._reject is not None:
                 self.fail(self._reject)
             else:
-                log.error("metadata request failed peer=%s", self.peer.address if self.peer else "-",
+                log.error("metadata request failed peer=%s", self.peer.address,
                           exc_info=exc.__context__)
                 self.fail(Outcome.INTERNAL)
             return
@@ -378,7 +381,7 @@ class MetadataProtocol(asyncio.Protocol):
         parser = self.parser
         request = self._request
         request.method = parser.get_method()
-        request.target = target = self._target
+        request.target = self._target
         service = self.service
         # After a request that asks to switch protocols the parser reads nothing more (data_received):
         # its answer closes the connection.
@@ -399,46 +402,27 @@ class MetadataProtocol(asyncio.Protocol):
             self._request = Request(b"", b"")
             self._has_fields = False
             return
-        # handle() and write(), written out: this is the path of nearly every request.  The
-        # monotonic clock is read only for a reply the tally will time (the handler reads it itself
-        # for the rate limit when that is on).
-        tally = service.tally
-        mono = _monotonic() if tally.countdown == 1 else None
-        result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
-                                     request, None, mono)
-        if result.__class__ is not bytes:
-            request.started = _monotonic() if mono is None else mono
-            self.wait(request, result)  # type: ignore[arg-type]
+        if not self.handle(request):
+            # The slow path keeps this request: the next one gets its own.
             self._request = Request(b"", b"")
             self._has_fields = False
-            return
-        hops = request.hop_limit
-        if hops:
-            self.set_hop_limit(hops)
-        transport = self.transport
-        transport.write(result)  # type: ignore[union-attr]
-        tally.http_reply(target, result, mono)  # type: ignore[arg-type]
-        if request.keep_alive:
-            self.deadline = service.idle_deadline
-        else:
-            self.closing = True
-            transport.close()  # type: ignore[union-attr]
-        if self._has_fields or hops:
+        elif self._has_fields or request.hop_limit:
             request.token = request.token_ttl = request.forwarded_for = request.network_header = None
             request.hop_limit = 0
             self._has_fields = False
 
     # -- answering -------------------------------------------------------------------------------
 
-    def handle(self, request: Request) -> None:
-        """Answer a request that waited in the queue (the same steps as on_message_complete)."""
+    def handle(self, request: Request) -> bool:
+        """Answer ``request`` now (True), or hand it to the slow path (False): every request read,
+        inline from on_message_complete, or later from the queue."""
         request.started = mono = _monotonic()
-        result = self.handler.answer(self.store.current, self.peer,  # type: ignore[arg-type]
-                                     request, _time(), mono)
-        if result.__class__ is bytes:
-            self.write(result, request)  # type: ignore[arg-type]
-        else:
-            self.wait(request, result)  # type: ignore[arg-type]
+        result = self.handler.answer(self.store.current, self.peer, request, None, mono)
+        if isinstance(result, bytes):
+            self.write(result, request)
+            return True
+        self.wait(request, result)
+        return False
 
     def wait(self, request: Request, pending: Pending) -> None:
         """Stop reading and answer ``request`` on the slow path; later requests queue behind it."""
@@ -481,7 +465,7 @@ class MetadataProtocol(asyncio.Protocol):
             else:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
         except OSError as exc:
-            log.warning("cannot set hop limit peer=%s error=%s", self.peer.address if self.peer else "-", exc)
+            log.warning("cannot set hop limit peer=%s error=%s", self.peer.address, exc)
 
     async def slow(self, request: Request, pending: Pending) -> None:
         service = self.service
@@ -491,8 +475,7 @@ class MetadataProtocol(asyncio.Protocol):
                 if isinstance(result, UnknownSource):
                     await service.await_source(result.network, result.address)
                     request.waited = True
-                    result = self.handler.answer(self.store.current, self.peer, request,  # type: ignore[arg-type]
-                                                 _time(), _monotonic())
+                    result = self.handler.answer(self.store.current, self.peer, request, None, _monotonic())
                 elif isinstance(result, NeedCredentials):
                     found = await self.handler.credentials.fetch(result.instance, result.address, result.role)
                     result = self.handler.finish_credentials(result, found, request)
@@ -501,11 +484,9 @@ class MetadataProtocol(asyncio.Protocol):
                     assert fallback is not None
                     answered = await fallback.fetch(self.store.current, result.instance, result.address, result.path)
                     finished = self.handler.finish_fallback(result, answered, request)
-                    if finished is None:
-                        # The fallback has nothing there (or is down with nothing kept): the view answers.
-                        finished = self.handler.answer(self.store.current, self.peer, request,  # type: ignore[arg-type]
-                                                       _time(), _monotonic())
-                    result = finished
+                    # None: the fallback has nothing there (or is down with nothing kept), the view answers.
+                    result = finished if finished is not None else self.handler.answer(
+                        self.store.current, self.peer, request, None, _monotonic())
         except asyncio.CancelledError:
             return
         except LeaveUnanswered:
@@ -514,7 +495,7 @@ class MetadataProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         except Exception:
-            log.exception("metadata slow path failed peer=%s", self.peer.address if self.peer else "-")
+            log.exception("metadata slow path failed peer=%s", self.peer.address)
             result = ANSWERS[Outcome.INTERNAL].close
             request.keep_alive = False
         if self.closing and self.transport is not None and self.transport.is_closing():
@@ -522,6 +503,6 @@ class MetadataProtocol(asyncio.Protocol):
         self.busy = False
         self.write(result, request)
         while self.queue and not self.busy and not self.closing:
-            self.handle(self.queue.popleft())  # type: ignore[union-attr]
+            self.handle(self.queue.popleft())
         if not self.busy and not self.closing and not self.writing_paused and self.transport is not None:
             self.transport.resume_reading()

@@ -28,21 +28,18 @@ from edge.view.snapshot import Snapshot
 Answer = Response | CredentialsLeaf
 
 _ROOT = responses.text(VERSION_LISTING)
-MISSING = CredentialsLeaf("")
-"""Memoized "no such path" (404s are asked for repeatedly too: probes of absent items).  A
-CredentialsLeaf, so a reader of :attr:`Renderer.answers` tells it apart only on that rarer branch."""
+_MISSING = CredentialsLeaf("")
+"""Memoized "no such path" (404s are asked for repeatedly too: probes of absent items)."""
 
 
 class Renderer:
     def __init__(self, signer: IdentitySigner, max_entries: int) -> None:
         self.signer = signer
         self.max_entries = max_entries
-        self.generation = -1
-        """Snapshot generation ``answers`` belong to."""
-        self.answers: dict[str, dict[bytes, Answer]] = {}
-        """instance id -> raw target -> answer (MISSING for a 404).  The handler reads it inline
-        (a call fewer per request) and calls :meth:`lookup` when the generation differs or the
-        target is not there; only :meth:`lookup` writes it."""
+        self._generation = -1
+        """Snapshot generation ``_answers`` belong to."""
+        self._answers: dict[str, dict[bytes, Answer]] = {}
+        """instance id -> raw target -> answer (_MISSING for a 404); read and written by :meth:`lookup` only."""
         self._trees: dict[str, Directory] = {}
         self._shared: dict[tuple[bool, bytes], Response] = {}
         """One Response per distinct body: most leaves (region, "[]", listings) repeat across instances."""
@@ -51,26 +48,26 @@ class Renderer:
 
     def lookup(self, snapshot: Snapshot, instance: Instance, target: bytes) -> Answer | None:
         """The answer for ``target`` (raw request target) as ``instance`` sees it; None is 404."""
-        if snapshot.generation != self.generation:
+        if snapshot.generation != self._generation:
             self._reset(snapshot.generation)
-        answers = self.answers.get(instance.id)
+        answers = self._answers.get(instance.id)
         if answers is not None:
             found = answers.get(target)
             if found is not None:
-                return None if found is MISSING else found
+                return None if found is _MISSING else found
         else:
-            answers = self.answers[instance.id] = {}
+            answers = self._answers[instance.id] = {}
         found = self._render(snapshot, instance, target)
         if self._entries >= self.max_entries:
             self._reset(snapshot.generation)
-            answers = self.answers[instance.id] = {}
-        answers[target] = MISSING if found is None else found
+            answers = self._answers[instance.id] = {}
+        answers[target] = _MISSING if found is None else found
         self._entries += 1
         return found
 
     def _reset(self, generation: int) -> None:
-        self.generation = generation
-        self.answers = {}
+        self._generation = generation
+        self._answers = {}
         self._trees = {}
         self._shared = {}
         self._entries = 0

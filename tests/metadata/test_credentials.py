@@ -234,7 +234,6 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
     from dateutil.tz import tzlocal
 
     import edge.metadata.handler
-    import edge.metadata.protocol
 
     offset = [0.0]
     source = Source(tmp_path, expires_in=lifetime)
@@ -243,8 +242,8 @@ def test_botocore_always_gets_credentials_with_more_than_its_refresh_window_left
     def edge_now() -> float:
         return time.time() + offset[0]
 
+    # The handler reads the wall clock for every answer (the protocol passes none).
     monkeypatch.setattr(edge.metadata.handler, "_time", edge_now)
-    monkeypatch.setattr(edge.metadata.protocol, "_time", edge_now)
     cache = server.service.handler.credentials
     server.call(lambda: setattr(cache, "clock", edge_now))
     monkeypatch.setattr(botocore.utils, "get_current_datetime", lambda remove_tzinfo=True: (
