@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gzip
 import json
 import os
@@ -187,6 +188,27 @@ class DocumentServer:
     def close(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+class EtcdWriter:
+    """Transactions through etcd's JSON gateway, as a control plane would write (independent of edge's client)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def txn(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
+        operations: list[dict[str, Any]] = [
+            {"request_put": {"key": _b64(key), "value": _b64(value)}} for key, value in puts]
+        operations += [{"request_delete_range": {"key": _b64(key)}} for key in deletes]
+        request = urllib.request.Request(f"http://{self.endpoint}/v3/kv/txn", method="POST",
+                                         data=json.dumps({"success": operations}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return int(json.loads(answer.read())["header"]["revision"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 # -- the view and its changes ----------------------------------------------------------------------
@@ -377,8 +399,6 @@ def etcd_server(directory: Path, request_bytes: int | None):  # noqa: ANN201 - t
 
 def measure_kind(kind: str, parts: ViewParts, changes: list[Change], documents: dict[int, bytes], args: argparse.Namespace,
                  workdir: Path, demo_memory: dict[str, int]) -> dict[str, Any]:
-    from edge.etcd import EtcdAccess, EtcdAddress, EtcdClient
-
     directory = workdir / kind
     directory.mkdir()
     cleanups: list[Any] = []
@@ -408,8 +428,7 @@ def measure_kind(kind: str, parts: ViewParts, changes: list[Change], documents: 
             cleanups.append(etcd.stop)
             result["etcd_max_request_bytes"] = request_bytes or "default"
             target_port = etcd.client_port
-            client = EtcdClient(EtcdAddress.parse(f"etcd://{etcd.endpoint}/{PREFIX if kind == 'keyspace' else DOCUMENT_KEY}"),
-                                3.0, 30.0, 1 << 30, EtcdAccess())
+            client = EtcdWriter(etcd.endpoint)
             if kind == "keyspace":
                 view_file = directory / "view.json"
                 view_file.write_bytes(initial)
