@@ -110,7 +110,8 @@ def load_signer(key_file: str, cert_file: str) -> IdentitySigner:
         raise ConfigError(f"identity key {key_file} or certificate {cert_file} is not valid PEM: {exc}") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigError(f"identity key {key_file} must be an RSA key")
-    if certificate.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+    certified = certificate.public_key()
+    if not isinstance(certified, rsa.RSAPublicKey) or certified.public_numbers() != key.public_key().public_numbers():
         raise ConfigError(f"identity certificate {cert_file} does not match key {key_file}")
     return IdentitySigner(key, certificate)
 

@@ -72,7 +72,9 @@ class Reused:
 # -- typing a decoded part, and wording what breaks the types -----------------------------------------
 
 _MEMBER_TYPES = typing.get_type_hints(WireDocument, include_extras=True)
-_MEMBER_INFO = {field.name: field for field in msgspec.inspect.type_info(WireDocument).fields}  # type: ignore[attr-defined]
+_DOCUMENT_INFO = msgspec.inspect.type_info(WireDocument)
+assert isinstance(_DOCUMENT_INFO, msgspec.inspect.StructType)
+_MEMBER_INFO = {field.name: field for field in _DOCUMENT_INFO.fields}
 
 
 def _typed(value: Any, kind: Any, info: msgspec.inspect.Type, where: str, problems: Problems) -> Any:

@@ -74,3 +74,26 @@ def test_generated_identity_is_reused_and_configured_files_load(tmp_path):
     assert (tmp_path / "identity-key.pem").stat().st_mode & 0o077 == 0
     loaded = load_signer(str(tmp_path / "identity-key.pem"), str(tmp_path / "identity-cert.pem"))
     assert loaded.certificate_pem() == first.certificate_pem()
+
+
+def test_a_certificate_for_a_key_of_another_kind_is_a_configuration_error(tmp_path):
+    """An Ed25519 certificate beside the RSA key: refused as not matching, not an AttributeError."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    from edge.errors import ConfigError
+
+    ensure_signer(tmp_path)
+    other = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the identity key")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(other.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(other, None))
+    (tmp_path / "other-cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigError, match="does not match"):
+        load_signer(str(tmp_path / "identity-key.pem"), str(tmp_path / "other-cert.pem"))
