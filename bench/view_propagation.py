@@ -214,7 +214,7 @@ def _b64(data: bytes) -> str:
 # -- the view and its changes ----------------------------------------------------------------------
 
 def _compact(value: Any) -> bytes:
-    # The publisher's encoding of one part (edge.etcd_publish), so a change is the bytes it would write.
+    # The publisher's encoding of one part (edge.etcd.publish), so a change is the bytes it would write.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -195,9 +195,9 @@ def _view_check(args: argparse.Namespace) -> int:
 
 
 def _view_publish(args: argparse.Namespace) -> int:
-    from edge.etcd import EtcdError
-    from edge.etcd_publish import publish, publish_client
-    from edge.view.etcd_source import etcd_access
+    from edge.etcd.client import EtcdError
+    from edge.etcd.publish import publish, publish_client
+    from edge.etcd.view_source import etcd_access
 
     config = load_config(args.config, os.environ, {})
     try:

@@ -614,7 +614,7 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_output must be between 1 and {MAX_OUTPUT_LIMIT} bytes")
     if isinstance(config, FleetConfig):
         if config.token_key_source:
-            from edge.etcd import EtcdAddress, EtcdError
+            from edge.etcd.client import EtcdAddress, EtcdError
             try:
                 EtcdAddress.parse(config.token_key_source)
             except EtcdError as exc:

@@ -32,7 +32,7 @@ from edge.view.statefile import LAST_GOOD_NAME, StateFile
 from edge.view.store import ViewStore
 
 if TYPE_CHECKING:
-    from edge.metadata.service import FallbackFactory
+    from edge.metadata.service import FallbackFactory, TokenKeyProvider
 
 log = logging.getLogger("edge.server")
 
@@ -48,6 +48,8 @@ class Adapters:
     sources: SourceKinds
     formats: ViewFormats
     metadata_fallback: FallbackFactory | None = None
+    token_keys: TokenKeyProvider | None = None
+    """Where ``fleet.token_key_source`` keys are read from (the metadata service names no store)."""
 
 
 def adapters() -> Adapters:
@@ -55,18 +57,21 @@ def adapters() -> Adapters:
 
     Eucalyptus: the GNI document format (sniffed by its XML root), eucanetd's intip map
     bundled into the view source, and the controller's metadata service as the metadata
-    fallback.  Nothing under ``edge/view`` or ``edge/metadata`` names them; a second cloud
-    adapter registers the same way.
+    fallback.  etcd: the ``etcd://`` and ``etcds://`` view sources and the fleet's token
+    keys.  Nothing under ``edge/view``, ``edge/metadata`` or ``edge/dns`` names them; a
+    second cloud adapter registers the same way.
     """
+    from edge import etcd
     from edge.eucalyptus.fallback import fallback_for
     from edge.eucalyptus.gni import gni_decoder, is_gni
     from edge.eucalyptus.source import with_intip_map
 
     sources = builtin_source_kinds()
+    etcd.register(sources)
     sources.add_wrapper(with_intip_map)
     formats = ViewFormats()
     formats.add("eucalyptus-gni", is_gni, gni_decoder)
-    return Adapters(sources, formats, fallback_for)
+    return Adapters(sources, formats, fallback_for, etcd.token_key_provider())
 
 
 def install_uvloop() -> None:
@@ -114,7 +119,8 @@ class Gateway(GatewayProcess):
         services: list[Service] = []
         if self.config.metadata.listen:
             services.append(MetadataService(self.config, self.store, self.refresh,
-                                            fallback_for=self.adapters.metadata_fallback, rate_table=self.rate_table))
+                                            fallback_for=self.adapters.metadata_fallback, rate_table=self.rate_table,
+                                            token_keys=self.adapters.token_keys))
         if self.config.dns.listen:
             services.append(DnsService(self.config, self.store))
         return services
@@ -267,7 +273,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
     try:
         if control is None and config.workers > 1:
             plugged = adapters()
-            supervisor = Supervisor(config, reload_config, list(argv), Metrics(), plugged.sources, plugged.formats)
+            supervisor = Supervisor(config, reload_config, list(argv), Metrics(), plugged.sources, plugged.formats,
+                                    plugged.token_keys)
             asyncio.run(supervisor.run())
         else:
             gateway = Gateway(config, reload_config, Metrics(), control, rate_table)

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.admin import AdminListener, AdminRoutes, Readiness, start_admin
 from edge.config import Config
@@ -54,6 +54,9 @@ from edge.view.poller import Poller, PollOutcome
 from edge.view.sources import SourceKinds, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
+
+if TYPE_CHECKING:
+    from edge.metadata.service import TokenKeyProvider
 
 log = logging.getLogger("edge.supervisor")
 
@@ -109,11 +112,13 @@ class Supervisor(GatewayProcess):
     log = log
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None, worker_argv: Sequence[str],
-                 metrics: Metrics, sources: SourceKinds | None = None, formats: ViewFormats | None = None) -> None:
+                 metrics: Metrics, sources: SourceKinds | None = None, formats: ViewFormats | None = None,
+                 token_keys: TokenKeyProvider | None = None) -> None:
         self.config = config
         self.sources = sources
         self.formats = formats
-        """What the composition root's adapters add: source kinds and document formats."""
+        self.token_keys = token_keys
+        """What the composition root's adapters add: source kinds, document formats, shared token keys."""
         self.reload_config = reload_config
         self.worker_argv = list(worker_argv)
         self.metrics = metrics
@@ -148,7 +153,7 @@ class Supervisor(GatewayProcess):
         self.handle_signals()
         config = self.config
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
-        await asyncio.to_thread(prepare_shared_secrets, config)
+        await asyncio.to_thread(prepare_shared_secrets, config, self.token_keys)
         source = configured_source(config, self.sources)
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
                              decode=make_decoder(config, self.formats), on_outcome=self._poll_finished)
@@ -349,12 +354,12 @@ class Supervisor(GatewayProcess):
         event(log, logging.INFO, "edge stopped")
 
 
-def prepare_shared_secrets(config: Config) -> None:
+def prepare_shared_secrets(config: Config, token_keys: TokenKeyProvider | None = None) -> None:
     """Create the state-directory token key and identity certificate before workers race to."""
     from edge.metadata.service import load_identity_signer, load_token_keys
 
     if config.metadata.listen:
-        load_token_keys(config)
+        load_token_keys(config, token_keys)
         load_identity_signer(config)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edge"
 
@@ -132,6 +134,41 @@ def import_graph() -> dict[str, set[str]]:
 def test_no_import_cycles_under_edge() -> None:
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+LOWER_LAYERS = ("edge.view", "edge.metadata", "edge.dns")
+ADAPTERS = ("edge.eucalyptus", "edge.etcd")
+"""Plugged in at the composition root (edge.server.adapters); the layers below never name them."""
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("layer", LOWER_LAYERS)
+def test_no_lower_layer_imports_an_adapter(layer: str, adapter: str) -> None:
+    """Every import counts here too (module level, TYPE_CHECKING, inside functions)."""
+    graph = import_graph()
+    assert adapter in graph, f"{adapter} is not a package under edge/ any more: update ADAPTERS"
+    offenders = {module: sorted(target for target in targets if _within(target, adapter))
+                 for module, targets in graph.items() if _within(module, layer)}
+    assert {module: found for module, found in offenders.items() if found} == {}
+
+
+def test_an_adapter_import_in_a_lower_layer_is_found(tmp_path: Path) -> None:
+    graph = _graph_of(tmp_path, {
+        "edge/__init__.py": "",
+        "edge/etcd/__init__.py": "",
+        "edge/etcd/client.py": "",
+        "edge/metadata/__init__.py": "",
+        "edge/metadata/service.py": "def keys():\n    from edge.etcd import client\n",
+        "edge/view/__init__.py": "",
+        "edge/view/sources.py": "from edge import etcd\n",
+    })
+    assert _within("edge.etcd.client", "edge.etcd") and not _within("edge.etcdx", "edge.etcd")
+    assert graph["edge.metadata.service"] == {"edge.etcd.client"}
+    assert graph["edge.view.sources"] == {"edge.etcd"}
 
 
 # -- the checker itself ---------------------------------------------------------------------------

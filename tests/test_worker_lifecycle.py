@@ -122,7 +122,7 @@ def test_a_restart_with_etcd_hung_answers_from_the_cached_token_keys(tmp_path: P
     ``view.read_timeout`` per read; a gateway with a cached copy of the keys must not wait for it."""
     import http.client
 
-    from edge.fleet_keys import TOKEN_KEY_CACHE
+    from edge.etcd.token_keys import TOKEN_KEY_CACHE
 
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))

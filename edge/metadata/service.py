@@ -16,9 +16,10 @@ import mmap
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from edge.config import Config
-from edge.fleet_keys import FleetTokenKeys, read_fleet_token_keys
+from edge.errors import ConfigError
 from edge.lifecycle import Service
 from edge.metadata import tokens
 from edge.metadata.credentials import CredentialCache, source_from_config
@@ -39,14 +40,40 @@ TOKEN_KEY_FILE = "token-keys"
 UNKNOWN_HOLD_MAX = 60.0
 """Longest a worker kept on its view during a swap by restart holds a request from an address it does not know."""
 
+class TokenKeyFollower(Protocol):
+    """Keeps a service's token keys in step with ``fleet.token_key_source`` while it is set."""
+
+    def configure(self, config: Config) -> None:
+        """Start, re-point or stop following for ``config`` (at start and on SIGHUP); call on the running loop."""
+
+    async def stop(self) -> None: ...
+
+
+class TokenKeyProvider(Protocol):
+    """Where the fleet's shared token keys (``fleet.token_key_source``) come from.
+
+    Plugged in by the composition root (the etcd adapter gives one), so the metadata
+    service names no store.
+    """
+
+    def read(self, config: Config) -> str:
+        """The key file text to start with (blocking); raises ConfigError when there is none."""
+
+    def follow(self, apply: Callable[[str], bool]) -> TokenKeyFollower:
+        """A follower handing each changed key text to ``apply``, which says whether it installed new keys."""
+
+
 def token_key_path(config: Config) -> Path:
     return Path(config.metadata.token_key_file or Path(config.view.state_dir) / TOKEN_KEY_FILE)
 
 
-def load_token_keys(config: Config) -> tokens.TokenKeys:
-    """The fleet's keys in etcd, the configured key file, or the state directory's one (created on first use)."""
+def load_token_keys(config: Config, provider: TokenKeyProvider | None = None) -> tokens.TokenKeys:
+    """The fleet's shared keys, the configured key file, or the state directory's one (created on first use)."""
     if config.fleet.token_key_source:
-        return tokens.parse_key_file(read_fleet_token_keys(config), where=config.fleet.token_key_source)
+        if provider is None:
+            raise ConfigError(f"fleet.token_key_source {config.fleet.token_key_source!r}: "
+                              "no token key provider is plugged in")
+        return tokens.parse_key_file(provider.read(config), where=config.fleet.token_key_source)
     if config.metadata.token_key_file:
         return tokens.load_key_file(config.metadata.token_key_file)
     return tokens.ensure_key_file(token_key_path(config))
@@ -78,16 +105,19 @@ class MetadataService(Listeners, Service):
     name = "metadata"
 
     def __init__(self, config: Config, store: ViewStore, refresh: Callable[[], Awaitable[None]],
-                 fallback_for: FallbackFactory | None = None, rate_table: mmap.mmap | None = None) -> None:
+                 fallback_for: FallbackFactory | None = None, rate_table: mmap.mmap | None = None,
+                 token_keys: TokenKeyProvider | None = None) -> None:
         self.config = config
         self.fallback_for = fallback_for
+        self.token_keys = token_keys
+        """The composition root's provider of ``fleet.token_key_source`` keys (None: none plugged in)."""
         Listeners.__init__(self, ProtocolLimits.of(config.metadata), store,
                            TrustedProxies(config.metadata.trusted_proxies), Tally("http"))
         self.refresh = refresh
         self.rate_table = rate_table
         """The rate-limit table shared by a gateway's workers (given by the composition root); None: a private one."""
         self.handler: MetadataHandler = None  # type: ignore[assignment]  # set by start()
-        self.fleet_keys = FleetTokenKeys(self._use_fleet_keys)
+        self.fleet_keys = token_keys.follow(self._use_fleet_keys) if token_keys is not None else None
         self.servers: list[asyncio.Server] = []
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_started = 0.0
@@ -99,12 +129,13 @@ class MetadataService(Listeners, Service):
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, reuse_port: bool = False) -> None:
-        keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config),
+        keys, signer = await asyncio.to_thread(lambda: (load_token_keys(self.config, self.token_keys),
                                                         load_identity_signer(self.config)))
         self.handler = build_handler(self.config, keys, signer, self.rate_table)
         self._configure_fallback(self.config)
         self.store.on_swap(self._view_changed)
-        self.fleet_keys.configure(self.config)
+        if self.fleet_keys is not None:
+            self.fleet_keys.configure(self.config)
         loop = asyncio.get_running_loop()
         for listen in self.config.metadata.listen:
             network = listen.network
@@ -131,7 +162,8 @@ class MetadataService(Listeners, Service):
         for server in self.servers:
             server.close()
         await self.close_connections(grace)
-        await self.fleet_keys.stop()
+        if self.fleet_keys is not None:
+            await self.fleet_keys.stop()
         self.stop_ticker()
         if self._refresh_task is not None and not self._refresh_task.done():
             self._refresh_task.cancel()
@@ -147,8 +179,8 @@ class MetadataService(Listeners, Service):
         """New limits, keys, proxies and credential source; open connections keep serving."""
         metadata = config.metadata
         try:
-            # Keys from etcd are re-read by fleet_keys off the loop; a reload must not wait for etcd.
-            keys = self.handler.keys if config.fleet.token_key_source else load_token_keys(config)
+            # Shared keys are re-read by fleet_keys off the loop; a reload must not wait for their store.
+            keys = self.handler.keys if config.fleet.token_key_source else load_token_keys(config, self.token_keys)
             signer = load_identity_signer(config)
         except Exception as exc:
             log.error("metadata reload kept the previous keys: %s", exc)
@@ -156,7 +188,8 @@ class MetadataService(Listeners, Service):
         handler = self.handler
         if keys is not handler.keys:
             handler.set_keys(keys)
-        self.fleet_keys.configure(config)
+        if self.fleet_keys is not None:
+            self.fleet_keys.configure(config)
         if signer is not handler.renderer.signer:
             handler.renderer = Renderer(signer, metadata.render_cache_size)
         handler.limiter.rate = metadata.rate

@@ -1,7 +1,7 @@
 """Gzip inflation under a size cap, shared by the view sources that accept compressed views.
 
 Its own module so that the sources (the HTTP source in :mod:`edge.view.sources`, the etcd
-source in :mod:`edge.view.etcd_source`) share it without importing one another.
+source in :mod:`edge.etcd.view_source`) share it without importing one another.
 """
 
 from __future__ import annotations

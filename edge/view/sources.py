@@ -37,8 +37,8 @@ class ViewSource(Protocol):
     async def fetch(self) -> bytes | PreparedView | None:
         """New document bytes, or None when unchanged; raises SourceError.
 
-        A source that decodes and checks the view itself, part by part (an etcd keyspace),
-        returns a :class:`edge.view.keyspace.PreparedView` instead of bytes.
+        A source that decodes and checks the view itself, part by part (a keyspace such as
+        the etcd adapter's), returns a :class:`edge.view.keyspace.PreparedView` instead of bytes.
         """
 
 
@@ -301,9 +301,9 @@ SourceWrapper = Callable[[ViewSource, Config], ViewSource]
 class SourceKinds:
     """Which source a ``view.source`` names: ``demo``, a file path, or a registered ``scheme://``.
 
-    The built-in schemes (http, https, etcd, etcds) are registered by :func:`builtin_source_kinds`
-    exactly as an adapter registers its own from the composition root: the pipeline names none
-    of them.
+    The built-in schemes (http, https) are registered by :func:`builtin_source_kinds` exactly as
+    an adapter (etcd's ``etcd``/``etcds``) registers its own from the composition root: the
+    pipeline names none of them.
     """
 
     def __init__(self) -> None:
@@ -339,23 +339,16 @@ class SourceKinds:
         return source
 
 
-def _etcd_source(spec: str, config: ViewConfig) -> ViewSource:
-    from edge.view.etcd_source import open_etcd_source
-    return open_etcd_source(spec, config)
-
-
 def builtin_source_kinds() -> SourceKinds:
-    """The sources every gateway knows: http(s) URLs and etcd keys (plus ``demo`` and files)."""
+    """The sources the core knows: http(s) URLs (plus ``demo`` and files); adapters add the rest."""
     kinds = SourceKinds()
     kinds.add_scheme("http", HttpSource)
     kinds.add_scheme("https", HttpSource)
-    kinds.add_scheme("etcd", _etcd_source)
-    kinds.add_scheme("etcds", _etcd_source)
     return kinds
 
 
 def open_source(spec: str, config: ViewConfig, kinds: SourceKinds | None = None) -> ViewSource:
-    """``demo``, an ``http(s)://`` URL, an ``etcd(s)://`` key, a file path, or a scheme ``kinds`` adds."""
+    """``demo``, an ``http(s)://`` URL, a file path, or a scheme ``kinds`` adds (an adapter's ``etcd://``)."""
     return (kinds or builtin_source_kinds()).open(spec, config)
 
 

@@ -20,11 +20,11 @@ import pytest
 
 from edge.config import ViewConfig, load_config
 from edge.errors import SourceError
+from edge.etcd import open_view_source
+from edge.etcd.view_source import EtcdSource
 from edge.metadata.tokens import generate_token_key_file, parse_key_file
 from edge.view.demo import demo_document
-from edge.view.etcd_source import EtcdSource
 from edge.view.formats import decode_view
-from edge.view.sources import open_source
 from tests.etcd.server import ETCD, EtcdServer, Tls, make_tls
 from tests.fleet.gateway import Gateway
 from tests.support import wait_until
@@ -68,7 +68,7 @@ def fetch(source: object) -> bytes | None:
 def test_view_read_with_a_client_certificate_and_a_login_renewed_when_the_token_expires(secure, tmp_path) -> None:
     server, tls = secure
     server.put("edge/view", view_bytes(1))
-    source = open_source(server.url("edge/view"), settings(tls, tmp_path))
+    source = open_view_source(server.url("edge/view"), settings(tls, tmp_path))
     assert isinstance(source, EtcdSource)
     assert decode_view(fetch(source)).serial == 1
     assert fetch(source) is None
@@ -87,22 +87,22 @@ def test_what_the_cluster_refuses_is_a_clear_source_error(secure, tmp_path) -> N
     server.put("other/view", view_bytes(1))
     # No client certificate: the TLS handshake fails.
     with pytest.raises(SourceError, match="TLS"):
-        fetch(open_source(server.url("edge/view"), settings(tls, tmp_path, cert_file="", key_file="")))
+        fetch(open_view_source(server.url("edge/view"), settings(tls, tmp_path, cert_file="", key_file="")))
     # A certificate but no login: the anonymous user may read nothing.
     with pytest.raises(SourceError, match="permission denied"):
-        fetch(open_source(server.url("edge/view"), settings(tls, tmp_path, etcd_username="",
+        fetch(open_view_source(server.url("edge/view"), settings(tls, tmp_path, etcd_username="",
                                                               etcd_password_file="")))
     # A wrong password.
     with pytest.raises(SourceError, match="authentication failed") as caught:
-        fetch(open_source(server.url("edge/view"), settings(tls, tmp_path, etcd_password_file="",
+        fetch(open_view_source(server.url("edge/view"), settings(tls, tmp_path, etcd_password_file="",
                                                               etcd_password="wrong")))
     assert "wrong" not in str(caught.value)
     # The user's role does not cover the key.
     with pytest.raises(SourceError, match="permission denied"):
-        fetch(open_source(server.url("other/view"), settings(tls, tmp_path)))
+        fetch(open_view_source(server.url("other/view"), settings(tls, tmp_path)))
     # A password file that cannot be read.
     with pytest.raises(SourceError, match="password file"):
-        fetch(open_source(server.url("edge/view"),
+        fetch(open_view_source(server.url("edge/view"),
                           settings(tls, tmp_path, etcd_password_file=str(tmp_path / "absent"))))
 
 
@@ -153,7 +153,7 @@ def test_access_settings_are_checked_when_the_configuration_loads() -> None:
 
 
 def test_a_keyspace_is_read_and_watched_with_the_same_login(secure, tmp_path) -> None:
-    from edge.view.etcd_source import EtcdKeyspaceSource
+    from edge.etcd.view_source import EtcdKeyspaceSource
 
     server, tls = secure
     document = json.loads(view_bytes(1))
@@ -163,7 +163,7 @@ def test_a_keyspace_is_read_and_watched_with_the_same_login(secure, tmp_path) ->
         server.put("edge/keyspace/networks/" + network["id"], json.dumps(network))
     for instance in document["instances"]:
         server.put("edge/keyspace/instances/" + instance["id"], json.dumps(instance))
-    source = open_source(server.url("edge/keyspace/"), settings(tls, tmp_path))
+    source = open_view_source(server.url("edge/keyspace/"), settings(tls, tmp_path))
     assert isinstance(source, EtcdKeyspaceSource)
     try:
         prepared = fetch(source)

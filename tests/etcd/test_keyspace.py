@@ -12,10 +12,10 @@ import pytest
 from bench.generate import generate_view
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewInvalid
-from edge.etcd import EtcdAccess, EtcdClient, EtcdCompacted, prefix_end
-from edge.etcd_publish import MAX_TXN_OPS, Published, PublishError, publish, publish_client
+from edge.etcd.client import EtcdAccess, EtcdClient, EtcdCompacted, prefix_end
+from edge.etcd.publish import MAX_TXN_OPS, Published, PublishError, publish, publish_client
+from edge.etcd.view_source import EtcdKeyspaceSource, open_etcd_source
 from edge.view.demo import demo_document
-from edge.view.etcd_source import EtcdKeyspaceSource, open_etcd_source
 from edge.view.formats import decode_view
 from edge.view.keyspace import Keyspace, PreparedView
 from edge.view.poller import Poller

@@ -11,11 +11,11 @@ import pytest
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewTooLarge
-from edge.etcd import EtcdAddress, EtcdError
+from edge.etcd import open_view_source
+from edge.etcd.client import EtcdAddress, EtcdError
+from edge.etcd.view_source import EtcdSource
 from edge.view.demo import demo_document
-from edge.view.etcd_source import EtcdSource
 from edge.view.formats import decode_view
-from edge.view.sources import open_source
 from tests.etcd.server import RecordingProxy
 from tests.support import free_port
 
@@ -42,14 +42,14 @@ def test_addresses_parse() -> None:
         with pytest.raises(EtcdError):
             EtcdAddress.parse(bad)
     with pytest.raises(SourceError):
-        open_source("etcd://nohost/k", FAST)
+        open_view_source("etcd://nohost/k", FAST)
 
 
 def test_view_from_etcd_is_delivered_then_polled_header_only(etcd) -> None:
     etcd.put("edge/view", view_bytes(1))
     proxy = RecordingProxy(etcd.endpoint).start()
     try:
-        source = open_source(f"etcd://{proxy.endpoint}/edge/view", FAST)
+        source = open_view_source(f"etcd://{proxy.endpoint}/edge/view", FAST)
         assert isinstance(source, EtcdSource)
         data = fetch(source)
         assert data is not None and decode_view(data).serial == 1
@@ -71,7 +71,7 @@ def test_view_from_etcd_is_delivered_then_polled_header_only(etcd) -> None:
 
 
 def test_missing_key_is_an_error_and_deletion_is_noticed(etcd) -> None:
-    source = open_source(etcd.url("edge/view"), FAST)
+    source = open_view_source(etcd.url("edge/view"), FAST)
     with pytest.raises(SourceError, match="key not found"):
         fetch(source)
     etcd.put("edge/view", view_bytes(1))
@@ -85,17 +85,17 @@ def test_missing_key_is_an_error_and_deletion_is_noticed(etcd) -> None:
 
 def test_gzip_values_are_inflated_within_the_cap(etcd) -> None:
     etcd.put("v", gzip.compress(view_bytes(3)))
-    assert decode_view(fetch(open_source(etcd.url("v"), FAST))).serial == 3
+    assert decode_view(fetch(open_view_source(etcd.url("v"), FAST))).serial == 3
     small = ViewConfig(connect_timeout=0.5, read_timeout=0.5, max_size=4096)
     etcd.put("big", b"x" * 5000)
     with pytest.raises(ViewTooLarge):
-        fetch(open_source(etcd.url("big"), small))
+        fetch(open_view_source(etcd.url("big"), small))
     etcd.put("bomb", gzip.compress(b" " * 100_000))
     with pytest.raises(ViewTooLarge):
-        fetch(open_source(etcd.url("bomb"), small))
+        fetch(open_view_source(etcd.url("bomb"), small))
     etcd.put("broken", gzip.compress(view_bytes(1))[:40])
     with pytest.raises(SourceError, match="gzip"):
-        fetch(open_source(etcd.url("broken"), FAST))
+        fetch(open_view_source(etcd.url("broken"), FAST))
 
 
 def test_failover_skips_dead_hanging_and_failing_members_and_remembers_the_live_one(etcd) -> None:
@@ -105,7 +105,7 @@ def test_failover_skips_dead_hanging_and_failing_members_and_remembers_the_live_
     failing = RecordingProxy(etcd.endpoint, mode="error").start()
     live = RecordingProxy(etcd.endpoint).start()
     try:
-        source = open_source(f"etcd://{dead},{hanging.endpoint},{failing.endpoint},{live.endpoint}/edge/view", FAST)
+        source = open_view_source(f"etcd://{dead},{hanging.endpoint},{failing.endpoint},{live.endpoint}/edge/view", FAST)
         assert decode_view(fetch(source)).serial == 1
         assert source.client.endpoint == live.endpoint
         assert len(failing.exchanges) == 1 and len(live.exchanges) == 1
@@ -125,7 +125,7 @@ def test_failover_skips_dead_hanging_and_failing_members_and_remembers_the_live_
 
 def test_every_member_down_is_one_bounded_error_naming_each(etcd) -> None:
     ports = [free_port(), free_port()]
-    source = open_source(f"etcd://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/edge/view", FAST)
+    source = open_view_source(f"etcd://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/edge/view", FAST)
     with pytest.raises(SourceError) as caught:
         fetch(source)
     assert f"127.0.0.1:{ports[0]}" in str(caught.value) and f"127.0.0.1:{ports[1]}" in str(caught.value)
@@ -133,7 +133,7 @@ def test_every_member_down_is_one_bounded_error_naming_each(etcd) -> None:
 
 def test_etcd_stopped_then_back_resumes_without_refetching_the_same_value(etcd) -> None:
     etcd.put("edge/view", view_bytes(1))
-    source = open_source(etcd.url("edge/view"), FAST)
+    source = open_view_source(etcd.url("edge/view"), FAST)
     assert fetch(source) is not None
     etcd.stop()
     with pytest.raises(SourceError):
@@ -146,7 +146,7 @@ def test_etcd_stopped_then_back_resumes_without_refetching_the_same_value(etcd) 
 def test_a_cluster_restored_to_an_older_revision_is_read_again(etcd) -> None:
     for serial in range(1, 6):
         etcd.put("edge/view", view_bytes(serial))
-    source = open_source(etcd.url("edge/view"), FAST)
+    source = open_view_source(etcd.url("edge/view"), FAST)
     assert decode_view(fetch(source)).serial == 5
     before = source.revision
     etcd.wipe()
@@ -174,7 +174,7 @@ def test_garbage_from_a_member_is_a_source_error() -> None:
     thread.start()
     try:
         with pytest.raises(SourceError, match="not JSON"):
-            fetch(open_source(f"etcd://127.0.0.1:{port}/k", FAST))
+            fetch(open_view_source(f"etcd://127.0.0.1:{port}/k", FAST))
     finally:
         thread.join(2)
         listener.close()
@@ -192,12 +192,12 @@ def test_etcds_verifies_the_member_with_the_configured_ca(tmp_path) -> None:
     try:
         server.put("edge/view", view_bytes(4))
         trusted = ViewConfig(connect_timeout=1, read_timeout=1, ca_file=str(tls.ca_file))
-        assert decode_view(fetch(open_source(server.url("edge/view"), trusted))).serial == 4
+        assert decode_view(fetch(open_view_source(server.url("edge/view"), trusted))).serial == 4
         # Without the CA the member is not trusted; plain HTTP to a TLS port fails too.
         with pytest.raises(SourceError, match="TLS|certificate"):
-            fetch(open_source(server.url("edge/view"), FAST))
+            fetch(open_view_source(server.url("edge/view"), FAST))
         with pytest.raises(SourceError):
-            fetch(open_source(f"etcd://{server.endpoint}/edge/view", FAST))
+            fetch(open_view_source(f"etcd://{server.endpoint}/edge/view", FAST))
     finally:
         server.stop()
 
@@ -218,8 +218,8 @@ def test_edge_view_check_reads_etcd(etcd) -> None:
 def test_the_etcd_client_knows_nothing_of_the_configuration_or_the_token_keys() -> None:
     import subprocess
     import sys
-    # edge.config checks etcd addresses with edge.etcd: the client importing the configuration
+    # edge.config checks etcd addresses with edge.etcd.client: the client importing the configuration
     # back would be an import cycle.
-    code = "import sys, edge.etcd; print(sorted(m for m in sys.modules if m.startswith('edge.')))"
+    code = "import sys, edge.etcd.client; print(sorted(m for m in sys.modules if m.startswith('edge.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert loaded.stdout.strip() == "['edge.errors', 'edge.etcd']"
+    assert loaded.stdout.strip() == "['edge.errors', 'edge.etcd', 'edge.etcd.client']"

@@ -17,7 +17,7 @@ from typing import Any
 import uvloop
 
 from edge.config import Config, CredentialsConfig, Listen, MetadataConfig, ViewConfig
-from edge.metadata.service import MetadataService
+from edge.metadata.service import MetadataService, TokenKeyProvider
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
@@ -57,7 +57,8 @@ class Harness:
     """One service on its own loop thread; ``call`` runs a function on that loop."""
 
     def __init__(self, config: Config, document: dict[str, Any] | None,
-                 on_refresh: Callable[[Harness], Any] | None = None) -> None:
+                 on_refresh: Callable[[Harness], Any] | None = None,
+                 token_keys: TokenKeyProvider | None = None) -> None:
         self.config = config
         self.on_refresh = on_refresh
         self.refreshes = 0
@@ -65,7 +66,7 @@ class Harness:
         self.store = ViewStore("test")
         if document is not None:
             self.store.swap(build_snapshot(parse_view(document)), "source")
-        self.service = MetadataService(config, self.store, self._refresh)
+        self.service = MetadataService(config, self.store, self._refresh, token_keys=token_keys)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.run(self.service.start())

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from edge.config import Listen, load_config
-from edge.etcd import EtcdAddress
-from edge.view.etcd_source import EtcdKeyspaceSource
+from edge.etcd.client import EtcdAddress
+from edge.etcd.view_source import EtcdKeyspaceSource
+from edge.server import adapters
 from edge.view.sources import open_source
 from tests.fleet.gateway import Gateway
 from tests.installed import Dist, InstalledRoot, namespaces_unavailable
@@ -35,7 +36,7 @@ def test_example_config_loads_with_the_addresses_it_promises() -> None:
     assert config.admin.listen is not None
     instance_facing = {x.host for x in config.metadata.listen + config.dns.listen}
     assert config.admin.listen.host not in instance_facing
-    assert isinstance(open_source(config.view.source, config.view), EtcdKeyspaceSource)
+    assert isinstance(open_source(config.view.source, config.view, adapters().sources), EtcdKeyspaceSource)
     assert config.view.cert_file and config.view.etcd_username and config.view.etcd_password_file
     assert len(EtcdAddress.parse(config.fleet.token_key_source).endpoints) == 3
 
@@ -58,7 +59,7 @@ def _run(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] |
 
 def test_wheel_holds_the_server_and_nothing_else(dist: Dist) -> None:
     names = zipfile.ZipFile(dist.wheel).namelist()
-    assert "edge/etcd.py" in names and "edge/view/etcd_source.py" in names and "edge/cli.py" in names
+    assert "edge/etcd/client.py" in names and "edge/etcd/view_source.py" in names and "edge/cli.py" in names
     assert not any(name.startswith(("tests/", "bench/")) for name in names)
     assert not any(name.startswith("edge/testing") for name in names), "test helpers are not installed"
     metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))

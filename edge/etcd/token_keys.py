@@ -3,7 +3,7 @@
 Every gateway reads the same key text (the key file format) from one etcd
 key, re-reads it on a schedule and on SIGHUP, and keeps the last text it read
 in the state directory so it can start while etcd is away.  The etcd client
-itself is :mod:`edge.etcd`; the TLS files and login are the view section's
+itself is :mod:`edge.etcd.client`; the TLS files and login are the view section's
 (``view.ca_file``, ``view.cert_file``, ``view.etcd_username``...), as the keys
 usually live in the same cluster as the view.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from edge.config import Config
 from edge.errors import ConfigError
-from edge.etcd import EtcdAddress, EtcdClient, EtcdError
+from edge.etcd.client import EtcdAddress, EtcdClient, EtcdError
+from edge.etcd.view_source import etcd_access
 from edge.logs import event
-from edge.view.etcd_source import etcd_access
 
 log = logging.getLogger("edge.fleet")
 
@@ -104,6 +104,16 @@ class TokenKeyCache:
             temporary.replace(self.path)
         except OSError as exc:
             raise EtcdError(f"cannot write cached token keys {self.path}: {exc.strerror}") from None
+
+
+class EtcdTokenKeys:
+    """The metadata service's token key provider (:class:`edge.metadata.service.TokenKeyProvider`) for etcd."""
+
+    def read(self, config: Config) -> str:
+        return read_fleet_token_keys(config)
+
+    def follow(self, apply: Callable[[str], bool]) -> FleetTokenKeys:
+        return FleetTokenKeys(apply)
 
 
 class FleetTokenKeys:

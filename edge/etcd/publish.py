@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from edge.etcd import EtcdAccess, EtcdAddress, EtcdClient, EtcdError, prefix_end
+from edge.etcd.client import EtcdAccess, EtcdAddress, EtcdClient, EtcdError, prefix_end
 from edge.view.formats import decode_view
 from edge.view.keyspace import CLOUD, INSTANCES, NETWORKS, SERIAL
 

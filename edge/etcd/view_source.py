@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewInvalid, ViewTooLarge
-from edge.etcd import (
+from edge.etcd.client import (
     EtcdAccess,
     EtcdAddress,
     EtcdClient,
