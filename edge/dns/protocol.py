@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from edge.config import Config
 from edge.dns.datagrams import datagrams_for
@@ -99,9 +99,10 @@ class DnsDatagramProtocol:
     def close(self) -> None:
         if self.closed:
             return
+        assert self.sock is not None  # closed says so when there is none
         if self.loop is not None:
-            self.loop.remove_reader(self.sock.fileno())  # type: ignore[union-attr]
-        self.sock.close()  # type: ignore[union-attr]
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
     @property
     def closed(self) -> bool:
@@ -109,7 +110,8 @@ class DnsDatagramProtocol:
 
     def readable(self) -> None:
         datagrams = self.datagrams
-        received = datagrams.receive()  # type: ignore[union-attr]
+        assert datagrams is not None  # start() reads only a listener that has a socket
+        received = datagrams.receive()
         if not received or self.service.closing:
             return  # while stopping, queries are read and ignored so the socket does not stay readable
         now = time.monotonic()
@@ -125,26 +127,26 @@ class DnsDatagramProtocol:
                 queries += 1
                 try:
                     reply = answer(data, snapshot, network, address, now, True)
-                    if reply.__class__ is bytes:
-                        datagrams.reply(index, reply)  # type: ignore[union-attr,arg-type]
-                        tally.dns_reply(reply, now)  # type: ignore[arg-type]
+                    if isinstance(reply, bytes):
+                        datagrams.reply(index, reply)
+                        tally.dns_reply(reply, now)
                     elif reply is None:
                         self.stats.dropped += 1
                         tally.request("dropped", "NONE")
                     else:
-                        sender = self._sender(datagrams.source(index), now)  # type: ignore[union-attr]
-                        self.service.forward(reply, sender, udp=True)  # type: ignore[arg-type]
+                        sender = self._sender(datagrams.source(index), now)
+                        self.service.forward(reply, sender, udp=True)
                 except Exception:
                     # One bad query costs its own answer, not the rest of the batch.
                     log.exception("dns: unexpected error on a UDP query from %s", address)
         finally:
             # Replies queued so far go out now: the next batch reuses the source addresses they point at.
             self.stats.udp_queries += queries
-            dropped = datagrams.flush()  # type: ignore[union-attr]
+            dropped = datagrams.flush()
             if dropped:
                 self.stats.udp_replies_dropped += dropped
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Answer one datagram (the same steps as :meth:`readable`, for callers that hold one)."""
         if self.service.closing:
             return
@@ -155,19 +157,20 @@ class DnsDatagramProtocol:
             return
         self.stats.udp_queries += 1
         reply = self.answer(data, self.store.current, self.network, address, now, True)
-        if reply.__class__ is bytes:
-            self.send(reply, addr)  # type: ignore[arg-type]
-            self.tally.dns_reply(reply, now)  # type: ignore[arg-type]
+        if isinstance(reply, bytes):
+            self.send(reply, addr)
+            self.tally.dns_reply(reply, now)
         elif reply is None:
             self.stats.dropped += 1
             self.tally.request("dropped", "NONE")
         else:
-            self.service.forward(reply, self._sender(addr, now), udp=True)  # type: ignore[arg-type]
+            self.service.forward(reply, self._sender(addr, now), udp=True)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A datagram endpoint's transport (asyncio's signature names the base type for every protocol).
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def send(self, reply: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
+    def send(self, reply: bytes, addr: tuple[Any, ...]) -> None:
         """Send one reply now; when the kernel will not take it, drop it (a UDP server never waits)."""
         if self.sock is None:
             if self.transport is not None and not self.transport.is_closing():
@@ -179,7 +182,7 @@ class DnsDatagramProtocol:
             # Send buffer full, or the client gone (ICMP error), or the socket closed: nothing to retry.
             self.stats.udp_replies_dropped += 1
 
-    def _sender(self, addr: tuple, received: float):  # type: ignore[no-untyped-def,type-arg]
+    def _sender(self, addr: tuple[Any, ...], received: float) -> Callable[[bytes | None], None]:
         def send(reply: bytes | None) -> None:
             if reply is not None and not self.closed:
                 self.send(reply, addr)
@@ -207,7 +210,8 @@ class DnsStreamProtocol(asyncio.Protocol):
         """Whether this connection holds one of its source address's slots."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream listener's connections always have a full Transport (asyncio's signature names the base type).
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = address = peer[0] if peer else ""
         service = self.service
@@ -257,15 +261,16 @@ class DnsStreamProtocol(asyncio.Protocol):
                 service.stats.dropped += 1
                 self.close()
                 return
-            if reply.__class__ is bytes:
-                self.write(reply)  # type: ignore[arg-type]
-                service.tally.dns_reply(reply, now)  # type: ignore[arg-type]
+            if isinstance(reply, bytes):
+                self.write(reply)
+                service.tally.dns_reply(reply, now)
             else:
                 self.pending += 1
-                service.forward(reply, self._forwarded_writer(now), udp=False)  # type: ignore[arg-type]
+                service.forward(reply, self._forwarded_writer(now), udp=False)
                 if self.pending >= service.config.dns.tcp_max_pipelined and not self.paused:
                     self.paused = True
-                    self.transport.pause_reading()  # type: ignore[union-attr]
+                    assert self.transport is not None  # set by connection_made, before any data
+                    self.transport.pause_reading()
         if position < size:
             if position or not self.buffer:
                 # The first bytes of a new message: its deadline starts now.
@@ -298,7 +303,7 @@ class DnsStreamProtocol(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(len(reply).to_bytes(2, "big") + reply)
 
-    def _forwarded_writer(self, received: float):  # type: ignore[no-untyped-def]
+    def _forwarded_writer(self, received: float) -> Callable[[bytes | None], None]:
         def write(reply: bytes | None) -> None:
             if reply is not None:
                 self.service.tally.dns_reply(reply, received)
