@@ -667,7 +667,7 @@ def _walk_docs(cls: type, prefix: str, rows: list[tuple[str, str, str, str]]) ->
             _walk_docs(hint, prefix + f.name + ".", rows)
             continue
         default = getattr(defaults, f.name)
-        if f.default_factory is _default_state_dir:  # type: ignore[comparison-overlap]
+        if f.default_factory is _default_state_dir:
             shown = "$STATE_DIRECTORY, else ~/.local/state/edge"
         elif f.name == "workers" and cls is Config:
             shown = "number of cores"
@@ -702,7 +702,9 @@ def _field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    if not tree.body or not isinstance(tree.body[0], ast.ClassDef):
+        return docs
+    body = tree.body[0].body
     for node, following in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)

@@ -276,9 +276,9 @@ class Supervisor(GatewayProcess):
     async def _monitor(self) -> None:
         while not self.stopping:
             await asyncio.sleep(0.2)
-            for worker in [w for w in self._retiring if not w.alive]:
-                worker.close()
-                self._retiring.remove(worker)
+            for retired in [w for w in self._retiring if not w.alive]:
+                retired.close()
+                self._retiring.remove(retired)
             for slot in self.slots:
                 if self.stopping:
                     break
