@@ -31,10 +31,14 @@ publisher does), ``etcd-key`` (the whole document gzip-compressed under one
 key, rewritten on every change; etcd's ``--max-request-bytes`` is raised to
 fit it and the report says by how much) and ``http`` (the whole document
 gzip-compressed from a static server with an ETag, answering 304 while
-unchanged and ignoring ``?since=``).  The document sources are polled every
+unchanged and ignoring ``?since=``) and ``http-changes`` (an incremental HTTP
+control plane: ``?since=S`` answered with an ``edge-view-changes/1`` document
+listing the instances changed after S; one change is made before the measured
+ones, since a gateway turns incremental at its first changes answer and takes
+the full document once more then).  The HTTP sources are polled every
 ``--document-poll`` seconds (default 1: the most that can still meet a 1 s
-write-to-served target); the keyspace at the gateway's default interval (its
-poll is only a safety net).
+write-to-served target), and so is the one etcd key; the keyspace at the
+gateway's default interval (its poll is only a safety net, the watch tells).
 
 Also measured, on the first gateway alone before the others start: the time
 from its start to serving the source's view (first load) and its resident
@@ -61,14 +65,15 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from bench.common import cpu_seconds, free_port, percentile, stop
 
-SOURCES = ("keyspace", "etcd-key", "http")
+SOURCES = ("keyspace", "etcd-key", "http", "http-changes")
 PREFIX = "bench/view/"
 DOCUMENT_KEY = "bench/document"
 TAG_PATH = b"/latest/meta-data/tags/instance/Name"
@@ -146,10 +151,22 @@ class CountingProxy:
 
 
 class DocumentServer:
-    """The whole view as a static gzip document with an ETag (304 while unchanged; ``?since=`` ignored)."""
+    """An HTTP control plane: the whole view as gzip with an ETag (304 while unchanged).
 
-    def __init__(self) -> None:
+    Without ``parts`` it ignores ``?since=`` (a static file server).  With ``parts`` it is an
+    incremental control plane: ``?since=S`` is answered with an ``edge-view-changes/1``
+    document listing the instances changed after S (whole), and the full document is made
+    from ``parts`` at the current serial when asked for.
+    """
+
+    def __init__(self, parts: ViewParts | None = None) -> None:
         self._document = (b"", "")
+        self.parts = parts
+        self.serial = 1
+        self._changed: dict[int, tuple[str, bytes]] = {}
+        """serial -> (instance id, its text): the one instance each serial changed."""
+        self._full: tuple[int, bytes] | None = None
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -159,7 +176,8 @@ class DocumentServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
-                body, etag = server._document
+                since = server.since_of(self.path)
+                body, etag, encoded = server.answer(since)
                 if self.headers.get("If-None-Match") == etag:
                     self.send_response(304)
                     self.send_header("ETag", etag)
@@ -167,11 +185,11 @@ class DocumentServer:
                     self.end_headers()
                     return
                 gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-                payload = body if gzipped else gzip.decompress(body)
+                payload = gzip.decompress(body) if encoded and not gzipped else body
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("ETag", etag)
-                if gzipped:
+                if encoded and gzipped:
                     self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -182,8 +200,41 @@ class DocumentServer:
         self.port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
+    def since_of(self, path: str) -> int | None:
+        if self.parts is None:
+            return None
+        query = parse_qs(urlsplit(path).query)
+        try:
+            return int(query["since"][0])
+        except (KeyError, ValueError):
+            return None
+
+    def answer(self, since: int | None) -> tuple[bytes, str, bool]:
+        """(body, ETag, whether the body is gzip) for a request with or without ``since``."""
+        with self._lock:
+            serial, etag = self.serial, f'"serial-{self.serial}"'
+            if self.parts is None:
+                return self._document[0], self._document[1], True
+            if since is None or since < 1 or since > serial:
+                if self._full is None or self._full[0] != serial:
+                    self._full = (serial, gzip.compress(self.parts.document(serial), 6))
+                return self._full[1], etag, True
+            latest = dict(self._changed[number] for number in range(since + 1, serial + 1))
+        body = b"".join((b'{"format":"edge-view-changes/1","since":%d,"serial":%d,"changed":[' % (since, serial),
+                         b",".join(latest.values()), b'],"removed":[]}'))
+        return body, etag, False
+
     def publish(self, gzipped: bytes, serial: int) -> None:
-        self._document = (gzipped, f'"serial-{serial}"')
+        """The whole document at ``serial`` (the static server)."""
+        with self._lock:
+            self._document = (gzipped, f'"serial-{serial}"')
+            self.serial = serial
+
+    def change(self, serial: int, instance_id: str, text: bytes) -> None:
+        """The incremental control plane: ``serial`` changed this one instance (already changed in ``parts``)."""
+        with self._lock:
+            self._changed[serial] = (instance_id, text)
+            self.serial = serial
 
     def close(self) -> None:
         self._http.shutdown()
@@ -269,6 +320,14 @@ def apply_change(parts: ViewParts, change: Change) -> bytes:
     parts.records[change.index] = {**record, "tags": {**record["tags"], "Name": change.name}}
     parts.instances[change.index] = _compact(parts.records[change.index])
     return parts.instances[change.index]
+
+
+def _unchanged_instance(parts: ViewParts, changes: list[Change]) -> tuple[int, str]:
+    """(index, address) of an instance with tags shown that none of ``changes`` touches."""
+    taken = {change.index for change in changes}
+    index = next(i for i, record in enumerate(parts.records)
+                 if record["metadata_options"]["tags"] and i not in taken)
+    return index, parts.records[index]["interfaces"][0]["private_ips"][0]
 
 
 def whole_documents(parts: ViewParts, changes: list[Change]) -> dict[int, bytes]:
@@ -417,6 +476,19 @@ def measure_kind(kind: str, parts: ViewParts, changes: list[Change], documents: 
 
             def write(change: Change, value: bytes) -> None:
                 server.publish(documents[change.serial], change.serial)
+        elif kind == "http-changes":
+            server = DocumentServer(parts)
+            cleanups.append(server.close)
+            target_port = server.port
+            spec = "http://127.0.0.1:{port}/view.json"
+            poll = args.document_poll
+            # A gateway turns incremental at its first changes answer (taking the full document
+            # once more then): one change before the measured ones, which come one serial later.
+            warm_up = Change(-1, 2, *_unchanged_instance(parts, changes), "warm-up")
+            changes = [replace(change, serial=change.serial + 1) for change in changes]
+
+            def write(change: Change, value: bytes) -> None:
+                server.change(change.serial, parts.records[change.index]["id"], value)
         else:
             request_bytes = None
             if kind == "etcd-key":
@@ -477,6 +549,9 @@ def measure_kind(kind: str, parts: ViewParts, changes: list[Change], documents: 
             "pss_per_instance": round((memory["pss"] - demo_memory["pss"]) / len(parts.instances))}
         rest = [proxied_gateway(number) for number in range(1, args.gateways)]
         wait_serial(rest, 1, args.start_timeout)
+        if kind == "http-changes":
+            write(warm_up, apply_change(parts, warm_up))
+            wait_serial(gateways, warm_up.serial, args.start_timeout)
         time.sleep(args.settle)
         result.update(asyncio.run(_propagate(kind, parts, changes, gateways, write, args)))
         result["load_average_end"] = load_average()
@@ -640,7 +715,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         demo_memory = demo_gateway_memory(workdir, args.start_timeout)
         report["demo_gateway_memory"] = demo_memory
         for kind in kinds:
-            changes = keyspace_changes if kind == "keyspace" else document_changes
+            changes = document_changes if kind in ("etcd-key", "http") else keyspace_changes
             report["runs"].append(measure_kind(kind, parts.copy(), changes, documents, args, workdir, demo_memory))
         report["load_average_end"] = load_average()
         return report

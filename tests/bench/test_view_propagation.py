@@ -33,7 +33,7 @@ def test_every_gateway_serves_every_change_from_each_source(tmp_path, capsys) ->
 
     assert status == 0, printed
     assert report["instances"] == 200 and report["gateways"] == 2
-    assert [run["source"] for run in report["runs"]] == ["keyspace", "etcd-key", "http"]
+    assert [run["source"] for run in report["runs"]] == ["keyspace", "etcd-key", "http", "http-changes"]
     for run in report["runs"]:
         assert run["unserved"] == [], run
         assert run["served"] == run["expected"] == 3 * 2
@@ -46,11 +46,12 @@ def test_every_gateway_serves_every_change_from_each_source(tmp_path, capsys) ->
             assert gateway["window_bytes_max"] > 0  # every gateway received something for the changes
         assert run["served_p50_ms"] is not None and run["served_max_ms"] >= run["served_p50_ms"]
         assert f"| {run['source']} |" in printed
-    keyspace, etcd_key, http = report["runs"]
+    keyspace, etcd_key, http, http_changes = report["runs"]
     assert "publish_seconds" in keyspace and "published serial 1" in keyspace["publish_output"]
     assert keyspace["etcd_max_request_bytes"] == "default"
-    # A keyspace change costs each gateway about one instance; a document change, the whole document.
-    for gateway in keyspace["per_gateway"]:
+    # A keyspace or changes-document change costs each gateway about one instance; a document change,
+    # the whole document.
+    for gateway in keyspace["per_gateway"] + http_changes["per_gateway"]:
         assert gateway["window_bytes_max"] < report["document_gzip_bytes"]
     for gateway in http["per_gateway"] + etcd_key["per_gateway"]:
         assert gateway["window_bytes_max"] >= report["document_gzip_bytes"] * 0.9
