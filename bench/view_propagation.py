@@ -23,7 +23,9 @@ per gateway it reports:
   and no changes, divided by the number of changes;
 * **write-to-served**: from the write returning (etcd committed it, or the
   document server holds the new document) to the gateway's first answer with
-  the new value (probes every ``--probe-every`` seconds).
+  the new value (one probe per gateway every ``--probe-every`` seconds, for its oldest
+  change not yet shown: a gateway serves serials in order; the idle baseline probes the
+  same way).
 
 Source kinds: ``keyspace`` (``edge view publish`` into ``PREFIX/``, then each
 change is one transaction putting the instance's key and the serial, as the
@@ -574,15 +576,20 @@ async def _propagate(kind: str, parts: ViewParts, changes: list[Change], gateway
 
     async def probe_loop(stop_event: asyncio.Event, pending: dict[tuple[int, int], float],
                          served: dict[tuple[int, int], float]) -> None:
+        # One probe per gateway per round, changes or not, so the probing costs the gateways the
+        # same in the idle baseline as during the changes.  A gateway serves serials in order, so
+        # only its oldest unserved change is asked; once it shows, the next ones are asked at once.
+        async def _follow(gateway: Gateway) -> None:
+            while True:
+                waiting = sorted(key for key in pending if key[0] == gateway.number)
+                if not waiting:
+                    await ask_tag(gateway, probe_address)
+                    return
+                if not await _check(gateway, changes[waiting[0][1]], waiting[0], pending, served):
+                    return
+
         while not stop_event.is_set():
-            asks = []
-            for gateway in gateways:
-                keys = [key for key in pending if key[0] == gateway.number]
-                if not keys:
-                    asks.append(ask_tag(gateway, probe_address))  # the same probing load as during changes
-                for key in keys:
-                    asks.append(_check(gateway, changes[key[1]], key, pending, served))
-            await asyncio.gather(*asks)
+            await asyncio.gather(*(_follow(gateway) for gateway in gateways))
             await asyncio.sleep(args.probe_every)
 
     # Idle: the same probing, no changes, for as long as the changes will take.
@@ -668,10 +675,13 @@ async def _propagate(kind: str, parts: ViewParts, changes: list[Change], gateway
 
 
 async def _check(gateway: Gateway, change: Change, key: tuple[int, int], pending: dict[tuple[int, int], float],
-                 served: dict[tuple[int, int], float]) -> None:
+                 served: dict[tuple[int, int], float]) -> bool:
+    """Whether ``gateway`` now answers ``change`` (its write-to-served time is then recorded)."""
     answer = await ask_tag(gateway, change.address)
     if answer == change.name.encode() and key in pending:
         served[key] = time.monotonic() - pending.pop(key)
+        return True
+    return False
 
 
 def _median(values: list[float]) -> float:
