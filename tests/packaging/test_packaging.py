@@ -77,7 +77,8 @@ def test_sdist_tests_run_from_the_unpacked_tree(dist: Dist, tmp_path) -> None:
         archive.extractall(tmp_path, filter="data")
     tree = next(tmp_path.glob("edge-*"))
     for needed in ("LICENSE", "tests/run", "tests/support.py", "tests/conftest.py", "bench/generate.py",
-                   "packaging/install", "packaging/requirements.txt", "tests/eucalyptus/fixtures"):
+                   "packaging/install", "packaging/requirements.txt", "tests/eucalyptus/fixtures",
+                   "docs/view-format.md"):
         assert (tree / needed).exists(), needed
     assert not list(tree.rglob("__pycache__"))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
