@@ -54,4 +54,5 @@ def test_every_gateway_serves_every_change_from_each_source(tmp_path, capsys) ->
     for gateway in keyspace["per_gateway"] + http_changes["per_gateway"]:
         assert gateway["window_bytes_max"] < report["document_gzip_bytes"]
     for gateway in http["per_gateway"] + etcd_key["per_gateway"]:
-        assert gateway["window_bytes_max"] >= report["document_gzip_bytes"] * 0.9
+        # At least one whole document reached it during the changes (less the idle polls' few bytes).
+        assert gateway["bytes_per_change"] * 3 >= report["document_gzip_bytes"] * 0.9
