@@ -556,6 +556,11 @@ def measure_kind(kind: str, parts: ViewParts, changes: list[Change], documents: 
             wait_serial(gateways, warm_up.serial, args.start_timeout)
         time.sleep(args.settle)
         result.update(asyncio.run(_propagate(kind, parts, changes, gateways, write, args)))
+        # Once the changes are in (an incremental gateway keeps its mirror of the parts by then).
+        after = first.memory()
+        result["memory"].update({
+            "rss_after_changes_per_instance": round((after["rss"] - demo_memory["rss"]) / len(parts.instances)),
+            "pss_after_changes_per_instance": round((after["pss"] - demo_memory["pss"]) / len(parts.instances))})
         result["load_average_end"] = load_average()
         for gateway in gateways:
             if gateway.process.poll() is not None:
@@ -754,6 +759,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {run_['bytes_per_change_per_gateway']:,} | {run_['cpu_ms_per_change_per_gateway']:.1f} "
             f"| {run_['served_p50_ms']} / {run_['served_p99_ms']} / {run_['served_max_ms']} "
             f"| {run_['first_load_seconds']} | {memory['rss_per_instance']:,} / {memory['pss_per_instance']:,} B "
+            f"(after the changes {memory['rss_after_changes_per_instance']:,} / "
+            f"{memory['pss_after_changes_per_instance']:,} B) "
             f"| {idle:,.0f} |")
     lines += ["", "per gateway:", "",
               "| source | gateway | served | bytes/change | largest window bytes | CPU ms/change | window CPU ms p50 / max "

@@ -39,6 +39,8 @@ def test_every_gateway_serves_every_change_from_each_source(tmp_path, capsys) ->
         assert run["served"] == run["expected"] == 3 * 2
         assert run["first_load_seconds"] > 0 and run["first_load_bytes"] > 0
         assert run["memory"]["rss_bytes"] > 0
+        assert set(run["memory"]) == {"rss_bytes", "pss_bytes", "rss_per_instance", "pss_per_instance",
+                                      "rss_after_changes_per_instance", "pss_after_changes_per_instance"}
         assert [g["gateway"] for g in run["per_gateway"]] == [0, 1]
         for gateway in run["per_gateway"]:
             assert set(gateway) == GATEWAY_COLUMNS
