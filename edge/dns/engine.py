@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
+from typing import cast
 
 from edge.config import DnsConfig
 from edge.dns.acl import RecursionPolicy
@@ -36,7 +37,7 @@ from edge.dns.wire import (
     parse_query,
     truncated,
 )
-from edge.dns.zonedata import EXTRAS_KEY, DnsData, dns_data
+from edge.dns.zonedata import EXTRAS_KEY, DnsData, Horizon, dns_data
 from edge.view.snapshot import Snapshot
 
 log = logging.getLogger("edge.dns")
@@ -107,15 +108,12 @@ class Engine:
                 else:
                     opt = None
                 if opt is not None:
-                    memo = self._memos.get(network)
-                    if memo is None:
-                        memo = self._memos[network] = table.memo_for(network)
+                    askers = self._askers.get(network)
+                    if askers is None:
+                        askers = self._askers_for(network)
+                    recursion, memo, _ = askers[address]
                     found = memo.get(data[HEADER:end].lower() + data[end:qend])
                     if found is not None:
-                        if network:
-                            recursion = self.policy.allowed(snapshot, network, address)
-                        else:
-                            recursion = self._recursion_memo[address]
                         if found is NOT_LOCAL:
                             if recursion:
                                 key = data[HEADER:end].lower() + data[end:qend] + (b"\x01" if opt is self.opt_do
@@ -157,11 +155,16 @@ class Engine:
         """Per-snapshot lookups, cached so a query does not repeat them."""
         table = snapshot.extras.get(EXTRAS_KEY)
         self._table = table if table is not None else dns_data(snapshot)  # type: ignore[assignment]
-        self._memos: dict[str, dict[bytes, object]] = {}
+        self._askers: dict[str, _Askers] = {}
+        """Listener network -> source address -> (may recurse, answer memo, horizon)."""
         self._spliced: dict[bytes, tuple[CachedAnswer, Onward, int, bytes]] = {}
         """Question key -> (upstream entry, local chain, second, body) of chased CNAME answers."""
-        self._recursion_memo = _FlatNetworkRecursion(self.policy, snapshot)
         self._snapshot = snapshot
+        self._current = snapshot
+
+    def _askers_for(self, network: str) -> _Askers:
+        askers = self._askers[network] = _Askers(self.policy, self._current, cast(DnsData, self._table), network)
+        return askers
 
     def _recursion(self, snapshot: Snapshot, network: str, address: str) -> bool:
         try:
@@ -172,13 +175,15 @@ class Engine:
     def _answer_slow(self, data: bytes, snapshot: Snapshot, table: DnsData, network: str, address: str,
                      now: float, udp: bool) -> bytes | Forward:
         query = parse_query(data)
-        memo = table.memo_for(network)
+        askers = self._askers.get(network)
+        if askers is None:
+            askers = self._askers_for(network)
+        recursion, memo, horizon = askers[address]
         key = query.key
         found = memo.get(key)
         if found is None:
-            found = answer_local(table, network, query.name, query.qtype, query.qclass)
+            found = answer_local(table, horizon, query.name, query.qtype, query.qclass)
             table.remember(memo, key, found)
-        recursion = self.policy.allowed(snapshot, network, address)
         opt = self.opt_for(query)
         if found is not NOT_LOCAL:
             onward: Onward | None = found.onward  # type: ignore[attr-defined]
@@ -281,18 +286,25 @@ class Engine:
 
 
 
-class _FlatNetworkRecursion(dict):  # type: ignore[type-arg]
-    """Source address -> may recurse, for the flat network of one snapshot (bounded; refilled on demand)."""
+class _Askers(dict[str, "tuple[bool, dict[bytes, object], Horizon]"]):
+    """Source address -> (may recurse, answer memo, horizon) for one listener network and snapshot.
+
+    Bounded; refilled on demand.  The memo is shared by every asker of the same horizon.
+    """
 
     LIMIT = 65536
 
-    def __init__(self, policy: RecursionPolicy, snapshot: Snapshot) -> None:
+    def __init__(self, policy: RecursionPolicy, snapshot: Snapshot, table: DnsData, network: str) -> None:
         super().__init__()
         self.policy = policy
         self.snapshot = snapshot
+        self.table = table
+        self.network = network
 
-    def __missing__(self, address: str) -> bool:
+    def __missing__(self, address: str) -> tuple[bool, dict[bytes, object], Horizon]:
         if len(self) >= self.LIMIT:
             self.clear()
-        found = self[address] = self.policy.allowed(self.snapshot, "", address)
+        horizon = self.table.horizon_for(self.snapshot, self.network, address)
+        found = self[address] = (self.policy.allowed(self.snapshot, self.network, address),
+                                 self.table.memo_for(horizon), horizon)
         return found

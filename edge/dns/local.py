@@ -24,7 +24,7 @@ from edge.dns.wire import (
     TYPE_SOA,
     encode_name,
 )
-from edge.dns.zonedata import DnsData, ZoneInfo
+from edge.dns.zonedata import DnsData, Horizon, ZoneInfo
 from edge.view.records import RECORD_TYPES
 
 NOT_LOCAL = object()
@@ -57,8 +57,9 @@ def question_text(name_wire: bytes) -> tuple[str, bool]:
     return ".".join(labels), whole
 
 
-def answer_local(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int) -> Answer | object:
-    """The authoritative answer for this question and network, or :data:`NOT_LOCAL`."""
+def answer_local(data: DnsData, network: Horizon | str, name_wire: bytes, qtype: int, qclass: int) -> Answer | object:
+    """The authoritative answer for this question as the asker's horizon sees it (a network id stands
+    for every asker in that network), or :data:`NOT_LOCAL`."""
     if qclass not in (CLASS_IN, CLASS_ANY) or qtype in (TYPE_AXFR, TYPE_IXFR):
         # Other classes (CHAOS version probes) and zone transfers are neither served nor forwarded.
         return render(name_wire, qtype, qclass, REFUSED, False, ())
@@ -98,7 +99,7 @@ def _minimal_any(records: list[Record], zone: ZoneInfo) -> list[Record]:
     return smallest
 
 
-def _records(data: DnsData, network: str, name: str, zone: ZoneInfo | None, owner: str | None = None) -> list[Record]:
+def _records(data: DnsData, network: Horizon | str, name: str, zone: ZoneInfo | None, owner: str | None = None) -> list[Record]:
     # Every type a view may hold has its entry in RECORD_TYPES (the schema admits no other), so
     # nothing is filtered out here: a record is answered or the view was refused.
     out = [Record(owner, RECORD_TYPES[r.type].code, r.ttl, r.value) for r in data.records(network, name)]
@@ -114,7 +115,7 @@ def _negative(name_wire: bytes, qtype: int, qclass: int, rcode: int, zone: ZoneI
     return render(name_wire, qtype, qclass, rcode, True, (), (soa,))
 
 
-def _referral(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int, cut: str) -> Answer:
+def _referral(data: DnsData, network: Horizon | str, name_wire: bytes, qtype: int, qclass: int, cut: str) -> Answer:
     """A name at or below a zone cut (an NS record below a local apex) is not ours to answer.
 
     A client that does not recurse gets a referral (no AA, the cut's NS records in the authority
@@ -130,7 +131,7 @@ def _referral(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass:
     return dataclasses.replace(answer, onward=Onward(name_wire, b"", 0))
 
 
-def _chase(data: DnsData, network: str, name_wire: bytes, qtype: int, qclass: int, first: Record) -> Answer:
+def _chase(data: DnsData, network: Horizon | str, name_wire: bytes, qtype: int, qclass: int, first: Record) -> Answer:
     """Follow a CNAME chain through local data (RFC 1034 4.3.2); the RCODE is that of the last name.
 
     A chain that leaves the local zones (or enters a zone cut) ends with its last CNAME; a

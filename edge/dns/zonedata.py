@@ -8,10 +8,13 @@ invalidates every rendered answer without a purge.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from edge.view.model import DEFAULT_NETWORK, DnsRecord
 from edge.view.snapshot import LocalRecord, NameEntry, Snapshot
 
 EXTRAS_KEY = "dns"
@@ -28,11 +31,34 @@ class ZoneInfo:
     """(mname, rname, serial, refresh, retry, expire, minimum)."""
     soa_ttl: int
     nameserver: str
+    instances_only: bool = False
+    """Every record in the zone is for instances only: to other askers the zone does not exist."""
 
     @property
     def negative_ttl(self) -> int:
         """RFC 2308: negative answers live min(SOA TTL, SOA minimum)."""
         return min(self.soa_ttl, self.soa[6])
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RFC1918 = (ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("172.16.0.0/12"),
+           ipaddress.IPv4Network("192.168.0.0/16"))
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """What one asker sees: the names and zones of a network, narrowed by who the asker is.
+
+    Askers with equal ``key`` get equal answers, so answers are memoized per key.
+    """
+
+    network: str
+    key: str
+    instance: bool = True
+    """The view knows the asker as an instance (records for instances only are answered)."""
+    subnet: IpNetwork | None = None
+    """With ``public_name_horizon = "cidr"``: the CIDR of its network the asking instance is in."""
 
 
 @dataclass(slots=True)
@@ -53,22 +79,66 @@ class DnsData:
     """Network -> question key -> rendered answer (or the not-local marker)."""
     memo_limit: int = 100_000
     memo_size: int = 0
+    split_by_cidr: bool = False
+    """The view's ``public_name_horizon`` is ``cidr``."""
+    rfc1918_ptrs: bool = False
+    """The view's ``private_ptrs`` is ``rfc1918``."""
+    for_instances: dict[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
+    """Name -> (type, value) of its records answered to instances only."""
+    network_cidrs: dict[str, tuple[IpNetwork, ...]] = field(default_factory=dict)
+    horizons: dict[str, Horizon] = field(default_factory=dict)
 
-    def zone_for(self, network: str, name: str) -> ZoneInfo | None:
-        """The closest enclosing local zone visible to ``network``."""
-        own = self.zones.get(network, {})
+    @property
+    def narrowed(self) -> bool:
+        """Whether answers depend on who asks within a network, not just on the network."""
+        return self.split_by_cidr or bool(self.for_instances)
+
+    def horizon_for(self, snapshot: Snapshot, network: str, address: str) -> Horizon:
+        """The horizon of an asker: listener network and source address.
+
+        On a listener of the flat network, an address the view gives as a metadata source of an
+        interface in another network (a proxy's address for it, Eucalyptus VPC intip addresses)
+        asks as that interface, in that interface's network.
+        """
+        attachment = snapshot.by_private.get((network, address))
+        seen = network
+        if attachment is not None and network == DEFAULT_NETWORK:
+            seen = attachment.interface.network
+        if not self.narrowed:
+            key = seen
+            instance, subnet = True, None
+        else:
+            instance = attachment is not None or not self.for_instances
+            subnet = None
+            if self.split_by_cidr and attachment is not None:
+                subnet = self._cidr_of(attachment.interface.network, attachment.interface.primary_ip)
+            key = f"{seen}\x00{'i' if instance else ''}\x00{subnet or ''}"
+        found = self.horizons.get(key)
+        if found is None:
+            found = self.horizons[key] = Horizon(seen, key, instance, subnet)
+        return found
+
+    def _cidr_of(self, network: str, address: str) -> IpNetwork | None:
+        ip = ipaddress.ip_address(address)
+        return next((cidr for cidr in self.network_cidrs.get(network, ()) if ip.version == cidr.version and ip in cidr),
+                    None)
+
+    def zone_for(self, horizon: Horizon | str, name: str) -> ZoneInfo | None:
+        """The closest enclosing local zone visible to the asker."""
+        horizon = as_horizon(horizon)
+        own = self.zones.get(horizon.network, {})
         shared = self.zones.get(None, {})
         candidate = name
         while True:
             zone = own.get(candidate) or shared.get(candidate)
-            if zone is not None:
+            if zone is not None and (horizon.instance or not zone.instances_only):
                 return zone
             dot = candidate.find(".")
             if dot < 0:
                 return None
             candidate = candidate[dot + 1:]
 
-    def cut_for(self, network: str, name: str, apex: str) -> str | None:
+    def cut_for(self, network: Horizon | str, name: str, apex: str) -> str | None:
         """The zone cut at or above ``name`` and below ``apex`` (an owner of NS records), if any.
 
         The one closest to the apex wins: everything below it is delegated, whatever it holds.
@@ -86,20 +156,44 @@ class DnsData:
             candidate = candidate[dot + 1:]
         return cut
 
-    def records(self, network: str, name: str) -> tuple[LocalRecord, ...]:
+    def records(self, horizon: Horizon | str, name: str) -> tuple[LocalRecord, ...]:
+        horizon = as_horizon(horizon)
         entry = self.names.get(name)
         if entry is None:
             return self.extra_names.get(name, ())
-        return entry.records_for(network)
+        records = entry.records_for(horizon.network)
+        if self.split_by_cidr or self.rfc1918_ptrs or self.for_instances:
+            records = self._narrowed(horizon, name, entry, records)
+        return records
 
-    def is_empty_non_terminal(self, network: str, name: str) -> bool:
+    def _narrowed(self, horizon: Horizon, name: str, entry: NameEntry,
+                  records: tuple[LocalRecord, ...]) -> tuple[LocalRecord, ...]:
+        everyone = entry.everyone
+        if self.split_by_cidr and everyone and records is not everyone:
+            # A public name: the private address inside its network only to instances of its CIDR.
+            inside = [r for r in records if r.type in ("A", "AAAA") and r not in everyone]
+            subnet = horizon.subnet
+            if inside and not (subnet is not None and all(ipaddress.ip_address(r.value) in subnet for r in inside)):
+                kept = [r for r in records if r not in inside]
+                records = tuple(kept + [r for r in everyone if r.type in ("A", "AAAA") and r not in kept])
+        if self.rfc1918_ptrs and records is not everyone and name.endswith((".in-addr.arpa", ".ip6.arpa")):
+            if not _rfc1918_reverse_name(name):
+                records = tuple(r for r in records if r.type != "PTR" or r in everyone)
+        hidden = self.for_instances.get(name)
+        if hidden and not horizon.instance:
+            records = tuple(r for r in records if (r.type, r.value) not in hidden)
+        return records
+
+    def is_empty_non_terminal(self, horizon: Horizon | str, name: str) -> bool:
+        network = as_horizon(horizon).network
         found = self.empty_non_terminals.get(name)
         return found is not None and (found[0] or network in found[1])
 
-    def memo_for(self, network: str) -> dict[bytes, object]:
-        table = self.memo.get(network)
+    def memo_for(self, horizon: Horizon | str) -> dict[bytes, object]:
+        key = horizon if isinstance(horizon, str) else horizon.key
+        table = self.memo.get(key)
         if table is None:
-            table = self.memo[network] = {}
+            table = self.memo[key] = {}
         return table
 
     def remember(self, table: dict[bytes, object], key: bytes, answer: object) -> None:
@@ -111,6 +205,32 @@ class DnsData:
             self.memo_size = 0
         table[key] = answer
         self.memo_size += 1
+
+
+_PLAIN_HORIZONS: dict[str, Horizon] = {}
+
+
+def as_horizon(horizon: Horizon | str) -> Horizon:
+    """A network id stands for the horizon of every asker in it (tools, zone files, tests)."""
+    if isinstance(horizon, Horizon):
+        return horizon
+    found = _PLAIN_HORIZONS.get(horizon)
+    if found is None:
+        found = Horizon(horizon, horizon)
+        if len(_PLAIN_HORIZONS) < 4096:
+            _PLAIN_HORIZONS[horizon] = found
+    return found
+
+
+def _rfc1918_reverse_name(name: str) -> bool:
+    """Whether an ``in-addr.arpa`` name (or zone apex) names or covers RFC 1918 addresses."""
+    if not name.endswith(".in-addr.arpa"):
+        return False
+    octets = name[:-len(".in-addr.arpa")].split(".")[::-1]
+    if len(octets) > 4 or not all(o.isdigit() and int(o) < 256 for o in octets):
+        return False
+    block = ipaddress.IPv4Network((".".join(octets + ["0"] * (4 - len(octets))), 8 * len(octets)))
+    return any(block.overlaps(private) for private in RFC1918)
 
 
 def make_preparer(nameserver: str = "", instance_data_address: str = "",
@@ -128,11 +248,20 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
     cloud = snapshot.view.cloud
     ns_name = (nameserver or f"ns.{cloud.internal_domain}").rstrip(".").lower()
     serial = snapshot.view.serial & 0xFFFFFFFF
+    rfc1918_ptrs = cloud.private_ptrs == "rfc1918"
+    for_instances: dict[str, set[tuple[str, str]]] = {}
+    for dns_record in cloud.dns_records:
+        if dns_record.audience == "instances":
+            for_instances.setdefault(dns_record.name, set()).add((dns_record.type, dns_record.value))
     zones: dict[str | None, dict[str, ZoneInfo]] = {}
     for zone in snapshot.zones:
+        if rfc1918_ptrs and zone.reverse and zone.network is not None and not _rfc1918_reverse_name(zone.apex):
+            continue  # private addresses outside RFC 1918 have no PTRs here: their reverse space is not ours
         soa = (ns_name, f"hostmaster.{cloud.internal_domain}", serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE,
                cloud.negative_ttl)
         zones.setdefault(zone.network, {})[zone.apex] = ZoneInfo(zone.apex, soa, cloud.dns_ttl, ns_name)
+    if for_instances:
+        _mark_instance_zones(zones, cloud.dns_records, {cloud.internal_domain, cloud.public_domain})
     apexes = {apex for by_apex in zones.values() for apex in by_apex}
     ents: dict[str, tuple[bool, set[str]]] = {}
     for name, entry in snapshot.names.items():
@@ -151,7 +280,8 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
     delegations = frozenset(record.name.lower().rstrip(".") for record in cloud.dns_records
                             if record.type == "NS") - apexes
     extra: dict[str, tuple[LocalRecord, ...]] = {}
-    if instance_data_address:
+    # A view that holds instance-data itself (the Eucalyptus adapter's) decides who gets which names.
+    if instance_data_address and "instance-data" not in snapshot.names:
         # Eucalyptus instances find the metadata service by this name, bare or under the internal domain.
         record = (LocalRecord("AAAA" if ":" in instance_data_address else "A", instance_data_address, cloud.dns_ttl),)
         extra[f"instance-data.{cloud.internal_domain}"] = record
@@ -160,8 +290,39 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
                    cloud.negative_ttl)
             zones.setdefault(None, {})["instance-data"] = ZoneInfo("instance-data", soa, cloud.dns_ttl, ns_name)
             extra["instance-data"] = record
+    network_cidrs: dict[str, tuple[IpNetwork, ...]] = {}
+    if cloud.public_name_horizon == "cidr":
+        network_cidrs = {n.id: tuple(ipaddress.ip_network(c) for c in n.cidrs) for n in snapshot.view.networks}
     return DnsData(snapshot.generation, snapshot.names, zones, frozen, extra, delegations=delegations,
-                   memo_limit=memo_limit)
+                   memo_limit=memo_limit, split_by_cidr=cloud.public_name_horizon == "cidr",
+                   rfc1918_ptrs=rfc1918_ptrs,
+                   for_instances={name: frozenset(pairs) for name, pairs in for_instances.items()},
+                   network_cidrs=network_cidrs)
+
+
+def _mark_instance_zones(zones: dict[str | None, dict[str, ZoneInfo]], records: Iterable[DnsRecord],
+                         own_apexes: set[str]) -> None:
+    """A zone that only ``dns_records`` fill, all of them for instances only, is for instances only."""
+    shared = zones.get(None, {})
+    everyone: set[str] = set()
+    restricted: set[str] = set()
+    for record in records:
+        apex = _closest_apex(shared, record.name)
+        if apex is None or apex in own_apexes:
+            continue
+        (restricted if record.audience == "instances" else everyone).add(apex)
+    for apex in restricted - everyone:
+        shared[apex] = dataclasses.replace(shared[apex], instances_only=True)
+
+
+def _closest_apex(zones: dict[str, ZoneInfo], name: str) -> str | None:
+    candidate = name
+    while candidate not in zones:
+        dot = candidate.find(".")
+        if dot < 0:
+            return None
+        candidate = candidate[dot + 1:]
+    return candidate
 
 
 def _needs_mark(name: str, snapshot: Snapshot) -> bool:

@@ -444,9 +444,14 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
                 interface.setdefault("metadata_sources", []).append(interface["public_ip"])
             _widen_for(networks, interface, instance["id"], problems)
 
-    # InstanceDataDnsResolver: instance-data, under internal. and under eucalyptus.internal.
-    records = [{"name": name, "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600}
-               for name in ("instance-data", "instance-data.internal", "instance-data.eucalyptus.internal")]
+    # The controller is authoritative for all of internal. (DomainNames.java, SystemSubdomain.INTERNAL):
+    # a name under it that it does not know is NXDOMAIN, never recursed.  First, so that the names
+    # below are in this zone rather than zones of their own.
+    records: list[dict[str, Any]] = [{"name": "internal", "type": "NS", "value": f"ns.{internal_domain}"}]
+    # InstanceDataDnsResolver.java: instance-data, under internal. and under eucalyptus.internal, only
+    # to system-managed sources (instances); its PTR to everyone.
+    records += [{"name": name, "type": "A", "value": INSTANCE_DATA_ADDRESS, "ttl": 3600, "audience": "instances"}
+                for name in ("instance-data", "instance-data.internal", "instance-data.eucalyptus.internal")]
     records.append({"name": "254.169.254.169.in-addr.arpa", "type": "PTR", "value": "instance-data", "ttl": 3600})
     document = {
         "format": "edge-view/1",
@@ -460,6 +465,11 @@ def gni_document(root: Element, options: GniOptions, map_entries: list[MapEntry]
             "private_name_template": private_prefix + "{ip}",
             "public_name_template": public_prefix + "{ip}",
             "dns_records": records,
+            # SplitHorizonResolver.java: in EDGE mode a public name answers the private address only to
+            # instances of the same cluster subnet (the flat network's CIDRs); every other asker, and
+            # VPCs, by network.  Its reverse lookup gives private PTRs only for RFC 1918 addresses.
+            "public_name_horizon": "cidr" if mode == "EDGE" else "network",
+            "private_ptrs": "rfc1918",
         },
         "networks": networks,
         "instances": instances,

@@ -46,6 +46,8 @@ class DnsRecord(Value, frozen=True):
     type: str
     value: str
     ttl: int
+    audience: str = "everyone"
+    """``everyone``, or ``instances``: only askers the view knows as instances get it."""
 
 
 class Cloud(Value, frozen=True):
@@ -60,6 +62,11 @@ class Cloud(Value, frozen=True):
     negative_ttl: int = 30
     upstream_resolvers: tuple[str, ...] = ()
     dns_records: tuple[DnsRecord, ...] = ()
+    public_name_horizon: str = "network"
+    """Who gets an instance's private address for its public name: ``network`` (every asker in the
+    instance's network) or ``cidr`` (instances whose own address is in the same CIDR of that network)."""
+    private_ptrs: str = "all"
+    """``all``, or ``rfc1918``: only RFC 1918 private addresses get PTRs and local reverse zones."""
 
     def private_name(self, address: str) -> str:
         return _render_name(self.private_name_template, address, self.internal_domain)

@@ -141,6 +141,9 @@ class WireDnsRecord(_Wire, frozen=True):
         f"{kind.name} {kind.value_form}" for kind in RECORD_TYPES.values()) + ".")]
     ttl: Ttl | None = None
     """Defaults to the cloud's dns_ttl."""
+    audience: Literal["everyone", "instances"] | None = None
+    """Who is answered this record: everyone, or only askers the view knows as instances (by listener
+    network and source address); the others are answered as if it did not exist."""
 
 
 class WireCloud(_Wire, frozen=True):
@@ -158,6 +161,14 @@ class WireCloud(_Wire, frozen=True):
     upstream_resolvers: tuple[Annotated[str, msgspec.Meta(
         description="ADDRESS, ADDRESS:PORT (IPv4) or [ADDRESS]:PORT (IPv6).")], ...] | None = None
     dns_records: tuple[WireDnsRecord, ...] | None = None
+    public_name_horizon: Literal["network", "cidr"] | None = None
+    """Who is answered an instance's private address for its public name: every asker in the
+    instance's network ("network"), or only instances of that network whose own private address lies
+    in the same one of the network's cidrs as the instance's ("cidr"); everyone else gets the public
+    address."""
+    private_ptrs: Literal["all", "rfc1918"] | None = None
+    """Which private addresses get PTR records: all, or only RFC 1918 ones ("rfc1918": the reverse
+    zones of private ranges outside RFC 1918 are then not local, and their questions are forwarded)."""
 
 
 class WireSubnet(_Wire, frozen=True):
@@ -318,7 +329,8 @@ def cloud_from_wire(wire: WireCloud | None, problems: Problems) -> Cloud:
             problems.add(f"$.cloud.dns_records[{index}].value", message)
             continue
         records.append(DnsRecord(name=record.name.rstrip(".").lower(), type=kind.name, value=record.value,
-                                 ttl=default_ttl if record.ttl is None else record.ttl))
+                                 ttl=default_ttl if record.ttl is None else record.ttl,
+                                 audience=record.audience or "everyone"))
     values["dns_records"] = tuple(records)
     return Cloud(**values)
 
