@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import cast
 
 from edge.config import DnsConfig
 from edge.dns.acl import RecursionPolicy
@@ -37,7 +36,7 @@ from edge.dns.wire import (
     parse_query,
     truncated,
 )
-from edge.dns.zonedata import EXTRAS_KEY, DnsData, Horizon, dns_data
+from edge.dns.zonedata import DnsData, Horizon, dns_data
 from edge.view.snapshot import Snapshot
 
 log = logging.getLogger("edge.dns")
@@ -84,9 +83,9 @@ class Engine:
 
     def answer(self, data: bytes, snapshot: Snapshot | None, network: str, address: str, now: float,
                udp: bool = True) -> bytes | Forward | None:
+        if snapshot is None:
+            return self._not_ready(data, address)
         if snapshot is not self._snapshot:
-            if snapshot is None:
-                return self._not_ready(data, address)
             self._switch(snapshot)
         table = self._table
         size = len(data)
@@ -126,14 +125,16 @@ class Engine:
                                         return self._truncate(reply, data, qend, opt)
                                     return reply
                         # An answer with somewhere to go on upstream (a zone cut, a CNAME leaving the local
-                        # zones), for a client that may recurse and asks to, takes the slow path.
+                        # zones), for a client that may recurse and asks to, takes the slow path.  (The memo
+                        # holds Answers and the NOT_LOCAL object, so its values are typed object.)
                         elif found.onward is None or not (recursion and data[2] & 1):  # type: ignore[attr-defined]
+                            # An Answer, as above.
                             reply = found.assemble(data, qend, data[2] & 1, recursion, opt)  # type: ignore[attr-defined]
                             if udp and len(reply) > limit:
                                 return self._truncate(reply, data, qend, opt)
                             return reply
         try:
-            return self._answer_slow(data, snapshot, table, network, address, now, udp)  # type: ignore[arg-type]
+            return self._answer_slow(data, snapshot, table, network, address, now, udp)
         except Unanswerable:
             return None
         except DnsError as exc:
@@ -153,8 +154,7 @@ class Engine:
 
     def _switch(self, snapshot: Snapshot) -> None:
         """Per-snapshot lookups, cached so a query does not repeat them."""
-        table = snapshot.extras.get(EXTRAS_KEY)
-        self._table = table if table is not None else dns_data(snapshot)  # type: ignore[assignment]
+        self._table = dns_data(snapshot)  # the preparer's, or built now (tests, tools)
         self._askers: dict[str, _Askers] = {}
         """Listener network -> source address -> (may recurse, answer memo, horizon)."""
         self._spliced: dict[bytes, tuple[CachedAnswer, Onward, int, bytes]] = {}
@@ -163,7 +163,7 @@ class Engine:
         self._current = snapshot
 
     def _askers_for(self, network: str) -> _Askers:
-        askers = self._askers[network] = _Askers(self.policy, self._current, cast(DnsData, self._table), network)
+        askers = self._askers[network] = _Askers(self.policy, self._current, self._table, network)
         return askers
 
     def _recursion(self, snapshot: Snapshot, network: str, address: str) -> bool:
@@ -186,8 +186,10 @@ class Engine:
             table.remember(memo, key, found)
         opt = self.opt_for(query)
         if found is not NOT_LOCAL:
+            # The memo's values are Answers or the NOT_LOCAL object (typed object): this is an Answer.
             onward: Onward | None = found.onward  # type: ignore[attr-defined]
             if onward is None or not (recursion and query.rd):
+                # An Answer, as above.
                 reply = found.assemble(data, query.qend, query.rd, recursion, opt)  # type: ignore[attr-defined]
                 return self._fit(reply, query, opt, udp)
             if onward.count:
