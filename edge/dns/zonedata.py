@@ -207,19 +207,9 @@ class DnsData:
         self.memo_size += 1
 
 
-_PLAIN_HORIZONS: dict[str, Horizon] = {}
-
-
 def as_horizon(horizon: Horizon | str) -> Horizon:
     """A network id stands for the horizon of every asker in it (tools, zone files, tests)."""
-    if isinstance(horizon, Horizon):
-        return horizon
-    found = _PLAIN_HORIZONS.get(horizon)
-    if found is None:
-        found = Horizon(horizon, horizon)
-        if len(_PLAIN_HORIZONS) < 4096:
-            _PLAIN_HORIZONS[horizon] = found
-    return found
+    return horizon if isinstance(horizon, Horizon) else Horizon(horizon, horizon)
 
 
 def _rfc1918_reverse_name(name: str) -> bool:
