@@ -18,6 +18,10 @@ Read in ``Corymbia/eucalyptus`` (``clc/modules/...``):
 * ``core/.../util/dns/DnsResolvers.java``: a question no resolver takes is NXDOMAIN; one that
   resolvers take but none answers ends as SERVFAIL (``ConnectionHandler.java``).
 
+4.x (``eucalyptus/eucalyptus``) has the same rules: ``clc/modules/cluster-manager/.../vm/dns/
+SplitHorizonResolver.java`` (cluster subnets, ``isSiteLocalAddress``) and its
+``InstanceDataDnsResolver.java`` (``isSystemManagedAddress``).
+
 This is written independently of edge's DNS code so that it can disagree with it.  Answers are
 given as (rcode, addresses or names); ``forwarded`` marks what only the recursive resolver answers.
 """

@@ -2,7 +2,8 @@
 
 Each answer is compared with what the controller's resolvers give (``tests/eucalyptus/dns_model.py``,
 written from ``SplitHorizonResolver.java``, ``InstanceDataDnsResolver.java``,
-``RecursiveDnsResolver.java`` and ``DnsResolvers.java`` in Corymbia/eucalyptus).  Askers are loopback
+``RecursiveDnsResolver.java`` and ``DnsResolvers.java`` in Corymbia/eucalyptus; 4.x's
+``cluster-manager/.../vm/dns/SplitHorizonResolver.java`` in eucalyptus/eucalyptus has the same rules).  Askers are loopback
 addresses: instances by their public address (as EDGE nodes SNAT them) or, in cluster "two" of the
 fixture, by their private one; VPC instances by their intip address, with ``MIDO_MD_CIDR`` moved
 onto loopback.
