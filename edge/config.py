@@ -69,7 +69,7 @@ def _default_state_dir() -> str:
 @dataclass(frozen=True, slots=True)
 class ViewConfig:
     source: str = "demo"
-    """File path, ``http(s)://`` URL, ``etcd://HOST:PORT[,HOST:PORT...]/KEY`` (``etcds://`` for TLS), or ``demo`` (the embedded demo view)."""
+    """File path, ``http(s)://`` URL, ``etcd://HOST:PORT[,HOST:PORT...]/KEY`` or ``.../PREFIX/`` for a watched keyspace (``etcds://`` for TLS), or ``demo`` (the embedded demo view)."""
     state_dir: str = field(default_factory=_default_state_dir)
     """Where the last good view is kept (written atomically on every accepted view)."""
     poll_interval: float = 5.0
