@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import free_port
 
-__all__ = ["DEBROOT", "cloud_init_pythonpath", "extracted_client", "free_port", "wait_until"]
+__all__ = ["DEBROOT", "cloud_init_pythonpath", "extracted_client", "free_port", "serve_argv", "stop_session",
+           "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBROOT = ROOT / ".venv" / "debroot"
@@ -28,6 +32,30 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: f
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
+
+
+def serve_argv(state_dir: Path, *, metadata_port: int, dns_port: int, admin_port: int, view: str = "demo",
+               workers: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
+    """``edge serve`` as operators run it, on loopback ports and a state directory of the test's own."""
+    return [sys.executable, "-m", "edge", "serve", "--view", view, "--workers", str(workers),
+            "--state-dir", str(state_dir), "--metadata-listen", f"127.0.0.1:{metadata_port}",
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra]
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM and up to 20 s for a clean
+    exit, then SIGKILL to its whole session, so no worker it forked outlives the test."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def extracted_client(name: str) -> Path | None:

@@ -6,12 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, stop_session, wait_until
 
 HEADER_TIMEOUT = 3.0
 MAX_CONNECTIONS = 8
@@ -22,9 +21,8 @@ class Edge:
         self.admin_port = free_port()
         self.log_path = tmp_path / "edge.log"
         self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "edge", "serve", "--view", "demo", "--workers", str(workers),
-                "--state-dir", str(tmp_path / "state"), "--metadata-listen", f"127.0.0.1:{free_port()}",
-                "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{self.admin_port}"]
+        argv = serve_argv(tmp_path / "state", workers=workers, metadata_port=free_port(), dns_port=free_port(),
+                          admin_port=self.admin_port)
         env = {**os.environ, "EDGE_METADATA_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
         if config is None:
             env["EDGE_ADMIN_MAX_CONNECTIONS"] = str(MAX_CONNECTIONS)
@@ -50,17 +48,7 @@ class Edge:
         raise AssertionError("no VmRSS")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        stop_session(self.process)
         self.log.close()
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edge.fd_limit import SLACK
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, stop_session, wait_until
 
 WARNING = "file descriptor limit below what the configuration needs"
 
@@ -25,9 +23,8 @@ class Edge:
         self.admin_port = free_port()
         self.log_path = tmp_path / "edge.log"
         self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "edge", "serve", "--view", "demo", "--workers", "1",
-                "--state-dir", str(tmp_path / "state"), "--metadata-listen", f"127.0.0.1:{self.metadata_port}",
-                "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{self.admin_port}"]
+        argv = serve_argv(tmp_path / "state", metadata_port=self.metadata_port, dns_port=free_port(),
+                          admin_port=self.admin_port)
 
         def low_limits() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -47,17 +44,7 @@ class Edge:
         raise AssertionError("no open files limit")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        stop_session(self.process)
         self.log.close()
 
 

@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, stop_session, wait_until
 
 RATE = 0.1
 BURST = 20
@@ -37,9 +36,8 @@ class Workers:
         self.admin_port = free_port()
         self.log_path = tmp_path / "edge.log"
         self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "edge", "serve", "--view", "demo", "--workers", "2",
-                "--state-dir", str(tmp_path / "state"), "--metadata-listen", f"127.0.0.1:{self.metadata_port}",
-                "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{self.admin_port}"]
+        argv = serve_argv(tmp_path / "state", workers=2, metadata_port=self.metadata_port, dns_port=free_port(),
+                          admin_port=self.admin_port)
         env = {**os.environ, "EDGE_METADATA_RATE": str(RATE), "EDGE_METADATA_BURST": str(BURST)}
         self.process = subprocess.Popen(argv, stderr=self.log, env=env, start_new_session=True)
 
@@ -55,17 +53,7 @@ class Workers:
         return [int(pid) for pid in out.split()]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        stop_session(self.process)
         self.log.close()
 
 
