@@ -129,45 +129,14 @@ def test_protocol_keep_alive_request(benchmark, setup):
     loop.close()
 
 
-def test_protocol_connection_per_request(benchmark, setup):
-    """A connection for one request, as real clients do: set-up, parse, answer, close and clean-up
-    (everything of edge's per connection except the socket work uvloop does)."""
-    config, handler, store, _ = setup
+def _bench_connection_per_request(benchmark, config, handler, store) -> MetadataService:
+    """Benchmark one connection per request (set-up, parse, answer, close) on a service with
+    ``handler``; the service is returned for the caller's checks once its loop is closed."""
     loop = uvloop.new_event_loop()
     service = MetadataService(config, store, lambda: None)  # type: ignore[arg-type]
     service.handler = handler
     data = (b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n"
             b"User-Agent: curl/7.88.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
-
-    def connection() -> _Transport:
-        transport = _Transport()
-        protocol = MetadataProtocol(service, "")
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(data)
-        protocol.connection_lost(None)
-        return transport
-
-    async def run() -> None:
-        assert connection().written > 0
-        benchmark(connection)
-
-    loop.run_until_complete(run())
-    assert not service.connections and not service.per_source
-    loop.close()
-
-
-def test_protocol_connection_per_request_rate_limited(benchmark, setup):
-    """As test_protocol_connection_per_request, with the per-instance rate limit on (as by default)
-    and its table in shared memory, as a gateway with workers has it: the limit's cost per request."""
-    config, handler, store, _ = setup
-    loop = uvloop.new_event_loop()
-    service = MetadataService(config, store, lambda: None)  # type: ignore[arg-type]
-    service.handler = handler
-    data = (b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n"
-            b"User-Agent: curl/7.88.1\r\nAccept: */*\r\nConnection: close\r\n\r\n")
-    unlimited = handler.limiter
-    # A rate no benchmark reaches: every request is let through, and every one pays for the check.
-    limited = handler.limiter = RateLimiter(1e12, 1e12, 100_000, map_table(create_shared_table(100_000)))
 
     def connection() -> _Transport:
         transport = _Transport()
@@ -184,6 +153,27 @@ def test_protocol_connection_per_request_rate_limited(benchmark, setup):
     try:
         loop.run_until_complete(run())
     finally:
-        handler.limiter = unlimited
         loop.close()
+    return service
+
+
+def test_protocol_connection_per_request(benchmark, setup):
+    """A connection for one request, as real clients do: set-up, parse, answer, close and clean-up
+    (everything of edge's per connection except the socket work uvloop does)."""
+    config, handler, store, _ = setup
+    service = _bench_connection_per_request(benchmark, config, handler, store)
+    assert not service.connections and not service.per_source
+
+
+def test_protocol_connection_per_request_rate_limited(benchmark, setup):
+    """As test_protocol_connection_per_request, with the per-instance rate limit on (as by default)
+    and its table in shared memory, as a gateway with workers has it: the limit's cost per request."""
+    config, handler, store, _ = setup
+    unlimited = handler.limiter
+    # A rate no benchmark reaches: every request is let through, and every one pays for the check.
+    limited = handler.limiter = RateLimiter(1e12, 1e12, 100_000, map_table(create_shared_table(100_000)))
+    try:
+        _bench_connection_per_request(benchmark, config, handler, store)
+    finally:
+        handler.limiter = unlimited
     assert limited.refused == 0
