@@ -51,17 +51,23 @@ def etcd_access(config: ViewConfig) -> EtcdAccess:
                       password_file=config.etcd_password_file)
 
 
+def view_client(spec: str, config: ViewConfig) -> EtcdClient:
+    """A client for the view at ``spec`` with ``config``'s timeouts, size cap and access; an
+    address that does not parse is a SourceError, as every source reports a bad spec."""
+    try:
+        address = EtcdAddress.parse(spec)
+    except EtcdError as exc:
+        raise SourceError(str(exc)) from None
+    return EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size, etcd_access(config))
+
+
 class EtcdSource:
     def __init__(self, spec: str, config: ViewConfig) -> None:
-        try:
-            address = EtcdAddress.parse(spec)
-        except EtcdError as exc:
-            raise SourceError(str(exc)) from None
+        self.client = view_client(spec, config)
+        address = self.client.address
         self.description = str(address)
         self.max_size = config.max_size
         self.config = config
-        self.client = EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size,
-                                 etcd_access(config))
         self.revision = 0
         """``mod_revision`` of the value last delivered (0: none yet)."""
         self._timeout = len(address.endpoints) * (config.connect_timeout + config.read_timeout) + 1
@@ -139,15 +145,11 @@ class EtcdKeyspaceSource:
     """
 
     def __init__(self, spec: str, config: ViewConfig) -> None:
-        try:
-            address = EtcdAddress.parse(spec)
-        except EtcdError as exc:
-            raise SourceError(str(exc)) from None
+        self.client = view_client(spec, config)
+        address = self.client.address
         self.description = str(address)
         self.prefix = address.key
         self.end = prefix_end(address.key)
-        self.client = EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size,
-                                 etcd_access(config))
         self._timeout = len(address.endpoints) * (config.connect_timeout + config.read_timeout) * 4 + 1
         self.keyspace = Keyspace(self.description)
         self.revision = 0
