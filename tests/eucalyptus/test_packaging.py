@@ -170,7 +170,8 @@ cp "$MAP" /run/eucalyptus/eucanetd_intip_eni_map
 [ -e /etc/edge/token-keys ] || /opt/edge/bin/edge keys generate /etc/edge/token-keys
 export STATE_DIRECTORY=/run/edge-state
 mkdir -p "$STATE_DIRECTORY"
-eval "$EXEC_START" >/run/edge.log 2>&1 &
+# exec: the background job becomes edge itself, so $! is edge's PID and the TERM below reaches it.
+eval "exec $EXEC_START" >/run/edge.log 2>&1 &
 pid=$!
 answered=""
 for _ in $(seq 150); do
@@ -183,6 +184,12 @@ echo "instance-id=$answered"
 dig +short +time=2 +tries=1 -b 255.0.0.10 @169.254.169.253 instance-data.eucalyptus.internal A | sed 's/^/dns=/' || true
 kill -TERM "$pid"
 wait "$pid" || true
+# Nothing of edge may outlive the TERM: no supervisor or worker left in this network namespace.
+own_net=$(readlink /proc/$$/ns/net)
+for proc in /proc/[0-9]*; do
+  [ "$(readlink "$proc/ns/net" 2>/dev/null)" = "$own_net" ] || continue
+  case "$(tr '\0' '\n' < "$proc/cmdline" 2>/dev/null | head -n 1)" in /opt/edge/bin/*) echo "leftover=${proc#/proc/}";; esac
+done
 tail -n 5 /run/edge.log
 """
 
@@ -214,6 +221,7 @@ def test_what_eucanetd_starts_is_edge_answering_where_nginx_did(installed_edge: 
                  "GNI": str(FIXTURES / "gni-vpc.xml"), "MAP": str(FIXTURES / "eucanetd_intip_eni_map")})
         assert "instance-id=i-00000001" in result.stdout, result.stdout + result.stderr
         assert "dns=169.254.169.254" in result.stdout, result.stdout + result.stderr
+        assert "leftover=" not in result.stdout, result.stdout
     finally:
         installed_edge.run([str(SWITCH), "back"])
         (unit_dir / "eucanetd-nginx.service").unlink()
