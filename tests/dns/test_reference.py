@@ -127,9 +127,11 @@ remote-control:
         except (dns.exception.Timeout, OSError):
             if process.poll() is not None:
                 pytest.fail(f"nsd exited: {process.stderr.read().decode()} {(directory / 'nsd.log').read_text()}")
-    yield port
-    process.terminate()
-    process.wait(5)
+    try:
+        yield port
+    finally:  # also when the caller close()s the generator instead of running it to its end
+        process.terminate()
+        process.wait(5)
 
 
 def summary(reply: dns.message.Message) -> tuple:
