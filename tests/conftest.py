@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.installed import Dist, InstalledRoot, build_dist, namespaces_unavailable
+from tests.leaks import adopt_orphans, stop_leftovers
 
 
 @dataclass
@@ -113,3 +115,24 @@ def installed_edge(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Inst
     root = InstalledRoot(tmp_path_factory.mktemp("installed"))
     root.install(dist.wheel)
     return root
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_ADOPTING] = adopt_orphans()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.stash.get(_ADOPTING, False):
+        session.config.stash[_LEFTOVERS] = stop_leftovers(os.getpid())
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    leftovers = config.stash.get(_LEFTOVERS, {})
+    if leftovers:
+        terminalreporter.section("processes the tests left running (stopped at the end)", yellow=True)
+        for pid, command in sorted(leftovers.items()):
+            terminalreporter.line(f"{pid} {command}")
+
+
+_ADOPTING = pytest.StashKey[bool]()
+_LEFTOVERS = pytest.StashKey[dict]()
