@@ -8,14 +8,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from edge.view.demo import demo_document
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, wait_until
 
 
 def _get(url: str, source: str | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
@@ -46,11 +45,8 @@ class Gateway:
         self.ports = {name: free_port() for name in ("metadata", "dns", "admin")}
         self.admin = f"http://127.0.0.1:{self.ports['admin']}"
         self.metadata = f"http://127.0.0.1:{self.ports['metadata']}"
-        self.args = [sys.executable, "-m", "edge", "serve", "--view", view, "--workers", str(workers),
-                     "--state-dir", str(tmp_path / "state"),
-                     "--metadata-listen", f"127.0.0.1:{self.ports['metadata']}",
-                     "--dns-listen", f"127.0.0.1:{self.ports['dns']}",
-                     "--admin-listen", f"127.0.0.1:{self.ports['admin']}", *(extra or [])]
+        self.args = serve_argv(tmp_path / "state", view=view, workers=workers, metadata_port=self.ports["metadata"],
+                               dns_port=self.ports["dns"], admin_port=self.ports["admin"], extra=tuple(extra or ()))
         self.log = open(tmp_path / "edge.log", "w+")
         self.process = subprocess.Popen(self.args, stderr=self.log, env={**os.environ, **(env or {})},
                                         start_new_session=True)

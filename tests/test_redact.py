@@ -13,7 +13,7 @@ import urllib.request
 from edge.logs import event
 from edge.redact import redact, redact_url
 from edge.view.demo import demo_document
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, wait_until
 
 
 def test_user_information_query_values_and_fragments_are_hidden() -> None:
@@ -65,9 +65,8 @@ def test_view_summary_logs_and_view_check_hide_the_source_secrets(tmp_path, cont
     admin = free_port()
     log = open(tmp_path / "edge.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge", "serve", "--view", secret_url, "--workers", "1",
-         "--state-dir", str(tmp_path / "state"), "--metadata-listen", f"127.0.0.1:{free_port()}",
-         "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin}"],
+        serve_argv(tmp_path / "state", view=secret_url, metadata_port=free_port(), dns_port=free_port(),
+                   admin_port=admin),
         stderr=log, env={**os.environ, "EDGE_VIEW_POLL_INTERVAL": "0.2"}, start_new_session=True)
     try:
         def summary() -> dict:

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,9 +36,8 @@ def serve(tmp_path: Path, view: str, admin_port: int, metadata_port: int, *extra
     log = open(tmp_path / "edge.log", "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "edge", "serve", "--view", view, "--state-dir", str(tmp_path / "state"),
-             "--workers", "2", "--metadata-listen", f"127.0.0.1:{metadata_port}",
-             "--dns-listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin_port}", *extra],
+            serve_argv(tmp_path / "state", view=view, workers=2, metadata_port=metadata_port, dns_port=free_port(),
+                       admin_port=admin_port, extra=extra),
             stdout=log, stderr=log, cwd=ROOT,
             env={**os.environ, "EDGE_VIEW_CONNECT_TIMEOUT": "60", "EDGE_VIEW_READ_TIMEOUT": "60", **(env or {})})
     finally:

@@ -9,7 +9,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,7 +34,7 @@ from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
 from tests.dns.conftest import UPSTREAM_RECORDS
 from tests.dns.test_protocol import query_bytes, raw_udp
-from tests.support import free_port, wait_until
+from tests.support import free_port, serve_argv, wait_until
 
 NAME = "ip-127-0-0-1.demo.internal"
 
@@ -72,10 +71,8 @@ class Server:
     def __init__(self, tmp_path, view: str) -> None:
         self.dns, self.metadata, self.admin = free_port(), free_port(), free_port()
         self.log = open(tmp_path / "edge.log", "w+")
-        args = [sys.executable, "-m", "edge", "serve", "--view", view, "--workers", "1",
-                "--state-dir", str(tmp_path / "state"), "--poll-interval", "0.2",
-                "--dns-listen", f"127.0.0.1:{self.dns}", "--metadata-listen", f"127.0.0.1:{self.metadata}",
-                "--admin-listen", f"127.0.0.1:{self.admin}"]
+        args = serve_argv(tmp_path / "state", view=view, metadata_port=self.metadata, dns_port=self.dns,
+                          admin_port=self.admin, extra=("--poll-interval", "0.2"))
         self.process = subprocess.Popen(args, stderr=self.log, start_new_session=True)
 
     def logs(self) -> str:
