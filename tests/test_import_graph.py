@@ -17,18 +17,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "edge"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def edge_modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+def edge_modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the ``edge`` package under ``root`` (this checkout, or a test's own tree)."""
+    return {module_name(path, root): path for path in sorted((root / "edge").rglob("*.py"))}
 
 
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -126,8 +126,8 @@ def _path_through(graph: dict[str, set[str]], component: list[str]) -> list[str]
     return component
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = edge_modules()
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    modules = edge_modules(root)
     return {name: imports_of(name, path, modules) for name, path in modules.items()}
 
 
@@ -178,13 +178,7 @@ def _graph_of(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
         path = tmp_path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    modules = {}
-    for path in sorted(tmp_path.rglob("*.py")):
-        parts = list(path.relative_to(tmp_path).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        modules[".".join(parts)] = path
-    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+    return import_graph(tmp_path)
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
