@@ -71,6 +71,18 @@ def demo() -> dict[str, Any]:
     return copy.deepcopy(demo_document())
 
 
+def delegating_document() -> dict[str, Any]:
+    """The demo view with a zone cut below demo.example (NS records and glue in ``dns_records``)."""
+    document = demo_document()
+    document["cloud"]["dns_records"] += [
+        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
+        {"name": "sub.demo.example", "type": "NS", "value": "ns.elsewhere.test", "ttl": 300},
+        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
+        {"name": "www.sub.demo.example", "type": "A", "value": "192.0.2.80", "ttl": 300},
+    ]
+    return document
+
+
 @pytest.fixture
 def edge_factory() -> Iterator[Callable[..., EdgeDns]]:
     started: list[EdgeDns] = []

@@ -32,7 +32,7 @@ from edge.dns.zonedata import make_preparer
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
-from tests.dns.conftest import UPSTREAM_RECORDS
+from tests.dns.conftest import UPSTREAM_RECORDS, delegating_document
 from tests.dns.test_protocol import query_bytes, raw_udp
 from tests.support import free_port, serve_argv, wait_until
 
@@ -325,20 +325,10 @@ def test_odd_labels_outside_local_zones_are_still_not_local():
 
 # -- item 11: an NS record below an apex is a zone cut ----------------------------------------------
 
-def _with_delegation(document: dict) -> dict:
-    document["cloud"]["dns_records"] += [
-        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
-        {"name": "sub.demo.example", "type": "NS", "value": "ns.elsewhere.test", "ttl": 300},
-        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
-        {"name": "www.sub.demo.example", "type": "A", "value": "192.0.2.80", "ttl": 300},
-    ]
-    return document
-
-
 @pytest.mark.parametrize("name,rtype", [("host.sub.demo.example", "A"), ("sub.demo.example", "NS"),
                                         ("www.sub.demo.example", "A"), ("a.b.sub.demo.example", "TXT")])
-def test_names_at_or_below_a_zone_cut_get_a_referral_without_aa(edge_factory, demo, name, rtype):
-    server = edge_factory(_with_delegation(demo))
+def test_names_at_or_below_a_zone_cut_get_a_referral_without_aa(edge_factory, name, rtype):
+    server = edge_factory(delegating_document())
     for _ in range(2):
         reply = dns.query.udp(dns.message.make_query(name, rtype), "127.0.0.1", port=server.port, timeout=3,
                               source="127.0.0.9")
@@ -355,9 +345,9 @@ def test_names_at_or_below_a_zone_cut_get_a_referral_without_aa(edge_factory, de
     assert apex.flags & dns.flags.AA and apex.answer[0].rdtype == dns.rdatatype.SOA
 
 
-def test_names_below_a_zone_cut_are_forwarded_for_clients_that_recurse(edge_factory, dnsmasq_factory, demo):
+def test_names_below_a_zone_cut_are_forwarded_for_clients_that_recurse(edge_factory, dnsmasq_factory):
     upstream = dnsmasq_factory("--address=/host.sub.demo.example/192.0.2.77")
-    server = edge_factory(_with_delegation(demo), upstreams=(upstream.address,))
+    server = edge_factory(delegating_document(), upstreams=(upstream.address,))
     for _ in range(2):
         reply = dns.query.udp(dns.message.make_query("host.sub.demo.example", "A"), "127.0.0.1", port=server.port,
                               timeout=3, source="127.0.0.1")

@@ -22,7 +22,7 @@ from edge.dns.zonefile import zone_texts
 from edge.view.demo import demo_document
 from edge.view.parse import parse_view
 from edge.view.snapshot import build_snapshot
-from tests.dns.conftest import free_port
+from tests.dns.conftest import delegating_document, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("nsd") is None, reason="nsd not installed")
 
@@ -76,18 +76,6 @@ def zone_files(directory: Path, document: dict | None = None) -> list[str]:
 @pytest.fixture(scope="module")
 def nsd_port(tmp_path_factory):
     yield from run_nsd(tmp_path_factory.mktemp("nsd"), demo_document())
-
-
-def delegating_document() -> dict:
-    """The demo view with a zone cut below demo.example (NS records and glue in ``dns_records``)."""
-    document = demo_document()
-    document["cloud"]["dns_records"] += [
-        {"name": "sub.demo.example", "type": "NS", "value": "ns1.sub.demo.example", "ttl": 300},
-        {"name": "sub.demo.example", "type": "NS", "value": "ns.elsewhere.test", "ttl": 300},
-        {"name": "ns1.sub.demo.example", "type": "A", "value": "192.0.2.53", "ttl": 300},
-        {"name": "www.sub.demo.example", "type": "A", "value": "192.0.2.80", "ttl": 300},
-    ]
-    return document
 
 
 @pytest.fixture(scope="module")
