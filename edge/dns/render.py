@@ -85,10 +85,9 @@ def question_labels(name_wire: bytes) -> tuple[bytes, ...]:
     return tuple(labels)
 
 
-def render(name_wire: bytes, qtype: int, qclass: int, rcode: int, authoritative: bool,
-           answer: Sequence[Record], authority: Sequence[Record] = (),
-           additional: Sequence[Record] = ()) -> Answer:
-    """Render the sections for a question whose lower-case wire name is ``name_wire``."""
+def _question_buffer(name_wire: bytes, qtype: int, qclass: int) -> tuple[DNSBuffer, tuple[bytes, ...]]:
+    """A buffer holding the header and the question, positioned after it, with every suffix of the
+    question's name registered so that records packed next compress against it; and its labels."""
     buffer = DNSBuffer(bytes(HEADER) + name_wire + struct.pack("!HH", qtype, qclass))
     buffer.offset = len(buffer.data)
     labels = question_labels(name_wire)
@@ -96,6 +95,14 @@ def render(name_wire: bytes, qtype: int, qclass: int, rcode: int, authoritative:
     for index in range(len(labels)):
         buffer.names[labels[index:]] = offset
         offset += len(labels[index]) + 1
+    return buffer, labels
+
+
+def render(name_wire: bytes, qtype: int, qclass: int, rcode: int, authoritative: bool,
+           answer: Sequence[Record], authority: Sequence[Record] = (),
+           additional: Sequence[Record] = ()) -> Answer:
+    """Render the sections for a question whose lower-case wire name is ``name_wire``."""
+    buffer, labels = _question_buffer(name_wire, qtype, qclass)
     owner_label = DNSLabel(list(labels))
     start = buffer.offset
     for record in (*answer, *authority, *additional):
@@ -116,13 +123,7 @@ def spliced_body(name_wire: bytes, qtype: int, qclass: int, local_records: bytes
     from dnslib import DNSRecord
 
     message = DNSRecord.parse(_PREFIX_ID + _PREFIX.pack(QR, 1, ancount, nscount, 0) + upstream_question + upstream)
-    buffer = DNSBuffer(bytes(HEADER) + name_wire + struct.pack("!HH", qtype, qclass))
-    buffer.offset = len(buffer.data)
-    labels = question_labels(name_wire)
-    offset = HEADER
-    for index in range(len(labels)):
-        buffer.names[labels[index:]] = offset
-        offset += len(labels[index]) + 1
+    buffer, _ = _question_buffer(name_wire, qtype, qclass)
     start = buffer.offset
     buffer.append(local_records)
     for record in (*message.rr, *message.auth):
