@@ -334,17 +334,22 @@ def burst_dns_tcp(server: Server, rng: random.Random, tally: Tally, budget: floa
         try:
             with socket.create_connection(("127.0.0.1", server.dns), timeout=2,
                                           source_address=(rng.choice(FUZZ_SOURCES), 0)) as connection:
-                position = 0
-                while position < len(stream):
-                    step = rng.randint(1, 200)
-                    connection.sendall(stream[position:position + step])
-                    position += step
+                send_in_pieces(connection, stream, rng, 200)
                 tally.inputs += len(messages)
                 connection.shutdown(socket.SHUT_WR)
                 connection.settimeout(0.3)
                 _read_tcp_replies(connection, tally)
         except OSError:
             pass  # closed by the server (a stream it could not trust): allowed
+
+
+def send_in_pieces(connection: socket.socket, stream: bytes, rng: random.Random, largest: int) -> None:
+    """Send ``stream`` in pieces of 1 to ``largest`` bytes, as a slow or fragmenting client would."""
+    position = 0
+    while position < len(stream):
+        step = rng.randint(1, largest)
+        connection.sendall(stream[position:position + step])
+        position += step
 
 
 def _read_tcp_replies(connection: socket.socket, tally: Tally) -> None:
@@ -379,11 +384,7 @@ def burst_http(port: int, seeds: list[bytes], rng: random.Random, tally: Tally, 
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2,
                                           source_address=(rng.choice(FUZZ_SOURCES), 0)) as connection:
-                position = 0
-                while position < len(stream):
-                    step = rng.randint(1, 600)
-                    connection.sendall(stream[position:position + step])
-                    position += step
+                send_in_pieces(connection, stream, rng, 600)
                 tally.inputs += len(requests)
                 if rng.random() < 0.7:
                     connection.shutdown(socket.SHUT_WR)
