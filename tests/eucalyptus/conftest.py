@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
+
+
+def stop_edge(process: subprocess.Popen) -> None:
+    """SIGTERM and up to 15 s for a clean exit; SIGKILL if it is still running after that."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 @dataclass

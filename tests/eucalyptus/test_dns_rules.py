@@ -11,7 +11,6 @@ onto loopback.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import dns.reversename
 import pytest
 
 from tests.dns.conftest import Dnsmasq
-from tests.eucalyptus.conftest import fixture_bytes
+from tests.eucalyptus.conftest import fixture_bytes, stop_edge
 from tests.eucalyptus.dns_model import ControllerDns, Vm
 from tests.support import free_port, wait_until
 
@@ -89,12 +88,9 @@ listen = "127.0.0.1:{admin}"
                              source=source)
 
     def close(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=15)
+            stop_edge(self.process)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
             self.log.close()
 
 

@@ -7,7 +7,6 @@ EDGE and VPCMIDO fixtures (``gni-edge.xml``, ``gni-vpc.xml``) and the NetworkInf
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.eucalyptus.conftest import fixture_bytes
+from tests.eucalyptus.conftest import fixture_bytes, stop_edge
 from tests.eucalyptus.emulator import ERROR_PAGE, STARTING, Cloud, Controller, get, records_from_gni, walk
 from tests.support import free_port, wait_until
 
@@ -89,15 +88,6 @@ controller_timeout = 2.0
     return process, ports
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def _metric(port: int, name: str, label: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
@@ -111,7 +101,7 @@ def edge_mode(tmp_path):
     controller = _controller(EDGE_GNI, vpc=False)
     process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
     yield controller, ports
-    _stop(process)
+    stop_edge(process)
     controller.kill()
 
 
@@ -120,7 +110,7 @@ def vpc_mode(tmp_path):
     controller = _controller(VPC_GNI, vpc=True)
     process, ports = _edge(tmp_path, VPC_GNI, controller, "instance-id")
     yield controller, ports
-    _stop(process)
+    stop_edge(process)
     controller.kill()
 
 
@@ -181,7 +171,7 @@ def test_with_instance_dns_hostnames_are_the_versions_names(tmp_path, version: s
                           else b"ec2-127-111-200-1.compute.cloud.example")
         assert get(ports["metadata"], "/latest/meta-data/public-hostname", source="127.16.0.13") == (200, b"")
     finally:
-        _stop(process)
+        stop_edge(process)
         controller.kill()
 
 
@@ -224,7 +214,7 @@ def test_every_instance_keeps_its_user_data_and_keys_when_the_controller_dies(tm
     try:
         _outage(controller, ports)
     finally:
-        _stop(process)
+        stop_edge(process)
         controller.kill()
 
 
@@ -270,7 +260,7 @@ def test_still_starting_is_never_cached_or_served(tmp_path) -> None:
         assert get(ports["metadata"], "/latest/user-data", source=source) == \
             get(controller.port, "/latest/user-data", source=source)
     finally:
-        _stop(process)
+        stop_edge(process)
         controller.kill()
 
 
@@ -291,11 +281,11 @@ def test_a_gateway_restarted_during_the_outage_still_answers_what_the_controller
         assert oct(saved.stat().st_mode & 0o777) == "0o600"
         controller.kill()
     finally:
-        _stop(process)
+        stop_edge(process)
     process, ports = _edge(tmp_path, EDGE_GNI, controller, "source-address")
     try:
         for (address, uri), answer in expected.items():
             got = get(ports["metadata"], uri, source=address)
             assert got == answer if answer[0] == 200 else got[0] == 404, (address, uri, got)
     finally:
-        _stop(process)
+        stop_edge(process)

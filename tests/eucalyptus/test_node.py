@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from tests.eucalyptus.conftest import fixture_bytes
+from tests.eucalyptus.conftest import fixture_bytes, stop_edge
 from tests.support import free_port, wait_until
 
 # The EDGE fixture with its instances moved onto loopback, so tests can speak as each of them.
@@ -70,12 +69,7 @@ controller_timeout = 1.0
     state = {"process": process, "ports": ports, "gni": gni, "log": log, "controller": controller}
     wait_until(lambda: _get(ports["admin"], "/readyz", "127.0.0.1")[0] == 200, timeout=20)
     yield state
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stop_edge(process)
 
 
 def _query(port: int, name: str, rdtype: str, source: str = "127.16.0.11") -> dns.message.Message:
