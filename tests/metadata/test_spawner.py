@@ -62,6 +62,15 @@ def test_cancelling_a_call_kills_its_command(tmp_path) -> None:
     uvloop.run(scenario())
 
 
+async def _kill_helper(runner: CommandRunner) -> asyncio.subprocess.Process:
+    """SIGKILL the runner's helper (as the OOM killer would) and wait until it is gone."""
+    helper = runner._process
+    assert helper is not None
+    os.kill(helper.pid, signal.SIGKILL)
+    await helper.wait()
+    return helper
+
+
 def test_a_dead_helper_is_replaced(tmp_path) -> None:
     script = tmp_path / "creds.sh"
     script.write_text('#!/bin/sh\nprintf \'{"Version": 1, "AccessKeyId": "AKID%s", "SecretAccessKey": "s", '
@@ -72,10 +81,7 @@ def test_a_dead_helper_is_replaced(tmp_path) -> None:
     async def scenario():
         first = await source(INSTANCE, "10.0.0.5", "web")
         assert first.access_key_id == "AKIDi-0123"
-        helper = source.runner._process
-        assert helper is not None
-        os.kill(helper.pid, signal.SIGKILL)
-        await helper.wait()
+        helper = await _kill_helper(source.runner)
         await asyncio.sleep(0.1)
         second = await source(INSTANCE, "10.0.0.5", "web")
         assert second.access_key_id == "AKIDi-0123"
@@ -93,10 +99,7 @@ def test_only_an_unexpected_helper_exit_is_logged(caplog) -> None:
 
     async def scenario():
         await runner.run(["true"])
-        helper = runner._process
-        assert helper is not None
-        os.kill(helper.pid, signal.SIGKILL)
-        await helper.wait()
+        await _kill_helper(runner)
         await asyncio.sleep(0.2)
         assert "credential command helper exited" in caplog.text
         caplog.clear()
@@ -239,10 +242,7 @@ def test_a_helper_that_exits_is_counted(tmp_path) -> None:
 
     async def scenario():
         await runner.run(["true"])
-        helper = runner._process
-        assert helper is not None
-        os.kill(helper.pid, signal.SIGKILL)
-        await helper.wait()
+        await _kill_helper(runner)
         for _ in range(400):
             if runner.failures["exited"]:
                 break
