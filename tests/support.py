@@ -34,6 +34,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: f
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
 
 
+def process_gone(pid: int) -> bool:
+    """Has ``pid`` exited? A zombie has: the session adopts orphans (tests/leaks.py) and reaps them
+    only at the end, so an exited grandchild stays visible as a zombie until then."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def serve_argv(state_dir: Path, *, metadata_port: int, dns_port: int, admin_port: int, view: str = "demo",
                workers: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
     """``edge serve`` as operators run it, on loopback ports and a state directory of the test's own."""

@@ -12,6 +12,7 @@ import uvloop
 from edge.metadata.credentials import CredentialSourceError, ProcessSource
 from edge.metadata.spawner import CommandError, CommandRunner
 from edge.view.model import Instance, Interface
+from tests.support import process_gone
 
 INSTANCE = Instance(id="i-0123", account_id="000123456789",
                     interfaces=(Interface("eni-1", "d0:0d:00:00:00:01", 0, "", None, ("10.0.0.5",)),))
@@ -274,9 +275,7 @@ def test_a_garbled_answer_stops_the_helper_and_the_commands_it_runs(tmp_path, ca
         assert runner.failures["protocol"] == 1
         await asyncio.wait_for(helper.wait(), 10)
         for _ in range(200):  # the command went with its helper (SIGKILL to the group)
-            try:
-                os.kill(command, 0)
-            except ProcessLookupError:
+            if process_gone(command):
                 break
             await asyncio.sleep(0.05)
         else:
