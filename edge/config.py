@@ -203,7 +203,7 @@ class DnsConfig:
     rate_limit: float = 1024.0
     """Packets per second allowed per client source address; 0 disables."""
     rate_limit_clients: int = 65536
-    """Client addresses tracked by the rate limiter (bounds its memory)."""
+    """Client addresses tracked by the rate limiter: a table of 24 bytes each; with workers it is made at start (a change needs a restart)."""
     tcp_idle_timeout: float = 10.0
     """Seconds a DNS TCP connection may stay idle before it is closed."""
     tcp_max_connections: int = 1024

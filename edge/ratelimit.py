@@ -5,10 +5,11 @@ The buckets live in a fixed table of slots, one slot per tracked client:
 ``stamp`` (when ``tokens`` was last computed).  The table is a buffer, so it
 can be shared: the supervisor of a gateway with workers creates one in shared
 memory before the workers start and hands it to every worker, so the limit
-holds per gateway, whichever worker a connection lands on, and across worker
-restarts (the table outlives them).  A process without a supervisor (and the
-DNS limiter, which stays per worker) uses a private one: a plain list, which
-Python indexes faster than shared memory.
+holds per gateway, whichever worker a connection or datagram lands on, and
+across worker restarts (the table outlives them).  Metadata and DNS have one
+table each (:class:`RateTables`): their limits are separate budgets.  A process
+without a supervisor uses a private one: a plain list, which Python indexes
+faster than shared memory.
 
 Under concurrency the table is approximate, by design: two workers updating
 the same bucket at the same instant can lose one of the two updates (one
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 SLOT_FIELDS = 3
@@ -49,9 +51,10 @@ def table_bytes(entries: int) -> int:
     return max(1, entries) * SLOT_BYTES
 
 
-def create_shared_table(entries: int) -> int:
-    """A file descriptor of a zeroed table for ``entries`` clients in shared memory (memfd)."""
-    fd = os.memfd_create("edge-rate-limit", os.MFD_CLOEXEC)
+def create_shared_table(entries: int, name: str = "edge-rate-limit") -> int:
+    """A file descriptor of a zeroed table for ``entries`` clients in shared memory (memfd);
+    ``name`` is what ``/proc/PID/fd`` shows for it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, table_bytes(entries))
     return fd
 
@@ -59,6 +62,14 @@ def create_shared_table(entries: int) -> int:
 def map_table(fd: int) -> mmap.mmap:
     """The table behind ``fd`` (from :func:`create_shared_table`), mapped shared."""
     return mmap.mmap(fd, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RateTables:
+    """The tables a worker's supervisor shares with every worker, one per protocol; None: a private one."""
+
+    metadata: mmap.mmap | None = None
+    dns: mmap.mmap | None = None
 
 
 def _tag(key: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -24,7 +23,8 @@ from edge.lifecycle import Service
 from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
 from edge.process import GatewayProcess
-from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_table_from_env
+from edge.ratelimit import RateTables
+from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_tables_from_env
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
 from edge.view.sources import FileSource, SourceKinds, builtin_source_kinds, configured_source
@@ -92,14 +92,14 @@ class Gateway(GatewayProcess):
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
                  metrics: Metrics | None = None, control: socket.socket | None = None,
-                 rate_table: mmap.mmap | None = None, plugged: Adapters | None = None) -> None:
+                 rate_tables: RateTables | None = None, plugged: Adapters | None = None) -> None:
         self.config = config
         self.adapters = plugged or adapters()
         self.reload_config = reload_config
         self.metrics = metrics or Metrics()
         self.control = control
-        self.rate_table = rate_table
-        """A worker's metadata rate-limit table, shared with the other workers by the supervisor."""
+        self.rate_tables = rate_tables or RateTables()
+        """A worker's rate-limit tables, shared with the other workers by the supervisor."""
         self.store = ViewStore(source=config.view.source)
         self.readiness = Readiness(self.store, config.view.max_view_age)
         self.readiness.starting = True
@@ -119,10 +119,10 @@ class Gateway(GatewayProcess):
         services: list[Service] = []
         if self.config.metadata.listen:
             services.append(MetadataService(self.config, self.store, self.refresh,
-                                            fallback_for=self.adapters.metadata_fallback, rate_table=self.rate_table,
-                                            token_keys=self.adapters.token_keys))
+                                            fallback_for=self.adapters.metadata_fallback,
+                                            rate_table=self.rate_tables.metadata, token_keys=self.adapters.token_keys))
         if self.config.dns.listen:
-            services.append(DnsService(self.config, self.store))
+            services.append(DnsService(self.config, self.store, self.rate_tables.dns))
         return services
 
     async def refresh(self) -> None:
@@ -258,7 +258,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
           argv: Sequence[str] = ()) -> int:
     """Run a gateway: one process, or a supervisor with ``config.workers`` workers."""
     control = control_socket_from_env()
-    rate_table = rate_table_from_env()
+    rate_tables = rate_tables_from_env()
     if control is None:
         # Said first, so nobody finds keys and views in a home directory without having been told.
         event(log, logging.INFO, "edge starting", state_dir=config.view.state_dir,
@@ -277,7 +277,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
                                     plugged.token_keys)
             asyncio.run(supervisor.run())
         else:
-            gateway = Gateway(config, reload_config, Metrics(), control, rate_table)
+            gateway = Gateway(config, reload_config, Metrics(), control, rate_tables)
             asyncio.run(gateway.run_until_signalled())
     except EdgeError as exc:
         event(log, logging.ERROR, "edge cannot start", error=str(exc))

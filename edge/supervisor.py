@@ -12,9 +12,10 @@ Each worker has a socket pair to the supervisor carrying one-byte messages:
 * supervisor -> worker ``P``: a poll finished; read the state file now;
 * supervisor -> worker ``F``: a replacement is coming; stop following the state file.
 
-The supervisor also creates the metadata rate-limit table in shared memory
-before the first worker starts and passes it to every worker it starts, so the
-per-instance limit holds per gateway, across worker restarts.
+The supervisor also creates the rate-limit tables (one for metadata, one for
+DNS) in shared memory before the first worker starts and passes them to every
+worker it starts, so the per-instance and per-address limits hold per gateway,
+across worker restarts.
 
 A view with at least ``view.swap_by_restart_instances`` instances that needs a
 full build (not a delta of the served view) is swapped in by restarting the
@@ -48,7 +49,7 @@ from edge.config import Config
 from edge.logs import event
 from edge.metrics import Metrics
 from edge.process import GatewayProcess
-from edge.ratelimit import create_shared_table, map_table
+from edge.ratelimit import RateTables, create_shared_table, map_table
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller, PollOutcome
 from edge.view.sources import SourceKinds, configured_source
@@ -65,7 +66,8 @@ SERVING = b"S"
 POLL_DONE = b"P"
 FREEZE = b"F"
 WORKER_FD_ENV = "EDGE_INTERNAL_CONTROL_FD"
-RATE_TABLE_FD_ENV = "EDGE_INTERNAL_RATE_TABLE_FD"
+RATE_TABLE_FD_ENV = {"metadata": "EDGE_INTERNAL_RATE_TABLE_FD", "dns": "EDGE_INTERNAL_DNS_RATE_TABLE_FD"}
+"""Protocol -> the variable naming the descriptor of its shared rate-limit table."""
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0
@@ -134,8 +136,8 @@ class Supervisor(GatewayProcess):
         self._served_before = False
         self._rolling: list[WorkerSlot] = []
         """Slots still to move to the new generation during a swap by restart."""
-        self.rate_table_fd: int | None = None
-        """The metadata rate-limit table every worker shares (created once; sized at start)."""
+        self.rate_table_fds: dict[str, int] = {}
+        """Protocol -> the rate-limit table every worker shares (created once; sized at start)."""
 
     def workers_alive(self) -> int:
         return sum(1 for w in self._workers() if w.alive)
@@ -158,8 +160,10 @@ class Supervisor(GatewayProcess):
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
                              decode=make_decoder(config, self.formats), on_outcome=self._poll_finished)
         self._served_before = await self.poller.load_last_good()
-        if config.metadata.listen and self.rate_table_fd is None:
-            self.rate_table_fd = create_shared_table(config.metadata.rate_limit_entries)
+        if config.metadata.listen and "metadata" not in self.rate_table_fds:
+            self.rate_table_fds["metadata"] = create_shared_table(config.metadata.rate_limit_entries)
+        if config.dns.listen and "dns" not in self.rate_table_fds:
+            self.rate_table_fds["dns"] = create_shared_table(config.dns.rate_limit_clients, "edge-dns-rate-limit")
         # The admin listener before any worker: a supervisor that cannot start leaves no workers behind.
         self.admin = await start_admin(config, AdminRoutes(self.store, self.readiness, self.metrics.render),
                                         self.metrics)
@@ -182,9 +186,9 @@ class Supervisor(GatewayProcess):
         ours.setblocking(False)
         env = {**os.environ, WORKER_FD_ENV: str(theirs.fileno())}
         passed = [theirs.fileno()]
-        if self.rate_table_fd is not None:
-            env[RATE_TABLE_FD_ENV] = str(self.rate_table_fd)
-            passed.append(self.rate_table_fd)
+        for protocol, fd in self.rate_table_fds.items():
+            env[RATE_TABLE_FD_ENV[protocol]] = str(fd)
+            passed.append(fd)
         process = subprocess.Popen([sys.executable, "-m", "edge", *self.worker_argv], env=env,
                                    pass_fds=passed)
         theirs.close()
@@ -438,9 +442,14 @@ class SupervisedRefresh:
         await asyncio.shield(waiter)
 
 
-def rate_table_from_env() -> mmap.mmap | None:
-    """A worker's view of the rate-limit table its supervisor shares with every worker."""
-    fd = os.environ.pop(RATE_TABLE_FD_ENV, None)
+def rate_tables_from_env() -> RateTables:
+    """A worker's view of the rate-limit tables its supervisor shares with every worker."""
+    return RateTables(metadata=_rate_table_from_env(RATE_TABLE_FD_ENV["metadata"]),
+                      dns=_rate_table_from_env(RATE_TABLE_FD_ENV["dns"]))
+
+
+def _rate_table_from_env(name: str) -> mmap.mmap | None:
+    fd = os.environ.pop(name, None)
     if fd is None:
         return None
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import socket
 import time
 from collections.abc import Callable
@@ -33,14 +34,15 @@ class DnsService(Service):
 
     name = "dns"
 
-    def __init__(self, config: Config, store: ViewStore) -> None:
+    def __init__(self, config: Config, store: ViewStore, rate_table: mmap.mmap | None = None) -> None:
         self.config = config
         self.store = store
         dns = config.dns
         self.forwarder = Forwarder(dns)
         self.policy = RecursionPolicy(dns.recursion_cidrs)
         # The AWS resolver allows 1024 packets/s per interface; a burst of one second of that.
-        self.limiter = RateLimiter(dns.rate_limit, max(dns.rate_limit, 1.0), dns.rate_limit_clients)
+        # ``rate_table``: the table a gateway's workers share (from the supervisor); None: a private one.
+        self.limiter = RateLimiter(dns.rate_limit, max(dns.rate_limit, 1.0), dns.rate_limit_clients, rate_table)
         self.engine = Engine(dns, self.forwarder, self.policy)
         self.preparers: list[Preparer] = [self._prepare]
         self.stats = DnsStats()

@@ -31,15 +31,18 @@ def get_status(port: int, path: str = "/latest/meta-data/instance-id") -> int:
 
 
 class Workers:
-    def __init__(self, tmp_path: Path) -> None:
+    """`edge serve --workers 2` on ports of its own, with ``settings`` (environment variables) added."""
+
+    def __init__(self, tmp_path: Path, settings: dict[str, str]) -> None:
         self.metadata_port = free_port()
+        self.dns_port = free_port()
         self.admin_port = free_port()
         self.log_path = tmp_path / "edge.log"
         self.log = open(self.log_path, "w")
-        argv = serve_argv(tmp_path / "state", workers=2, metadata_port=self.metadata_port, dns_port=free_port(),
+        argv = serve_argv(tmp_path / "state", workers=2, metadata_port=self.metadata_port, dns_port=self.dns_port,
                           admin_port=self.admin_port)
-        env = {**os.environ, "EDGE_METADATA_RATE": str(RATE), "EDGE_METADATA_BURST": str(BURST)}
-        self.process = subprocess.Popen(argv, stderr=self.log, env=env, start_new_session=True)
+        self.process = subprocess.Popen(argv, stderr=self.log, env={**os.environ, **settings},
+                                        start_new_session=True)
 
     def logs(self) -> str:
         return self.log_path.read_text()
@@ -59,7 +62,7 @@ class Workers:
 
 @pytest.fixture
 def gateway(tmp_path):
-    started = Workers(tmp_path)
+    started = Workers(tmp_path, {"EDGE_METADATA_RATE": str(RATE), "EDGE_METADATA_BURST": str(BURST)})
     yield started
     started.stop()
 
