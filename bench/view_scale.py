@@ -74,6 +74,7 @@ def measure(size: int, repeat: int, directory: Path, dns: bool) -> dict[str, flo
 
     from edge.config import ViewConfig
     from edge.view.poller import Poller, _building
+    from edge.view.sources import ViewSource
     from edge.view.store import ViewStore
 
     preparers = []
@@ -84,7 +85,7 @@ def measure(size: int, repeat: int, directory: Path, dns: bool) -> dict[str, flo
     gc.collect()
     baseline = _rss_bytes()
 
-    class OneShot:
+    class OneShot(ViewSource):
         description = "bench"
 
         def __init__(self) -> None:

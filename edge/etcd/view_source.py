@@ -38,6 +38,7 @@ from edge.etcd.client import (
 from edge.logs import event
 from edge.view.inflate import gunzip_capped
 from edge.view.keyspace import Keyspace, PreparedView
+from edge.view.sources import ViewSource
 
 log = logging.getLogger("edge.view")
 
@@ -61,7 +62,7 @@ def view_client(spec: str, config: ViewConfig) -> EtcdClient:
     return EtcdClient(address, config.connect_timeout, config.read_timeout, config.max_size, etcd_access(config))
 
 
-class EtcdSource:
+class EtcdSource(ViewSource):
     def __init__(self, spec: str, config: ViewConfig) -> None:
         self.client = view_client(spec, config)
         address = self.client.address
@@ -127,7 +128,7 @@ def open_etcd_source(spec: str, config: ViewConfig) -> EtcdSource | EtcdKeyspace
     return EtcdKeyspaceSource(spec, config) if is_keyspace(spec) else EtcdSource(spec, config)
 
 
-class EtcdKeyspaceSource:
+class EtcdKeyspaceSource(ViewSource):
     """The view as keys under a prefix (:mod:`edge.view.keyspace`), read once and then watched.
 
     The first poll reads every key under the prefix at one revision R (a linearizable

@@ -8,7 +8,7 @@ from edge.eucalyptus.gni import bundle, configured_md_cidr, parse_intip_map
 from edge.view.sources import FileSource, ViewSource
 
 
-class GniWithIntipMap:
+class GniWithIntipMap(ViewSource):
     """Delivers the GNI with the intip map bundled in whenever either of them changes.
 
     A missing map file is not an error (EDGE mode has none, and eucanetd may not

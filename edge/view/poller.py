@@ -180,9 +180,7 @@ class Poller:
     # -- the polling task -----------------------------------------------------------------------
 
     def start(self) -> None:
-        subscribe = getattr(self.source, "subscribe", None)
-        if subscribe is not None:
-            subscribe(self._changed_at_source)
+        self.source.subscribe(self._changed_at_source)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="view-poller")
 
     def _changed_at_source(self) -> None:
@@ -198,9 +196,7 @@ class Poller:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+        self.source.close()
         self._answer_waiters()
 
     async def refresh(self) -> None:
@@ -264,9 +260,7 @@ class Poller:
             if self._in_progress is in_progress:
                 self._in_progress = None
         status = self.store.status
-        counters = getattr(self.source, "counters", None)
-        if counters is not None:
-            status.source_events = counters()
+        status.source_events = self.source.counters()
         status.polls += 1
         status.last_poll_at = time.time()
         status.last_poll_result = outcome.result

@@ -17,9 +17,9 @@ import http.client
 import os
 import ssl
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import urlsplit
 
 from edge.config import Config, ViewConfig
@@ -31,9 +31,14 @@ from edge.view.keyspace import Keyspace, PreparedView
 USER_AGENT = "edge-view-poller/1"
 
 
-class ViewSource(Protocol):
-    description: str
+class ViewSource(ABC):
+    """What the poller asks of a source.  Only :meth:`fetch` is required: a source that keeps
+    nothing open, cannot push and counts nothing inherits the rest as they are."""
 
+    description: str
+    """Names the source in logs, metrics and the state file."""
+
+    @abstractmethod
     async def fetch(self) -> bytes | PreparedView | None:
         """New document bytes, or None when unchanged; raises SourceError.
 
@@ -41,8 +46,22 @@ class ViewSource(Protocol):
         the etcd adapter's), returns a :class:`edge.view.keyspace.PreparedView` instead of bytes.
         """
 
+    def subscribe(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on the running loop whenever the source has news, so the poller polls
+        then rather than at the next interval.  By default nothing is kept: a source that cannot
+        push never calls ``changed``."""
+        return None
 
-class DemoSource:
+    def counters(self) -> dict[str, int]:
+        """Running totals exported as ``edge_view_source_events_total{event=...}``; none by default."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the source holds open (a watch, a connection) when the poller stops."""
+        return None
+
+
+class DemoSource(ViewSource):
     """The embedded demo view: delivered once, unchanged afterwards."""
 
     description = "demo"
@@ -67,7 +86,7 @@ class _FileStamp:
     mtime_ns: int
 
 
-class FileSource:
+class FileSource(ViewSource):
     """A local file, re-read when its inode, size or mtime changes.
 
     Producers should write a temporary file and rename it over the view; a file
@@ -114,7 +133,7 @@ def _stamp_of(st: os.stat_result) -> _FileStamp:
     return _FileStamp(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class HttpSource:
+class HttpSource(ViewSource):
     """An ``http://`` or ``https://`` URL polled with conditional GETs, asking for changes only once it can.
 
     Once it holds a view with serial S, each poll asks ``URL?since=S``

@@ -19,7 +19,7 @@ from edge.metadata.tree import split_path
 from edge.server import Adapters, adapters
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.snapshot import build_snapshot
-from edge.view.sources import SourceKinds, builtin_source_kinds, configured_source, open_source
+from edge.view.sources import SourceKinds, ViewSource, builtin_source_kinds, configured_source, open_source
 from tests.eucalyptus.conftest import fixture_bytes
 
 OPTIONS = GniOptions(version="5", dns_domain="cloud.example")
@@ -130,7 +130,7 @@ def test_without_the_adapters_the_core_knows_no_gni(tmp_path) -> None:
 def test_a_second_adapter_plugs_in_the_same_way(tmp_path) -> None:
     """A scheme, a wrapper and a format, registered as the composition root registers Eucalyptus's."""
 
-    class Fixed:
+    class Fixed(ViewSource):
         description = "fixed"
 
         async def fetch(self) -> bytes | None:

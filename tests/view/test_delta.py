@@ -26,12 +26,13 @@ from edge.view.formats import _ByteStream, _StreamingObject, decode_view
 from edge.view.model import DEFAULT_NETWORK
 from edge.view.poller import Poller
 from edge.view.snapshot import Snapshot, build_snapshot
+from edge.view.sources import ViewSource
 from edge.view.store import ViewStore
 
 NETWORKS = ("vpc-a", "vpc-b", DEFAULT_NETWORK)
 
 
-class MemorySource:
+class MemorySource(ViewSource):
     description = "memory"
 
     def __init__(self) -> None:
