@@ -1,0 +1,305 @@
+"""Instructions per DNS local hit and per metadata request under callgrind, for edge, its floors and its peers.
+
+    python bench/profile_hot_paths.py [--instances 1000] [--requests 2000] [--only "edge,NSD"]
+
+Each server (edge ``serve --workers 1`` answering DNS from a generated view and metadata from the demo view,
+NSD, nginx ``return 200``, the bare uvloop UDP floor below and bench/metadata_bare.py) runs under
+``valgrind --tool=callgrind``; after a warm-up its counters are zeroed (``callgrind_control -z PID``), a fixed
+workload is sent from a client outside valgrind (every question of the view once with ``dnsperf -n 1``, a
+Python HTTP loop with keep-alive, then one with a new connection per request), the counters are dumped
+(``callgrind_control -d PID``) and the instructions are divided by the answers counted, split by the object
+they run in (the interpreter, uvloop/libuv, httptools, libc, ...).  Instruction counts do not depend on how
+busy the shared machine is; kernel time is not in them (bench/RESULTS.md, "Where the time goes", has the
+strace and /proc commands for that).  Prints a Markdown report; takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import http.client
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port, stop, wait_tcp  # noqa: E402
+
+TICK = 100  # clock ticks per second in /proc/PID/stat
+CATEGORIES = (  # (pattern in the object's path, category); the first match wins
+    ("loop.cpython", "uvloop + libuv"),
+    ("httptools", "httptools (llhttp)"),
+    ("libpython", "Python interpreter"),
+    ("/python3", "Python interpreter"),
+    ("_ctypes", "ctypes + libffi"), ("libffi", "ctypes + libffi"),
+    ("libc.so", "libc (syscall wrappers, memcpy, malloc)"),
+    ("ld-linux", "dynamic loader"),
+    ("nsd", "NSD"), ("nginx", "nginx"),
+)
+
+
+def bare_dns(port_file: str) -> None:
+    """The DNS floor: uvloop answering every datagram with one pre-rendered answer, only its ID copied."""
+    import struct
+
+    import uvloop
+
+    header = b"\x84\x00\x00\x01\x00\x01\x00\x00\x00\x00"  # QR AA, one question, one answer
+    answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes((10, 0, 0, 1))  # the question's name, A
+
+    class Floor(asyncio.DatagramProtocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def datagram_received(self, data, addr):  # type: ignore[no-untyped-def]
+            end = data.index(0, 12) + 5  # the question as asked, any EDNS record dropped
+            self.transport.sendto(data[:2] + header + data[12:end] + answer, addr)
+
+    async def main() -> None:
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Floor, ("127.0.0.1", 0))
+        Path(port_file).write_text(str(transport.get_extra_info("sockname")[1]))
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def descendants(pid: int) -> list[int]:
+    children = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def self_costs(path: Path) -> tuple[collections.Counter, collections.Counter]:
+    """Self instructions by object and by (object, function) in one callgrind output file."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}}
+    by_object: collections.Counter = collections.Counter()
+    by_function: collections.Counter = collections.Counter()
+    obj = function = "?"
+    skip_next = False
+    for line in path.read_text(errors="replace").splitlines():
+        if not line:
+            continue
+        head = line[0]
+        if head.isdigit() or head in "+-*":
+            if skip_next:
+                skip_next = False
+                continue
+            fields = line.split()
+            cost = int(fields[1]) if len(fields) > 1 else 0
+            by_object[obj] += cost
+            by_function[(obj, function)] += cost
+            continue
+        key, _, value = line.partition("=")
+        if key in ("ob", "fn", "cob", "cfn", "cfi", "cfl", "fl", "fi", "fe"):
+            match = re.match(r"\((\d+)\)(?: (.*))?", value)
+            if match and key in ("ob", "fn", "cob", "cfn"):
+                table = names["ob" if key in ("ob", "cob") else "fn"]
+                if match.group(2):
+                    table[match.group(1)] = match.group(2)
+                value = table.get(match.group(1), value)
+            if key == "ob":
+                obj = value
+            elif key == "fn":
+                function = value
+        elif key == "calls":
+            skip_next = True
+    return by_object, by_function
+
+
+def category(obj: str) -> str:
+    for pattern, name in CATEGORIES:
+        if pattern in obj:
+            return name
+    return "other: " + Path(obj).name
+
+
+class Profiled:
+    """A server under callgrind: zero its counters after warm-up, dump them after the counted workload."""
+
+    def __init__(self, name: str, argv: list[str], directory: Path) -> None:
+        self.name, self.directory = name, directory / name.replace(" ", "_")
+        self.directory.mkdir()
+        self.process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes", "--dump-instr=no",
+             f"--callgrind-out-file={self.directory}/out.%p", *argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+
+    def control(self, flag: str) -> None:
+        for pid in descendants(self.process.pid):
+            subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, timeout=60)
+
+    def counted(self, workload) -> tuple[int, dict[str, int], collections.Counter]:  # type: ignore[no-untyped-def]
+        """(answers, self instructions by category, by function) of one counted ``workload()`` run."""
+        for old in self.directory.glob("out.*.*"):
+            old.unlink()
+        self.control("-z")
+        answers = workload()
+        self.control("-d")
+        by_category: collections.Counter = collections.Counter()
+        by_function: collections.Counter = collections.Counter()
+        for dump in self.directory.glob("out.*.*"):
+            objects, functions = self_costs(dump)
+            for obj, cost in objects.items():
+                by_category[category(obj)] += cost
+            by_function.update(functions)
+        return answers, dict(by_category), by_function
+
+
+def dnsperf(port: int, queries: Path, runs: int, extra: tuple[str, ...] = ()) -> int:
+    output = subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-n", str(runs),
+                             "-c", "1", "-q", "8", "-t", "20", *extra], capture_output=True, text=True).stdout
+    return int(re.search(r"Queries completed:\s+(\d+)", output).group(1))
+
+
+def http_loop(port: int, requests: int, keep_alive: bool, path: str, body: str) -> int:
+    answered = 0
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(requests):
+        if not keep_alive:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", path)
+        answered += connection.getresponse().read().decode() == body
+        if not keep_alive:
+            connection.close()
+    return answered
+
+
+def wait_dns(port: int, question: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = subprocess.run(["dig", "+short", "+time=2", "+tries=1", "-p", str(port), "@127.0.0.1",
+                                 *question.split()], capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.strip():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"no DNS answer on port {port}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--instances", type=int, default=1000, help="view size (A and PTR of each are asked)")
+    parser.add_argument("--requests", type=int, default=2000, help="HTTP requests per counted run")
+    parser.add_argument("--only", default="", help="comma-separated server names to profile (default: all)")
+    args = parser.parse_args()
+    from bench import metadata_load
+    from bench.peer_configs import instance_addresses, nginx_conf, write_nsd
+    from bench.peers import dns_data
+
+    directory = Path(tempfile.mkdtemp(prefix="edge-profile-"))
+    data = dns_data(directory, args.instances)
+    questions = len(data.hits.read_text().splitlines())
+    path, body = metadata_load.PATH, metadata_load.BODY
+    python = sys.executable
+
+    def servers() -> list[tuple[str, str, list[str], int]]:
+        """(name, protocol, argv, port); ports chosen now, files written now."""
+        edge_dns, edge_http, admin = free_port(), free_port(), free_port()
+        config = directory / "edge.toml"
+        config.write_text("[dns]\nrate_limit = 0.0\n[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
+        edge = [python, "-m", "edge", "serve", "--config", str(config), "--view", str(data.view_path),
+                "--state-dir", str(directory / f"state-{edge_dns}"), "--workers", "1", "--log-level", "warning",
+                "--metadata-listen", f"127.0.0.1:{edge_http}", "--dns-listen", f"127.0.0.1:{edge_dns}",
+                "--admin-listen", f"127.0.0.1:{admin}"]
+        nsd_port = free_port()
+        nsd = ["nsd", "-d", "-c", str(write_nsd(directory / f"nsd-{nsd_port}", nsd_port, data.zone_texts))]
+        nginx_port = free_port()
+        conf = directory / f"nginx-{nginx_port}.conf"
+        conf.write_text(nginx_conf(directory, nginx_port, body, "return", instance_addresses(1000, body)))
+        # The metadata answers come from the demo view, as in bench/metadata_load.py (127.0.0.1 is an instance).
+        edge_metadata = [*edge[:7], "demo", edge[8], str(directory / f"state-{edge_http}"), *edge[10:]]
+        return [("edge", "dns", edge, edge_dns),
+                ("edge metadata", "http", edge_metadata, edge_http),
+                ("NSD", "dns", nsd, nsd_port),
+                ("bare uvloop UDP", "dns", [python, __file__, "--bare-dns", str(directory / "bare-dns.port")], 0),
+                ("nginx return 200", "http", ["nginx", "-p", str(directory), "-c", str(conf)], nginx_port),
+                ("bare uvloop+httptools", "http", [python, "bench/metadata_bare.py"], 0)]
+
+    def ready(name: str, protocol: str, process: subprocess.Popen, port: int) -> tuple[int, int]:
+        """(DNS port, HTTP port) once the server answers."""
+        if name == "bare uvloop UDP":
+            deadline = time.monotonic() + 120
+            port_file = directory / "bare-dns.port"
+            while not port_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return int(port_file.read_text()), 0
+        if name == "bare uvloop+httptools":
+            line = process.stdout.readline()  # type: ignore[union-attr]
+            return 0, int(line.strip().split("=")[1])
+        return (port, 0) if protocol == "dns" else (0, port)
+
+    only = set(filter(None, args.only.split(",")))
+    results: dict[tuple[str, str], tuple[int, dict[str, int], collections.Counter]] = {}
+    for name, protocol, argv, port in servers():
+        if only and name not in only:
+            continue
+        profiled = Profiled(name, argv, directory)
+        try:
+            dns_port, http_port = ready(name, protocol, profiled.process, port)
+            if dns_port:
+                wait_dns(dns_port, data.hits.read_text().splitlines()[0], 180)
+                dnsperf(dns_port, data.hits, 1)  # warm-up: edge renders and memoizes each answer on first use
+                results[(name, "DNS local hit")] = profiled.counted(lambda: dnsperf(dns_port, data.hits, 1))
+            if http_port:
+                wait_tcp(http_port, timeout=180)
+                http_loop(http_port, 200, True, path, body)
+                results[(name, "HTTP keep-alive")] = profiled.counted(
+                    lambda: http_loop(http_port, args.requests, True, path, body))
+                results[(name, "HTTP new connection")] = profiled.counted(
+                    lambda: http_loop(http_port, args.requests // 4, False, path, body))
+        finally:
+            stop(profiled.process, timeout=60)
+
+    print(f"## Instructions per answer (callgrind; {questions} DNS questions, {args.requests} keep-alive and "
+          f"{args.requests // 4} new-connection HTTP requests per counted run)\n")
+    for workload in ("DNS local hit", "HTTP keep-alive", "HTTP new connection"):
+        rows = [(name, *results[(name, w)]) for (name, w) in results if w == workload]
+        if not rows:
+            continue
+        print(f"### {workload}\n\n| server | answers | instructions per answer | split (self, per answer) |")
+        print("|---|---:|---:|---|")
+        for name, answers, by_category, _ in rows:
+            total = sum(by_category.values())
+            split = "; ".join(f"{cat} {cost / answers:,.0f}" for cat, cost in
+                              sorted(by_category.items(), key=lambda item: -item[1]) if cost / answers >= 50)
+            print(f"| {name} | {answers} | {total / answers:,.0f} | {split} |")
+        print()
+        for name, answers, _, by_function in rows:
+            top = ", ".join(f"`{function}` {cost / answers:,.0f}" for (obj, function), cost in
+                            by_function.most_common(8))
+            print(f"* {name}, top functions (self, per answer): {top}")
+        print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--bare-dns":
+        bare_dns(sys.argv[2])
+    else:
+        main()
