@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -30,18 +31,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP on ``host`` at the time of the call."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+    """A port free for both TCP and UDP on ``host`` at the time of the call.
+
+    Chosen below the kernel's ephemeral range: a port from ``bind(0)`` comes from that range, where
+    any client connection opened meanwhile (the tests and benchmarks open thousands) can take it as
+    its local port before the server binds, and the server then fails with "address already in use".
+    """
+    low = _ephemeral_ports()[0]
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 20000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            try:
+                udp.bind((host, port))
+                tcp.bind((host, port))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free port")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux default 32768-60999)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low, high = (int(value) for value in ports.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def wait_tcp(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:

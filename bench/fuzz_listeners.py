@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.common import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 INSTANCE = "127.0.0.1"
@@ -41,21 +43,6 @@ FUZZ_SOURCES = ("127.0.0.2", "127.0.0.4", "127.0.0.9")
 MEMORY_GROWTH_LIMIT = 64 * 1024 * 1024
 """Resident memory a burst may leave behind (bytes): bounded caches, not the inputs, should explain it."""
 TARGETS = ("dns-udp", "dns-tcp", "metadata", "admin")
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as check:
-            try:
-                check.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 class Server:
