@@ -11,6 +11,10 @@ Python HTTP loop with keep-alive, then one with a new connection per request), t
 they run in (the interpreter, uvloop/libuv, httptools, libc, ...).  Instruction counts do not depend on how
 busy the shared machine is; kernel time is not in them (bench/RESULTS.md, "Where the time goes", has the
 strace and /proc commands for that).  Prints a Markdown report; takes a few minutes.
+
+    python bench/profile_hot_paths.py --python-split
+
+splits edge's DNS local hit by Python function instead (cProfile, no valgrind, seconds).
 """
 
 from __future__ import annotations
@@ -67,6 +71,68 @@ def bare_dns(port_file: str) -> None:
         await asyncio.Event().wait()
 
     uvloop.run(main())
+
+
+def python_split(rounds: int = 300) -> None:
+    """Which Python functions a DNS local hit runs through, with cProfile: edge's batch listener on a real
+    loopback socket, ``rounds`` wake-ups of 64 queries for demo names (self time includes the ctypes
+    recvmmsg/sendmmsg calls, which cProfile does not list apart)."""
+    import cProfile
+    import pstats
+    import socket
+
+    import dns.message
+
+    from edge.config import Config, DnsConfig
+    from edge.dns.datagrams import BATCH
+    from edge.dns.protocol import DnsDatagramProtocol
+    from edge.dns.service import DnsService
+    from edge.view.demo import demo_document
+    from edge.view.parse import parse_view
+    from edge.view.snapshot import build_snapshot
+    from edge.view.store import ViewStore
+
+    store = ViewStore()
+    service = DnsService(Config(dns=DnsConfig(rate_limit=0.0)), store)
+    store.swap(build_snapshot(parse_view(demo_document()), service.preparers), "source")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    client.setblocking(False)
+    protocol = DnsDatagramProtocol(service, "", listener)
+    wires = [dns.message.make_query(f"ip-127-0-0-{n}.demo.internal", "A").to_wire() for n in range(1, 5)]
+    target = listener.getsockname()
+
+    def fill() -> None:
+        try:
+            while True:
+                client.recv(4096)
+        except BlockingIOError:
+            pass
+        for index in range(BATCH):
+            client.sendto(wires[index % len(wires)], target)
+
+    for _ in range(50):  # warm-up: memoize the answers
+        fill()
+        protocol.readable()
+    profile = cProfile.Profile()
+    for _ in range(rounds):
+        fill()
+        profile.enable()
+        protocol.readable()
+        profile.disable()
+    stats = pstats.Stats(profile)
+    queries = rounds * BATCH
+    print(f"{type(protocol.datagrams).__name__}, {queries} queries in batches of {BATCH}\n")
+    print("| function | share of self time | calls per query |\n|---|---:|---:|")
+    for (file, line, function), (_, calls, self_time, _, _) in sorted(
+            stats.stats.items(), key=lambda item: -item[1][2])[:15]:  # type: ignore[attr-defined]
+        where = f"{Path(file).relative_to(ROOT)}:{line}" if file.startswith(str(ROOT)) else file
+        print(f"| `{where}({function})` | {self_time / stats.total_tt * 100:.1f}% | "  # type: ignore[attr-defined]
+              f"{calls / queries:.2f} |")
 
 
 def descendants(pid: int) -> list[int]:
@@ -301,5 +367,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--bare-dns":
         bare_dns(sys.argv[2])
+    elif sys.argv[1:] == ["--python-split"]:
+        python_split()
     else:
         main()
