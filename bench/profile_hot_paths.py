@@ -24,6 +24,7 @@ import asyncio
 import collections
 import http.client
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -342,6 +343,7 @@ def main() -> None:
                     lambda: http_loop(http_port, args.requests // 4, False, path, body))
         finally:
             stop(profiled.process, timeout=60)
+    shutil.rmtree(directory, ignore_errors=True)
 
     print(f"## Instructions per answer (callgrind; {questions} DNS questions, {args.requests} keep-alive and "
           f"{args.requests // 4} new-connection HTTP requests per counted run)\n")
