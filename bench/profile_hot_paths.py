@@ -14,7 +14,12 @@ strace and /proc commands for that).  Prints a Markdown report; takes a few minu
 
     python bench/profile_hot_paths.py --python-split
 
-splits edge's DNS local hit by Python function instead (cProfile, no valgrind, seconds).
+splits edge's DNS local hit by Python function instead (cProfile, no valgrind, seconds), and
+
+    python bench/profile_hot_paths.py --python-split-metadata
+
+splits edge's metadata request the same way, on a kept-alive connection and with a new connection per request
+(self time includes the socket calls uvloop makes inside ``transport.write``; cProfile does not list them apart).
 """
 
 from __future__ import annotations
@@ -134,6 +139,102 @@ def python_split(rounds: int = 300) -> None:
         where = f"{Path(file).relative_to(ROOT)}:{line}" if file.startswith(str(ROOT)) else file
         print(f"| `{where}({function})` | {self_time / stats.total_tt * 100:.1f}% | "  # type: ignore[attr-defined]
               f"{calls / queries:.2f} |")
+
+
+_METADATA_CLIENT = """
+import socket, sys
+port, requests, keep_alive = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+sys.stdin.read()  # the go: the profile is on
+request = b"GET %s HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\nAccept-Encoding: identity\\r\\n\\r\\n" % (sys.argv[4].encode(), port)
+body = sys.argv[5].encode()
+connection = None
+for _ in range(requests):
+    if connection is None:
+        connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(request)
+    answer = b""
+    while not answer.endswith(body):
+        piece = connection.recv(65536)
+        assert piece, answer
+        answer += piece
+    if not keep_alive:
+        connection.close()
+        connection = None
+"""
+"""The client of --python-split-metadata: the request ``http.client`` sends (as in the callgrind runs), one at a
+time, each answer read whole before the next request; run as its own process, so it is not in the profile."""
+
+
+def python_split_metadata(requests: int = 4000) -> None:
+    """Which Python functions a metadata request runs through, with cProfile: edge's metadata service
+    (rate limit off, as in the callgrind runs) on a real loopback listener, the demo view, ``requests``
+    GETs of bench/metadata_load.py's path on one kept-alive connection, then a quarter as many with a new
+    connection each, from a client process outside the profile."""
+    import cProfile
+    import pstats
+
+    import uvloop
+
+    from bench import metadata_load
+    from edge.config import Config, Listen, MetadataConfig, ViewConfig
+    from edge.metadata.service import MetadataService
+    from edge.view.demo import demo_document
+    from edge.view.parse import parse_view
+    from edge.view.snapshot import build_snapshot
+    from edge.view.store import ViewStore
+
+    async def refresh() -> None:
+        return None
+
+    async def run(directory: str) -> list[tuple[str, int, pstats.Stats]]:
+        config = Config(view=ViewConfig(state_dir=directory),
+                        metadata=MetadataConfig(listen=(Listen("127.0.0.1", 0),), rate=0.0,
+                                                max_connections_per_source=100_000))
+        store = ViewStore("profile")
+        store.swap(build_snapshot(parse_view(demo_document())), "source")
+        service = MetadataService(config, store, refresh)
+        await service.start()
+        port = service.addresses[0][1]
+        loop = asyncio.get_running_loop()
+        results = []
+        try:
+            for label, count, keep_alive in (("keep-alive", requests, True),
+                                             ("new connection", requests // 4, False)):
+                def client(count: int, keep_alive: bool) -> subprocess.Popen:
+                    """The client process, started and waiting for a line on its standard input."""
+                    return subprocess.Popen([sys.executable, "-c", _METADATA_CLIENT, str(port), str(count),
+                                             "1" if keep_alive else "0", metadata_load.PATH, metadata_load.BODY],
+                                            stdin=subprocess.PIPE)
+
+                async def finished(process: subprocess.Popen) -> None:
+                    assert process.stdin is not None
+                    process.stdin.close()
+                    # Waited on in a thread: cProfile follows only this one.
+                    if await loop.run_in_executor(None, process.wait):
+                        raise RuntimeError(f"metadata client failed ({label})")
+
+                await finished(client(200, keep_alive))  # warm-up: the answer rendered and memoized
+                process = client(count, keep_alive)
+                profile = cProfile.Profile()
+                profile.enable()
+                await finished(process)
+                profile.disable()
+                results.append((label, count, pstats.Stats(profile)))
+        finally:
+            await service.stop(1.0)
+        return results
+
+    with tempfile.TemporaryDirectory(prefix="edge-split-") as directory:
+        results = uvloop.run(run(directory))
+    for label, count, stats in results:
+        print(f"### metadata {label}: {count} requests\n")
+        print("| function | share of self time | calls per request |\n|---|---:|---:|")
+        for (file, line, function), (_, calls, self_time, _, _) in sorted(
+                stats.stats.items(), key=lambda item: -item[1][2])[:20]:  # type: ignore[attr-defined]
+            where = f"{Path(file).relative_to(ROOT)}:{line}" if file.startswith(str(ROOT)) else file
+            print(f"| `{where}({function})` | {self_time / stats.total_tt * 100:.1f}% | "  # type: ignore[attr-defined]
+                  f"{calls / count:.2f} |")
+        print()
 
 
 def descendants(pid: int) -> list[int]:
@@ -371,5 +472,7 @@ if __name__ == "__main__":
         bare_dns(sys.argv[2])
     elif sys.argv[1:] == ["--python-split"]:
         python_split()
+    elif sys.argv[1:] == ["--python-split-metadata"]:
+        python_split_metadata()
     else:
         main()
