@@ -306,7 +306,7 @@ class EtcdKeyspaceSource(ViewSource):
         if not self.keyspace.changed and self._delivered_serial is not None:
             return None
         try:
-            view, document = self.keyspace.view()
+            view, _ = self.keyspace.view()
         except ViewInvalid as exc:
             raise SourceError("; ".join(exc.problems)) from None
         if view.serial == self._delivered_serial:
@@ -314,7 +314,7 @@ class EtcdKeyspaceSource(ViewSource):
         incremental = self._delivered_once
         self._delivered_serial = view.serial
         self._delivered_once = True
-        return PreparedView(view, document, incremental)
+        return self.keyspace.prepared(incremental)
 
     # -- the watch (its own thread) ----------------------------------------------------------------
 

@@ -48,6 +48,18 @@ INSTANCES = "instances/"
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceChanges:
+    """What changed in the instances between two views a source delivered, one after the other."""
+
+    base: View
+    """The view these changes apply to (the poller uses them only when it serves that very view)."""
+    upserted: tuple[Instance, ...]
+    """Instances added or replaced since ``base``, in id order."""
+    removed: tuple[str, ...]
+    """Ids of the instances of ``base`` that are gone."""
+
+
+@dataclass(frozen=True, slots=True)
 class PreparedView:
     """A view a source has decoded and validated itself, instead of document bytes."""
 
@@ -56,6 +68,8 @@ class PreparedView:
     """The same view as an ``edge-view/1`` document (for the last-good-view file); costs O(view)."""
     incremental: bool
     """Instances also in the previously delivered view are the very same objects (build it as a delta)."""
+    changes: InstanceChanges | None = None
+    """What changed since the previously delivered view; None when unknown (compare every instance)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +112,11 @@ class Keyspace:
         self.changed = False
         """Something changed since :meth:`view` last ran."""
         self._view: tuple[View, Callable[[], bytes]] | None = None
+        self._delivered: View | None = None
+        """The view last handed on by :meth:`prepared` (what the tracked changes are relative to)."""
+        self._touched: set[str] | None = set()
+        """Ids of the instances placed or removed since :meth:`prepared` last delivered a view; None when
+        every instance may have changed (the networks changed, which checks each one again)."""
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -206,6 +225,24 @@ class Keyspace:
         self.changed = False
         return self._view
 
+    def prepared(self, incremental: bool) -> PreparedView:
+        """The view now, with what changed in its instances since the view this last returned.
+
+        Call it only for a view that is handed on: the changes it reports are relative to the
+        previous view it returned.  Raises ViewInvalid like :meth:`view`.
+        """
+        view, document = self.view()
+        changes = None
+        touched, base = self._touched, self._delivered
+        if touched is not None and base is not None:
+            present = self.instances
+            upserted = [present[i].value for i in sorted(touched) if i in present]
+            removed = tuple(i for i in touched if i not in present)
+            changes = InstanceChanges(base, tuple(upserted), removed)
+        self._delivered = view
+        self._touched = set()
+        return PreparedView(view, document, incremental, changes)
+
     # -- each part ----------------------------------------------------------------------------
 
     def _refuse(self, name: str, reason: str) -> None:
@@ -252,10 +289,14 @@ class Keyspace:
             self.parts.insert(index, part)
             self.values.insert(index, part.value)
         self.instances[instance_id] = part
+        if self._touched is not None:
+            self._touched.add(instance_id)
 
     def _remove(self, instance_id: str) -> None:
         index = bisect.bisect_left(self.order, instance_id)
         del self.order[index], self.parts[index], self.values[index], self.instances[instance_id]
+        if self._touched is not None:
+            self._touched.add(instance_id)
 
     def _instance(self, instance_id: str, text: bytes) -> Instance:
         cidrs = self._cidrs
@@ -279,6 +320,7 @@ class Keyspace:
         """Instances are checked against the networks' CIDRs: check every one again."""
         self._network_list = [json.loads(self.networks[key].text) for key in sorted(self.networks)]
         self._cidrs = None
+        self._touched = None  # every instance is checked (and placed) again
         for instance_id in list(self.order):
             part = self.instances[instance_id]
             try:

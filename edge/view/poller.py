@@ -334,10 +334,13 @@ class Poller:
         prepared = isinstance(data, PreparedView)
         if isinstance(data, PreparedView):
             view = data.view
-            if (data.incremental and memo is not None and current is not None and view.serial > current.serial
-                    and applies(current, view) and _mostly_shared(current, view)):
+            if memo is not None and current is not None and view.serial > current.serial and applies(current, view):
                 # None when a rule across instances is broken: the full build below explains it.
-                delta = apply_delta(current, memo.index, view)
+                if data.changes is not None and data.changes.base is current.view:
+                    # The source says what changed since the very view being served.
+                    delta = apply_delta(current, memo.index, view, changes=data.changes)
+                elif data.incremental and _mostly_shared(current, view):
+                    delta = apply_delta(current, memo.index, view)
         elif self._speaks_view(data):
             decoded = decode_view_reusing(data, memo.decoded if memo is not None else None, defer_cross_check=True)
             view = decoded.view

@@ -234,14 +234,14 @@ class HttpSource(ViewSource):
     def _prepared(self) -> PreparedView | None:
         assert self._mirror is not None
         try:
-            view, document = self._mirror.view()
+            view, _ = self._mirror.view()
         except ViewInvalid as exc:
             raise SourceError(f"{self.url}: {'; '.join(exc.problems)}") from None
         if view.serial == self._delivered:
             return None
         incremental = self._delivered is not None
         self._delivered = view.serial
-        return PreparedView(view, document, incremental)
+        return self._mirror.prepared(incremental)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._scheme == "https":

@@ -22,10 +22,13 @@ import uvloop
 
 from edge.config import ViewConfig
 from edge.errors import ViewInvalid
+from edge.view import delta as delta_module
+from edge.view.changes import load_document
 from edge.view.formats import _ByteStream, _StreamingObject, decode_view
+from edge.view.keyspace import Keyspace, PreparedView
 from edge.view.model import DEFAULT_NETWORK
 from edge.view.poller import Poller
-from edge.view.snapshot import Snapshot, build_snapshot
+from edge.view.snapshot import Snapshot, build_snapshot, build_snapshot_tracked
 from edge.view.sources import ViewSource
 from edge.view.store import ViewStore
 
@@ -39,6 +42,17 @@ class MemorySource(ViewSource):
         self.pending: bytes | None = None
 
     async def fetch(self) -> bytes | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+
+class PreparedSource(ViewSource):
+    description = "prepared"
+
+    def __init__(self) -> None:
+        self.pending: PreparedView | None = None
+
+    async def fetch(self) -> PreparedView | None:
         pending, self.pending = self.pending, None
         return pending
 
@@ -348,6 +362,69 @@ def test_delta_builds_equal_full_builds_over_random_mutations(path, monkeypatch)
             totals[key] += count
     # The comparison means something only if both paths and rejections really ran.
     assert totals["delta"] > 150 and totals["full"] > 20 and totals["rejected"] > 40, totals
+
+
+def _run_keyspace_chain(seed: int, steps: int, delta_calls: list[bool]) -> dict[str, int]:
+    """Random documents taken part by part into a keyspace (as an HTTP ``since`` source does), whose
+    prepared views carry what changed; every accepted serial compared with a full build."""
+    rng = random.Random(seed)
+    views = Views(rng)
+    document = views.document(rng.randint(3, 25))
+    keyspace = Keyspace("memory")
+    source = PreparedSource()
+    store = ViewStore("memory")
+    poller = Poller(ViewConfig(state_dir="/nonexistent"), source, store, None)
+    tally = {"delta": 0, "full": 0, "rejected": 0}
+
+    async def scenario() -> None:
+        nonlocal document
+        assert load_document(keyspace, _encode(document, None))
+        source.pending = keyspace.prepared(incremental=False)
+        assert (await poller.poll_once()).result == "accepted"
+        for step in range(steps):
+            candidate = copy.deepcopy(document)
+            kind = views.mutate(candidate)
+            candidate["serial"] = document["serial"] + 1
+            if not load_document(keyspace, _encode(candidate, None)):
+                continue  # two instances with one id: a keyspace cannot hold that document
+            document = candidate
+            prepared = keyspace.prepared(incremental=True)
+            try:
+                expected = build_snapshot_tracked(prepared.view, check_unique=True)[0]
+            except ViewInvalid:
+                expected = None
+            source.pending = prepared
+            outcome = await poller.poll_once()
+            await _settle(poller)
+            context = f"seed {seed} step {step} {kind}"
+            if expected is None:
+                assert outcome.result == "rejected", context
+                tally["rejected"] += 1
+                continue
+            assert outcome.result == "accepted", (context, outcome)
+            tally["delta" if poller.last_build_was_delta else "full"] += 1
+            _assert_same(store.current, expected)
+
+    uvloop.run(scenario())
+    return tally
+
+
+def test_deltas_from_a_keyspaces_change_sets_equal_full_builds(monkeypatch) -> None:
+    calls: list[bool] = []
+    apply_delta = delta_module.apply_delta
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("changes") is not None)
+        return apply_delta(*args, **kwargs)
+
+    monkeypatch.setattr("edge.view.poller.apply_delta", counted)
+    totals = {"delta": 0, "full": 0, "rejected": 0}
+    for seed in range(40):
+        for key, count in _run_keyspace_chain(seed, 12, calls).items():
+            totals[key] += count
+    # Both paths and rejections ran, and the deltas worked from the change sets, not a comparison.
+    assert totals["delta"] > 150 and totals["full"] > 20 and totals["rejected"] > 20, totals
+    assert sum(calls) > 150, (sum(calls), len(calls))
 
 
 def test_unchanged_instances_are_the_previous_objects() -> None:
