@@ -224,7 +224,7 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                     dns_sweeps.append(open_loop.sweep(
                         kind, "dns", plan.dns_rates,
                         lambda rate: open_loop.dns_point(kind, port, data.hits, rate, plan.sweep_seconds,
-                                                         cores.client), log))
+                                                         cores.client, [server.pid]), log))
                 finally:
                     stop(server)
             http_sweeps = []
@@ -240,7 +240,8 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
                     http_sweeps.append(open_loop.sweep(
                         name, "http", plan.http_rates,
                         lambda rate: open_loop.http_sweep_point(name, port, metadata_load.PATH, rate,
-                                                                plan.sweep_seconds, cores.client), log))
+                                                                plan.sweep_seconds, cores.client,
+                                                                server_pids=[server.pid]), log))
                 finally:
                     stop(server)
             report.raw["open_loop"] = open_loop.to_json(dns_sweeps + http_sweeps)
@@ -253,7 +254,11 @@ def run_all(plan: Plan, install: bool, argv: list[str], classic_delay: float = 0
             text = ["Requests offered at a fixed rate (open loop), latency counted from each request's scheduled "
                     "send time. A point the generator itself could not offer is marked and left out of the plot.",
                     "", "**DNS local hits**", "", open_loop.markdown(dns_sweeps, "queries/s"), "",
-                    "**Metadata, keep-alive**", "", open_loop.markdown(http_sweeps, "requests/s")]
+                    "**DNS local hits at equal offered load: server CPU per answer, edge against each peer**", "",
+                    open_loop.equal_load(dns_sweeps, "edge", "queries/s"), "",
+                    "**Metadata, keep-alive**", "", open_loop.markdown(http_sweeps, "requests/s"), "",
+                    "**Metadata keep-alive at equal offered load: server CPU per answer, edge against each peer**", "",
+                    open_loop.equal_load(http_sweeps, "edge", "requests/s")]
             if pictures.available():
                 dns_png = pictures.latency_plot(dns_sweeps, plots / "dns-latency.png",
                                                 "DNS local hits, open loop", "queries/s", drawn_by())

@@ -103,6 +103,15 @@ class CorePlan:
     def pin_client(self, argv: Sequence[str]) -> list[str]:
         return ["taskset", "-c", self.client_list, *argv]
 
+    def repin_server_threads(self, pid: int) -> None:
+        """Move every thread of ``pid`` back to the server cores.
+
+        Some servers set their workers' affinity themselves after start, over the one they were started
+        with: Knot DNS pins UDP worker N to CPU N, which on two cores puts its only worker on the load
+        generator's core.  Called once the server is ready, so its threads exist."""
+        subprocess.run(["taskset", "-a", "-p", "-c", self.server_list, str(pid)], check=True,
+                       stdout=subprocess.DEVNULL)
+
 
 def core_plan(cores: Iterable[int] | None = None) -> CorePlan:
     """Half the usable cores (at least one) for the load generator, the rest for the servers.
@@ -154,6 +163,17 @@ def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
                 seen.add(member)
                 ticks += _stat_ticks(member, children)
     return ticks / TICKS
+
+
+def generator_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's waited-for children: the load generators (dnsperf, wrk)
+    run through ``subprocess.run``, so the difference around one run is that run's generator CPU."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+GENERATOR_LIMITED = 0.9
+"""Share of its core above which the load generator, not the server, sets the rate of a closed-loop run."""
 
 
 def cpu_user_system(pid: int) -> tuple[float, float]:

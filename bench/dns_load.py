@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_user_system, free_port  # noqa: E402
+from bench.common import cpu_user_system, free_port, generator_cpu_seconds  # noqa: E402
 from bench.generate import generate_view  # noqa: E402
 from bench.peer_configs import DNSPERF_OUTSTANDING, SERVERS, dnsmasq_local_args, write_nsd  # noqa: E402
 from edge.dns.zonefile import zone_texts  # noqa: E402
@@ -95,6 +95,8 @@ class Result:
     """Queries the kernel dropped at the server's sockets during the run (receive buffer full, from
     /proc/net/udp), plus those the server itself counted as failed where it counts them (NSD's
     num.rxerr/txerr/dropped, edge's edge_replies_dropped_total)."""
+    generator_busy: float = 0.0
+    """Share of its core dnsperf used over the run: near 1, dnsperf set the rate, not the server."""
 
 
 def dnsperf(port: int, queries: Path, seconds: float, extra: tuple[str, ...] = ()) -> str:
@@ -149,7 +151,9 @@ def measure(name: str, workload: str, pid: int, port: int, queries: Path, second
     own_before = own_errors() if own_errors else 0  # first: reading them costs the server CPU too
     user_before, system_before = cpu_user_system(pid)
     drops_before = udp_drops(port)
+    generator_before, started = generator_cpu_seconds(), time.monotonic()
     output = dnsperf(port, queries, seconds)
+    generator_busy = (generator_cpu_seconds() - generator_before) / max(time.monotonic() - started, 1e-9)
     drops = udp_drops(port) - drops_before
     user_after_run, system_after_run = cpu_user_system(pid)
     if own_errors:
@@ -162,7 +166,7 @@ def measure(name: str, workload: str, pid: int, port: int, queries: Path, second
     rcodes = re.search(r"Response codes:\s+(.*)", output)
     rcode_text = rcodes.group(1).strip() if rcodes else ""
     result = Result(name, workload, qps, completed, lost, used / max(completed, 1) * 1e6, user / max(used, 1e-9),
-                    rcodes=rcode_text, errors=not_noerror(rcode_text), drops=drops)
+                    rcodes=rcode_text, errors=not_noerror(rcode_text), drops=drops, generator_busy=generator_busy)
     if not latency:
         return result
     # Latency at a fixed, moderate rate, one line per query.
@@ -311,7 +315,8 @@ def main() -> int:
                               statistics.median(s.p99_ms for s in samples),
                               samples[-1].rcodes,
                               sum(s.errors for s in samples),
-                              sum(s.drops for s in samples)))
+                              sum(s.drops for s in samples),
+                              statistics.median(s.generator_busy for s in samples)))
     if options.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     print(f"{'server':8} {'workload':24} {'qps':>9} {'lost':>6} {'cpu us/q':>9} {'user %':>7} {'p50 ms':>7} "

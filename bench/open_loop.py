@@ -17,7 +17,11 @@ shows it in its percentiles (no coordinated omission).
 
 ``sweep`` runs one server through increasing offered rates and stops after the
 first point where it saturates (answers below 95% of the offered rate, or any
-timeout).
+timeout).  Given the server's process ids, each point also records the
+server's CPU per answered request, and ``equal_load`` compares servers by it at
+the rates every one of them handled cleanly: on a machine where one generator
+core cannot saturate the fastest servers, CPU per request at the same offered
+rate is the comparison that still separates them.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import percentile
+from bench.common import cpu_seconds, percentile
 
 TIMEOUT = 2.0
 """Seconds after which an unanswered request counts as a timeout (dnsperf's ``-t`` too)."""
@@ -60,6 +64,9 @@ class Point:
     generator_limited: bool = False
     """The generator could not offer the rate (sent below 95% of it, or its own core over 90% busy): the
     point says nothing about the server."""
+    server_cpu_us: float = 0.0
+    """The server's CPU (utime + stime of its process tree) per answered request over the point; 0 when not
+    measured."""
 
     @property
     def saturated(self) -> bool:
@@ -176,8 +183,9 @@ def http_point(port: int, path: str, rate: float, seconds: float, connections: i
 
 
 def http_sweep_point(server: str, port: int, path: str, rate: float, seconds: float, cores: Sequence[int],
-                     connections: int = 64) -> Point:
+                     connections: int = 64, server_pids: Sequence[int] = ()) -> Point:
     """One HTTP point measured by this module in its own process on the generator's cores."""
+    before = cpu_seconds(server_pids)
     argv = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-m", "bench.open_loop", "--port", str(port),
             "--path", path, "--rate", f"{rate:g}", "--seconds", f"{seconds:g}", "--connections", str(connections),
             "--server", server]
@@ -185,8 +193,9 @@ def http_sweep_point(server: str, port: int, path: str, rate: float, seconds: fl
                           timeout=seconds + TIMEOUT + 30)
     if done.returncode != 0:
         raise RuntimeError(f"open-loop generator failed: {done.stderr.strip()[-500:]}")
-    values = json.loads(done.stdout)
-    return Point(**values)
+    point = Point(**json.loads(done.stdout))
+    point.server_cpu_us = (cpu_seconds(server_pids) - before) / max(point.completed, 1) * 1e6 if server_pids else 0.0
+    return point
 
 
 # -- DNS -----------------------------------------------------------------------------------------------
@@ -204,13 +213,18 @@ def parse_dnsperf_verbose(output: str) -> tuple[int, list[float], int, int]:
             int(lost_match.group(1)) if lost_match else 0)
 
 
-def dns_point(server: str, port: int, queries: Path, rate: float, seconds: float, cores: Sequence[int]) -> Point:
+def dns_point(server: str, port: int, queries: Path, rate: float, seconds: float, cores: Sequence[int],
+              server_pids: Sequence[int] = ()) -> Point:
+    before = cpu_seconds(server_pids)
     argv = ["taskset", "-c", ",".join(map(str, cores)), "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d",
             str(queries), "-l", f"{seconds:g}", "-c", "4", "-q", "20000", "-t", f"{TIMEOUT:g}", "-Q",
             f"{int(rate)}", "-v"]
     output = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + TIMEOUT + 30).stdout
+    used = cpu_seconds(server_pids) - before
     sent, latencies, errors, lost = parse_dnsperf_verbose(output)
-    return latency_point(server, rate, seconds, sent, latencies, errors, lost)
+    point = latency_point(server, rate, seconds, sent, latencies, errors, lost)
+    point.server_cpu_us = used / max(point.completed, 1) * 1e6 if server_pids else 0.0
+    return point
 
 
 # -- sweeps --------------------------------------------------------------------------------------------
@@ -237,14 +251,39 @@ def sweep(server: str, protocol: str, rates: Sequence[float], measure: Callable[
 
 
 def markdown(sweeps: Sequence[Sweep], unit: str) -> str:
-    lines = [f"| server | offered {unit} | answered {unit} | p50 ms | p90 ms | p99 ms | errors / timeouts | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| server | offered {unit} | answered {unit} | p50 ms | p90 ms | p99 ms | errors / timeouts "
+             "| server CPU µs per answer | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for item in sweeps:
         for p in item.points:
             note = ("generator could not offer this rate" if p.generator_limited
                     else "saturated" if p.saturated else "")
+            cpu = f"{p.server_cpu_us:.1f}" if p.server_cpu_us else "-"
             lines.append(f"| {p.server} | {p.offered:,.0f} | {p.answered_rate:,.0f} | {p.p50_ms:.3f} | {p.p90_ms:.3f} "
-                         f"| {p.p99_ms:.3f} | {p.errors} / {p.timeouts} | {note} |")
+                         f"| {p.p99_ms:.3f} | {p.errors} / {p.timeouts} | {cpu} | {note} |")
+    return "\n".join(lines)
+
+
+def _clean(point: Point) -> bool:
+    return not point.saturated and not point.generator_limited and point.server_cpu_us > 0
+
+
+def equal_load(sweeps: Sequence[Sweep], reference: str, unit: str) -> str:
+    """Server CPU per answer at each offered rate that ``reference`` and the other server both handled
+    cleanly (no saturation, no generator limit), with the ratio reference / this (below 1: the reference
+    spends less)."""
+    by_server = {s.server: {p.offered: p for p in s.points if _clean(p)} for s in sweeps}
+    base = by_server.get(reference, {})
+    lines = [f"| offered {unit} | server | server CPU µs per answer | {reference} µs | {reference} / this |",
+             "|---:|---|---:|---:|---:|"]
+    for server, points in by_server.items():
+        if server == reference:
+            continue
+        for offered in sorted(set(points) & set(base)):
+            mine, theirs = base[offered].server_cpu_us, points[offered].server_cpu_us
+            lines.append(f"| {offered:,.0f} | {server} | {theirs:.1f} | {mine:.1f} | {mine / theirs:.2f}x |")
+    if len(lines) == 2:
+        return "_no offered rate that every server handled cleanly with its CPU measured_"
     return "\n".join(lines)
 
 

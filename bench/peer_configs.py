@@ -66,6 +66,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(num.rxerr, num.txerr, num.dropped) around each counted run; served by NSD's xfrd process, not the "
             "server process", "nsd.conf(5), nsd-control(8)"),
     Setting("Knot DNS", "udp-workers", str(SERVERS), "one UDP thread", "knot.conf(5)"),
+    Setting("Knot DNS", "thread affinity", "every thread on the server core (taskset -a after start)",
+            "knotd pins UDP worker N to CPU N itself, over the affinity it was started with: on two cores its "
+            "only worker landed on the generator's core", "knotd source (udp-handler.c, udp_master), taskset(1)"),
     Setting("Knot DNS", "tcp-workers / background-workers", "1", "no extra threads competing for the core",
             "knot.conf(5)"),
     Setting("Knot DNS", "module", "none (no mod-rrl)", "no response rate limiting", "knot.conf(5), Modules"),

@@ -29,6 +29,7 @@ from bench.common import (
     CorePlan,
     cpu_seconds,
     free_port,
+    generator_cpu_seconds,
     start_dnsmasq,
     start_helper_server,
     stop,
@@ -104,6 +105,8 @@ class Sample:
     """Requests never answered: wrk's timeouts, dnsperf's lost queries."""
     drops: int = 0
     """The server's own count: queries the kernel dropped at its UDP sockets (/proc/net/udp)."""
+    generator_busy: float = 0.0
+    """Share of its core the load generator used over the run (bench.common.GENERATOR_LIMITED)."""
 
 
 def wrk(port: int, path: str, cores: CorePlan, duration: float, connections: int,
@@ -142,10 +145,12 @@ def _latency_ms(text: str) -> float:
 
 def measure_wrk(server: str, workload: str, pids: list[int], port: int, path: str, cores: CorePlan,
                 duration: float, connections: int, close: bool) -> Sample:
-    before = cpu_seconds(pids)
+    before, generator_before, started = cpu_seconds(pids), generator_cpu_seconds(), time.monotonic()
     requests, rate, p50, p99, errors, timeouts = wrk(port, path, cores, duration, connections, close)
     used = cpu_seconds(pids) - before
-    return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors, timeouts)
+    generator_busy = (generator_cpu_seconds() - generator_before) / max(time.monotonic() - started, 1e-9)
+    return Sample(server, workload, rate, used / max(requests, 1) * 1e6, p50, p99, errors, timeouts,
+                  generator_busy=generator_busy)
 
 
 def _start_script(cores: CorePlan, script: str, *args: str) -> tuple[subprocess.Popen, int]:
@@ -279,7 +284,7 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
                own_errors: Callable[[], int] | None = None) -> None:
         result = dns_load.measure(server, workload, process.pid, port, queries, seconds, own_errors=own_errors)
         samples.append(Sample(server, workload, result.qps, result.cpu_us_per_query, result.p50_ms, result.p99_ms,
-                              result.errors, result.lost, result.drops))
+                              result.errors, result.lost, result.drops, result.generator_busy))
 
     try:
         upstream_port = free_port()
@@ -296,6 +301,7 @@ def dns_extra(directory: Path, cores: CorePlan, seconds: float, instances: int) 
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             processes.append(knot)
             dns_load.wait_udp(knot_port, data.first_name)
+            cores.repin_server_threads(knot.pid)
             record("knot", "all hits", knot, knot_port, data.hits)
             stop(knot)
 
@@ -345,7 +351,7 @@ def dns_load_run(seconds: float, instances: int) -> list[Sample]:
             raise RuntimeError(f"dns_load.py failed twice ({done.returncode}): {done.stderr[-500:]}")
     rows, _ = json.JSONDecoder().raw_decode(done.stdout.lstrip())
     return [Sample(r["server"], r["workload"], r["qps"], r["cpu_us_per_query"], r["p50_ms"], r["p99_ms"],
-                   r.get("errors", 0), r["lost"], r.get("drops", 0)) for r in rows]
+                   r.get("errors", 0), r["lost"], r.get("drops", 0), r.get("generator_busy", 0.0)) for r in rows]
 
 
 DNS_SERVERS = ("edge", "nsd", "knot", "dnsmasq")
@@ -376,6 +382,8 @@ def start_dns_server(kind: str, directory: Path, cores: CorePlan, data: DnsData)
         raise ValueError(f"unknown DNS server {kind!r} (known: {', '.join(DNS_SERVERS)})")
     try:
         dns_load.wait_udp(port, data.first_name, timeout=30)
+        if kind == "knot":
+            cores.repin_server_threads(process.pid)
         if kind == "edge":
             dns_load.dnsperf(port, data.hits, 1)  # first use renders and memoizes each answer
     except Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from bench.common import median_range
+from bench.common import GENERATOR_LIMITED, median_range
 from bench.peers import Sample
 
 
@@ -46,7 +46,10 @@ def comparison(samples: Sequence[Sample], reference: str, unit: str) -> str:
     Ratios read "reference / this server": above 1 in the rate column and below 1
     in the CPU column mean the reference (edge) does better.  When any server in
     the table shows errors, timeouts or drops, no ratio is printed: the ratio
-    cells say INVALID and a line under the table gives the reasons.
+    cells say INVALID and a line under the table gives the reasons.  A rate
+    ratio where the load generator saturated its own core in either server's
+    runs (median share over ``GENERATOR_LIMITED``) is marked: it compares the
+    generator with itself, and only the CPU column compares the servers.
     """
     servers: dict[str, list[Sample]] = {}
     for sample in samples:
@@ -57,6 +60,8 @@ def comparison(samples: Sequence[Sample], reference: str, unit: str) -> str:
     base = servers.get(reference)
     base_rate = statistics.median(s.rate for s in base) if base else 0.0
     base_cpu = statistics.median(s.cpu_us for s in base) if base else 0.0
+    base_limited = bool(base) and _generator_limited(base)
+    any_limited = False
     lines = [f"| server | runs | {unit} median (min-max) | server CPU us/request median (min-max) | p50 ms | p99 ms "
              f"| errors / timeouts / drops | {reference} / this, rate | {reference} / this, CPU per request |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -70,6 +75,9 @@ def comparison(samples: Sequence[Sample], reference: str, unit: str) -> str:
         else:
             rate_ratio = f"{base_rate / rate:.2f}x" if rate else "-"
             cpu_ratio = f"{base_cpu / cpu:.2f}x" if cpu else "-"
+            if rate and (base_limited or _generator_limited(runs)):
+                rate_ratio += " (generator-limited)"
+                any_limited = True
         lines.append(
             f"| {server} | {len(runs)} | {_spread([s.rate for s in runs])} | {_spread([s.cpu_us for s in runs], 1)} "
             f"| {statistics.median(s.p50_ms for s in runs):.3f} | {statistics.median(s.p99_ms for s in runs):.3f} "
@@ -77,7 +85,15 @@ def comparison(samples: Sequence[Sample], reference: str, unit: str) -> str:
             f"| {rate_ratio} | {cpu_ratio} |")
     if invalid:
         lines += ["", f"**INVALID: no ratio, a server was not error-free** ({'; '.join(invalid)})."]
+    elif any_limited:
+        lines += ["", "_generator-limited_: the load generator used more than "
+                      f"{GENERATOR_LIMITED:.0%} of its core in those runs, so that rate is the generator's, not the "
+                      "server's maximum; compare CPU per request (and the equal-load table) instead."]
     return "\n".join(lines)
+
+
+def _generator_limited(runs: Sequence[Sample]) -> bool:
+    return statistics.median(s.generator_busy for s in runs) > GENERATOR_LIMITED
 
 
 def key_values(title: str, values: dict[str, str]) -> str:

@@ -15,6 +15,7 @@ from bench.open_loop import (
     Point,
     Sweep,
     _response_end,
+    equal_load,
     http_point,
     latency_point,
     markdown,
@@ -64,7 +65,22 @@ def test_a_sweep_stops_after_the_first_saturated_point() -> None:
     result = sweep("edge", "dns", [100, 200, 300, 400], measure, log=lambda _: None)
     assert [p.offered for p in result.points] == [100, 200, 300]
     table = markdown([result], "queries/s").splitlines()
-    assert table[-1].startswith("| edge | 300 | 250 |") and table[-1].endswith("| 0 / 50 | saturated |")
+    assert table[-1].startswith("| edge | 300 | 250 |") and table[-1].endswith("| 0 / 50 | - | saturated |")
+
+
+def test_equal_load_compares_cpu_only_where_both_servers_answered_cleanly() -> None:
+    def point(server: str, rate: float, cpu: float, answered: float | None = None) -> Point:
+        done = int(rate if answered is None else answered)
+        measured = latency_point(server, rate, 1.0, int(rate), [0.001] * done, 0, int(rate) - done)
+        measured.server_cpu_us = cpu
+        return measured
+
+    edge = Sweep("edge", "dns", [point("edge", 100, 9.0), point("edge", 200, 8.0), point("edge", 300, 7.0, 200)])
+    nsd = Sweep("nsd", "dns", [point("nsd", 100, 7.5), point("nsd", 200, 6.4), point("nsd", 300, 6.0)])
+    table = equal_load([edge, nsd], "edge", "queries/s").splitlines()
+    assert table[2:] == ["| 100 | nsd | 7.5 | 9.0 | 1.20x |", "| 200 | nsd | 6.4 | 8.0 | 1.25x |"]
+    assert "| 9.0 |" in markdown([edge], "queries/s").splitlines()[2]
+    assert equal_load([edge], "edge", "queries/s").startswith("_no offered rate")
 
 
 class _Answering(threading.Thread):

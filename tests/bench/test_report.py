@@ -81,3 +81,14 @@ def test_wrk_latency_units() -> None:
 def test_tool_version_reads_the_version_or_says_missing() -> None:
     assert tool_version([sys.executable, "--version"]) == ".".join(map(str, sys.version_info[:3]))
     assert tool_version(["no-such-tool-" + str(os.getpid())]) == "missing"
+
+
+def test_a_rate_the_generator_set_is_marked_as_such() -> None:
+    samples = [Sample("edge", "hits", 150, 6.0, 0.1, 1.0, generator_busy=0.99),
+               Sample("nsd", "hits", 140, 6.5, 0.1, 1.0, generator_busy=0.98)]
+    table = comparison(samples, "edge", "qps")
+    assert table.splitlines()[3].endswith("| 1.07x (generator-limited) | 0.92x |")
+    assert "_generator-limited_" in table
+    quiet = [Sample("edge", "hits", 150, 6.0, 0.1, 1.0, generator_busy=0.5),
+             Sample("nsd", "hits", 140, 6.5, 0.1, 1.0, generator_busy=0.6)]
+    assert "generator-limited" not in comparison(quiet, "edge", "qps")

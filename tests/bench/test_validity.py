@@ -120,7 +120,9 @@ def test_results_show_the_calibration_ranges_in_force() -> None:
 
     results = (Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md").read_text()
     assert ranges_table() in results
-    assert "| nsd | local hits | 260,000-460,000 |" in ranges_table()
+    # NSD's range sits well above its RRL-limited rate (200 queries/s per source) and around what one
+    # generator core can offer it here.
+    assert "| nsd | local hits | 105,000-190,000 |" in ranges_table()
 
 
 def test_edge_own_count_of_dropped_dns_replies_is_read_from_its_metrics() -> None:
