@@ -2,8 +2,8 @@
 
 A new serial of a large view usually changes a few instances.  Instead of
 indexing every instance again, :func:`apply_delta` copies the previous
-snapshot's dictionaries (one C-level copy each, a few milliseconds even at
-100k entries), removes what the removed or changed instances contributed, adds
+snapshot's indexes shard by shard (:mod:`edge.view.sharded`: only the shards
+the changed keys fall in are copied), removes what the removed or changed instances contributed, adds
 what the new or changed ones contribute, and recomputes only the DNS names those
 instances touch.  The result is equal, index by index, to a full build of the
 same view (``tests/view/test_delta.py`` checks this on random mutations).
@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from edge.view.keyspace import InstanceChanges
 from edge.view.model import DEFAULT_NETWORK, Instance, View
+from edge.view.sharded import ShardedEditor, ShardedIndex
 from edge.view.snapshot import (
+    COUNTS_KEY,
     IndexState,
     LocalRecord,
     Preparer,
     Snapshot,
+    ViewCounts,
     _Indexer,
     _NameTable,
     _zones,
@@ -85,11 +87,12 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
         while new_ids:
             pop()
 
-    instances = _copy(old_instances)
-    by_private = _copy(previous.by_private)
-    by_public = _copy(previous.by_public)
-    by_mac = _copy(previous.by_mac)
-    contributors = _copy(state.contributors)
+    # Each index's next version copies only the shards the changed keys fall in.
+    instances = _editor(old_instances)
+    by_private = _editor(previous.by_private)
+    by_public = _editor(previous.by_public)
+    by_mac = _editor(previous.by_mac)
+    contributors = _editor(state.contributors)
     shared = set(state.shared)
     flat_prefixes = dict(state.flat_prefixes)
     public_zones = dict(state.public_zones)
@@ -130,7 +133,7 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
 
     if reordered:
         affected |= shared
-    names = _copy(previous.names)
+    names = _editor(previous.names)
     if affected:
         # Every instance that adds to an affected name contributes again, in document order,
         # so records within a name come out in the order a full build gives them.
@@ -164,13 +167,20 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
     if flat_prefixes.keys() != state.flat_prefixes.keys() or public_zones.keys() != state.public_zones.keys():
         zones = _zones(view, flat_prefixes.keys(), public_zones.keys())
     snapshot = Snapshot(
-        view=view, generation=next_generation(), built_at=time.time(), instances=instances,
-        by_private=by_private, by_public=by_public, by_mac=by_mac, names=names, zones=zones,
-        network_ids=previous.network_ids,
+        view=view, generation=next_generation(), built_at=time.time(), instances=instances.freeze(),
+        by_private=by_private.freeze(), by_public=by_public.freeze(), by_mac=by_mac.freeze(), names=names.freeze(),
+        zones=zones, network_ids=previous.network_ids,
     )
+    counted = previous.extras.get(COUNTS_KEY)
+    if counted is not None:
+        # Counted from the previous counts: counting interfaces afresh walks every instance.
+        interfaces = cast(ViewCounts, counted)["interfaces"]
+        interfaces += sum(len(i.interfaces) for i in added) - sum(len(i.interfaces) for i in removed)
+        snapshot.extras[COUNTS_KEY] = ViewCounts(networks=len(view.networks), instances=len(snapshot.instances),
+                                                 interfaces=interfaces, names=len(snapshot.names))
     for prepare in preparers:
         prepare(snapshot)
-    return snapshot, IndexState(contributors, shared, flat_prefixes, public_zones)
+    return snapshot, IndexState(contributors.freeze(), shared, flat_prefixes, public_zones)
 
 
 def _reordered(old: View, new: View, new_ids: set[str], old_instances: Mapping[str, Instance]) -> bool:
@@ -179,22 +189,14 @@ def _reordered(old: View, new: View, new_ids: set[str], old_instances: Mapping[s
             != [i.id for i in new.instances if i.id in old_instances])
 
 
-COPY_CHUNK = 4096
-"""Entries copied per C call: a served snapshot's objects are cold in the CPU caches, and copying
-100k entries in one call (touching every key and value) holds the interpreter lock for tens of ms."""
+def _editor(index: Mapping[K, V]) -> ShardedEditor[K, V]:
+    """The next version of a snapshot index (a plain mapping is sharded first: an index built elsewhere)."""
+    if not isinstance(index, ShardedIndex):
+        index = ShardedIndex.of(index)
+    return index.edit()
 
 
-def _copy(source: Mapping[K, V]) -> dict[K, V]:
-    if len(source) <= COPY_CHUNK:
-        return dict(source)
-    out: dict[K, V] = {}
-    items = iter(source.items())
-    for _ in range(0, len(source), COPY_CHUNK):
-        out.update(islice(items, COPY_CHUNK))
-    return out
-
-
-def _claim(index: dict[K, V], own: Mapping[K, V]) -> bool:
+def _claim(index: ShardedEditor[K, V], own: Mapping[K, V]) -> bool:
     """Add ``own`` to ``index``; False as soon as one of its keys is already there."""
     for key, value in own.items():
         if key in index:

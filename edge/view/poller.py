@@ -397,7 +397,8 @@ class Poller:
         self._memo = pending if pending is not None and pending.generation == snapshot.generation else None
         loop = asyncio.get_running_loop()
         if holder:
-            task = loop.create_task(asyncio.to_thread(release_gradually, holder))
+            task = loop.create_task(asyncio.to_thread(release_gradually, holder, self._memo is not None
+                                                      and self._memo.delta))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
         if previous_memo:

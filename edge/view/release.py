@@ -12,7 +12,9 @@ The reference count is checked first; if anyone still holds the snapshot
 (a request waiting on an upstream, say), it is left to ordinary reclamation.
 
 A snapshot built as a delta (:mod:`edge.view.delta`) shares most values with
-the one it replaced: instances, attachments, name entries.  Only containers are
+the one it replaced: instances, attachments, name entries, and the shards of
+its indexes (:mod:`edge.view.sharded`), which are released by dropping this
+snapshot's references to them, never emptied.  Only containers are
 emptied here (dicts, lists, the attributes of protocol extras), never the
 values in them, so shared values simply lose one reference and live on in the
 new snapshot; only what nobody else refers to is freed.
@@ -24,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from edge.view.sharded import ShardedIndex
 from edge.view.snapshot import Snapshot
 
 BATCH = 2000
@@ -32,11 +35,13 @@ WAIT_FOR_HOLDERS = 5.0
 """Seconds to wait for requests that still hold the old snapshot to finish."""
 
 
-def release_gradually(holder: list[Snapshot]) -> bool:
+def release_gradually(holder: list[Snapshot], replaced_by_delta: bool = False) -> bool:
     """Empty and free the only snapshot in ``holder``; False if someone else held it.
 
     Runs in a worker thread.  ``holder`` is a one-element list so that this
-    function owns the only reference the caller passed.
+    function owns the only reference the caller passed.  ``replaced_by_delta``:
+    the snapshot that replaced it was built from it, so its instances live on
+    and dropping them is only a matter of reference counts.
     """
     snapshot = holder.pop()
     deadline = time.monotonic() + WAIT_FOR_HOLDERS
@@ -52,6 +57,8 @@ def release_gradually(holder: list[Snapshot]) -> bool:
     for index in (snapshot.names, snapshot.by_private, snapshot.by_public, snapshot.by_mac, snapshot.instances):
         _empty(index)
     del snapshot
+    if replaced_by_delta:
+        instances.clear()  # all but the few changed ones are the next view's: one short C-level pass
     while instances:
         del instances[-BATCH // 4:]
         time.sleep(0)
@@ -59,7 +66,20 @@ def release_gradually(holder: list[Snapshot]) -> bool:
 
 
 def _empty(container: Any) -> None:
-    if isinstance(container, dict):
+    if isinstance(container, ShardedIndex):
+        # Shards are shared with the snapshot that replaced this one: drop references, never empty them.
+        # Those nobody else holds are freed then, each a short cascade.
+        shards = container.detach()
+        freed = 0
+        while shards:
+            shard = shards.pop()
+            if sys.getrefcount(shard) <= 2:  # this name and getrefcount's argument: freed just below
+                freed += len(shard)
+            del shard
+            if freed >= BATCH:
+                time.sleep(0)
+                freed = 0
+    elif isinstance(container, dict):
         popitem = container.popitem
         while container:
             for _ in range(min(BATCH, len(container))):
@@ -75,7 +95,7 @@ def _empty(container: Any) -> None:
             name: getattr(container, name) for name in getattr(type(container), "__slots__", ())
             if hasattr(container, name)}
         for value in attributes.values():
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list, ShardedIndex)):
                 _empty(value)
 
 

@@ -17,11 +17,12 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict, cast
+from typing import Any, TypedDict, cast
 
 from edge.errors import ViewInvalid
 from edge.view.model import DEFAULT_NETWORK, Instance, Interface, Value, View
 from edge.view.parse import cross_instance_problems
+from edge.view.sharded import ShardedIndex
 
 _generations = itertools.count(1)
 
@@ -253,7 +254,11 @@ class _NameTable:
         return out
 
 
-def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str) -> None:
+MutableContributors = Any
+"""A dict while a full build runs, a :class:`ShardedEditor` while a delta does (``get``, item set and delete)."""
+
+
+def add_contributor(contributors: MutableContributors, name: str, instance_id: str) -> None:
     """Note that ``instance_id`` adds records to ``name``."""
     owner = contributors.get(name)
     if owner is None:
@@ -265,7 +270,7 @@ def add_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, i
         contributors[name] = owner + (instance_id,)
 
 
-def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, instance_id: str,
+def drop_contributor(contributors: MutableContributors, name: str, instance_id: str,
                      shared: set[str]) -> None:
     owner = contributors.get(name)
     if owner is None:
@@ -282,7 +287,7 @@ def drop_contributor(contributors: dict[str, str | tuple[str, ...]], name: str, 
         contributors[name] = rest
 
 
-def contributor_ids(contributors: dict[str, str | tuple[str, ...]], name: str) -> tuple[str, ...]:
+def contributor_ids(contributors: MutableContributors, name: str) -> tuple[str, ...]:
     owner = contributors.get(name)
     if owner is None:
         return ()
@@ -297,8 +302,9 @@ class IndexState:
     disappears only when the last address in it does.
     """
 
-    contributors: dict[str, str | tuple[str, ...]]
-    """Name -> id (or ids) of the instances that add records to it (``dns_records`` not included)."""
+    contributors: Mapping[str, str | tuple[str, ...]]
+    """Name -> id (or ids) of the instances that add records to it (``dns_records`` not included); a
+    :class:`ShardedIndex` once the build is done, edited shard by shard by the next delta."""
     shared: set[str]
     """Names to which several instances add records in one horizon (say, two addresses rendering the
     same name): their records' order follows the instances' order in the document.  Overlapping
@@ -402,8 +408,9 @@ def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = (),
     view parsed without them: the indexes find duplicates for free, and only then is the
     view walked again to explain them.  Raises :class:`ViewInvalid`.
     """
-    state = IndexState({}, set(), {}, {})
-    names = _NameTable(state.contributors, state.shared)
+    contributors: dict[str, str | tuple[str, ...]] = {}
+    state = IndexState(contributors, set(), {}, {})
+    names = _NameTable(contributors, state.shared)
     indexer = _indexer(view, names)
     indexer.flat_prefixes, indexer.public_zones = state.flat_prefixes, state.public_zones
     instances: dict[str, Instance] = {}
@@ -415,12 +422,15 @@ def build_snapshot_tracked(view: View, preparers: Iterable[Preparer] = (),
         raise ViewInvalid(cross_instance_problems(view.instances))
     for record in view.cloud.dns_records:
         names.add(record.name, LocalRecord(record.type, record.value, record.ttl))
+    # Sharded, so the next serial's delta copies only the shards its changes fall in.
     snapshot = Snapshot(
-        view=view, generation=next(_generations), built_at=time.time(), instances=instances,
-        by_private=indexer.by_private, by_public=indexer.by_public, by_mac=indexer.by_mac, names=names.freeze(),
+        view=view, generation=next(_generations), built_at=time.time(), instances=ShardedIndex.of(instances),
+        by_private=ShardedIndex.of(indexer.by_private), by_public=ShardedIndex.of(indexer.by_public),
+        by_mac=ShardedIndex.of(indexer.by_mac), names=ShardedIndex.of(names.freeze()),
         zones=_zones(view, state.flat_prefixes.keys(), state.public_zones.keys()),
         network_ids=network_ids_of(view),
     )
+    state.contributors = ShardedIndex.of(state.contributors)
     # Counted while indexing, so remember_counts need not walk the instances again.
     counts: ViewCounts = {"networks": len(view.networks), "instances": len(instances),
                           "interfaces": indexer.interfaces, "names": len(snapshot.names)}
