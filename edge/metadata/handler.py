@@ -4,7 +4,11 @@
 when the answer needs the slow path (an unknown source waiting for a fresher
 view, or credentials not yet cached); the service resolves those off the hot
 path and calls back in.  Order of checks: method and token path, who is
-asking, endpoint enabled, rate limit, token, then the rendered answer.
+asking, endpoint enabled, rate limit, token, then the rendered answer.  Where
+all of them come down to the rendered answer for a peer (its instance known,
+enabled, no token required, no rate limit or fallback), :meth:`identify` hands
+the peer the renderer's table of its answers, so the connection protocol can
+answer a GET without a token by one lookup.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from edge.metadata.responses import ANSWERS, TOKEN_OPTIONS, Outcome, Response, r
 from edge.metadata.tree import VERSION_SET, CredentialsLeaf, split_path
 from edge.ratelimit import RateLimiter
 from edge.view.model import Instance, MetadataOptions
-from edge.view.snapshot import Snapshot
+from edge.view.snapshot import Attachment, Snapshot
 
 TTL_HEADER = b"X-aws-ec2-metadata-token-ttl-seconds: "
 _time = time.time
@@ -119,8 +123,9 @@ class MetadataHandler:
 
         if snapshot is None:
             return self._unknown(peer.network, peer.address, request)
-        if not peer.trusted and peer.generation == snapshot.generation:
-            # What attachment_for answers for a peer asking as itself, already looked up in this snapshot.
+        if not peer.trusted:
+            if peer.generation != snapshot.generation:
+                self.identify(snapshot, peer)
             attachment = peer.attachment
             if attachment is None:
                 return self._unknown(peer.network, peer.address, request)
@@ -183,6 +188,25 @@ class MetadataHandler:
                 return found.head_keep_alive if request.keep_alive else found.head_close
             return found.keep_alive if request.keep_alive else found.close
         return found.wire_with(ttl_line, request.keep_alive, head_only)
+
+    def identify(self, snapshot: Snapshot, peer: Peer) -> None:
+        """Look up, once per snapshot, what ``peer`` (asking as itself: not a proxy) is attached to, and
+        the answers a plain GET from it gets (:attr:`Peer.answers`); remembered on the peer."""
+        peer.attachment = attachment = attachment_for(snapshot, peer, None, None)[2]
+        peer.answers = self._plain_answers(snapshot, attachment)
+        peer.generation = snapshot.generation
+
+    def _plain_answers(self, snapshot: Snapshot, attachment: Attachment | None) -> dict[bytes, Response] | None:
+        """The renderer's table of the instance's answers when :meth:`answer` gives a GET without a token
+        the rendered response for its target and nothing else (and the protocol may look it up itself);
+        None when more is checked per request: an unknown address, the endpoint disabled or tokens
+        required (by the instance's options), the rate limit on, or a metadata fallback asked first."""
+        if attachment is None or self.limiter.rate > 0 or self.fallback is not None:
+            return None
+        options = attachment.instance.metadata_options
+        if not options.endpoint_enabled or options.tokens_required:
+            return None
+        return self.renderer.answers_of(snapshot, attachment.instance)
 
     def _put(self, snapshot: Snapshot | None, peer: Peer, request: Request, version: str, now: float,
              mono: float) -> bytes | Pending:

@@ -3,7 +3,8 @@
 Identifying headers (``X-Forwarded-For`` and the network headers) count only
 when the connection comes from a configured proxy; from anyone else they never
 change who is asking.  Whether a peer is a proxy is decided once per
-connection.
+connection; what a peer asking as itself is attached to, once per snapshot
+(the handler remembers it on the :class:`Peer`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from edge.metadata.responses import Response
 from edge.view.snapshot import Attachment, Snapshot
 
 NETWORK_HEADERS = (b"x-edge-network-id", b"x-neutron-network-id")
@@ -26,8 +28,19 @@ class Peer:
     trusted: bool
     """The peer is a configured proxy, so its identifying headers count."""
     generation: int = -1
-    """Snapshot generation ``attachment`` was looked up in (untrusted peers ask as themselves every time)."""
+    """Snapshot generation ``attachment`` and ``answers`` belong to (untrusted peers ask as themselves every
+    time, so the handler looks them up once per snapshot; -1: not looked up)."""
     attachment: Attachment | None = None
+    answers: dict[bytes, Response] | None = None
+    """The rendered answers of the peer's instance by raw request target, when a plain GET from it (no
+    token or identifying header) needs no other check; else None.  Set by the handler with ``attachment``,
+    read by the connection protocol to answer such a GET with one lookup."""
+
+    def forget(self) -> None:
+        """Look the attachment and answers up again on the next request (the handler's configuration changed)."""
+        self.generation = -1
+        self.attachment = None
+        self.answers = None
 
 
 class TrustedProxies:
@@ -68,10 +81,7 @@ def attachment_for(snapshot: Snapshot, peer: Peer, forwarded_for: bytes | None,
     network = peer.network
     address = peer.address
     if not peer.trusted:
-        if peer.generation != snapshot.generation:
-            peer.attachment = snapshot.by_private.get((network, address))
-            peer.generation = snapshot.generation
-        return network, address, peer.attachment
+        return network, address, snapshot.by_private.get((network, address))
     if forwarded_for is not None:
         named = forwarded_address(forwarded_for)
         if named is None:

@@ -3,7 +3,8 @@
 A request target is looked up by its raw bytes, so a repeated request costs two
 dictionary lookups: no path parsing, JSON encoding or formatting.  The memo is
 bounded (it is dropped whole when full, then refilled by what is asked for)
-and keyed by snapshot generation, so a swap invalidates it without a purge.
+and keyed by snapshot generation, so a swap invalidates it.  Each instance's rendered responses are one table (:meth:`Renderer.answers_of`),
+which a connection may hold to answer a plain GET with one lookup.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ class Renderer:
         self.signer = signer
         self.max_entries = max_entries
         self._generation = -1
-        """Snapshot generation ``_answers`` belong to."""
-        self._answers: dict[str, dict[bytes, Answer]] = {}
-        """instance id -> raw target -> answer (_MISSING for a 404); read and written by :meth:`lookup` only."""
+        """Snapshot generation the memo belongs to."""
+        self._answers: dict[str, dict[bytes, Response]] = {}
+        """instance id -> raw target -> rendered response (see :meth:`answers_of`)."""
+        self._others: dict[str, dict[bytes, CredentialsLeaf]] = {}
+        """instance id -> raw target -> what is not a rendered response: a credentials leaf, or _MISSING
+        for a 404.  Both tables are read and written by :meth:`lookup` only."""
         self._trees: dict[str, Directory] = {}
         self._shared: dict[tuple[bool, bytes], Response] = {}
         """One Response per distinct body: most leaves (region, "[]", listings) repeat across instances."""
@@ -54,20 +58,39 @@ class Renderer:
         if answers is not None:
             found = answers.get(target)
             if found is not None:
-                return None if found is _MISSING else found
-        else:
-            answers = self._answers[instance.id] = {}
-        found = self._render(snapshot, instance, target)
+                return found
+        others = self._others.get(instance.id)
+        if others is not None:
+            other = others.get(target)
+            if other is not None:
+                return None if other is _MISSING else other
+        rendered = self._render(snapshot, instance, target)
         if self._entries >= self.max_entries:
             self._reset(snapshot.generation)
-            answers = self._answers[instance.id] = {}
-        answers[target] = _MISSING if found is None else found
+        if isinstance(rendered, Response):
+            self.answers_of(snapshot, instance)[target] = rendered
+        else:
+            self._others.setdefault(instance.id, {})[target] = _MISSING if rendered is None else rendered
         self._entries += 1
-        return found
+        return rendered
+
+    def answers_of(self, snapshot: Snapshot, instance: Instance) -> dict[bytes, Response]:
+        """The table of ``instance``'s rendered responses in ``snapshot`` by raw target, which :meth:`lookup`
+        fills: a caller may hold it for the rest of the snapshot.  A reset empties the tables in place, so a
+        table held is never wrong and never pins answers the memo has let go."""
+        if snapshot.generation != self._generation:
+            self._reset(snapshot.generation)
+        answers = self._answers.get(instance.id)
+        if answers is None:
+            answers = self._answers[instance.id] = {}
+        return answers
 
     def _reset(self, generation: int) -> None:
+        for answers in self._answers.values():
+            answers.clear()
         self._generation = generation
         self._answers = {}
+        self._others = {}
         self._trees = {}
         self._shared = {}
         self._entries = 0

@@ -199,6 +199,10 @@ class MetadataService(Listeners, Service):
         self.limits = ProtocolLimits.of(metadata)
         self.trusted_proxies = TrustedProxies(metadata.trusted_proxies)
         self.peers = OrderedDict()
+        # What a peer's plain GETs get (Peer.answers) depends on the rate limit, the fallback and the
+        # renderer set above: open connections look it up again.
+        for connection in self.connections:
+            connection.peer.forget()
         self._configure_fallback(config)
         self.config = config
         log.info("metadata configuration reloaded keys=%d", len(keys.by_id))

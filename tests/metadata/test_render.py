@@ -42,6 +42,29 @@ def test_memo_is_bounded_and_shares_identical_answers(tmp_path):
     assert isinstance(answer, Response) and answer.body == b"i-0de0000000000001"
 
 
+def test_an_instance_table_holds_its_rendered_answers_and_is_emptied_by_a_reset(tmp_path):
+    renderer = Renderer(ensure_signer(tmp_path), max_entries=3)
+    first = snapshot_of(demo())
+    instance = first.instances["i-0de0000000000001"]
+    table = renderer.answers_of(first, instance)
+    answer = renderer.lookup(first, instance, b"/latest/meta-data/instance-type")
+    assert table == {b"/latest/meta-data/instance-type": answer}
+    renderer.lookup(first, instance, b"/latest/meta-data/no-such-thing")  # a 404 is not a rendered answer
+    renderer.lookup(first, instance, b"/latest/meta-data/iam/security-credentials/demo-role")  # nor credentials
+    assert list(table) == [b"/latest/meta-data/instance-type"]
+    # Full: the memo starts again, and the table held is emptied rather than left to grow or pin answers.
+    renderer.lookup(first, instance, b"/latest/meta-data/instance-id")
+    assert table == {}
+    assert renderer.answers_of(first, instance) == {b"/latest/meta-data/instance-id": renderer.lookup(
+        first, instance, b"/latest/meta-data/instance-id")}
+    # A new snapshot: every table held from the last one is emptied; none answers from the old view.
+    held = renderer.answers_of(first, instance)
+    second = snapshot_of(demo(**{"i-0de0000000000001": {"instance_type": "m5.large"}}))
+    assert renderer.lookup(second, second.instances["i-0de0000000000001"],
+                           b"/latest/meta-data/instance-type").body == b"m5.large"  # type: ignore[union-attr]
+    assert held == {}
+
+
 def test_split_path():
     assert split_path(b"/") == []
     assert split_path(b"//latest//meta-data/x/?a=b") == ["latest", "meta-data", "x"]
