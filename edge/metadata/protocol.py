@@ -25,7 +25,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -222,16 +222,18 @@ class MetadataProtocol(asyncio.Protocol):
         """The target so far: a request's first (nearly always only) piece is kept as is (b"" + url is url)."""
         self._header_size = 0
         self._body_size = 0
-        self._request = Request(b"", b"")
-        """Reused for every request answered inline; a request handed to the slow path keeps its own."""
+        self._request: Request | None = None
+        """Reused for every request answered inline; a request handed to the slow path keeps its own.
+        Made when first needed: a request the table of answers takes (on_message_complete) needs none."""
         self._has_fields = False
 
     # -- connection ------------------------------------------------------------------------------
 
     def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
         # A stream listener's connections always have a full Transport (the base type is asyncio's
-        # signature for every kind of protocol).
-        self.transport = transport = cast(asyncio.Transport, base_transport)
+        # signature for every kind of protocol); not typing.cast, a Python call per connection.
+        transport: asyncio.Transport = base_transport  # type: ignore[assignment]
+        self.transport = transport
         service = self.service
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else ""
@@ -362,6 +364,8 @@ class MetadataProtocol(asyncio.Protocol):
             field = _HEADER_FIELDS.get(name.lower())
             if field is not None:
                 request = self._request
+                if request is None:
+                    request = self._request = Request(b"", b"")
                 if field in _SINGLE_FIELDS and getattr(request, field) is not None:
                     # Sent twice, the header has no one meaning: an empty value is refused where it is
                     # used (400 for a token lifetime, 401 for a token), whatever the order.
@@ -404,6 +408,8 @@ class MetadataProtocol(asyncio.Protocol):
                     self.send(found.keep_alive if keep_alive else found.close, target, keep_alive, _monotonic())
                     return
         request = self._request
+        if request is None:
+            request = self._request = Request(b"", b"")
         request.method = method
         request.target = target
         request.keep_alive = keep_alive
@@ -414,12 +420,12 @@ class MetadataProtocol(asyncio.Protocol):
             if self.queue is None:
                 self.queue = deque()
             self.queue.append(request)
-            self._request = Request(b"", b"")
+            self._request = None
             self._has_fields = False
             return
         if not self.handle(request):
             # The slow path keeps this request: the next one gets its own.
-            self._request = Request(b"", b"")
+            self._request = None
             self._has_fields = False
         elif self._has_fields or request.hop_limit:
             request.token = request.token_ttl = request.forwarded_for = request.network_header = None
