@@ -67,15 +67,18 @@ class SocketDatagrams:
         """The socket address of datagram ``index`` of the last batch, for a reply sent later."""
         return self.sources[index]
 
-    def reply(self, index: int, data: bytes) -> None:
-        try:
-            self.sock.sendto(data, self.sources[index])
-        except OSError:
-            self._dropped += 1
-
-    def flush(self) -> int:
-        """The number of this batch's replies that were dropped (sent already, one by one)."""
-        dropped, self._dropped = self._dropped, 0
+    def send(self, replies: list[bytes | None]) -> int:
+        """Send ``replies[index]`` to the source of datagram ``index`` of the last batch (None: no reply);
+        return how many the kernel would not take."""
+        sendto = self.sock.sendto
+        sources = self.sources
+        dropped = 0
+        for index, reply in enumerate(replies):
+            if reply is not None:
+                try:
+                    sendto(reply, sources[index])
+                except OSError:
+                    dropped += 1
         return dropped
 
 
@@ -154,23 +157,18 @@ class BatchDatagrams:
         self._in_lengths = memoryview(self._in_headers).cast("B").cast("I")[_MMsgHdr.length.offset // 4::16]
         self._out_words = memoryview(self._out_headers).cast("B").cast("Q")
         self._out_lengths = memoryview(self._out_vectors).cast("B").cast("Q")
-        self._in_view = memoryview(self._in)
         self._out_view = memoryview(self._out)
         self._names_view = memoryview(self._names).cast("B")
         self._name_words = self._names_view.cast("Q")
         self._addresses: dict[object, str] = {}
-        self._count = 0
-        self._pending = 0
 
     def receive(self) -> list[tuple[bytes, str]]:
         """(payload, source address) of every datagram waiting, up to ``BATCH``."""
         count = self._recvmmsg(self.fd, self._in_address, BATCH, _MSG_DONTWAIT, None)
         if count <= 0:
-            self._count = 0
             return []  # nothing waiting (EAGAIN), or an error report for an earlier reply: nothing to do
-        self._count = count
         lengths = self._in_lengths
-        view = self._in_view
+        view = self._in  # slicing the mapping itself gives bytes in one step
         addresses = self._addresses
         received = []
         if self.family == socket.AF_INET:
@@ -182,7 +180,7 @@ class BatchDatagrams:
                 if address is None:
                     address = self._address(index, key)
                 start = index * _SLOT
-                received.append((view[start:start + lengths[index]].tobytes(), address))
+                received.append((view[start:start + lengths[index]], address))
         else:
             names = self._names_view
             for index in range(count):
@@ -191,7 +189,7 @@ class BatchDatagrams:
                 if address is None:
                     address = self._address(index, name_key)
                 start = index * _SLOT
-                received.append((view[start:start + lengths[index]].tobytes(), address))
+                received.append((view[start:start + lengths[index]], address))
         return received
 
     def _address(self, index: int, key: object) -> str:
@@ -215,22 +213,24 @@ class BatchDatagrams:
             host = socket.getnameinfo((host, port, flowinfo, scope), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
         return host, port, flowinfo, scope
 
-    def reply(self, index: int, data: bytes) -> None:
-        """Queue ``data`` for the source of datagram ``index``; :meth:`flush` sends the queue."""
-        pending = self._pending
-        start = pending * _SLOT
-        size = len(data)
-        self._out_view[start:start + size] = data
-        self._out_lengths[pending * 2 + 1] = size
-        self._out_words[pending * 8] = self._names_base + index * _NAME
-        self._pending = pending + 1
-
-    def flush(self) -> int:
-        """Send the queued replies; return how many were dropped."""
-        pending = self._pending
+    def send(self, replies: list[bytes | None]) -> int:
+        """Send ``replies[index]`` to the source of datagram ``index`` of the last batch (None: no reply),
+        all in one ``sendmmsg`` when the kernel takes them; return how many it would not take."""
+        out = self._out_view
+        lengths = self._out_lengths
+        words = self._out_words
+        names_base = self._names_base
+        pending = 0
+        for index, reply in enumerate(replies):
+            if reply is not None:
+                start = pending * _SLOT
+                size = len(reply)
+                out[start:start + size] = reply
+                lengths[pending * 2 + 1] = size
+                words[pending * 8] = names_base + index * _NAME
+                pending += 1
         if not pending:
             return 0
-        self._pending = 0
         sent = dropped = 0
         while sent < pending:
             count = self._sendmmsg(self.fd, self._out_address + sent * 64, pending - sent, _MSG_DONTWAIT)

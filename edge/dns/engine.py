@@ -10,13 +10,24 @@ The common case avoids every general parser: a packet with one question, no
 answer or authority records and at most one plain OPT is recognised by byte
 comparisons, its key looked up in the snapshot's answer memo, and the reply
 assembled from the query's own header and question plus stored bytes.
+
+A UDP reply made that way is also kept whole, minus its ID, under the query's
+bytes minus its ID (:class:`ReplyMemos`): the next identical query from the
+same group of askers is one dict lookup, and its reply is its own ID followed
+by the stored bytes.  Everything a reply depends on is in that key (the
+question as spelt, RD, the EDNS payload size and DO bit, so truncation too)
+or in the group (recursion offered, horizon); the memo is dropped with the
+snapshot or the configuration, and replies from the forwarding cache, whose
+TTLs count down, are dropped every second.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edge.config import DnsConfig
 from edge.dns.acl import RecursionPolicy
@@ -30,6 +41,7 @@ from edge.dns.wire import (
     QR,
     RA,
     RD,
+    TC,
     Query,
     error_reply,
     opt_record,
@@ -41,6 +53,8 @@ from edge.view.snapshot import Snapshot
 
 log = logging.getLogger("edge.dns")
 
+_TC_BYTE = TC >> 8
+"""The truncation bit in a reply's third byte."""
 _PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00"
 _NO_ADDITIONAL = b"\x00\x00"
 _ONE_ADDITIONAL = b"\x00\x01"
@@ -49,6 +63,12 @@ _NO_OPTIONS = b"\x00\x00"
 """An OPT RDLEN of zero: the only OPT the fast path takes (any other goes through the option checks)."""
 _NO_SNAPSHOT = object()
 _SPLICED_LIMIT = 4096
+CachedReply = tuple[CachedAnswer, bytes, bytes]
+"""A reply from the forwarding cache, minus its ID: (entry, header and question, OPT); see :class:`ReplyMemos`."""
+ReplyGroup = tuple[dict[bytes, bytes], dict[bytes, CachedReply]]
+"""(local replies, cached replies) of one group of askers; see :class:`ReplyMemos`."""
+_NO_REPLIES: ReplyGroup = ({}, {})
+"""The groups before any view is loaded: nothing is memoized, every query takes :meth:`Engine.answer`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +130,7 @@ class Engine:
                     askers = self._askers.get(network)
                     if askers is None:
                         askers = self._askers_for(network)
-                    recursion, memo, _ = askers[address]
+                    recursion, memo, _, group = askers[address]
                     found = memo.get(data[HEADER:end].lower() + data[end:qend])
                     if found is not None:
                         if found is NOT_LOCAL:
@@ -121,8 +141,10 @@ class Engine:
                                 if entry is not None:
                                     reply = (data[:2] + entry.prefixes[(2 if data[2] & 1 else 0) | (1 if opt else 0)]
                                              + data[HEADER:qend] + entry.body_at(now) + opt)
-                                    if udp and len(reply) > limit:
-                                        return self._truncate(reply, data, qend, opt)
+                                    if udp:
+                                        if len(reply) > limit:
+                                            return self._truncate(reply, data, qend, opt)
+                                        self._replies.remember_cached(group[1], data, entry, qend, opt)
                                     return reply
                         # An answer with somewhere to go on upstream (a zone cut, a CNAME leaving the local
                         # zones), for a client that may recurse and asks to, takes the slow path.  (The memo
@@ -130,8 +152,10 @@ class Engine:
                         elif found.onward is None or not (recursion and data[2] & 1):  # type: ignore[attr-defined]
                             # An Answer, as above.
                             reply = found.assemble(data, qend, data[2] & 1, recursion, opt)  # type: ignore[attr-defined]
-                            if udp and len(reply) > limit:
-                                return self._truncate(reply, data, qend, opt)
+                            if udp:
+                                if len(reply) > limit:
+                                    reply = self._truncate(reply, data, qend, opt)
+                                self._replies.remember(group[0], data, reply)
                             return reply
         try:
             return self._answer_slow(data, snapshot, table, network, address, now, udp)
@@ -159,12 +183,40 @@ class Engine:
         """Listener network -> source address -> (may recurse, answer memo, horizon)."""
         self._spliced: dict[bytes, tuple[CachedAnswer, Onward, int, bytes]] = {}
         """Question key -> (upstream entry, local chain, second, body) of chased CNAME answers."""
+        self._replies = ReplyMemos()
+        self._groups: dict[str, _ReplyGroups] = {}
+        """Listener network -> source address -> (memoized local replies, memoized cache replies)."""
         self._snapshot = snapshot
         self._current = snapshot
 
     def _askers_for(self, network: str) -> _Askers:
-        askers = self._askers[network] = _Askers(self.policy, self._current, self._table, network)
+        askers = self._askers[network] = _Askers(self.policy, self._current, self._table, network, self._replies)
         return askers
+
+    def reply_memos(self, snapshot: Snapshot | None, network: str,
+                    now: float) -> Mapping[str, ReplyGroup]:
+        """Source address -> (local replies, forwarding-cache replies) memoized for its group of askers, each
+        keyed by a query's bytes after its ID and holding the UDP reply's bytes after its ID.
+
+        Called once per batch of datagrams; a query found in neither goes to :meth:`answer`, which fills them.
+        A reply taken from the second dict is a cache hit: report them with :meth:`count_cache_hits`.
+        """
+        if snapshot is None:
+            return _NOT_READY_GROUPS
+        if snapshot is not self._snapshot:
+            self._switch(snapshot)
+        self._replies.tick(self.forwarder.stats.cache_stores)
+        groups = self._groups.get(network)
+        if groups is None:
+            askers = self._askers.get(network)
+            if askers is None:
+                askers = self._askers_for(network)
+            groups = self._groups[network] = _ReplyGroups(askers)
+        return groups
+
+    def count_cache_hits(self, count: int) -> None:
+        """Replies served from :meth:`reply_memos`' forwarding-cache dict, counted as the lookups they stand for."""
+        self.forwarder.stats.cache_hits += count
 
     def _recursion(self, snapshot: Snapshot, network: str, address: str) -> bool:
         try:
@@ -178,7 +230,7 @@ class Engine:
         askers = self._askers.get(network)
         if askers is None:
             askers = self._askers_for(network)
-        recursion, memo, horizon = askers[address]
+        recursion, memo, horizon, group = askers[address]
         key = query.key
         found = memo.get(key)
         if found is None:
@@ -190,8 +242,11 @@ class Engine:
             onward: Onward | None = found.onward  # type: ignore[attr-defined]
             if onward is None or not (recursion and query.rd):
                 # An Answer, as above.
-                reply = found.assemble(data, query.qend, query.rd, recursion, opt)  # type: ignore[attr-defined]
-                return self._fit(reply, query, opt, udp)
+                reply = self._fit(found.assemble(data, query.qend, query.rd, recursion, opt),  # type: ignore[attr-defined]
+                                  query, opt, udp)
+                if udp:
+                    self._replies.remember(group[0], data, reply)
+                return reply
             if onward.count:
                 return self._chase_upstream(query, onward, snapshot, now, udp)
             # At or below a zone cut: the upstream answer to the question itself.
@@ -199,7 +254,10 @@ class Engine:
             raise Refused("recursion not offered to this client")
         entry = self.forwarder.lookup(cache_key(query), now)
         if entry is not None:
-            return self.forwarded_reply(query, entry, now, udp)
+            reply = self.forwarded_reply(query, entry, now, udp)
+            if udp and not reply[2] & _TC_BYTE:  # not truncated
+                self._replies.remember_cached(group[1], data, entry, query.qend, self.opt_for(query))
+            return reply
         return Forward(query, snapshot.view.cloud.upstream_resolvers)
 
     def _chase_upstream(self, query: Query, chain: Onward, snapshot: Snapshot, now: float,
@@ -288,25 +346,121 @@ class Engine:
 
 
 
-class _Askers(dict[str, "tuple[bool, dict[bytes, object], Horizon]"]):
-    """Source address -> (may recurse, answer memo, horizon) for one listener network and snapshot.
+class ReplyMemos:
+    """UDP replies kept by query, for each group of askers that get the same replies (same horizon,
+    same recursion policy): the fastest answer to a question asked again.
 
-    Bounded; refilled on demand.  The memo is shared by every asker of the same horizon.
+    Both dicts are keyed by a query's bytes after its ID.  Local replies are kept whole, minus their
+    ID.  A reply from the forwarding cache is kept as (cache entry, header and question, OPT): its
+    records come from the entry, whose TTLs count down once a second; it stands while the entry is
+    fresh and was looked up in the cache this second (so the cache still sees the name in use once a
+    second), and until the cache stores anything new.  Truncated and stale answers are not kept.
+
+    Bounded in entries and in the size of a reply kept, so that questions spelt every which way (case,
+    EDNS sizes) cannot grow it without limit; when full it starts over.
+    """
+
+    LIMIT = 16384
+    LARGEST = 512
+    """Longer replies (rare: big TXT sets, long referrals) are assembled each time instead."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, bool], ReplyGroup] = {}
+        self._size = 0
+        self._stores = -1
+
+    def group(self, memo: dict[bytes, object],
+              recursion: bool) -> ReplyGroup:
+        """(local replies, cached replies) for the askers of the horizon whose answer memo is ``memo``."""
+        key = (id(memo), recursion)  # the memo lives as long as the snapshot, and so do these
+        found = self._groups.get(key)
+        if found is None:
+            found = self._groups[key] = ({}, {})
+        return found
+
+    def remember(self, replies: dict[bytes, bytes], query: bytes, reply: bytes) -> None:
+        if len(reply) <= self.LARGEST:
+            self._keep(replies, query[2:], reply[2:])
+
+    def remember_cached(self, replies: dict[bytes, CachedReply], query: bytes, entry: CachedAnswer, qend: int,
+                        opt: bytes) -> None:
+        """Keep the reply to ``query`` (its question ending at ``qend``) from ``entry``, made with ``opt``."""
+        if entry.stale or len(entry.rendered) > self.LARGEST:
+            return
+        head = entry.prefixes[(2 if query[2] & 1 else 0) | (1 if opt else 0)] + query[HEADER:qend]
+        self._keep(replies, query[2:], (entry, head, opt))
+
+    def _keep(self, replies: dict[bytes, Any], key: bytes, value: object) -> None:
+        if key in replies:
+            replies[key] = value
+            return
+        if self._size >= self.LIMIT:
+            for local, cached in self._groups.values():
+                local.clear()
+                cached.clear()
+            self._size = 0
+        replies[key] = value
+        self._size += 1
+
+    def tick(self, stores: int) -> None:
+        """Forget the cached replies once the cache has stored something (it may have replaced or evicted
+        an entry they hold)."""
+        if stores != self._stores:
+            self._stores = stores
+            for _, cached in self._groups.values():
+                if cached:
+                    self._size -= len(cached)
+                    cached.clear()
+
+
+class _Askers(dict[str, "tuple[bool, dict[bytes, object], Horizon, ReplyGroup]"]):
+    """Source address -> (may recurse, answer memo, horizon, reply memos) for one listener network and snapshot.
+
+    Bounded; refilled on demand.  The memo is shared by every asker of the same horizon, the reply memos
+    by every asker of the same horizon and recursion policy.
     """
 
     LIMIT = 65536
 
-    def __init__(self, policy: RecursionPolicy, snapshot: Snapshot, table: DnsData, network: str) -> None:
+    def __init__(self, policy: RecursionPolicy, snapshot: Snapshot, table: DnsData, network: str,
+                 replies: ReplyMemos) -> None:
         super().__init__()
         self.policy = policy
         self.snapshot = snapshot
         self.table = table
         self.network = network
+        self.replies = replies
 
-    def __missing__(self, address: str) -> tuple[bool, dict[bytes, object], Horizon]:
+    def __missing__(self, address: str) -> tuple[bool, dict[bytes, object], Horizon,
+                                                 ReplyGroup]:
         if len(self) >= self.LIMIT:
             self.clear()
         horizon = self.table.horizon_for(self.snapshot, self.network, address)
-        found = self[address] = (self.policy.allowed(self.snapshot, self.network, address),
-                                 self.table.memo_for(horizon), horizon)
+        recursion = self.policy.allowed(self.snapshot, self.network, address)
+        memo = self.table.memo_for(horizon)
+        found = self[address] = (recursion, memo, horizon, self.replies.group(memo, recursion))
         return found
+
+
+class _ReplyGroups(dict[str, "ReplyGroup"]):
+    """Source address -> its group's reply memos (:meth:`Engine.reply_memos`); bounded as :class:`_Askers`."""
+
+    def __init__(self, askers: _Askers) -> None:
+        super().__init__()
+        self.askers = askers
+
+    def __missing__(self, address: str) -> ReplyGroup:
+        if len(self) >= _Askers.LIMIT:
+            self.clear()
+        found = self[address] = self.askers[address][3]
+        return found
+
+
+class _NotReadyGroups(dict[str, "ReplyGroup"]):
+    """Every address, before a view is loaded: nothing memoized (and nothing stored here)."""
+
+    def __missing__(self, address: str) -> ReplyGroup:
+        return _NO_REPLIES
+
+
+_NOT_READY_GROUPS = _NotReadyGroups()

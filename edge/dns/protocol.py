@@ -25,6 +25,7 @@ from edge.dns.datagrams import datagrams_for
 from edge.dns.engine import Engine, Forward
 from edge.metrics import Tally
 from edge.ratelimit import RateLimiter
+from edge.view.snapshot import Snapshot
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.dns")
@@ -85,8 +86,8 @@ class DnsDatagramProtocol:
         """Where replies go when there is no socket (benchmarks hand in a collecting transport)."""
         self.loop: asyncio.AbstractEventLoop | None = None
         # Bound once: the per-datagram path does no attribute walks it can avoid.
-        self.allow = service.limiter.allow
-        self.answer = service.engine.answer
+        self.limiter = service.limiter
+        self.engine = service.engine
         self.store = service.store
         self.stats = service.stats
         self.tally = service.tally
@@ -115,36 +116,63 @@ class DnsDatagramProtocol:
         if not received or self.service.closing:
             return  # while stopping, queries are read and ignored so the socket does not stay readable
         now = time.monotonic()
+        second = int(now)
         snapshot = self.store.current
-        network = self.network
-        allow, answer, tally = self.allow, self.answer, self.tally
-        queries = 0
+        memos = self.engine.reply_memos(snapshot, self.network, now)
+        # The rate limit, when it is off, costs nothing per datagram.
+        allow = self.limiter.allow if self.limiter.rate > 0 else None
+        replies: list[bytes | None] = [None] * len(received)
+        limited = cache_hits = 0
         try:
             for index, (data, address) in enumerate(received):
-                if not allow(address, now):
-                    tally.count("rate_limited", "dns")
+                if allow is not None and not allow(address, now):
+                    limited += 1
                     continue
-                queries += 1
                 try:
-                    reply = answer(data, snapshot, network, address, now, True)
-                    if isinstance(reply, bytes):
-                        datagrams.reply(index, reply)
-                        tally.dns_reply(reply, now)
-                    elif reply is None:
-                        self.stats.dropped += 1
-                        tally.request("dropped", "NONE")
-                    else:
-                        sender = self._sender(datagrams.source(index), now)
-                        self.service.forward(reply, sender, udp=True)
+                    # A question this group of askers asked before: the reply is the query's own ID and
+                    # the bytes kept (see edge.dns.engine.ReplyMemos); anything else goes to the engine.
+                    local, cached = memos[address]
+                    rest = data[2:]
+                    memoized = local.get(rest)
+                    if memoized is not None:
+                        replies[index] = data[:2] + memoized
+                        continue
+                    held = cached.get(rest)
+                    if held is not None:
+                        entry, head, opt = held
+                        if entry.rendered_second == second and now < entry.expires:
+                            replies[index] = data[:2] + head + entry.rendered + opt
+                            cache_hits += 1
+                            continue
+                    replies[index] = self._answer(data, address, snapshot, now, index)
                 except Exception:
                     # One bad query costs its own answer, not the rest of the batch.
                     log.exception("dns: unexpected error on a UDP query from %s", address)
         finally:
-            # Replies queued so far go out now: the next batch reuses the source addresses they point at.
-            self.stats.udp_queries += queries
-            dropped = datagrams.flush()
+            # Replies made so far go out now: the next batch reuses the source addresses they point at.
+            stats = self.stats
+            stats.udp_queries += len(received) - limited
+            if limited:
+                self.tally.count("rate_limited", "dns", limited)
+            if cache_hits:
+                self.engine.count_cache_hits(cache_hits)
+            dropped = datagrams.send(replies)
             if dropped:
-                self.stats.udp_replies_dropped += dropped
+                stats.udp_replies_dropped += dropped
+            self.tally.dns_replies(replies, now)
+
+    def _answer(self, data: bytes, address: str, snapshot: Snapshot | None, now: float, index: int) -> bytes | None:
+        """A query the reply memos do not hold: the engine's reply, or None when there is none to send now."""
+        reply = self.engine.answer(data, snapshot, self.network, address, now, True)
+        if isinstance(reply, bytes):
+            return reply
+        if reply is None:
+            self.stats.dropped += 1
+            self.tally.request("dropped", "NONE")
+        else:
+            assert self.datagrams is not None
+            self.service.forward(reply, self._sender(self.datagrams.source(index), now), udp=True)
+        return None
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Answer one datagram (the same steps as :meth:`readable`, for callers that hold one)."""
@@ -152,11 +180,11 @@ class DnsDatagramProtocol:
             return
         now = time.monotonic()
         address = addr[0]
-        if not self.allow(address, now):
+        if self.limiter.rate > 0 and not self.limiter.allow(address, now):
             self.tally.count("rate_limited", "dns")
             return
         self.stats.udp_queries += 1
-        reply = self.answer(data, self.store.current, self.network, address, now, True)
+        reply = self.engine.answer(data, self.store.current, self.network, address, now, True)
         if isinstance(reply, bytes):
             self.send(reply, addr)
             self.tally.dns_reply(reply, now)
