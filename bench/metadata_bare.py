@@ -30,6 +30,11 @@ class Bare(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The parser refers back to this protocol: without breaking that cycle every connection is
+        # left to the cycle collector (edge breaks it the same way), which the floor should not pay.
+        del self.parser
+
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
