@@ -8,7 +8,10 @@ NSD, nginx ``return 200``, the bare uvloop UDP floor below and bench/metadata_ba
 workload is sent from a client outside valgrind (every question of the view once with ``dnsperf -n 1``, a
 Python HTTP loop with keep-alive, then one with a new connection per request), the counters are dumped
 (``callgrind_control -d PID``) and the instructions are divided by the answers counted, split by the object
-they run in (the interpreter, uvloop/libuv, httptools, libc, ...).  Instruction counts do not depend on how
+they run in (the interpreter, uvloop/libuv, httptools, libc, ...).  Edge's DNS is also counted on answers
+from its forwarding cache (1,000 names of an upstream dnsmasq outside valgrind, each forwarded once in the
+warm-up, then asked once), and on a hundred local and a hundred cached names asked ten times over (each asked
+again within the second, as popular names are).  Instruction counts do not depend on how
 busy the shared machine is; kernel time is not in them (bench/RESULTS.md, "Where the time goes", has the
 strace and /proc commands for that).  Prints a Markdown report; takes a few minutes.
 
@@ -39,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, stop, wait_tcp  # noqa: E402
+from bench.common import free_port, start_dnsmasq, stop, wait_tcp  # noqa: E402
 
 TICK = 100  # clock ticks per second in /proc/PID/stat
 CATEGORIES = (  # (pattern in the object's path, category); the first match wins
@@ -391,7 +394,10 @@ def main() -> None:
         """(name, protocol, argv, port); ports chosen now, files written now."""
         edge_dns, edge_http, admin = free_port(), free_port(), free_port()
         config = directory / "edge.toml"
-        config.write_text("[dns]\nrate_limit = 0.0\n[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
+        # Forwarded questions go to the dnsmasq started below; local hits are answered alike with or without it.
+        config.write_text(f'[dns]\nrate_limit = 0.0\nupstreams = ["127.0.0.1:{upstream_port}"]\n'
+                          'recursion_cidrs = ["127.0.0.0/8"]\n'
+                          "[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
         edge = [python, "-m", "edge", "serve", "--config", str(config), "--view", str(data.view_path),
                 "--state-dir", str(directory / f"state-{edge_dns}"), "--workers", "1", "--log-level", "warning",
                 "--metadata-listen", f"127.0.0.1:{edge_http}", "--dns-listen", f"127.0.0.1:{edge_dns}",
@@ -424,6 +430,15 @@ def main() -> None:
         return (port, 0) if protocol == "dns" else (0, port)
 
     only = set(filter(None, args.only.split(",")))
+    # The upstream of edge's forwarded questions, outside valgrind: 1,000 names with an hour's TTL, so a
+    # counted run finds every one in edge's cache.
+    upstream_port = free_port()
+    upstream = start_dnsmasq([f"host-record=host{n}.upstream.test,192.0.2.{n % 250 + 1}" for n in range(1000)],
+                             directory, upstream_port, (), ("--local-ttl=3600", "--local=/upstream.test/"))
+    # A hundred names asked ten times over: each is asked again within the same second, as popular names are.
+    hot_hits, hot_forwarded = directory / "hot-hits.txt", directory / "hot-forwarded.txt"
+    hot_hits.write_text("".join(data.hits.read_text().splitlines(keepends=True)[:100]))
+    hot_forwarded.write_text("".join(data.forwarded.read_text().splitlines(keepends=True)[:100]))
     results: dict[tuple[str, str], tuple[int, dict[str, int], collections.Counter]] = {}
     for name, protocol, argv, port in servers():
         if only and name not in only:
@@ -435,6 +450,14 @@ def main() -> None:
                 wait_dns(dns_port, data.hits.read_text().splitlines()[0], 180)
                 dnsperf(dns_port, data.hits, 1)  # warm-up: edge renders and memoizes each answer on first use
                 results[(name, "DNS local hit")] = profiled.counted(lambda: dnsperf(dns_port, data.hits, 1))
+                if name == "edge":
+                    dnsperf(dns_port, data.forwarded, 1)  # warm-up: each question forwarded once, then cached
+                    results[(name, "DNS forwarded, cache hit")] = profiled.counted(
+                        lambda: dnsperf(dns_port, data.forwarded, 1))
+                    results[(name, "DNS local hit, 100 names x 10")] = profiled.counted(
+                        lambda: dnsperf(dns_port, hot_hits, 10))
+                    results[(name, "DNS forwarded, cache hit, 100 names x 10")] = profiled.counted(
+                        lambda: dnsperf(dns_port, hot_forwarded, 10))
             if http_port:
                 wait_tcp(http_port, timeout=180)
                 http_loop(http_port, 200, True, path, body)
@@ -444,11 +467,13 @@ def main() -> None:
                     lambda: http_loop(http_port, args.requests // 4, False, path, body))
         finally:
             stop(profiled.process, timeout=60)
+    stop(upstream)
     shutil.rmtree(directory, ignore_errors=True)
 
-    print(f"## Instructions per answer (callgrind; {questions} DNS questions, {args.requests} keep-alive and "
-          f"{args.requests // 4} new-connection HTTP requests per counted run)\n")
-    for workload in ("DNS local hit", "HTTP keep-alive", "HTTP new connection"):
+    print(f"## Instructions per answer (callgrind; {questions} DNS questions, 1,000 forwarded ones, "
+          f"{args.requests} keep-alive and {args.requests // 4} new-connection HTTP requests per counted run)\n")
+    for workload in ("DNS local hit", "DNS forwarded, cache hit", "DNS local hit, 100 names x 10",
+                     "DNS forwarded, cache hit, 100 names x 10", "HTTP keep-alive", "HTTP new connection"):
         rows = [(name, *results[(name, w)]) for (name, w) in results if w == workload]
         if not rows:
             continue
