@@ -106,6 +106,9 @@ class ViewConfig:
     stalls while it is built (0: always in place)."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
+    journal_compact_ratio: float = 0.25
+    """The last-good journal (changes appended per accepted serial) is folded into a new document once it is this
+    fraction of the document's size, and at a clean stop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +541,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}poll_jitter must be between 0 and 1")
         if config.max_view_age < 0:
             raise ConfigError(f"{prefix}max_view_age must not be negative")
+        if config.journal_compact_ratio <= 0:
+            raise ConfigError(f"{prefix}journal_compact_ratio must be positive")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
         if config.key_file and not config.cert_file:

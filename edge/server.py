@@ -27,8 +27,8 @@ from edge.ratelimit import RateTables
 from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_tables_from_env
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
-from edge.view.sources import FileSource, SourceKinds, builtin_source_kinds, configured_source
-from edge.view.statefile import LAST_GOOD_NAME, StateFile
+from edge.view.sources import SourceKinds, builtin_source_kinds, configured_source
+from edge.view.statefile import LAST_GOOD_NAME, StateFile, StateFollower
 from edge.view.store import ViewStore
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class Gateway(GatewayProcess):
             await self.poller.load_last_good()
         else:
             # A worker reads what its supervisor accepted; it never writes the state file.
-            follower = FileSource(state.path, config.view.max_size)
+            follower = StateFollower(state, config.view.max_size)
             self.poller = Poller(config.view, follower, self.store, None, preparers,
                                  decode=make_decoder(config, self.adapters.formats))
             self._supervised = SupervisedRefresh(self.control)

@@ -55,6 +55,8 @@ class InstanceChanges:
     """The view these changes apply to (the poller uses them only when it serves that very view)."""
     upserted: tuple[Instance, ...]
     """Instances added or replaced since ``base``, in id order."""
+    texts: tuple[bytes, ...]
+    """The JSON text of each of ``upserted`` (what the last-good journal records)."""
     removed: tuple[str, ...]
     """Ids of the instances of ``base`` that are gone."""
 
@@ -236,9 +238,10 @@ class Keyspace:
         touched, base = self._touched, self._delivered
         if touched is not None and base is not None:
             present = self.instances
-            upserted = [present[i].value for i in sorted(touched) if i in present]
-            removed = tuple(i for i in touched if i not in present)
-            changes = InstanceChanges(base, tuple(upserted), removed)
+            upserted = [present[i] for i in sorted(touched) if i in present]
+            removed = tuple(sorted(i for i in touched if i not in present))
+            changes = InstanceChanges(base, tuple([part.value for part in upserted]),
+                                      tuple([part.text for part in upserted]), removed)
         self._delivered = view
         self._touched = set()
         return PreparedView(view, document, incremental, changes)

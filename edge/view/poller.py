@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import random
 import sys
 import time
@@ -47,7 +48,7 @@ from edge.view.model import View
 from edge.view.release import release_gradually, release_memo
 from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked, remember_counts
 from edge.view.sources import ViewSource
-from edge.view.statefile import StateFile
+from edge.view.statefile import StateFile, changes_record, restore
 from edge.view.store import ViewStore
 
 log = logging.getLogger("edge.view")
@@ -145,20 +146,35 @@ class Poller:
         self._pending: BuildMemo | None = None
         self._in_progress: asyncio.Future[None] | None = None
         self._source_changed = False
+        self._persisted: View | None = None
+        """The view the state directory holds (document plus journal): a change relative to it is appended."""
+        self._latest_document: Callable[[], bytes] | None = None
+        """The document of the last view persisted through the journal (what a compaction writes)."""
+        self._compaction: asyncio.Task[None] | None = None
+        self.journal_events: dict[str, int] = {"state_journal_append": 0, "state_journal_compaction": 0,
+                                               "state_journal_damaged": 0}
+        """Running totals, reported with the source's in ``edge_view_source_events_total``."""
 
     # -- start-up -------------------------------------------------------------------------------
 
     async def load_last_good(self) -> bool:
-        """Serve the view kept in the state directory, if there is a valid one."""
+        """Serve the view kept in the state directory (the document and its journal), if there is a valid one."""
         if self.state is None:
             return False
         try:
-            data = await asyncio.to_thread(self.state.read)
+            restored = await asyncio.to_thread(restore, self.state)
         except StateError as exc:
             event(log, logging.ERROR, "last good view unreadable", error=str(exc))
             return False
-        if data is None:
+        if restored is None:
             return False
+        if restored.damage:
+            # What precedes the damage is served; the next accepted view rewrites the document whole.
+            self.journal_events["state_journal_damaged"] += 1
+            self.store.status.source_events = {**self.store.status.source_events, **self.journal_events}
+            event(log, logging.ERROR, "last good view journal damaged; serving the changes before the damage",
+                  path=self.state.journal_path, applied=restored.applied, reason=restored.damage)
+        data = restored.data
         try:
             with _building():
                 snapshot = await asyncio.to_thread(self._build, data, None)
@@ -174,7 +190,7 @@ class Poller:
             return False
         assert snapshot is not None
         event(log, logging.INFO, "last good view loaded", serial=snapshot.serial, path=self.state.path,
-              **snapshot.counts())
+              journal_records=restored.applied, **snapshot.counts())
         return True
 
     # -- the polling task -----------------------------------------------------------------------
@@ -198,6 +214,7 @@ class Poller:
             self._task = None
         self.source.close()
         self._answer_waiters()
+        await self._compact_journal(at_stop=True)
 
     async def refresh(self) -> None:
         """Ask for a poll now; completes when the poll that answers it has finished."""
@@ -260,7 +277,8 @@ class Poller:
             if self._in_progress is in_progress:
                 self._in_progress = None
         status = self.store.status
-        status.source_events = self.source.counters()
+        status.source_events = {**self.source.counters(), **self.journal_events} if self.state is not None \
+            else self.source.counters()
         status.polls += 1
         status.last_poll_at = time.time()
         status.last_poll_result = outcome.result
@@ -316,7 +334,7 @@ class Poller:
             return PollOutcome("unchanged", serial=current)
         event(log, logging.INFO, "view accepted", source=source, serial=snapshot.serial,
               previous=current, build="delta" if self.last_build_was_delta else "full", **snapshot.counts())
-        await self._persist(data.document if isinstance(data, PreparedView) else data)
+        await self._persist(data, snapshot.view)
         return PollOutcome("accepted", serial=snapshot.serial)
 
     def _current_serial(self) -> int | None:
@@ -406,17 +424,68 @@ class Poller:
             self._releases.add(memo_release)
             memo_release.add_done_callback(self._releases.discard)
 
-    async def _persist(self, data: bytes | Callable[[], bytes]) -> None:
-        """Write the accepted document (or what makes it: a prepared view's is built in the thread)."""
+    async def _persist(self, data: bytes | PreparedView, view: View) -> None:
+        """Keep the accepted view in the state directory.
+
+        A prepared view that says what changed since the view kept there costs one journal
+        record (the changed instances' texts); anything else, the whole document.
+        """
         if self.state is None:
             return
         state = self.state
+        changes = data.changes if isinstance(data, PreparedView) else None
         try:
-            await asyncio.to_thread(lambda: state.write(data() if callable(data) else data))
+            if changes is not None and self._persisted is not None and changes.base is self._persisted:
+                assert isinstance(data, PreparedView)
+                record = changes_record(changes.base.serial, view.serial, changes.texts, changes.removed)
+                size = await asyncio.to_thread(state.append, record)
+                self.journal_events["state_journal_append"] += 1
+                self._latest_document = data.document
+                if size > self.config.journal_compact_ratio * max(1, state.document_size()):
+                    self._start_compaction()
+            else:
+                await self._finish_compaction()
+                whole = data.document if isinstance(data, PreparedView) else data
+                await asyncio.to_thread(lambda: state.write(whole() if callable(whole) else whole))
+                self._latest_document = None
+            self._persisted = view
             self.store.status.state_write_error = ""
         except StateError as exc:
+            self._persisted = None  # the next accepted view is written whole
             self.store.status.state_write_error = str(exc)
             event(log, logging.ERROR, "last good view not saved; still serving it from memory", error=str(exc))
+
+    def _start_compaction(self) -> None:
+        if self._compaction is not None and not self._compaction.done():
+            return
+        self._compaction = asyncio.get_running_loop().create_task(self._compact_journal(), name="state-compaction")
+
+    async def _finish_compaction(self) -> None:
+        if self._compaction is not None:
+            await asyncio.shield(self._compaction)
+            self._compaction = None
+
+    async def _compact_journal(self, at_stop: bool = False) -> None:
+        """Fold the journal into a new document of the view it ends at (in a thread: O(view))."""
+        if at_stop:
+            await self._finish_compaction()
+        state, document = self.state, self._latest_document
+        if state is None or document is None:
+            return
+        try:
+            if not await asyncio.to_thread(os.path.exists, state.journal_path):
+                return
+            await asyncio.to_thread(state.start_compaction)
+            started = time.monotonic()
+            await asyncio.to_thread(lambda: state.finish_compaction(document()))
+            self.journal_events["state_journal_compaction"] += 1
+            event(log, logging.INFO, "last good view journal compacted", path=state.path,
+                  seconds=round(time.monotonic() - started, 3), at_stop=at_stop)
+        except StateError as exc:
+            # The set-aside journal stays and is replayed at start; the next whole write removes it.
+            self._persisted = None
+            self.store.status.state_write_error = str(exc)
+            event(log, logging.ERROR, "last good view journal not compacted", error=str(exc))
 
     def _answer_waiters(self) -> None:
         for waiter in self._waiters:

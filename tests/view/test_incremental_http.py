@@ -22,7 +22,7 @@ from edge.view.formats import decode_view
 from edge.view.keyspace import PreparedView
 from edge.view.poller import Poller
 from edge.view.sources import HttpSource, open_source
-from edge.view.statefile import StateFile
+from edge.view.statefile import StateFile, restore
 from edge.view.store import ViewStore
 
 
@@ -161,7 +161,14 @@ def test_the_poller_follows_changes_and_builds_deltas(plane, tmp_path) -> None:
         assert plane.requests[-1][1] == "not modified"
 
     asyncio.run(scenario())
-    assert decode_view(state.read()).serial == 4
+    # Serial 2 was written whole (its change set was relative to serial 1's bytes); 3 and 4 are
+    # journal records, each holding the changed instance alone.
+    assert decode_view(state.read()).serial == 2
+    records = state.read_journal().records
+    assert len(records) == 2 and all(len(record) < 4096 for record in records)
+    restored = restore(state)
+    assert restored is not None and isinstance(restored.data, PreparedView)
+    assert restored.data.view.serial == 4 and restored.applied == 2 and not restored.damage
     assert source.changes_applied == 2
 
 
