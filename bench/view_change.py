@@ -66,7 +66,7 @@ def _items(parts: ViewParts) -> list[tuple[str, bytes, int]]:
     items += [(f"networks/{n['id']}", json.dumps(n).encode(), 3) for n in head.get("networks", [])]
     items += [(INSTANCES + record["id"], text, 4 + n) for n, (record, text) in
               enumerate(zip(parts.records, parts.instances))]
-    return items
+    return sorted(items)  # as etcd returns a range: in key order
 
 
 def main() -> None:

@@ -111,6 +111,8 @@ class Keyspace:
         self._deferred_networks = False
         """Within :meth:`reset`: network changes are applied to the instances once, after the last network."""
         self._networks_dirty = False
+        self._bulk = False
+        """Within :meth:`reset`: instances are placed in ``instances`` only, ordered at the end."""
         self.changed = False
         """Something changed since :meth:`view` last ran."""
         self._view: tuple[View, Callable[[], bytes]] | None = None
@@ -189,13 +191,22 @@ class Keyspace:
         if self._networks_dirty or gone:
             self.changed = True
             self._networks_changed()
-        for name, text, revision in items:
-            if not name.startswith(NETWORKS):
-                seen.add(name)
-                if self.keys.get(name) != revision:
-                    self.put(name, text, revision)
-        for name in [name for name in self.keys if name not in seen]:
-            self.delete(name)
+        # Instances go into the dict alone and are put in id order once at the end: inserting each
+        # into the sorted lists would move O(view) entries per key when they arrive unsorted.
+        self._bulk = True
+        try:
+            for name, text, revision in items:
+                if not name.startswith(NETWORKS):
+                    seen.add(name)
+                    if self.keys.get(name) != revision:
+                        self.put(name, text, revision)
+            for name in [name for name in self.keys if name not in seen]:
+                self.delete(name)
+        finally:
+            self._bulk = False
+            self.order = sorted(self.instances)
+            self.parts = [self.instances[instance_id] for instance_id in self.order]
+            self.values = [part.value for part in self.parts]
 
     # -- the view -----------------------------------------------------------------------------
 
@@ -283,6 +294,11 @@ class Keyspace:
         self._place(instance_id, _Part(text, self._instance(instance_id, text)))
 
     def _place(self, instance_id: str, part: _Part) -> None:
+        if self._bulk:
+            self.instances[instance_id] = part  # ordered once, at the end of the fresh read
+            if self._touched is not None:
+                self._touched.add(instance_id)
+            return
         index = bisect.bisect_left(self.order, instance_id)
         if instance_id in self.instances:
             self.parts[index] = part
@@ -296,6 +312,11 @@ class Keyspace:
             self._touched.add(instance_id)
 
     def _remove(self, instance_id: str) -> None:
+        if self._bulk:
+            del self.instances[instance_id]
+            if self._touched is not None:
+                self._touched.add(instance_id)
+            return
         index = bisect.bisect_left(self.order, instance_id)
         del self.order[index], self.parts[index], self.values[index], self.instances[instance_id]
         if self._touched is not None:

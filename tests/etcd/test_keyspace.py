@@ -174,6 +174,44 @@ def test_a_fresh_read_applies_network_changes_to_the_instances_once(monkeypatch)
     assert {i.id for i in view.instances} == {i.id for i in kept} - set(orphans)
 
 
+def test_a_fresh_read_in_any_key_order_makes_the_view_in_id_order_and_says_what_changed() -> None:
+    import random
+
+    document = generate_view(instances=60, networks=3, serial=1)
+    items = document_items(document)
+    random.Random(5).shuffle(items)
+    keyspace = Keyspace("test")
+    keyspace.reset(items)
+    first = keyspace.prepared(incremental=False)
+    ids = [i.id for i in first.view.instances]
+    assert ids == sorted(i["id"] for i in document["instances"]) and first.changes is None
+    # A fresh read after one instance changed, one left and one arrived, its keys in another order.
+    second = copy.deepcopy(document)
+    second["serial"] = 2
+    second["instances"][7]["instance_type"] = "m6.large"
+    gone = second["instances"].pop(20)["id"]
+    arrived = copy.deepcopy(second["instances"][0])
+    arrived["id"] = "i-00000000000000aa"
+    for interface in arrived["interfaces"]:
+        interface["mac"] = "02:00:00:00:aa:aa"
+        interface["private_ips"] = ["10.200.0.9"]
+        interface.pop("public_ip", None)
+    second["instances"].append(arrived)
+    items = document_items(second, revision=2)
+    keep = {("instances/" + i["id"]) for n, i in enumerate(second["instances"]) if n != 7 and i is not arrived}
+    items = [(name, text, 1 if name in keep or name.startswith(("networks/", "cloud")) else 2)
+             for name, text, _ in items]
+    random.Random(6).shuffle(items)
+    keyspace.reset(items)
+    prepared = keyspace.prepared(incremental=True)
+    assert [i.id for i in prepared.view.instances] == sorted(i["id"] for i in second["instances"])
+    assert prepared.changes is not None and prepared.changes.base is first.view
+    assert [i.id for i in prepared.changes.upserted] == sorted([second["instances"][7]["id"], arrived["id"]])
+    assert prepared.changes.removed == (gone,)
+    before = {i.id: i for i in first.view.instances}
+    assert sum(before.get(i.id) is i for i in prepared.view.instances) == len(second["instances"]) - 2
+
+
 def test_a_keyspace_without_a_serial_is_not_a_view() -> None:
     keyspace = Keyspace("test")
     keyspace.put("cloud", b"{}", 1)
