@@ -243,7 +243,9 @@ def test_gateways_follow_an_http_control_plane_by_changes(plane, tmp_path) -> No
             plane.publish(changed(plane.document, serial, 0, instance_type))
             for gateway in gateways:
                 wait_until(lambda: gateway.serial() == serial, timeout=20)
-                assert gateway.get("/latest/meta-data/instance-type").body == instance_type.encode()
+                # The supervisor's serial moves first; its workers read the change when told it landed.
+                wait_until(lambda: gateway.get("/latest/meta-data/instance-type").body == instance_type.encode(),
+                           timeout=10)
         kinds = {kind for target, kind, _ in plane.requests if "since=" in target}
         assert "changes" in kinds
         assert "build=delta" in gateways[0].log()
