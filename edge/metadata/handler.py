@@ -5,10 +5,10 @@ when the answer needs the slow path (an unknown source waiting for a fresher
 view, or credentials not yet cached); the service resolves those off the hot
 path and calls back in.  Order of checks: method and token path, who is
 asking, endpoint enabled, rate limit, token, then the rendered answer.  Where
-all of them come down to the rendered answer for a peer (its instance known,
-enabled, no token required, no rate limit or fallback), :meth:`identify` hands
-the peer the renderer's table of its answers, so the connection protocol can
-answer a GET without a token by one lookup.
+all of them come down to the rate limit and the rendered answer for a peer (its
+instance known, enabled, no token required, no fallback), :meth:`identify`
+hands the peer the renderer's table of its answers, so the connection protocol
+can answer a GET without a token by one lookup (after the rate limit, if on).
 """
 
 from __future__ import annotations
@@ -144,8 +144,7 @@ class MetadataHandler:
             return self.refuse(Outcome.FORBIDDEN, request)
         limiter = self.limiter
         if limiter.rate > 0 and not limiter.allow(instance.id, mono):
-            self.throttled += 1
-            return self.refuse(Outcome.THROTTLED, request)
+            return self.throttle(request.keep_alive, request.method == b"HEAD")
         ttl_line = None
         token = request.token
         if token is not None:
@@ -193,15 +192,20 @@ class MetadataHandler:
         """Look up, once per snapshot, what ``peer`` (asking as itself: not a proxy) is attached to, and
         the answers a plain GET from it gets (:attr:`Peer.answers`); remembered on the peer."""
         peer.attachment = attachment = attachment_for(snapshot, peer, None, None)[2]
-        peer.answers = self._plain_answers(snapshot, attachment)
+        peer.answers = peer.limited = None
+        if attachment is not None:
+            peer.answers = self._plain_answers(snapshot, attachment)
+            if peer.answers is not None and self.limiter.rate > 0:
+                peer.limited = attachment.instance.id
         peer.generation = snapshot.generation
 
-    def _plain_answers(self, snapshot: Snapshot, attachment: Attachment | None) -> dict[bytes, Response] | None:
+    def _plain_answers(self, snapshot: Snapshot, attachment: Attachment) -> dict[bytes, Response] | None:
         """The renderer's table of the instance's answers when :meth:`answer` gives a GET without a token
-        the rendered response for its target and nothing else (and the protocol may look it up itself);
-        None when more is checked per request: an unknown address, the endpoint disabled or tokens
-        required (by the instance's options), the rate limit on, or a metadata fallback asked first."""
-        if attachment is None or self.limiter.rate > 0 or self.fallback is not None:
+        the rendered response for its target once the rate limit (if on) lets it through, and checks
+        nothing else (so the protocol may look it up itself); None when more is checked per request:
+        the endpoint disabled or tokens required (by the instance's options), or a metadata fallback
+        asked first."""
+        if self.fallback is not None:
             return None
         options = attachment.instance.metadata_options
         if not options.endpoint_enabled or options.tokens_required:
@@ -226,8 +230,7 @@ class MetadataHandler:
         if not instance.metadata_options.endpoint_enabled:
             return self.refuse(Outcome.FORBIDDEN, request)
         if not self.limiter.allow(instance.id, mono):
-            self.throttled += 1
-            return self.refuse(Outcome.THROTTLED, request)
+            return self.throttle(request.keep_alive, False)
         token = tokens.issue(self.keys, instance.id, ttl, now)
         self.tokens_issued += 1
         request.keep_alive = False
@@ -238,6 +241,11 @@ class MetadataHandler:
         if request.waited or not address:
             return self.refuse(Outcome.NOT_FOUND, request)
         return UnknownSource(network, address)
+
+    def throttle(self, keep_alive: bool, head_only: bool) -> bytes:
+        """The answer to a request over its instance's rate limit (counted)."""
+        self.throttled += 1
+        return ANSWERS[Outcome.THROTTLED].wire(keep_alive, head_only)
 
     def refuse(self, outcome: Outcome, request: Request) -> bytes:
         return ANSWERS[outcome].wire(request.keep_alive, request.method == b"HEAD")

@@ -35,12 +35,15 @@ class Peer:
     """The rendered answers of the peer's instance by raw request target, when a plain GET from it (no
     token or identifying header) needs no other check; else None.  Set by the handler with ``attachment``,
     read by the connection protocol to answer such a GET with one lookup."""
+    limited: str | None = None
+    """With ``answers``: the instance id whose rate limit such a GET counts against, None when the limit is off."""
 
     def forget(self) -> None:
         """Look the attachment and answers up again on the next request (the handler's configuration changed)."""
         self.generation = -1
         self.attachment = None
         self.answers = None
+        self.limited = None
 
 
 class TrustedProxies:

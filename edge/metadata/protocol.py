@@ -397,15 +397,21 @@ class MetadataProtocol(asyncio.Protocol):
         if self._body_size:
             self._body_size = 0
         if not self._has_fields and method == b"GET" and not self.busy:
-            # A GET with no token or identifying header, from a peer whose answers come down to the
-            # rendered answer for the target in the current view (the handler decided, see
+            # A GET with no token or identifying header, from a peer whose answers come down to the rate
+            # limit and the rendered answer for the target in the current view (the handler decided, see
             # MetadataHandler.identify): one lookup instead of the handler's checks.
             peer = self.peer
             answers = peer.answers
             if answers is not None and peer.generation == self.store.current.generation:  # type: ignore[union-attr]
                 found = answers.get(target)
                 if found is not None:
-                    self.send(found.keep_alive if keep_alive else found.close, target, keep_alive, _monotonic())
+                    started = _monotonic()
+                    limited = peer.limited
+                    if limited is None or self.handler.limiter.allow(limited, started):
+                        data = found.keep_alive if keep_alive else found.close
+                    else:
+                        data = self.handler.throttle(keep_alive, False)
+                    self.send(data, target, keep_alive, started)
                     return
         request = self._request
         if request is None:

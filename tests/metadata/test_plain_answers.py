@@ -1,6 +1,6 @@
 """A GET without a token from a peer whose answers need no other check is answered from the table of its
-instance's rendered answers (Peer.answers, set by MetadataHandler.identify) when the rate limit is off: over
-real sockets, that table follows the view, the configuration and everything else answer() checks."""
+instance's rendered answers (Peer.answers, set by MetadataHandler.identify), after the rate limit when it is on:
+over real sockets, that table follows the view, the configuration and everything else answer() checks."""
 
 from __future__ import annotations
 
@@ -64,13 +64,29 @@ def test_a_held_connection_answers_from_the_new_view_after_a_swap(server):
         assert ask(fresh)[::2] == (200, b"c5.xlarge")
 
 
-def test_reload_turning_the_rate_limit_on_limits_open_connections(start, tmp_path):
+def test_the_rate_limit_holds_for_answers_from_the_table(start):
+    server = start(rate=0.001, burst=3)
+    with connect(server.port) as held:
+        assert [ask(held)[0] for _ in range(5)] == [200, 200, 200, 429, 429]
+        peer = held_peer(server)
+        assert peer.answers and peer.limited == I1
+        assert server.call(lambda: server.service.handler.throttled) == 2
+        status, head, body = ask(held, headers="Connection: close\r\n")
+        assert (status, body) == (429, b"") and b"Connection: close" in head
+    # Other instances have their own bucket.
+    with connect(server.port, "127.0.0.2") as other:
+        assert ask(other)[0] == 200
+
+
+def test_reload_turning_the_rate_limit_on_and_off_reaches_open_connections(start, tmp_path):
     server = start(rate=0.0)
     with connect(server.port) as held:
         assert [ask(held)[0] for _ in range(3)] == [200] * 3
         limited = make_config(tmp_path, rate=0.001, burst=2)
         server.call(lambda: server.service.reload(limited))
         assert [ask(held)[0] for _ in range(4)] == [200, 200, 429, 429]
+        server.call(lambda: server.service.reload(make_config(tmp_path, rate=0.0)))
+        assert [ask(held)[0] for _ in range(3)] == [200] * 3
 
 
 def test_a_token_is_checked_on_a_connection_the_table_answers(server):
