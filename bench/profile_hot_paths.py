@@ -401,6 +401,9 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1000, help="view size (A and PTR of each are asked)")
     parser.add_argument("--requests", type=int, default=2000, help="HTTP requests per counted run")
     parser.add_argument("--only", default="", help="comma-separated server names to profile (default: all)")
+    parser.add_argument("--metadata-rate", type=float, default=0.0,
+                        help="edge's metadata.rate: 0 (default) is off, as for the peers; a rate no client reaches "
+                             "(1e9) puts the check every request of the default configuration pays, refusing none")
     args = parser.parse_args()
     from bench import metadata_load
     from bench.peer_configs import instance_addresses, nginx_conf, write_nsd
@@ -419,7 +422,7 @@ def main() -> None:
         # Forwarded questions go to the dnsmasq started below; local hits are answered alike with or without it.
         config.write_text(f'[dns]\nrate_limit = 0.0\nupstreams = ["127.0.0.1:{upstream_port}"]\n'
                           'recursion_cidrs = ["127.0.0.0/8"]\n'
-                          "[metadata]\nrate = 0.0\nmax_connections_per_source = 100000\n")
+                          f"[metadata]\nrate = {args.metadata_rate!r}\nmax_connections_per_source = 100000\n")
         edge = [python, "-m", "edge", "serve", "--config", str(config), "--view", str(data.view_path),
                 "--state-dir", str(directory / f"state-{edge_dns}"), "--workers", "1", "--log-level", "warning",
                 "--metadata-listen", f"127.0.0.1:{edge_http}", "--dns-listen", f"127.0.0.1:{edge_dns}",
