@@ -14,11 +14,9 @@ query name.
 
 from __future__ import annotations
 
-import operator
 import os
 import time
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from time import monotonic
@@ -32,8 +30,6 @@ REPLIES_HELD = 256
 """Distinct (target, answer) pairs a tally holds before labelling them (bounds the memory they pin)."""
 SHORT_REPLY = 256
 """Answers up to this long are counted by their bytes; longer ones by their status line."""
-_FLAG_BYTES = operator.itemgetter(slice(2, 4))
-"""A DNS reply's flags and RCODE bytes (AA and the RCODE are labels)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -48,7 +44,7 @@ class Tally:
     latency_sum: float = 0.0
     events: dict[tuple[str, str], int] = field(default_factory=dict)
     """(counter name, label value) -> count, for the subsystem counters below."""
-    raw: Counter[Any] = field(default_factory=Counter)
+    raw: dict[Any, int] = field(default_factory=dict)
     """Undecoded request keys from the reply fast paths; labelled at sync time."""
     replies: dict[bytes, list[Any]] = field(default_factory=dict)
     """request target -> [answer bytes, count]: the first answer held for each target, not yet
@@ -79,21 +75,23 @@ class Tally:
             self._sampled(monotonic() - started)
 
     def dns_replies(self, replies: list[bytes | None], started: float) -> None:
-        """Count a batch of DNS replies (None: no reply), each by its flags and RCODE bytes, counted in C
-        (labelled at sync); time the batch once for every LATENCY_SAMPLE replies in it."""
-        answered = len(replies) - replies.count(None)
-        if not answered:
-            return
-        self.raw.update(map(_FLAG_BYTES, filter(None, replies)))
-        countdown = self.countdown - answered
-        if countdown > 0:
+        """Count a batch of DNS replies (None: no reply) as :meth:`dns_reply` does; time one batch in
+        LATENCY_SAMPLE, standing for each of its replies (they waited alike)."""
+        raw = self.raw
+        answered = 0
+        for reply in replies:
+            if reply is not None:
+                key = (reply[2] & 4) << 2 | reply[3] & 15
+                raw[key] = raw.get(key, 0) + 1
+                answered += 1
+        countdown = self.countdown - 1
+        if countdown:
             self.countdown = countdown
-            return
-        samples, countdown = divmod(-countdown, LATENCY_SAMPLE)
-        self.countdown = LATENCY_SAMPLE - countdown
-        seconds = monotonic() - started
-        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += (samples + 1) * LATENCY_SAMPLE
-        self.latency_sum += seconds * (samples + 1) * LATENCY_SAMPLE
+        else:
+            self.countdown = LATENCY_SAMPLE
+            seconds = monotonic() - started
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += answered * LATENCY_SAMPLE
+            self.latency_sum += seconds * answered * LATENCY_SAMPLE
 
     def http_reply(self, target: bytes, response: bytes, started: float) -> None:
         """Count one metadata answer, and time one answer in LATENCY_SAMPLE.
@@ -421,8 +419,6 @@ def _dns_family(authoritative: int, rcode: int) -> str:
 
 
 def _labels_of(raw_key: Any) -> tuple[str, str]:
-    if isinstance(raw_key, bytes):  # DNS, counted a batch at a time: the reply's flag bytes
-        raw_key = (raw_key[0] & 4) << 2 | raw_key[1] & 15
     if isinstance(raw_key, int):  # DNS: AA bit << 2 | rcode
         rcode = raw_key & 15
         return _dns_family(raw_key & 16, rcode), (_RCODES[rcode] if rcode < len(_RCODES) else str(rcode))

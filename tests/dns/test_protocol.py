@@ -437,3 +437,36 @@ def receive_queue(port: int) -> int:
             if fields[1] == local:
                 return int(fields[4].split(":")[1], 16)
     raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_replies_after_a_batch_with_unanswered_datagrams_reach_their_own_clients(edge_factory, datagrams):
+    # A batch with datagrams left unanswered packs its replies ahead of their slots; the next batch, all
+    # answered, must send each reply to its own source again.
+    server = edge_factory()
+    clients = []
+    try:
+        for _ in range(6):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(3)
+            clients.append(sock)
+        for round_ in range(3):
+            for number, sock in enumerate(clients):
+                if number % 2 == 0:
+                    sock.sendto(b"\x12\x34\x01", ("127.0.0.1", server.port))  # unreadable: dropped
+                else:
+                    sock.sendto(query_bytes(), ("127.0.0.1", server.port))
+            for number, sock in enumerate(clients):
+                if number % 2:
+                    assert dns.message.from_wire(sock.recv(4096)).rcode() == dns.rcode.NOERROR
+            for number, sock in enumerate(clients):
+                query = dns.message.make_query(f"ip-127-0-0-{number % 4 + 1}.demo.internal", "A")
+                query.id = round_ * 100 + number
+                sock.sendto(query.to_wire(), ("127.0.0.1", server.port))
+            for number, sock in enumerate(clients):
+                reply = dns.message.from_wire(sock.recv(4096))
+                assert reply.id == round_ * 100 + number
+                assert reply.answer[0][0].address == f"127.0.0.{number % 4 + 1}"
+    finally:
+        for sock in clients:
+            sock.close()
