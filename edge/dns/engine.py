@@ -63,9 +63,7 @@ _NO_OPTIONS = b"\x00\x00"
 """An OPT RDLEN of zero: the only OPT the fast path takes (any other goes through the option checks)."""
 _NO_SNAPSHOT = object()
 _SPLICED_LIMIT = 4096
-CachedReply = tuple[CachedAnswer, bytes, bytes]
-"""A reply from the forwarding cache, minus its ID: (entry, header and question, OPT); see :class:`ReplyMemos`."""
-ReplyGroup = tuple[dict[bytes, bytes], dict[bytes, CachedReply]]
+ReplyGroup = tuple[dict[bytes, bytes], dict[bytes, bytes]]
 """(local replies, cached replies) of one group of askers; see :class:`ReplyMemos`."""
 _NO_REPLIES: ReplyGroup = ({}, {})
 """The groups before any view is loaded: nothing is memoized, every query takes :meth:`Engine.answer`."""
@@ -144,7 +142,7 @@ class Engine:
                                     if udp:
                                         if len(reply) > limit:
                                             return self._truncate(reply, data, qend, opt)
-                                        self._replies.remember_cached(group[1], data, entry, qend, opt)
+                                        self._replies.remember_cached(group[1], data, reply, entry, now)
                                     return reply
                         # An answer with somewhere to go on upstream (a zone cut, a CNAME leaving the local
                         # zones), for a client that may recurse and asks to, takes the slow path.  (The memo
@@ -199,13 +197,14 @@ class Engine:
         keyed by a query's bytes after its ID and holding the UDP reply's bytes after its ID.
 
         Called once per batch of datagrams; a query found in neither goes to :meth:`answer`, which fills them.
-        A reply taken from the second dict is a cache hit: report them with :meth:`count_cache_hits`.
+        Both hold whole replies minus their ID; one taken from the second is a cache hit: report them with
+        :meth:`count_cache_hits`.
         """
         if snapshot is None:
             return _NOT_READY_GROUPS
         if snapshot is not self._snapshot:
             self._switch(snapshot)
-        self._replies.tick(self.forwarder.stats.cache_stores)
+        self._replies.tick(int(now), self.forwarder.stats.cache_stores)
         groups = self._groups.get(network)
         if groups is None:
             askers = self._askers.get(network)
@@ -256,7 +255,7 @@ class Engine:
         if entry is not None:
             reply = self.forwarded_reply(query, entry, now, udp)
             if udp and not reply[2] & _TC_BYTE:  # not truncated
-                self._replies.remember_cached(group[1], data, entry, query.qend, self.opt_for(query))
+                self._replies.remember_cached(group[1], data, reply, entry, now)
             return reply
         return Forward(query, snapshot.view.cloud.upstream_resolvers)
 
@@ -347,14 +346,13 @@ class Engine:
 
 
 class ReplyMemos:
-    """UDP replies kept by query, for each group of askers that get the same replies (same horizon,
-    same recursion policy): the fastest answer to a question asked again.
+    """UDP replies kept whole, minus their ID, by query minus its ID, for each group of askers that get the
+    same replies (same horizon, same recursion policy): the fastest answer to a question asked again.
 
-    Both dicts are keyed by a query's bytes after its ID.  Local replies are kept whole, minus their
-    ID.  A reply from the forwarding cache is kept as (cache entry, header and question, OPT): its
-    records come from the entry, whose TTLs count down once a second; it stands while the entry is
-    fresh and was looked up in the cache this second (so the cache still sees the name in use once a
-    second), and until the cache stores anything new.  Truncated and stale answers are not kept.
+    Local replies stand as long as the snapshot and configuration.  A reply from the forwarding cache
+    stands for the second it was made in (its TTLs count down once a second, and the cache sees the name
+    in use once a second), if its entry stays fresh that long, and until the cache stores anything new
+    (it may have replaced or evicted that entry).  Truncated and stale answers are not kept.
 
     Bounded in entries and in the size of a reply kept, so that questions spelt every which way (case,
     EDNS sizes) cannot grow it without limit; when full it starts over.
@@ -367,10 +365,10 @@ class ReplyMemos:
     def __init__(self) -> None:
         self._groups: dict[tuple[int, bool], ReplyGroup] = {}
         self._size = 0
+        self._second = -1
         self._stores = -1
 
-    def group(self, memo: dict[bytes, object],
-              recursion: bool) -> ReplyGroup:
+    def group(self, memo: dict[bytes, object], recursion: bool) -> ReplyGroup:
         """(local replies, cached replies) for the askers of the horizon whose answer memo is ``memo``."""
         key = (id(memo), recursion)  # the memo lives as long as the snapshot, and so do these
         found = self._groups.get(key)
@@ -382,13 +380,11 @@ class ReplyMemos:
         if len(reply) <= self.LARGEST:
             self._keep(replies, query[2:], reply[2:])
 
-    def remember_cached(self, replies: dict[bytes, CachedReply], query: bytes, entry: CachedAnswer, qend: int,
-                        opt: bytes) -> None:
-        """Keep the reply to ``query`` (its question ending at ``qend``) from ``entry``, made with ``opt``."""
-        if entry.stale or len(entry.rendered) > self.LARGEST:
-            return
-        head = entry.prefixes[(2 if query[2] & 1 else 0) | (1 if opt else 0)] + query[HEADER:qend]
-        self._keep(replies, query[2:], (entry, head, opt))
+    def remember_cached(self, replies: dict[bytes, bytes], query: bytes, reply: bytes, entry: CachedAnswer,
+                        now: float) -> None:
+        """Keep ``reply``, made from ``entry`` at ``now``, for the rest of this second if it stays fresh that long."""
+        if not entry.stale and entry.expires >= int(now) + 1:
+            self.remember(replies, query, reply)
 
     def _keep(self, replies: dict[bytes, Any], key: bytes, value: object) -> None:
         if key in replies:
@@ -402,10 +398,10 @@ class ReplyMemos:
         replies[key] = value
         self._size += 1
 
-    def tick(self, stores: int) -> None:
-        """Forget the cached replies once the cache has stored something (it may have replaced or evicted
-        an entry they hold)."""
-        if stores != self._stores:
+    def tick(self, second: int, stores: int) -> None:
+        """Forget the cached replies when the second changed or the cache stored something."""
+        if second != self._second or stores != self._stores:
+            self._second = second
             self._stores = stores
             for _, cached in self._groups.values():
                 if cached:

@@ -116,7 +116,6 @@ class DnsDatagramProtocol:
         if not received or self.service.closing:
             return  # while stopping, queries are read and ignored so the socket does not stay readable
         now = time.monotonic()
-        second = int(now)
         snapshot = self.store.current
         memos = self.engine.reply_memos(snapshot, self.network, now)
         # The rate limit, when it is off, costs nothing per datagram.
@@ -134,17 +133,13 @@ class DnsDatagramProtocol:
                     local, cached = memos[address]
                     rest = data[2:]
                     memoized = local.get(rest)
-                    if memoized is not None:
-                        replies[index] = data[:2] + memoized
-                        continue
-                    held = cached.get(rest)
-                    if held is not None:
-                        entry, head, opt = held
-                        if entry.rendered_second == second and now < entry.expires:
-                            replies[index] = data[:2] + head + entry.rendered + opt
-                            cache_hits += 1
+                    if memoized is None:
+                        memoized = cached.get(rest)
+                        if memoized is None:
+                            replies[index] = self._answer(data, address, snapshot, now, index)
                             continue
-                    replies[index] = self._answer(data, address, snapshot, now, index)
+                        cache_hits += 1
+                    replies[index] = data[:2] + memoized
                 except Exception:
                     # One bad query costs its own answer, not the rest of the batch.
                     log.exception("dns: unexpected error on a UDP query from %s", address)
