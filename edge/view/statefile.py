@@ -271,9 +271,11 @@ def changes_record(since: int, serial: int, changed: Iterable[bytes], removed: I
 class StateFollower(ViewSource):
     """A worker's source: the document and journal its supervisor keeps, read as they grow.
 
-    The document is read when it changes (a full write or a compaction); journal records
-    are read from where the last poll stopped and applied to a keyspace of the view, so
-    a worker too builds each change as a delta, from the change alone.
+    A document with no journal next to it is handed over as bytes when it changes, as
+    the supervisor took it.  Once a journal appears (a source that says what changed),
+    the document is kept part by part in a keyspace and each record read from where the
+    last poll stopped is applied to it, so a worker too builds each change as a delta,
+    from the change alone.
     """
 
     def __init__(self, state: StateFile, max_size: int) -> None:
@@ -285,12 +287,15 @@ class StateFollower(ViewSource):
         self._read_to: dict[int, tuple[bytes, int]] = {}
         """Inode of a journal file -> (its first record header, bytes of it applied)."""
         self._delivered: int | None = None
+        self._loaded = False
+        """The keyspace holds the current document (read once a journal appears next to it)."""
 
     async def fetch(self) -> bytes | PreparedView | None:
         return await asyncio.to_thread(self._poll)
 
     def forget(self) -> None:
         self._stamp = None
+        self._loaded = False
         self._delivered = None
 
     def _poll(self) -> bytes | PreparedView | None:
@@ -301,17 +306,26 @@ class StateFollower(ViewSource):
         except OSError as exc:
             raise SourceError(f"{self.state.path}: {exc.strerror or exc}") from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        journaled = os.path.exists(self.state.compacting_path) or os.path.exists(self.state.journal_path)
         if stamp != self._stamp:
             if st.st_size > self._max_size:
                 raise ViewTooLarge(f"{self.state.path}: {st.st_size} bytes exceeds view.max_size ({self._max_size})")
-            try:
-                document = self.state.read()
-            except StateError as exc:
-                raise SourceError(str(exc)) from None
-            if document is None:
-                return None
             self._stamp = stamp
             self._read_to = {}
+            self._loaded = False
+            if not journaled:
+                # A whole document, as most sources give: handed over as the bytes the supervisor took.
+                self._keyspace = None
+                self._delivered = None
+                return self._read_document()
+        if self._keyspace is None and not journaled:
+            return None
+        if not self._loaded:
+            # A journal grows next to this document: keep the view part by part to apply its records.
+            document = self._read_document()
+            if document is None:
+                return None
+            self._loaded = True
             keyspace = self._keyspace or Keyspace(self.state.path)
             if not load_document(keyspace, document):
                 self._keyspace = None
@@ -328,6 +342,7 @@ class StateFollower(ViewSource):
                 if gap:
                     # Records missed (or from another document): read everything again next poll.
                     self._stamp = None
+                    self._loaded = False
                     return None
         try:
             view, _ = keyspace.view()
@@ -338,6 +353,12 @@ class StateFollower(ViewSource):
         incremental = self._delivered is not None
         self._delivered = view.serial
         return keyspace.prepared(incremental)
+
+    def _read_document(self) -> bytes | None:
+        try:
+            return self.state.read()
+        except StateError as exc:
+            raise SourceError(str(exc)) from None
 
     def _new_records(self, path: str) -> list[bytes]:
         try:

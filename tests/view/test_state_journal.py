@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 import os
 
@@ -13,7 +14,7 @@ from edge.config import ViewConfig
 from edge.view.keyspace import PreparedView
 from edge.view.poller import Poller
 from edge.view.sources import open_source
-from edge.view.statefile import StateFile, StateFollower, restore
+from edge.view.statefile import StateFile, StateFollower, changes_record, restore
 from edge.view.store import ViewStore
 from tests.support import wait_until
 from tests.view.test_incremental_http import FAST, ControlPlane, changed, plane  # noqa: F401 - plane is a fixture
@@ -170,3 +171,22 @@ def test_a_gateway_killed_after_changes_serves_them_without_its_source(plane, tm
         assert "journal_records=" in gateway.log()
     finally:
         gateway.stop()
+
+
+def test_a_worker_is_handed_a_whole_document_as_bytes_until_a_journal_appears(plane, tmp_path) -> None:
+    """A document source's view (document order, every top-level member) reaches workers as the bytes
+    the supervisor took; only records need the view part by part."""
+    state = StateFile(str(tmp_path), "test")
+    follower = StateFollower(state, FAST.max_size)
+    document = copy.deepcopy(plane.document)
+    document["extensions"] = {"x-test": 1}
+    state.write(json.dumps(document).encode())
+    first = asyncio.run(follower.fetch())
+    assert isinstance(first, bytes) and json.loads(first) == document
+    assert asyncio.run(follower.fetch()) is None
+    instance = copy.deepcopy(document["instances"][3])
+    instance["instance_type"] = "m7.large"
+    state.append(changes_record(document["serial"], document["serial"] + 1, [json.dumps(instance).encode()], []))
+    second = asyncio.run(follower.fetch())
+    assert isinstance(second, PreparedView) and second.view.serial == document["serial"] + 1
+    assert next(i for i in second.view.instances if i.id == instance["id"]).instance_type == "m7.large"
