@@ -94,7 +94,7 @@ def main() -> None:
         finally:
             build_cpu.append(time.thread_time() - start)
 
-    Poller._build = timed_build  # type: ignore[method-assign]
+    Poller._build = timed_build  # type: ignore[method-assign,assignment]
     directory = tempfile.TemporaryDirectory(prefix="edge-view-change-")
     gc.collect()
     rss_before = _rss_bytes()

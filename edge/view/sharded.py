@@ -67,7 +67,7 @@ class ShardedIndex(Mapping[K, V], Generic[K, V]):
 
     # Lookups: what request handlers call.
 
-    def get(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: K, default: Any = None) -> Any:
         return self._shards[hash(key) & self._mask].get(key, default)
 
     def __getitem__(self, key: K) -> V:

@@ -326,12 +326,12 @@ class StateFollower(ViewSource):
             if document is None:
                 return None
             self._loaded = True
-            keyspace = self._keyspace or Keyspace(self.state.path)
-            if not load_document(keyspace, document):
+            loading = self._keyspace or Keyspace(self.state.path)
+            if not load_document(loading, document):
                 self._keyspace = None
                 self._delivered = None
                 return document
-            self._keyspace = keyspace
+            self._keyspace = loading
         keyspace = self._keyspace
         if keyspace is None:
             return None  # a document in another format, unchanged
