@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 BATCH = 64
 """Datagrams taken per wake-up; the loop runs other callbacks (TCP, timers) between batches."""
@@ -147,7 +147,6 @@ class BatchDatagrams:
             header.iovlen = 1
             self._out_vectors[index].base = out_base + index * _SLOT
             header = self._out_headers[index].hdr
-            header.name = names_base + index * _NAME  # reply i goes to the source of datagram i, unless moved
             header.namelen = namelen
             header.iov = ctypes.addressof(self._out_vectors) + index * ctypes.sizeof(_IoVec)
             header.iovlen = 1
@@ -162,8 +161,6 @@ class BatchDatagrams:
         self._names_view = memoryview(self._names).cast("B")
         self._name_words = self._names_view.cast("Q")
         self._addresses: dict[object, str] = {}
-        self._names_moved = False
-        """Whether some reply header points at another datagram's source (a batch with unanswered datagrams)."""
 
     def receive(self) -> list[tuple[bytes, str]]:
         """(payload, source address) of every datagram waiting, up to ``BATCH``."""
@@ -216,41 +213,22 @@ class BatchDatagrams:
             host = socket.getnameinfo((host, port, flowinfo, scope), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
         return host, port, flowinfo, scope
 
-    def _point_names_home(self) -> None:
-        words = self._out_words
-        for index in range(BATCH):
-            words[index * 8] = self._names_base + index * _NAME
-        self._names_moved = False
-
     def send(self, replies: list[bytes | None]) -> int:
         """Send ``replies[index]`` to the source of datagram ``index`` of the last batch (None: no reply),
         all in one ``sendmmsg`` when the kernel takes them; return how many it would not take."""
         out = self._out_view
         lengths = self._out_lengths
+        words = self._out_words
+        names_base = self._names_base
         pending = 0
-        if None not in replies:
-            # Every datagram answered (the common case): reply i goes to source i, where the headers point.
-            if self._names_moved:
-                self._point_names_home()
-            for data in cast(list[bytes], replies):
+        for index, reply in enumerate(replies):
+            if reply is not None:
                 start = pending * _SLOT
-                size = len(data)
-                out[start:start + size] = data
+                size = len(reply)
+                out[start:start + size] = reply
                 lengths[pending * 2 + 1] = size
+                words[pending * 8] = names_base + index * _NAME  # replies are packed: gaps move them ahead
                 pending += 1
-        else:
-            # Replies packed one after the other, each header pointed at its datagram's source.
-            words = self._out_words
-            names_base = self._names_base
-            self._names_moved = True
-            for index, reply in enumerate(replies):
-                if reply is not None:
-                    start = pending * _SLOT
-                    size = len(reply)
-                    out[start:start + size] = reply
-                    lengths[pending * 2 + 1] = size
-                    words[pending * 8] = names_base + index * _NAME
-                    pending += 1
         if not pending:
             return 0
         sent = dropped = 0
