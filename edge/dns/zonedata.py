@@ -4,6 +4,13 @@ Built by a preparer off the event loop before the snapshot is swapped in, and
 kept in ``snapshot.extras["dns"]``.  Answers are rendered on first use and
 memoized per network; the memo lives and dies with its snapshot, so a swap
 invalidates every rendered answer without a purge.
+
+Finding empty non-terminals walks up from every name.  When a snapshot is a
+delta of the one the preparer last served (``NameChanges``), only the changed
+names are walked again: each ancestor keeps a count of the names below it that
+make it an empty non-terminal, so a name that goes away takes its part back.
+A change to a name that is itself on some other name's walk (an empty
+non-terminal, or an existing name a walk stops at) means a full walk.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from edge.view.model import DEFAULT_NETWORK, DnsRecord
-from edge.view.snapshot import LocalRecord, NameEntry, Snapshot
+from edge.view.sharded import ShardedIndex
+from edge.view.snapshot import CHANGED_NAMES_KEY, LocalRecord, NameChanges, NameEntry, Snapshot
 
 EXTRAS_KEY = "dns"
 
@@ -69,7 +77,7 @@ class DnsData:
     names: Mapping[str, NameEntry]
     zones: dict[str | None, dict[str, ZoneInfo]]
     """Network (None: every network) -> apex -> zone."""
-    empty_non_terminals: dict[str, tuple[bool, frozenset[str]]]
+    empty_non_terminals: ShardedIndex[str, tuple[bool, frozenset[str]]]
     """Name -> (a descendant is visible to everyone, networks a descendant is visible to)."""
     extra_names: dict[str, tuple[LocalRecord, ...]] = field(default_factory=dict)
     """Names edge adds for everyone (``instance-data``), unless the view has them."""
@@ -87,6 +95,8 @@ class DnsData:
     """Name -> (type, value) of its records answered to instances only."""
     network_cidrs: dict[str, tuple[IpNetwork, ...]] = field(default_factory=dict)
     horizons: dict[str, Horizon] = field(default_factory=dict)
+    walks: NameWalks | None = None
+    """How ``empty_non_terminals`` was counted, for the next snapshot's update."""
 
     @property
     def narrowed(self) -> bool:
@@ -223,18 +233,34 @@ def _rfc1918_reverse_name(name: str) -> bool:
     return any(block.overlaps(private) for private in RFC1918)
 
 
+@dataclass(frozen=True, slots=True)
+class NameWalks:
+    """The counts behind one snapshot's empty non-terminals."""
+
+    apexes: frozenset[str]
+    counts: ShardedIndex[str, tuple[int, int, tuple[tuple[str, int], ...]]]
+    """Ancestor -> (names below it whose walk passed it, of them visible to everyone, network -> of them
+    visible there)."""
+    stops: frozenset[str]
+    """Existing names some walk stopped at."""
+
+
 def make_preparer(nameserver: str = "", instance_data_address: str = "",
                   memo_limit: int = 100_000) -> Callable[[Snapshot], None]:
     """A preparer that fills ``snapshot.extras["dns"]``; ``nameserver`` names the NS of local zones."""
+    last: list[DnsData] = []  # the data this preparer built last: a delta's update starts from it
 
     def prepare(snapshot: Snapshot) -> None:
-        snapshot.extras[EXTRAS_KEY] = build_dns_data(snapshot, nameserver, instance_data_address, memo_limit)
+        data = build_dns_data(snapshot, nameserver, instance_data_address, memo_limit, last[0] if last else None)
+        snapshot.extras[EXTRAS_KEY] = data
+        last[:] = [data]
 
     return prepare
 
 
 def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_address: str = "",
-                   memo_limit: int = 100_000) -> DnsData:
+                   memo_limit: int = 100_000, previous: DnsData | None = None) -> DnsData:
+    """``previous``: the data of an earlier snapshot; used when ``snapshot`` is a delta of exactly that one."""
     cloud = snapshot.view.cloud
     ns_name = (nameserver or f"ns.{cloud.internal_domain}").rstrip(".").lower()
     serial = snapshot.view.serial & 0xFFFFFFFF
@@ -252,20 +278,13 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
         zones.setdefault(zone.network, {})[zone.apex] = ZoneInfo(zone.apex, soa, cloud.dns_ttl, ns_name)
     if for_instances:
         _mark_instance_zones(zones, cloud.dns_records, {cloud.internal_domain, cloud.public_domain})
-    apexes = {apex for by_apex in zones.values() for apex in by_apex}
-    ents: dict[str, tuple[bool, set[str]]] = {}
-    for name, entry in snapshot.names.items():
-        everyone = bool(entry.everyone)
-        networks = {network for network, records in entry.by_network if records}
-        ancestor = name
-        while "." in ancestor and ancestor not in apexes:
-            ancestor = ancestor[ancestor.find(".") + 1:]
-            if ancestor in apexes or ancestor in snapshot.names and not _needs_mark(ancestor, snapshot):
-                break
-            seen_everyone, seen_networks = ents.get(ancestor, (False, set()))
-            seen_networks |= networks
-            ents[ancestor] = (seen_everyone or everyone, seen_networks)
-    frozen = {name: (everyone, frozenset(networks)) for name, (everyone, networks) in ents.items()}
+    apexes = frozenset(apex for by_apex in zones.values() for apex in by_apex)
+    changes = snapshot.extras.get(CHANGED_NAMES_KEY)
+    updated = None
+    if (previous is not None and previous.walks is not None and isinstance(changes, NameChanges)
+            and changes.since == previous.generation and changes.same_zones and previous.walks.apexes == apexes):
+        updated = _update_walks(previous, changes, snapshot.names)
+    frozen, walks = updated if updated is not None else _walk_all(snapshot.names, apexes)
     # Only the view's dns_records hold NS records (instances add addresses and PTRs).
     delegations = frozenset(record.name.lower().rstrip(".") for record in cloud.dns_records
                             if record.type == "NS") - apexes
@@ -287,7 +306,91 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
                    memo_limit=memo_limit, split_by_cidr=cloud.public_name_horizon == "cidr",
                    rfc1918_ptrs=rfc1918_ptrs,
                    for_instances={name: frozenset(pairs) for name, pairs in for_instances.items()},
-                   network_cidrs=network_cidrs)
+                   network_cidrs=network_cidrs, walks=walks)
+
+
+_Count = tuple[int, int, tuple[tuple[str, int], ...]]
+
+
+def _walk(name: str, names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[list[str], str | None]:
+    """The ancestors of ``name`` that its records make empty non-terminals, up to its apex or the first
+    existing name that needs no mark; and that name (None: the walk reached an apex or the root)."""
+    passed = []
+    ancestor = name
+    while "." in ancestor and ancestor not in apexes:
+        ancestor = ancestor[ancestor.find(".") + 1:]
+        if ancestor in apexes:
+            break
+        entry = names.get(ancestor)
+        if entry is not None and not _entry_needs_mark(entry):
+            return passed, ancestor
+        passed.append(ancestor)
+    return passed, None
+
+
+def _contribution(entry: NameEntry) -> tuple[bool, tuple[str, ...]]:
+    return bool(entry.everyone), tuple({network for network, records in entry.by_network if records})
+
+
+def _counted(count: _Count | None, everyone: bool, networks: tuple[str, ...], sign: int) -> _Count:
+    names, visible, by_network = count if count is not None else (0, 0, ())
+    tally = dict(by_network)
+    for network in networks:
+        tally[network] = tally.get(network, 0) + sign
+    return (names + sign, visible + sign * everyone,
+            tuple(sorted((network, n) for network, n in tally.items() if n)))
+
+
+def _mark(count: _Count) -> tuple[bool, frozenset[str]]:
+    return count[1] > 0, frozenset(network for network, _ in count[2])
+
+
+def _walk_all(names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[
+        ShardedIndex[str, tuple[bool, frozenset[str]]], NameWalks]:
+    counts: dict[str, _Count] = {}
+    stops: set[str] = set()
+    for name, entry in names.items():
+        passed, stop = _walk(name, names, apexes)
+        if stop is not None:
+            stops.add(stop)
+        if passed:
+            everyone, networks = _contribution(entry)
+            for ancestor in passed:
+                counts[ancestor] = _counted(counts.get(ancestor), everyone, networks, 1)
+    marks = ShardedIndex.of({name: _mark(count) for name, count in counts.items()})
+    return marks, NameWalks(apexes, ShardedIndex.of(counts), frozenset(stops))
+
+
+def _update_walks(previous: DnsData, changes: NameChanges, names: Mapping[str, NameEntry]) -> tuple[
+        ShardedIndex[str, tuple[bool, frozenset[str]]], NameWalks] | None:
+    """The previous marks with the changed names' walks taken back and walked again; None when a changed
+    name lies on some walk, so that other names' walks may change too."""
+    walks = previous.walks
+    assert walks is not None
+    if any(name in walks.counts or name in walks.stops for name in changes.names):
+        return None
+    marks = previous.empty_non_terminals.edit()
+    counts = walks.counts.edit()
+    stops = set()
+    for name in changes.names:
+        # The walk is the same before and after: no name on it changed (checked above).
+        passed, stop = _walk(name, names, walks.apexes)
+        if stop is not None:
+            stops.add(stop)
+        for entry, sign in ((changes.previous_names.get(name), -1), (names.get(name), 1)):
+            if entry is None:
+                continue
+            everyone, networks = _contribution(entry)
+            for ancestor in passed:
+                count = _counted(counts.get(ancestor), everyone, networks, sign)
+                if count[0]:
+                    counts[ancestor] = count
+                    marks[ancestor] = _mark(count)
+                else:
+                    del counts[ancestor]
+                    del marks[ancestor]
+    return marks.freeze(), NameWalks(walks.apexes, counts.freeze(),
+                                     walks.stops | stops if not stops <= walks.stops else walks.stops)
 
 
 def _mark_instance_zones(zones: dict[str | None, dict[str, ZoneInfo]], records: Iterable[DnsRecord],
@@ -315,9 +418,8 @@ def _closest_apex(zones: dict[str, ZoneInfo], name: str) -> str | None:
     return candidate
 
 
-def _needs_mark(name: str, snapshot: Snapshot) -> bool:
+def _entry_needs_mark(entry: NameEntry) -> bool:
     # A name with records only in some networks is still an empty non-terminal for the others.
-    entry = snapshot.names[name]
     return not entry.everyone or any(not records for _, records in entry.by_network)
 
 

@@ -28,9 +28,11 @@ from edge.view.keyspace import InstanceChanges
 from edge.view.model import DEFAULT_NETWORK, Instance, View
 from edge.view.sharded import ShardedEditor, ShardedIndex
 from edge.view.snapshot import (
+    CHANGED_NAMES_KEY,
     COUNTS_KEY,
     IndexState,
     LocalRecord,
+    NameChanges,
     Preparer,
     Snapshot,
     ViewCounts,
@@ -41,6 +43,7 @@ from edge.view.snapshot import (
     contributor_ids,
     drop_contributor,
     next_generation,
+    run_preparers,
 )
 
 K = TypeVar("K")
@@ -178,8 +181,11 @@ def apply_delta(previous: Snapshot, state: IndexState, view: View,
         interfaces += sum(len(i.interfaces) for i in added) - sum(len(i.interfaces) for i in removed)
         snapshot.extras[COUNTS_KEY] = ViewCounts(networks=len(view.networks), instances=len(snapshot.instances),
                                                  interfaces=interfaces, names=len(snapshot.names))
-    for prepare in preparers:
-        prepare(snapshot)
+    snapshot.extras[CHANGED_NAMES_KEY] = NameChanges(previous.generation, previous.names, frozenset(affected),
+                                                     zones is previous.zones)
+    if preparers:
+        run_preparers(snapshot, preparers)
+    # Without preparers here, the caller runs them with run_preparers, which drops the changes.
     return snapshot, IndexState(contributors.freeze(), shared, flat_prefixes, public_zones)
 
 

@@ -46,7 +46,7 @@ from edge.view.formats import Decoded, DecodeMemo, decode_view, decode_view_reus
 from edge.view.keyspace import PreparedView
 from edge.view.model import View
 from edge.view.release import release_gradually, release_memo
-from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked, remember_counts
+from edge.view.snapshot import IndexState, Preparer, Snapshot, build_snapshot_tracked, remember_counts, run_preparers
 from edge.view.sources import ViewSource
 from edge.view.statefile import StateFile, changes_record, restore
 from edge.view.store import ViewStore
@@ -384,8 +384,7 @@ class Poller:
         del current
         if delta is not None:
             snapshot, state = delta
-            for prepare in self.preparers:
-                prepare(snapshot)
+            run_preparers(snapshot, self.preparers)
         else:
             snapshot, state = build_snapshot_tracked(
                 view, self.preparers, check_unique=prepared or (decoded is not None and not decoded.cross_checked))

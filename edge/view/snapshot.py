@@ -121,6 +121,34 @@ def remember_counts(snapshot: Snapshot) -> None:
 Preparer = Callable[[Snapshot], None]
 """Fills ``snapshot.extras`` with a protocol's derived data; runs off the loop."""
 
+CHANGED_NAMES_KEY = "view.changed_names"
+
+
+@dataclass(frozen=True, slots=True)
+class NameChanges:
+    """What a delta build changed in ``names``, in ``snapshot.extras[CHANGED_NAMES_KEY]`` while its
+    preparers run (and only then): a preparer that kept its data for the snapshot of generation ``since``
+    can update that data for these names instead of rebuilding it from every name."""
+
+    since: int
+    """Generation of the snapshot the delta started from."""
+    previous_names: Mapping[str, NameEntry]
+    """That snapshot's ``names``."""
+    names: frozenset[str]
+    """Names added, removed or changed."""
+    same_zones: bool
+    """The zones are those of that snapshot."""
+
+
+def run_preparers(snapshot: Snapshot, preparers: Iterable[Preparer]) -> None:
+    """Each preparer on ``snapshot``, then the delta's ``NameChanges`` dropped: kept, they would hold the
+    previous snapshot's names alive."""
+    try:
+        for prepare in preparers:
+            prepare(snapshot)
+    finally:
+        snapshot.extras.pop(CHANGED_NAMES_KEY, None)
+
 
 def reverse_name(address: str) -> str:
     """``10.0.1.5`` -> ``5.1.0.10.in-addr.arpa``; IPv6 -> nibble ``ip6.arpa`` name."""
