@@ -315,7 +315,7 @@ _Count = tuple[int, int, tuple[tuple[str, int], ...]]
 def _walk(name: str, names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[list[str], str | None]:
     """The ancestors of ``name`` that its records make empty non-terminals, up to its apex or the first
     existing name that needs no mark; and that name (None: the walk reached an apex or the root)."""
-    passed = []
+    passed: list[str] = []
     ancestor = name
     while "." in ancestor and ancestor not in apexes:
         ancestor = ancestor[ancestor.find(".") + 1:]

@@ -54,6 +54,7 @@ class ShardedIndex(Mapping[K, V], Generic[K, V]):
         if shards is None:
             if not isinstance(entries, Mapping):
                 items = list(items)
+            # A Mapping's items view and the list above both have a length; mypy sees only Iterable.
             shards = shard_count_for(len(items))  # type: ignore[arg-type]
         parts: tuple[dict[K, V], ...] = tuple({} for _ in range(shards))
         mask = shards - 1
@@ -83,10 +84,12 @@ class ShardedIndex(Mapping[K, V], Generic[K, V]):
         for shard in self._shards:
             yield from shard
 
+    # A generator rather than an ItemsView: nothing here needs set operations on the items.
     def items(self) -> Iterator[tuple[K, V]]:  # type: ignore[override]
         for shard in self._shards:
             yield from shard.items()
 
+    # A generator rather than a ValuesView, as for items().
     def values(self) -> Iterator[V]:  # type: ignore[override]
         for shard in self._shards:
             yield from shard.values()
