@@ -402,6 +402,7 @@ class MetadataProtocol(asyncio.Protocol):
             # MetadataHandler.identify): one lookup instead of the handler's checks.
             peer = self.peer
             answers = peer.answers
+            # A peer holds answers only once a view is served, and the store never goes back to none.
             if answers is not None and peer.generation == self.store.current.generation:  # type: ignore[union-attr]
                 found = answers.get(target)
                 if found is not None:
