@@ -19,7 +19,7 @@ from edge.dns.acl import RecursionPolicy
 from edge.dns.engine import Engine, Forward
 from edge.dns.forwarder import Forwarder
 from edge.dns.protocol import DnsDatagramProtocol, DnsStats, DnsStreamProtocol
-from edge.dns.zonedata import make_preparer
+from edge.dns.zonedata import EXTRAS_KEY, DnsData, build_dns_data
 from edge.lifecycle import Service
 from edge.metrics import Tally
 from edge.ratelimit import RateLimiter
@@ -45,6 +45,7 @@ class DnsService(Service):
         self.limiter = RateLimiter(dns.rate_limit, max(dns.rate_limit, 1.0), dns.rate_limit_clients, rate_table)
         self.engine = Engine(dns, self.forwarder, self.policy)
         self.preparers: list[Preparer] = [self._prepare]
+        self._last_data: DnsData | None = None
         self.stats = DnsStats()
         self.tally = Tally("dns")
         """Per-request counts and latencies; the composition root exports them as metrics."""
@@ -57,9 +58,13 @@ class DnsService(Service):
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _prepare(self, snapshot: Snapshot) -> None:
-        # Reads the configuration at build time, so a reload applies to the next snapshot.
+        # Reads the configuration at build time, so a reload applies to the next snapshot.  The data
+        # built last is passed on: a delta of its snapshot updates it from the changed names alone.
         dns = self.config.dns
-        make_preparer(dns.nameserver, dns.instance_data_address, dns.answer_memo_size)(snapshot)
+        data = build_dns_data(snapshot, dns.nameserver, dns.instance_data_address, dns.answer_memo_size,
+                              self._last_data)
+        snapshot.extras[EXTRAS_KEY] = data
+        self._last_data = data
 
     @property
     def addresses(self) -> list[tuple[str, int, str]]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import random
 
+import pytest
 import uvloop
 
-from edge.config import ViewConfig
+from edge.config import Config, ViewConfig
 from edge.dns import zonedata
+from edge.dns.service import DnsService
 from edge.dns.zonedata import EXTRAS_KEY, build_dns_data, make_preparer
 from edge.errors import ViewInvalid
 from edge.view.example import example_document
@@ -24,13 +26,15 @@ from edge.view.store import ViewStore
 from tests.view.test_delta import MemorySource, Views, _encode, _settle
 
 
-def _chain(seed: int, steps: int, tally: dict[str, int]) -> None:
+def _chain(seed: int, steps: int, tally: dict[str, int], service: bool = False) -> None:
     rng = random.Random(seed)
     views = Views(rng)
     document = views.document(rng.randint(3, 25))
     source = MemorySource()
     store = ViewStore("memory")
-    poller = Poller(ViewConfig(state_dir="/nonexistent"), source, store, None, preparers=[make_preparer()])
+    # The DNS service's own preparer, as a gateway runs it, or the stand-alone one.
+    preparers = DnsService(Config(), store).preparers if service else [make_preparer()]
+    poller = Poller(ViewConfig(state_dir="/nonexistent"), source, store, None, preparers=preparers)
 
     async def scenario() -> None:
         nonlocal document
@@ -59,7 +63,8 @@ def _chain(seed: int, steps: int, tally: dict[str, int]) -> None:
     uvloop.run(scenario())
 
 
-def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(monkeypatch) -> None:
+@pytest.mark.parametrize("service", [False, True], ids=["preparer", "dns service"])
+def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(service, monkeypatch) -> None:
     tally = {"updated": 0, "walked again": 0}
     update = zonedata._update_walks
 
@@ -70,7 +75,7 @@ def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(monkeypatch
 
     monkeypatch.setattr(zonedata, "_update_walks", counted)
     for seed in range(40):
-        _chain(seed, 12, tally)
+        _chain(seed, 12, tally, service)
     # Random instances add leaves only (no name of theirs lies on another name's walk): all updates.
     assert tally["updated"] > 100, tally
 
