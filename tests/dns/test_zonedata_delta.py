@@ -63,8 +63,8 @@ def _chain(seed: int, steps: int, tally: dict[str, int], service: bool = False) 
     uvloop.run(scenario())
 
 
-@pytest.mark.parametrize("service", [False, True], ids=["preparer", "dns service"])
-def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(service, monkeypatch) -> None:
+@pytest.mark.parametrize("through_dns_service", [False, True], ids=["preparer", "DnsService"])
+def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(through_dns_service, monkeypatch) -> None:
     tally = {"updated": 0, "walked again": 0}
     update = zonedata._update_walks
 
@@ -75,7 +75,7 @@ def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(service, mo
 
     monkeypatch.setattr(zonedata, "_update_walks", counted)
     for seed in range(40):
-        _chain(seed, 12, tally, service)
+        _chain(seed, 12, tally, through_dns_service)
     # Random instances add leaves only (no name of theirs lies on another name's walk): all updates.
     assert tally["updated"] > 100, tally
 
