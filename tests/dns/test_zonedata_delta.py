@@ -26,7 +26,22 @@ from edge.view.store import ViewStore
 from tests.view.test_delta import MemorySource, Views, _encode, _settle
 
 
-def _chain(seed: int, steps: int, tally: dict[str, int], service: bool = False) -> None:
+@pytest.fixture
+def walks(monkeypatch) -> dict[str, int]:
+    """How many delta builds updated the DNS marks from the changed names, and how many walked again."""
+    tally = {"updated": 0, "walked again": 0}
+    update = zonedata._update_walks
+
+    def counted(*args, **kwargs):
+        result = update(*args, **kwargs)
+        tally["updated" if result is not None else "walked again"] += 1
+        return result
+
+    monkeypatch.setattr(zonedata, "_update_walks", counted)
+    return tally
+
+
+def _chain(seed: int, steps: int, service: bool = False) -> None:
     rng = random.Random(seed)
     views = Views(rng)
     document = views.document(rng.randint(3, 25))
@@ -64,18 +79,10 @@ def _chain(seed: int, steps: int, tally: dict[str, int], service: bool = False) 
 
 
 @pytest.mark.parametrize("through_dns_service", [False, True], ids=["preparer", "DnsService"])
-def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(through_dns_service, monkeypatch) -> None:
-    tally = {"updated": 0, "walked again": 0}
-    update = zonedata._update_walks
-
-    def counted(*args, **kwargs):
-        result = update(*args, **kwargs)
-        tally["updated" if result is not None else "walked again"] += 1
-        return result
-
-    monkeypatch.setattr(zonedata, "_update_walks", counted)
+def test_marks_updated_from_a_deltas_changed_names_equal_a_full_walk(through_dns_service, walks) -> None:
+    tally = walks
     for seed in range(40):
-        _chain(seed, 12, tally, through_dns_service)
+        _chain(seed, 12, through_dns_service)
     # Random instances add leaves only (no name of theirs lies on another name's walk): all updates.
     assert tally["updated"] > 100, tally
 
@@ -100,16 +107,8 @@ def _served_after(documents: list[dict], name: str) -> list[tuple[bool, dict]]:
     return served
 
 
-def test_a_changed_name_on_another_names_walk_means_a_full_walk(monkeypatch) -> None:
-    tally = {"updated": 0, "walked again": 0}
-    update = zonedata._update_walks
-
-    def counted(*args, **kwargs):
-        result = update(*args, **kwargs)
-        tally["updated" if result is not None else "walked again"] += 1
-        return result
-
-    monkeypatch.setattr(zonedata, "_update_walks", counted)
+def test_a_changed_name_on_another_names_walk_means_a_full_walk(walks) -> None:
+    tally = walks
     public_name = "ec2-203-0-113-25.cloud.example.com"
     with_address = example_document()
     with_address["cloud"]["dns_records"].append({"name": f"x.{public_name}", "type": "TXT", "value": "below"})
