@@ -77,8 +77,9 @@ class DnsData:
     names: Mapping[str, NameEntry]
     zones: dict[str | None, dict[str, ZoneInfo]]
     """Network (None: every network) -> apex -> zone."""
-    empty_non_terminals: ShardedIndex[str, tuple[bool, frozenset[str]]]
-    """Name -> (a descendant is visible to everyone, networks a descendant is visible to)."""
+    walks: NameWalks
+    """The empty non-terminals, as counts of the names below each (``is_empty_non_terminal`` reads them);
+    kept for the next snapshot's update."""
     extra_names: dict[str, tuple[LocalRecord, ...]] = field(default_factory=dict)
     """Names edge adds for everyone (``instance-data``), unless the view has them."""
     delegations: frozenset[str] = frozenset()
@@ -95,8 +96,6 @@ class DnsData:
     """Name -> (type, value) of its records answered to instances only."""
     network_cidrs: dict[str, tuple[IpNetwork, ...]] = field(default_factory=dict)
     horizons: dict[str, Horizon] = field(default_factory=dict)
-    walks: NameWalks | None = None
-    """How ``empty_non_terminals`` was counted, for the next snapshot's update."""
 
     @property
     def narrowed(self) -> bool:
@@ -195,9 +194,11 @@ class DnsData:
         return records
 
     def is_empty_non_terminal(self, horizon: Horizon | str, name: str) -> bool:
+        found = self.walks.counts.get(name)
+        if found is None:
+            return False
         network = as_horizon(horizon).network
-        found = self.empty_non_terminals.get(name)
-        return found is not None and (found[0] or network in found[1])
+        return found[1] > 0 or any(seen == network for seen, _ in found[2])
 
     def memo_for(self, horizon: Horizon | str) -> dict[bytes, object]:
         key = horizon if isinstance(horizon, str) else horizon.key
@@ -281,10 +282,10 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
     apexes = frozenset(apex for by_apex in zones.values() for apex in by_apex)
     changes = snapshot.extras.get(CHANGED_NAMES_KEY)
     updated = None
-    if (previous is not None and previous.walks is not None and isinstance(changes, NameChanges)
-            and changes.since == previous.generation and changes.same_zones and previous.walks.apexes == apexes):
-        updated = _update_walks(previous, changes, snapshot.names)
-    frozen, walks = updated if updated is not None else _walk_all(snapshot.names, apexes)
+    if (previous is not None and isinstance(changes, NameChanges) and changes.since == previous.generation
+            and changes.same_zones and previous.walks.apexes == apexes):
+        updated = _update_walks(previous.walks, changes, snapshot.names)
+    walks = updated if updated is not None else _walk_all(snapshot.names, apexes)
     # Only the view's dns_records hold NS records (instances add addresses and PTRs).
     delegations = frozenset(record.name.lower().rstrip(".") for record in cloud.dns_records
                             if record.type == "NS") - apexes
@@ -302,11 +303,11 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
     network_cidrs: dict[str, tuple[IpNetwork, ...]] = {}
     if cloud.public_name_horizon == "cidr":
         network_cidrs = {n.id: tuple(ipaddress.ip_network(c) for c in n.cidrs) for n in snapshot.view.networks}
-    return DnsData(snapshot.generation, snapshot.names, zones, frozen, extra, delegations=delegations,
+    return DnsData(snapshot.generation, snapshot.names, zones, walks, extra, delegations=delegations,
                    memo_limit=memo_limit, split_by_cidr=cloud.public_name_horizon == "cidr",
                    rfc1918_ptrs=rfc1918_ptrs,
                    for_instances={name: frozenset(pairs) for name, pairs in for_instances.items()},
-                   network_cidrs=network_cidrs, walks=walks)
+                   network_cidrs=network_cidrs)
 
 
 _Count = tuple[int, int, tuple[tuple[str, int], ...]]
@@ -341,12 +342,7 @@ def _counted(count: _Count | None, everyone: bool, networks: tuple[str, ...], si
             tuple(sorted((network, n) for network, n in tally.items() if n)))
 
 
-def _mark(count: _Count) -> tuple[bool, frozenset[str]]:
-    return count[1] > 0, frozenset(network for network, _ in count[2])
-
-
-def _walk_all(names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[
-        ShardedIndex[str, tuple[bool, frozenset[str]]], NameWalks]:
+def _walk_all(names: Mapping[str, NameEntry], apexes: frozenset[str]) -> NameWalks:
     counts: dict[str, _Count] = {}
     stops: set[str] = set()
     for name, entry in names.items():
@@ -357,19 +353,14 @@ def _walk_all(names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[
             everyone, networks = _contribution(entry)
             for ancestor in passed:
                 counts[ancestor] = _counted(counts.get(ancestor), everyone, networks, 1)
-    marks = ShardedIndex.of({name: _mark(count) for name, count in counts.items()})
-    return marks, NameWalks(apexes, ShardedIndex.of(counts), frozenset(stops))
+    return NameWalks(apexes, ShardedIndex.of(counts), frozenset(stops))
 
 
-def _update_walks(previous: DnsData, changes: NameChanges, names: Mapping[str, NameEntry]) -> tuple[
-        ShardedIndex[str, tuple[bool, frozenset[str]]], NameWalks] | None:
-    """The previous marks with the changed names' walks taken back and walked again; None when a changed
+def _update_walks(walks: NameWalks, changes: NameChanges, names: Mapping[str, NameEntry]) -> NameWalks | None:
+    """The previous counts with the changed names' walks taken back and walked again; None when a changed
     name lies on some walk, so that other names' walks may change too."""
-    walks = previous.walks
-    assert walks is not None
     if any(name in walks.counts or name in walks.stops for name in changes.names):
         return None
-    marks = previous.empty_non_terminals.edit()
     counts = walks.counts.edit()
     stops = set()
     for name in changes.names:
@@ -385,12 +376,10 @@ def _update_walks(previous: DnsData, changes: NameChanges, names: Mapping[str, N
                 count = _counted(counts.get(ancestor), everyone, networks, sign)
                 if count[0]:
                     counts[ancestor] = count
-                    marks[ancestor] = _mark(count)
                 else:
                     del counts[ancestor]
-                    del marks[ancestor]
-    return marks.freeze(), NameWalks(walks.apexes, counts.freeze(),
-                                     walks.stops | stops if not stops <= walks.stops else walks.stops)
+    # A new frozenset only when a walk stopped somewhere new (copying it costs O(stops)).
+    return NameWalks(walks.apexes, counts.freeze(), walks.stops if stops <= walks.stops else walks.stops | stops)
 
 
 def _mark_instance_zones(zones: dict[str | None, dict[str, ZoneInfo]], records: Iterable[DnsRecord],
