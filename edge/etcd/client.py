@@ -38,7 +38,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
+
+import msgspec
 
 from edge.errors import EdgeError
 
@@ -149,11 +152,34 @@ def read_password_file(path: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
+class KeyValue(msgspec.Struct, frozen=True, gc=False):
+    """One key as the gateway sends it (base64 decoded by msgspec, in C; other members ignored)."""
+
     key: bytes
-    value: bytes
-    mod_revision: int
+    value: bytes = b""
+    """Absent from the JSON when empty (protobuf's JSON mapping leaves out zero values)."""
+    mod_revision: int = 0
+
+
+class _Header(msgspec.Struct):
+    revision: int = 0
+
+
+class _RangeAnswer(msgspec.Struct):
+    header: _Header
+    kvs: tuple[KeyValue, ...] = ()
+    count: int = 0
+    more: bool = False
+
+
+class _TxnAnswer(msgspec.Struct):
+    header: _Header
+
+
+_ANY_ANSWER = msgspec.json.Decoder()
+# The gateway writes 64-bit integers as strings ("783"): strict=False reads them as the ints they are.
+_RANGE_ANSWER = msgspec.json.Decoder(_RangeAnswer, strict=False)
+_TXN_ANSWER = msgspec.json.Decoder(_TxnAnswer, strict=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,18 +250,12 @@ class EtcdClient:
         request: dict[str, object] = {"key": _b64(key)}
         if min_mod_revision > 0:
             request["min_mod_revision"] = str(min_mod_revision)
-        answer = self.call("/v3/kv/range", request)
-        try:
-            revision = int(answer["header"]["revision"])
-            count = int(answer.get("count", 0))
-            kvs = [_kv(item) for item in answer.get("kvs") or []]
-        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as exc:
-            raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
-        kv = kvs[0] if kvs else None
+        answer: _RangeAnswer = self.call("/v3/kv/range", request, _RANGE_ANSWER)
+        kv = answer.kvs[0] if answer.kvs else None
         if kv is not None and len(kv.value) > self.max_value:
             raise EtcdValueTooLarge(f"{self.address}: value of {len(kv.value)} bytes is over the "
                                     f"{self.max_value}-byte cap")
-        return RangeResult(revision, count, kv)
+        return RangeResult(answer.header.revision, answer.count, kv)
 
     def range_page(self, start: bytes, end: bytes, limit: int, revision: int = 0,
                    min_mod_revision: int = 0) -> RangePage:
@@ -245,12 +265,8 @@ class EtcdClient:
             request["revision"] = str(revision)
         if min_mod_revision:
             request["min_mod_revision"] = str(min_mod_revision)
-        answer = self.call("/v3/kv/range", request)
-        try:
-            page = RangePage(int(answer["header"]["revision"]), int(answer.get("count", 0)),
-                             tuple(_kv(item) for item in answer.get("kvs") or []), bool(answer.get("more")))
-        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as exc:
-            raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
+        answer: _RangeAnswer = self.call("/v3/kv/range", request, _RANGE_ANSWER)
+        page = RangePage(answer.header.revision, answer.count, answer.kvs, answer.more)
         for kv in page.kvs:
             if len(kv.value) > self.max_value:
                 raise EtcdValueTooLarge(f"{self.address}: value of {kv.key!r} ({len(kv.value)} bytes) is over "
@@ -259,25 +275,24 @@ class EtcdClient:
 
     def count(self, start: bytes, end: bytes) -> tuple[int, int]:
         """(the cluster's revision, how many keys are in [start, end)): answered from etcd's index alone."""
-        answer = self.call("/v3/kv/range", {"key": _b64(start), "range_end": _b64(end), "count_only": True})
-        try:
-            return int(answer["header"]["revision"]), int(answer.get("count", 0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EtcdError(f"{self.address}: malformed range answer from {self.endpoint}: {exc!r}") from None
+        answer: _RangeAnswer = self.call("/v3/kv/range", {"key": _b64(start), "range_end": _b64(end),
+                                                          "count_only": True}, _RANGE_ANSWER)
+        return answer.header.revision, answer.count
 
     def txn(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> int:
         """Put and delete keys in one transaction; the new revision."""
         operations: list[dict[str, object]] = [
             {"request_put": {"key": _b64(key), "value": _b64(value)}} for key, value in puts]
         operations += [{"request_delete_range": {"key": _b64(key)}} for key in deletes]
-        answer = self.call("/v3/kv/txn", {"success": operations})
-        try:
-            return int(answer["header"]["revision"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EtcdError(f"{self.address}: malformed transaction answer: {exc!r}") from None
+        answer: _TxnAnswer = self.call("/v3/kv/txn", {"success": operations}, _TXN_ANSWER)
+        return answer.header.revision
 
-    def call(self, path: str, request: dict[str, object]) -> dict:
-        """POST ``request`` to each endpoint in turn until one answers; raises EtcdError listing every failure."""
+    def call(self, path: str, request: dict[str, object], decoder: msgspec.json.Decoder = _ANY_ANSWER) -> Any:
+        """POST ``request`` to each endpoint in turn until one answers; raises EtcdError listing every failure.
+
+        The answer is decoded by ``decoder`` (a typed one reads the values' base64 in C);
+        one it cannot decode is a failure of that endpoint, unless etcd says why.
+        """
         body = json.dumps(request).encode()
         count = len(self.address.endpoints)
         with self._lock:
@@ -287,7 +302,7 @@ class EtcdClient:
             index = (first + step) % count
             host, port = self.address.endpoints[index]
             try:
-                answer = self._call_endpoint(host, port, path, body)
+                answer = self._call_endpoint(host, port, path, body, decoder)
             except (EtcdValueTooLarge, EtcdCompacted, EtcdAccessDenied) as exc:
                 raise type(exc)(f"{self.address}: {host}:{port}: {exc}") from None
             except EtcdError as exc:
@@ -298,16 +313,16 @@ class EtcdClient:
             return answer
         raise EtcdError(f"{self.address}: no endpoint answered ({'; '.join(failures)})")
 
-    def _call_endpoint(self, host: str, port: int, path: str, body: bytes) -> dict:
+    def _call_endpoint(self, host: str, port: int, path: str, body: bytes, decoder: msgspec.json.Decoder) -> Any:
         token = self._login(host, port)
         try:
-            return self._post(host, port, path, body, token)
+            return self._post(host, port, path, body, token, decoder)
         except _TokenRejected:
             # The cluster forgot the token (it expired, or the members restarted): log in once more.
             with self._lock:
                 if self._token == token:
                     self._token = ""
-            return self._post(host, port, path, body, self._login(host, port))
+            return self._post(host, port, path, body, self._login(host, port), decoder)
 
     def _login(self, host: str, port: int) -> str:
         access = self.access
@@ -318,7 +333,7 @@ class EtcdClient:
                 return self._token
         request = json.dumps({"name": access.username, "password": access.current_password()}).encode()
         try:
-            answer = self._post(host, port, "/v3/auth/authenticate", request, "")
+            answer = self._post(host, port, "/v3/auth/authenticate", request, "", _ANY_ANSWER)
         except _TokenRejected as exc:
             raise EtcdAccessDenied(f"authentication as {access.username!r} failed: {exc}") from None
         except EtcdError as exc:
@@ -348,7 +363,7 @@ class EtcdClient:
             headers["Authorization"] = token
         return headers
 
-    def _post(self, host: str, port: int, path: str, body: bytes, token: str) -> dict:
+    def _post(self, host: str, port: int, path: str, body: bytes, token: str, decoder: msgspec.json.Decoder) -> Any:
         # base64 makes the value a third bigger; the JSON around it is small.
         cap = self.max_value * 4 // 3 + _JSON_OVERHEAD
         connection = self._connection(host, port, self.connect_timeout)
@@ -382,15 +397,26 @@ class EtcdClient:
             raise EtcdError(f"{type(exc).__name__}: {exc}") from None
         finally:
             connection.close()
+        data = b"".join(chunks)
+        del chunks
+        problem = ""
+        if status == 200:
+            try:
+                answer = decoder.decode(data)
+            except msgspec.DecodeError as exc:
+                problem = str(exc)  # an error object, or no answer at all: told apart below
+            else:
+                if not isinstance(answer, dict) or "error" not in answer:
+                    return answer
         try:
-            answer = json.loads(b"".join(chunks))
+            answer = json.loads(data)
         except (ValueError, UnicodeDecodeError):
             raise EtcdError(f"HTTP {status}: answer is not JSON") from None
         if not isinstance(answer, dict):
             raise EtcdError(f"HTTP {status}: answer is not a JSON object")
         if status != 200 or "error" in answer:
             raise _answer_error(status, answer)
-        return answer
+        raise EtcdError(f"HTTP {status}: malformed answer to {path}: {problem}")
 
     # -- watch --------------------------------------------------------------------------------
 

@@ -157,7 +157,15 @@ def test_a_cluster_restored_to_an_older_revision_is_read_again(etcd) -> None:
     assert source.revision < before
 
 
-def test_garbage_from_a_member_is_a_source_error() -> None:
+@pytest.mark.parametrize(("body", "says"), [
+    (b"hello", "not JSON"),
+    # JSON, but not a range answer: a value that is not base64, a revision that is not a number, no header.
+    (b'{"header":{"revision":"7"},"count":"1","kvs":[{"key":"aw==","value":"not base64!","mod_revision":"7"}]}',
+     "malformed answer to /v3/kv/range"),
+    (b'{"header":{"revision":"seven"},"count":"1"}', "malformed answer to /v3/kv/range"),
+    (b'{"count":"1"}', "malformed answer to /v3/kv/range"),
+])
+def test_garbage_from_a_member_is_a_source_error(body: bytes, says: str) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -166,14 +174,14 @@ def test_garbage_from_a_member_is_a_source_error() -> None:
     def answer() -> None:
         connection, _ = listener.accept()
         connection.recv(65536)
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
         connection.close()
 
     import threading
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     try:
-        with pytest.raises(SourceError, match="not JSON"):
+        with pytest.raises(SourceError, match=says):
             fetch(open_view_source(f"etcd://127.0.0.1:{port}/k", FAST))
     finally:
         thread.join(2)
