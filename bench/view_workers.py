@@ -27,6 +27,14 @@ above that demo baseline, and that divided by one copy of the view (one process
 above its own baseline): the ratio issue 17's target is about (at most 1.5 at
 any worker count).
 
+With ``--sweep N``, N more instances spread over the view then each ask once
+(instance id and name on a connection of their own, then the name in DNS) and
+the memory is read again: what each worker keeps for the instances it was asked
+about (answer caches, decoded entries) shows there.  The report also gives the
+bytes of the state directory's files and how many of them the page cache holds
+(``fincore``): a file every process maps is held once by the kernel, and its
+pages that no process touched are in no process's PSS.
+
 Then, with the generated view served, it changes one instance's ``Name`` tag
 (as ``bench.view_propagation`` does; a new serial that the gateways build as a
 delta) while keep-alive connections from that instance's address, held by every
@@ -164,6 +172,22 @@ def connection_holders(pids: list[int], port: int) -> dict[tuple[str, int], int]
     return holders
 
 
+def state_dir_usage(directory: Path) -> dict[str, int | None]:
+    """Bytes of the files in the state directory, and how many of them the page cache holds (``fincore``).
+
+    A view the workers map from a file is held once by the kernel whoever maps it; the pages no
+    process has touched are in no process's PSS, so they are reported here.
+    """
+    files = [path for path in directory.rglob("*") if path.is_file()]
+    usage: dict[str, int | None] = {"bytes": sum(path.stat().st_size for path in files), "resident_bytes": None}
+    if files and shutil.which("fincore"):
+        listed = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                                 *map(str, files)], capture_output=True, text=True, timeout=60)
+        if listed.returncode == 0:
+            usage["resident_bytes"] = sum(int(line) for line in listed.stdout.split())
+    return usage
+
+
 # -- one gateway ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -175,6 +199,7 @@ class Gateway:
     dns_port: int
     admin_port: int
     log_path: Path
+    state_dir: Path
     started: float
     children: dict[int, int] = field(default_factory=dict)
     """Every worker seen: PID -> start time."""
@@ -307,7 +332,7 @@ def start_gateway(label: str, workers: int, source: str, workdir: Path, shared_v
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(config),
                                     "--log-level", "warning"], env=env, stdout=log, stderr=log)
-    return Gateway(label, workers, process, metadata, dns, admin, log_path, time.monotonic())
+    return Gateway(label, workers, process, metadata, dns, admin, log_path, directory / "state", time.monotonic())
 
 
 # -- asking it ------------------------------------------------------------------------------------------
@@ -425,6 +450,41 @@ async def exercise(gateway: Gateway, addresses: list[str], connections: int) -> 
             "dns_answers": sum(answered), "dns_errors": len(answered) - sum(answered) + (len(opened) - len(names))}
 
 
+async def sweep(gateway: Gateway, addresses: list[str], concurrency: int = 64) -> dict[str, Any]:
+    """Each address asks once, on a connection of its own: its instance id and name, then the name in DNS.
+
+    Many distinct instances, spread over the workers by ``SO_REUSEPORT``: what a worker keeps for
+    the instances it was asked about shows in its memory.
+    """
+    limit = asyncio.Semaphore(concurrency)
+    names: list[tuple[str, str]] = []
+    errors = 0
+
+    async def ask(address: str) -> None:
+        nonlocal errors
+        async with limit:
+            try:
+                connection = await MetadataConnection.open(gateway.metadata_port, address)
+            except (OSError, asyncio.TimeoutError):
+                errors += 1
+                return
+            try:
+                answers = [await connection.get(path) for path in (METADATA_PATHS[0], METADATA_PATHS[2])]
+            finally:
+                connection.close()
+            if all(status == 200 for status, _ in answers):
+                names.append((address, answers[1][1].decode()))
+            else:
+                errors += 1
+
+    began = time.monotonic()
+    await asyncio.gather(*(ask(address) for address in addresses))
+    answered = await asyncio.to_thread(lambda: sum(ask_dns(gateway.dns_port, a, n) for a, n in names))
+    return {"addresses": len(addresses), "metadata_answers": 2 * len(names), "metadata_errors": errors,
+            "dns_answers": answered, "dns_errors": len(names) - answered,
+            "seconds": round(time.monotonic() - began, 1)}
+
+
 async def swap_check(gateway: Gateway, change: Change, old_name: str, write: Any, connections: int,
                      probe_every: float, timeout: float) -> dict[str, Any]:
     """Change one instance while connections every worker holds ask for its tag; old or new, never else."""
@@ -524,13 +584,19 @@ def measure_view(workers: int, shared_view: bool | None, parts: ViewParts, chang
     parts = parts.copy()
     old_name = parts.records[change.index]["tags"]["Name"]
     _write_atomically(view_path, parts.document(1))
-    addresses = _probe_addresses(parts, args.addresses)
+    addresses = _probe_addresses(parts, _connections(args, workers))
     gateway = start_gateway(f"view-{workers}-{shared_view}", workers, str(view_path), workdir, shared_view)
     try:
         ready = gateway.wait_ready(1, args.start_timeout)
         probe = asyncio.run(exercise(gateway, addresses, _connections(args, workers)))
         time.sleep(args.settle)
         memory = gateway.memory()
+        result: dict[str, Any] = {"ready_seconds": round(ready, 2), "probe": probe, "memory": memory,
+                                  "state_dir": state_dir_usage(gateway.state_dir)}
+        if args.sweep:
+            result["sweep"] = asyncio.run(sweep(gateway, _probe_addresses(parts, args.sweep)))
+            time.sleep(args.settle)
+            result["memory_after_sweep"] = gateway.memory()
 
         def write() -> None:
             apply_change(parts, change)
@@ -543,9 +609,8 @@ def measure_view(workers: int, shared_view: bool | None, parts: ViewParts, chang
         status, body = gateway.admin("/view")
         if gateway.process.poll() is not None:
             raise gateway.failure(f"exited with {gateway.process.returncode}")
-        return {"ready_seconds": round(ready, 2), "probe": probe, "memory": memory, "swap": swap,
-                "serial_after_change": json.loads(body).get("serial") if status == 200 else None,
-                "memory_after_change": after}
+        return {**result, "swap": swap, "memory_after_change": after,
+                "serial_after_change": json.loads(body).get("serial") if status == 200 else None}
     finally:
         gateway.stop(args.stop_timeout)
 
@@ -572,7 +637,10 @@ def summarize(runs: list[dict[str, Any]]) -> None:
                 if single else None)
     for run in runs:
         baseline = run["demo"]["memory"]["total_pss_bytes"]
-        for key, memory in (("", run["view"]["memory"]), ("_after_change", run["view"]["memory_after_change"])):
+        for key in ("", "_after_sweep", "_after_change"):
+            memory = run["view"].get(f"memory{key}")
+            if memory is None:
+                continue
             above = memory["total_pss_bytes"] - baseline
             run[f"total_pss_bytes{key}"] = memory["total_pss_bytes"]
             run[f"pss_above_baseline_bytes{key}"] = above
@@ -605,44 +673,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _mb(value: int) -> str:
-    return f"{value / 2**20:,.0f} MB"
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.0f} MB"
+
+
+def _copies(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def render(report: dict[str, Any]) -> str:
+    swept = any("sweep" in run_["view"] for run_ in report["runs"])
     lines = [f"gateway memory against the worker count: {report['instances']:,} instances "
              f"(document {_mb(report['document_bytes'])}), view.shared_view "
              f"{'known' if report['shared_view_key'] else 'not in this edge (left out)'}; "
              f"load average {report['load_average_start']} -> {report['load_average_end']} on {report['cpus']} cpus",
              "",
              "| workers | shared_view | total PSS | demo baseline | above baseline | copies of the view | "
-             "after one change: total / above / copies | PSS per process (MB) | swap: old / new / errors, "
-             "atomic |",
-             "|---:|---|---:|---:|---:|---:|---|---|---|"]
+             + ("after the sweep: total / copies | " if swept else "")
+             + "after one change: total / copies | PSS per process (MB) | state dir: files / in page cache "
+             "| swap: old / new / errors, atomic |",
+             "|---:|---|---:|---:|---:|---:|" + ("---|" if swept else "") + "---|---|---|---|"]
     for run_ in report["runs"]:
+        view, swap = run_["view"], run_["view"]["swap"]
         shared = "(absent)" if run_["shared_view"] is None else str(run_["shared_view"]).lower()
         processes = ", ".join(f"{ROLE_MARKS[p['role']]} {p['pss_bytes'] / 2**20:.0f}"
-                              for p in run_["view"]["memory"]["processes"])
-        swap = run_["view"]["swap"]
-        copies = "n/a" if run_["copies"] is None else f"{run_['copies']:.2f}"
-        copies_after = "n/a" if run_["copies_after_change"] is None else f"{run_['copies_after_change']:.2f}"
+                              for p in view["memory"]["processes"])
+        sweep_cell = (f"{_mb(run_.get('total_pss_bytes_after_sweep'))} / {_copies(run_.get('copies_after_sweep'))} | "
+                      if swept else "")
         lines.append(
             f"| {run_['workers']} | {shared} | {_mb(run_['total_pss_bytes'])} | {_mb(run_['baseline_pss_bytes'])} "
-            f"| {_mb(run_['pss_above_baseline_bytes'])} | **{copies}** "
-            f"| {_mb(run_['total_pss_bytes_after_change'])} / {_mb(run_['pss_above_baseline_bytes_after_change'])} "
-            f"/ {copies_after} | {processes} "
+            f"| {_mb(run_['pss_above_baseline_bytes'])} | **{_copies(run_['copies'])}** | {sweep_cell}"
+            f"{_mb(run_['total_pss_bytes_after_change'])} / {_copies(run_['copies_after_change'])} | {processes} "
+            f"| {_mb(view['state_dir']['bytes'])} / {_mb(view['state_dir']['resident_bytes'])} "
             f"| {swap['old_answers']} / {swap['new_answers']} / {swap['errors']}, "
             f"{'yes' if swap['atomic'] else 'NO'} |")
-    lines += ["", "Per process: s = supervisor, w = worker, p = the one process without workers. Copies = PSS above the demo "
-              "baseline at the same worker count / that of one process."]
+    lines += ["", "Per process: s = supervisor, w = worker, p = the one process without workers. Copies = PSS above "
+              "the demo baseline at the same worker count / that of one process."]
     for run_ in report["runs"]:
         view, swap = run_["view"], run_["view"]["swap"]
         notes = [f"ready in {view['ready_seconds']} s",
                  f"probe: {view['probe']['connections']} connections over {len(view['probe']['connections_by_process'])} "
                  f"serving processes {view['probe']['connections_by_process']}, "
-                 f"{view['probe']['metadata_errors']} metadata and {view['probe']['dns_errors']} DNS errors",
-                 f"swap: {swap['connections']} connections {swap['connections_by_process']}, all new after "
-                 f"{swap['write_to_all_new_seconds']} s, {swap['regressions']} regressions"]
+                 f"{view['probe']['metadata_errors']} metadata and {view['probe']['dns_errors']} DNS errors"]
+        if "sweep" in view:
+            sweep_ = view["sweep"]
+            notes.append(f"sweep: {sweep_['addresses']:,} instances in {sweep_['seconds']} s, "
+                         f"{sweep_['metadata_errors']} metadata and {sweep_['dns_errors']} DNS errors")
+        notes.append(f"swap: {swap['connections']} connections {swap['connections_by_process']}, all new after "
+                     f"{swap['write_to_all_new_seconds']} s, {swap['regressions']} regressions")
         if swap["error_samples"]:
             notes.append(f"errors: {swap['error_samples']}")
         if not swap["serving_pids_unchanged"]:
@@ -658,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma separated (1: one process)")
     parser.add_argument("--connections", type=int, default=32,
                         help="metadata connections per probe (at least 8 per worker; more until every worker holds one)")
-    parser.add_argument("--addresses", type=int, default=64, help="instance addresses the probe asks from")
+    parser.add_argument("--sweep", type=int, default=0,
+                        help="after the first measure, this many more instances each ask once (metadata and DNS), "
+                             "and the memory is read again")
     parser.add_argument("--probe-every", type=float, default=0.05, help="seconds between tag probes per connection")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds before reading memory (after the probe, and after the change is served)")

@@ -51,7 +51,7 @@ def _check_probe(probe: dict, workers: int) -> None:
 
 def test_every_process_measured_every_worker_asked_and_the_swap_atomic(tmp_path, capsys) -> None:
     report_path = tmp_path / "report.json"
-    status = view_workers.main(["--instances", "200", "--workers", "1,2", "--settle", "0.2",
+    status = view_workers.main(["--instances", "200", "--workers", "1,2", "--settle", "0.2", "--sweep", "100",
                                 "--start-timeout", "120", "--served-timeout", "30", "--json", str(report_path)])
     printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
@@ -72,6 +72,13 @@ def test_every_process_measured_every_worker_asked_and_the_swap_atomic(tmp_path,
         started += _check_memory(run["view"]["memory_after_change"], workers)
         _check_probe(run["demo"]["probe"], workers)
         _check_probe(run["view"]["probe"], workers)
+        sweep = run["view"]["sweep"]
+        assert sweep["addresses"] == 100 and sweep["metadata_answers"] == 200 and sweep["dns_answers"] == 100
+        assert sweep["metadata_errors"] == 0 and sweep["dns_errors"] == 0
+        started += _check_memory(run["view"]["memory_after_sweep"], workers)
+        assert run["total_pss_bytes_after_sweep"] == run["view"]["memory_after_sweep"]["total_pss_bytes"]
+        state = run["view"]["state_dir"]
+        assert state["bytes"] > 0 and (state["resident_bytes"] is None or state["resident_bytes"] > 0)  # whole pages
 
         swap = run["view"]["swap"]
         assert set(swap) == SWAP_FIELDS
