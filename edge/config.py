@@ -101,9 +101,15 @@ class ViewConfig:
     format: str = "auto"
     """View document format: ``auto`` (by content), ``edge-view`` or ``eucalyptus-gni``."""
     swap_by_restart_instances: int = 20000
-    """With several workers, a view with at least this many instances that needs a full build (not a delta of
-    the served one) is swapped in by starting new workers on it and retiring the old ones, so no serving process
-    stalls while it is built (0: always in place)."""
+    """With several workers and ``shared_view`` false, a view with at least this many instances that needs a full
+    build (not a delta of the served one) is swapped in by starting new workers on it and retiring the old ones, so
+    no serving process stalls while it is built (0: always in place)."""
+    shared_view: bool = True
+    """With several workers, the supervisor writes the served view into ``served-view/`` in the state directory and
+    every worker answers from that one memory-mapped copy; false: each worker builds and holds a copy of its own."""
+    shared_view_memo: int = 20000
+    """With ``shared_view``: decoded entries each worker keeps per index (instances, addresses, names), so repeat
+    askers skip the decode; when full it starts over."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
     journal_compact_ratio: float = 0.25
@@ -543,6 +549,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_view_age must not be negative")
         if config.journal_compact_ratio <= 0:
             raise ConfigError(f"{prefix}journal_compact_ratio must be positive")
+        if config.shared_view_memo < 1:
+            raise ConfigError(f"{prefix}shared_view_memo must be at least 1")
         if config.max_size < 1024:
             raise ConfigError(f"{prefix}max_size must be at least 1024 bytes")
         if config.key_file and not config.cert_file:

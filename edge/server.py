@@ -24,9 +24,16 @@ from edge.logs import event
 from edge.metrics import Metrics, NullTally, Syncer, prepare_multiprocess_dir
 from edge.process import GatewayProcess
 from edge.ratelimit import RateTables
-from edge.supervisor import SupervisedRefresh, Supervisor, control_socket_from_env, rate_tables_from_env
+from edge.supervisor import (
+    SupervisedRefresh,
+    Supervisor,
+    control_socket_from_env,
+    rate_tables_from_env,
+    shared_view_reader,
+)
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
+from edge.view.shared import SharedViewFollower
 from edge.view.sources import SourceKinds, builtin_source_kinds, configured_source
 from edge.view.statefile import LAST_GOOD_NAME, StateFile, StateFollower
 from edge.view.store import ViewStore
@@ -104,7 +111,7 @@ class Gateway(GatewayProcess):
         self.readiness = Readiness(self.store, config.view.max_view_age)
         self.readiness.starting = True
         self.services: list[Service] = []
-        self.poller: Poller | None = None
+        self.poller: Poller | SharedViewFollower | None = None
         self.admin: AdminListener | None = None
         self.stop_requested = asyncio.Event()
         self._supervisor_lost = False
@@ -145,20 +152,27 @@ class Gateway(GatewayProcess):
                 service.tally = NullTally(service.tally.protocol)
         preparers = [p for service in self.services for p in service.preparers]
         if self.control is None:
-            self.poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config, self.adapters.formats),
-                                 on_outcome=lambda outcome: self.metrics.observe_poll(outcome, self.store))
-            await self.poller.load_last_good()
+            poller = Poller(config.view, source, self.store, state, preparers, decode=make_decoder(config, self.adapters.formats),
+                            on_outcome=lambda outcome: self.metrics.observe_poll(outcome, self.store))
+            self.poller = poller
+            await poller.load_last_good()
         else:
-            # A worker reads what its supervisor accepted; it never writes the state file.
-            follower = StateFollower(state, config.view.max_size)
-            self.poller = Poller(config.view, follower, self.store, None, preparers,
-                                 decode=make_decoder(config, self.adapters.formats))
+            # A worker reads what its supervisor accepted: the shared view it published, or the state file
+            # it wrote (never writing either).
+            follower: Poller | SharedViewFollower
+            if config.view.shared_view:
+                follower = SharedViewFollower(shared_view_reader(config), self.store, preparers,
+                                              config.view.poll_interval)
+            else:
+                follower = Poller(config.view, StateFollower(state, config.view.max_size), self.store, None,
+                                  preparers, decode=make_decoder(config, self.adapters.formats))
+            self.poller = follower
             self._supervised = SupervisedRefresh(self.control)
-            self._supervised.poller = self.poller
+            self._supervised.poller = follower
             self._supervised.on_lost = self._orphaned
             self._supervised.on_freeze = self._hold_unknown_sources
             self._background.append(asyncio.get_running_loop().create_task(self._supervised.listen()))
-            await self.poller.poll_once()
+            await follower.poll_once()
             if self.store.current is None:
                 await self._supervised.first_poll(FIRST_VIEW_WAIT)
         for service in self.services:
@@ -169,7 +183,7 @@ class Gateway(GatewayProcess):
             # With nothing on disk, poll before going on, so a fresh gateway is ready as
             # soon as its source answers.
             if self.store.current is None:
-                await self.poller.poll_once()
+                await poller.poll_once()
         self.poller.start()
         if self._supervised is not None:
             self._supervised.serving()

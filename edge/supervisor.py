@@ -17,7 +17,14 @@ DNS) in shared memory before the first worker starts and passes them to every
 worker it starts, so the per-instance and per-address limits hold per gateway,
 across worker restarts.
 
-A view with at least ``view.swap_by_restart_instances`` instances that needs a
+With ``view.shared_view`` (the default) the supervisor also writes every
+accepted snapshot into the shared view (:mod:`edge.view.shared`) before it
+says a poll finished, and workers answer from that one memory-mapped copy:
+none of them decodes or indexes the view, so a worker starts serving at once
+and gateway memory does not grow with the worker count.
+
+Without it, each worker follows the state file and builds its own snapshot; a
+view with at least ``view.swap_by_restart_instances`` instances that needs a
 full build (not a delta of the served view) is swapped in by restarting the
 workers one by one: each replacement builds the new
 snapshot in its own process while the old worker keeps serving, binds, reports
@@ -42,7 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge.admin import AdminListener, AdminRoutes, Readiness, start_admin
 from edge.config import Config
@@ -52,6 +59,8 @@ from edge.process import GatewayProcess
 from edge.ratelimit import RateTables, create_shared_table, map_table
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller, PollOutcome
+from edge.view.shared import SharedViewReader, SharedViewWriter, shared_view_directory
+from edge.view.snapshot import Preparer, Snapshot
 from edge.view.sources import SourceKinds, configured_source
 from edge.view.statefile import StateFile
 from edge.view.store import ViewStore
@@ -138,6 +147,8 @@ class Supervisor(GatewayProcess):
         """Slots still to move to the new generation during a swap by restart."""
         self.rate_table_fds: dict[str, int] = {}
         """Protocol -> the rate-limit table every worker shares (created once; sized at start)."""
+        self.shared_view: SharedViewWriter | None = None
+        """Where accepted snapshots are published for the workers (``view.shared_view``)."""
 
     def workers_alive(self) -> int:
         return sum(1 for w in self._workers() if w.alive)
@@ -157,8 +168,11 @@ class Supervisor(GatewayProcess):
         os.makedirs(config.view.state_dir, mode=0o750, exist_ok=True)
         await asyncio.to_thread(prepare_shared_secrets, config, self.token_keys)
         source = configured_source(config, self.sources)
+        preparers: list[Preparer] = []
+        if config.view.shared_view:
+            preparers, self.shared_view = await asyncio.to_thread(shared_view_publisher, config)
         self.poller = Poller(config.view, source, self.store, StateFile(config.view.state_dir, source.description),
-                             decode=make_decoder(config, self.formats), on_outcome=self._poll_finished)
+                             preparers, decode=make_decoder(config, self.formats), on_outcome=self._poll_finished)
         self._served_before = await self.poller.load_last_good()
         if config.metadata.listen and "metadata" not in self.rate_table_fds:
             self.rate_table_fds["metadata"] = create_shared_table(config.metadata.rate_limit_entries)
@@ -227,6 +241,7 @@ class Supervisor(GatewayProcess):
         # of a large view is left to replacement workers.
         full_build = self.poller is not None and not self.poller.last_build_was_delta
         if (outcome.result == "accepted" and threshold and len(self.slots) > 1 and current is not None
+                and self.shared_view is None
                 and len(current.instances) >= threshold and full_build and not self.stopping
                 and self._served_before):
             self._start_rolling_swap()
@@ -358,6 +373,43 @@ class Supervisor(GatewayProcess):
         event(log, logging.INFO, "edge stopped")
 
 
+ExtraIndex = tuple[Callable[[Snapshot], Any], Any]
+"""How the supervisor finds a protocol's index in a prepared snapshot, and the type a worker reads it as."""
+
+
+def shared_extra_indexes(config: Config) -> dict[str, ExtraIndex]:
+    """Protocol data published with the shared view, because deriving it means walking every name.
+
+    Written once here for both sides: the supervisor publishes each, workers read each back.
+    """
+    if not config.dns.listen:
+        return {}
+    from edge.dns.zonedata import WALKS_INDEX, WalkCount, dns_data
+
+    return {WALKS_INDEX: (lambda snapshot: dns_data(snapshot).walks.counts, WalkCount)}
+
+
+def shared_view_publisher(config: Config) -> tuple[list[Preparer], SharedViewWriter]:
+    """The supervisor's preparers with a shared view: the DNS data (so its name walks are updated
+    from the changed names alone), then the writer, last."""
+    extra = shared_extra_indexes(config)
+    writer = SharedViewWriter(shared_view_directory(config.view.state_dir),
+                              {name: find for name, (find, _) in extra.items()})
+    preparers: list[Preparer] = []
+    if config.dns.listen:
+        from edge.dns.zonedata import make_preparer
+
+        preparers.append(make_preparer())
+    return [*preparers, writer], writer
+
+
+def shared_view_reader(config: Config) -> SharedViewReader:
+    """A worker's reader of what :func:`shared_view_publisher` writes."""
+    return SharedViewReader(shared_view_directory(config.view.state_dir),
+                            {name: kind for name, (_, kind) in shared_extra_indexes(config).items()},
+                            config.view.shared_view_memo)
+
+
 def prepare_shared_secrets(config: Config, token_keys: TokenKeyProvider | None = None) -> None:
     """Create the state-directory token key and identity certificate before workers race to."""
     from edge.metadata.service import load_identity_signer, load_token_keys
@@ -367,12 +419,21 @@ def prepare_shared_secrets(config: Config, token_keys: TokenKeyProvider | None =
         load_identity_signer(config)
 
 
+class Follower(Protocol):
+    """What a worker reads its supervisor's views with: the state file (a :class:`Poller` on it) or the
+    shared view (:class:`edge.view.shared.SharedViewFollower`)."""
+
+    async def poll_once(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
 class SupervisedRefresh:
-    """A worker's "refresh now": ask the supervisor, then read the state file it wrote."""
+    """A worker's "refresh now": ask the supervisor, then read what it published."""
 
     def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.poller: Poller | None = None
+        self.poller: Follower | None = None
         self.on_lost: Callable[[], None] | None = None
         """Called when the supervisor is gone (without it: SIGTERM to this worker)."""
         self.on_freeze: Callable[[], None] | None = None

@@ -260,7 +260,7 @@ def test_large_view_is_swapped_in_by_replacing_workers(tmp_path, control_plane, 
 
     _published(control_plane, serial=1)
     gateway = Gateway(tmp_path, control_plane.url, workers=2, extra=["--poll-interval", "0.3"],
-                      env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "1"})
+                      env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "1", "EDGE_VIEW_SHARED_VIEW": "false"})
     gateways.append(gateway)
     wait_until(gateway.ready, timeout=20)
     wait_until(lambda: len(gateway.workers()) == 2, timeout=10)

@@ -201,7 +201,7 @@ def test_a_worker_kept_on_its_view_during_a_swap_does_not_404_a_new_instance(tmp
     metadata_port = free_port()
     marker = str(tmp_path / "state")
     process = serve(tmp_path, str(view), free_port(), metadata_port, "--poll-interval", "0.5",
-                    env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "10"})
+                    env={"EDGE_VIEW_SWAP_BY_RESTART_INSTANCES": "10", "EDGE_VIEW_SHARED_VIEW": "false"})
     stopped: list[int] = []
     try:
         known = first["instances"][0]["interfaces"][0]["private_ips"][0]

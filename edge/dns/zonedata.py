@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from edge.view.model import DEFAULT_NETWORK, DnsRecord
+from edge.view.shared import shared_index
 from edge.view.sharded import ShardedIndex
 from edge.view.snapshot import CHANGED_NAMES_KEY, LocalRecord, NameChanges, NameEntry, Snapshot
 
 EXTRAS_KEY = "dns"
+WALKS_INDEX = "dns.walks"
+"""The empty non-terminal counts, as a gateway's supervisor publishes them with the shared view."""
+WalkCount = tuple[int, int, tuple[tuple[str, int], ...]]
 
 SOA_REFRESH = 3600
 SOA_RETRY = 600
@@ -239,9 +243,10 @@ class NameWalks:
     """The counts behind one snapshot's empty non-terminals."""
 
     apexes: frozenset[str]
-    counts: ShardedIndex[str, tuple[int, int, tuple[tuple[str, int], ...]]]
+    counts: Mapping[str, WalkCount]
     """Ancestor -> (names below it whose walk passed it, of them visible to everyone, network -> of them
-    visible there)."""
+    visible there).  Sharded when built here; in a worker of a gateway, the supervisor's, read from the
+    shared view."""
     stops: frozenset[str]
     """Existing names some walk stopped at."""
 
@@ -282,7 +287,11 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
     apexes = frozenset(apex for by_apex in zones.values() for apex in by_apex)
     changes = snapshot.extras.get(CHANGED_NAMES_KEY)
     updated = None
-    if (previous is not None and isinstance(changes, NameChanges) and changes.since == previous.generation
+    published = shared_index(snapshot, WALKS_INDEX)
+    if published is not None:
+        # A worker reading the shared view: its supervisor walked the names (same snapshot, same apexes).
+        updated = NameWalks(apexes, published, frozenset())
+    elif (previous is not None and isinstance(changes, NameChanges) and changes.since == previous.generation
             and changes.same_zones and previous.walks.apexes == apexes):
         updated = _update_walks(previous.walks, changes, snapshot.names)
     walks = updated if updated is not None else _walk_all(snapshot.names, apexes)
@@ -310,7 +319,7 @@ def build_dns_data(snapshot: Snapshot, nameserver: str = "", instance_data_addre
                    network_cidrs=network_cidrs)
 
 
-_Count = tuple[int, int, tuple[tuple[str, int], ...]]
+_Count = WalkCount
 
 
 def _walk(name: str, names: Mapping[str, NameEntry], apexes: frozenset[str]) -> tuple[list[str], str | None]:
@@ -359,6 +368,8 @@ def _walk_all(names: Mapping[str, NameEntry], apexes: frozenset[str]) -> NameWal
 def _update_walks(walks: NameWalks, changes: NameChanges, names: Mapping[str, NameEntry]) -> NameWalks | None:
     """The previous counts with the changed names' walks taken back and walked again; None when a changed
     name lies on some walk, so that other names' walks may change too."""
+    if not isinstance(walks.counts, ShardedIndex):
+        return None
     if any(name in walks.counts or name in walks.stops for name in changes.names):
         return None
     counts = walks.counts.edit()
