@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewInvalid, ViewTooLarge
 from edge.etcd.client import (
+    PAGE_BYTES,
     EtcdAccess,
     EtcdAddress,
     EtcdClient,
@@ -31,13 +34,14 @@ from edge.etcd.client import (
     EtcdError,
     EtcdValueTooLarge,
     KeyValue,
+    RangePage,
     RangeResult,
     Watch,
     prefix_end,
 )
 from edge.logs import event
 from edge.view.inflate import gunzip_capped
-from edge.view.keyspace import Keyspace, PreparedView
+from edge.view.keyspace import INSTANCES, Keyspace, PreparedView
 from edge.view.sources import ViewSource
 
 log = logging.getLogger("edge.view")
@@ -114,8 +118,56 @@ class EtcdSource(ViewSource):
 
 WATCH_STALL_AFTER = 5.0
 """Seconds a change the safety-net poll found may take to come through the watch before it counts as stalled."""
-PAGE_KEYS = 1000
-"""Keys per range request of a full read: pages of about a megabyte, each well inside etcd's limits."""
+READ_AHEAD_PAGES = 2
+"""Pages of a full read fetched ahead of the mirror checking them: etcd writes the next pages (on another
+core) while this process parses one, and at most this many wait in memory."""
+
+_Item = TypeVar("_Item")
+
+
+def read_ahead(produce: Iterator[_Item], depth: int) -> Iterator[_Item]:
+    """The items of ``produce``, made in a thread of their own up to ``depth`` ahead of the caller.
+
+    An exception ``produce`` raises is raised here, in its place; closing this iterator (or
+    leaving the loop over it) stops the thread at its next item.
+    """
+    slots: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(last: bool, item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put((last, item), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in produce:
+                if not offer(False, item):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+            offer(True, exc)
+            return
+        finally:
+            close = getattr(produce, "close", None)
+            if close is not None:
+                close()  # a generator's own cleanup runs now, in this thread
+        offer(True, None)
+
+    threading.Thread(target=run, name="etcd-read-ahead", daemon=True).start()
+    try:
+        while True:
+            last, item = slots.get()
+            if last:
+                if item is not None:
+                    raise item  # type: ignore[misc]
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
 
 
 def is_keyspace(spec: str) -> bool:
@@ -132,7 +184,8 @@ class EtcdKeyspaceSource(ViewSource):
     """The view as keys under a prefix (:mod:`edge.view.keyspace`), read once and then watched.
 
     The first poll reads every key under the prefix at one revision R (a linearizable
-    first page, the others pinned to R) and starts a watch from R+1 over the gateway's
+    first page, the others pinned to R; the instances last, streamed into the mirror as
+    their pages arrive) and starts a watch from R+1 over the gateway's
     streaming ``/v3/watch``; each event is applied to the mirror as it arrives and the
     poller is told to poll, which delivers the new view once its serial has risen.
 
@@ -165,6 +218,8 @@ class EtcdKeyspaceSource(ViewSource):
         self._awaiting_watch: tuple[int, float] | None = None
         """(revision, when): changes a safety-net poll applied that the watch has yet to report."""
         self.stall_after = WATCH_STALL_AFTER
+        self.page_bytes = PAGE_BYTES
+        """About how many bytes of keys and values each range request of a read asks for."""
         self._delivered_serial: int | None = None
         self._delivered_once = False
         self._notify: Callable[[], None] | None = None
@@ -228,28 +283,58 @@ class EtcdKeyspaceSource(ViewSource):
         """Every key under the prefix at one revision, into the mirror (unchanged parts stay as they are)."""
         for attempt in range(3):
             try:
-                items, revision = self._range_all()
+                revision = self._read_all_keys()
                 break
             except EtcdCompacted:
                 if attempt == 2:
                     raise
-        if not items:
-            raise SourceError(f"{self.description}: no keys under the prefix")
-        self.keyspace.reset(items)
         self.revision = revision
         self._awaiting_watch = None
         self._fresh_read_needed = False
         self.full_reads += 1
         self._stop_watch()
 
-    def _range_all(self) -> tuple[list[tuple[str, bytes, int]], int]:
-        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS)
-        revision = page.revision
-        items = [self._item(kv) for kv in page.kvs]
-        while page.more and page.kvs:
-            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision)
-            items += [self._item(kv) for kv in page.kvs]
-        return items, revision
+    def _read_all_keys(self) -> int:
+        """Every key under the prefix at one revision R into the mirror; R.
+
+        The keys that are not instances come first (the networks are what each instance
+        is checked against), then the instances, handed to the mirror as their pages
+        arrive, with the next pages read ahead meanwhile.  A read that fails part way
+        leaves the mirror holding some values of R: a fresh read is still needed, and no
+        view is delivered until one succeeds.
+        """
+        pages = read_ahead(self._pages(), READ_AHEAD_PAGES)
+        try:
+            head: list[tuple[str, bytes, int]] = []
+            revision = 0
+            for in_instances, page in pages:
+                revision = revision or page.revision
+                if in_instances:
+                    break
+                head += [self._item(kv) for kv in page.kvs]
+            if not head and not page.kvs:
+                raise SourceError(f"{self.description}: no keys under the prefix")
+
+            def instances() -> Iterator[tuple[str, bytes, int]]:
+                yield from [self._item(kv) for kv in page.kvs]
+                for _, more in pages:
+                    yield from [self._item(kv) for kv in more.kvs]
+
+            self.keyspace.reset(head, instances())
+            return revision
+        finally:
+            pages.close()  # type: ignore[attr-defined]
+
+    def _pages(self) -> Iterator[tuple[bool, RangePage]]:
+        """(is it the instances' range, page): the prefix in three ranges, all at the first one's revision."""
+        instances = self.prefix + INSTANCES.encode()
+        after_instances = prefix_end(instances)
+        revision = 0
+        for start, end, in_instances in ((self.prefix, instances, False), (after_instances, self.end, False),
+                                         (instances, after_instances, True)):
+            for page in self.client.range_pages(start, end, revision, page_bytes=self.page_bytes):
+                revision = page.revision
+                yield in_instances, page
 
     def _item(self, kv: KeyValue) -> tuple[str, bytes, int]:
         return self._name(kv.key), kv.value, kv.mod_revision
@@ -285,12 +370,13 @@ class EtcdKeyspaceSource(ViewSource):
             return
         if revision == self.revision and count == len(self.keyspace.keys):
             return
-        page = self.client.range_page(self.prefix, self.end, PAGE_KEYS, min_mod_revision=self.revision + 1)
-        revision, count = page.revision, page.count
-        kvs = list(page.kvs)
-        while page.more and page.kvs:
-            page = self.client.range_page(page.kvs[-1].key + b"\0", self.end, PAGE_KEYS, revision=revision,
-                                          min_mod_revision=self.revision + 1)
+        kvs: list[KeyValue] = []
+        count = -1
+        for page in self.client.range_pages(self.prefix, self.end, min_mod_revision=self.revision + 1,
+                                            page_bytes=self.page_bytes):
+            if count < 0:
+                count = page.count  # the first page's: every key under the prefix, before the filter
+            revision = page.revision
             kvs += page.kvs
         for kv in kvs:
             self.keyspace.put(self._name(kv.key), kv.value, kv.mod_revision)

@@ -169,8 +169,15 @@ class Keyspace:
             if instance_id in self.instances:
                 self._remove(instance_id)
 
-    def reset(self, items: Iterable[tuple[str, bytes, int]]) -> None:
-        """Make the mirror hold exactly ``items`` (a fresh read of every key), keeping unchanged parts as they are."""
+    def reset(self, items: Iterable[tuple[str, bytes, int]],
+              instances: Iterable[tuple[str, bytes, int]] = ()) -> None:
+        """Make the mirror hold exactly ``items`` and ``instances`` (a fresh read of every key), keeping
+        unchanged parts as they are.
+
+        ``items`` may hold any keys, in any order.  ``instances`` holds only ``instances/`` keys and is
+        consumed once, after every network in ``items`` is applied: a source streams the instances
+        through it as it reads them, without holding them all.
+        """
         seen: set[str] = set()
         items = list(items)
         # Networks first, applied to the instances once (instances are checked against them).
@@ -200,6 +207,10 @@ class Keyspace:
                     seen.add(name)
                     if self.keys.get(name) != revision:
                         self.put(name, text, revision)
+            for name, text, revision in instances:
+                seen.add(name)
+                if self.keys.get(name) != revision:
+                    self.put(name, text, revision)
             for name in [name for name in self.keys if name not in seen]:
                 self.delete(name)
         finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -210,6 +212,28 @@ def test_a_fresh_read_in_any_key_order_makes_the_view_in_id_order_and_says_what_
     assert prepared.changes.removed == (gone,)
     before = {i.id: i for i in first.view.instances}
     assert sum(before.get(i.id) is i for i in prepared.view.instances) == len(second["instances"]) - 2
+
+
+def test_instances_streamed_into_a_fresh_read_are_checked_after_every_network() -> None:
+    document = generate_view(instances=30, networks=4, serial=1)
+    items = document_items(document)
+    keyspace = Keyspace("test")
+    pulled: list[int] = []
+
+    def instances() -> Iterator[tuple[str, bytes, int]]:
+        for item in items:
+            if item[0].startswith("instances/"):
+                pulled.append(len(keyspace.networks))  # how many networks the mirror held by then
+                yield item
+
+    keyspace.reset([item for item in items if not item[0].startswith("instances/")], instances())
+    view, _ = keyspace.view()
+    assert pulled == [4] * 30 and keyspace.problems == 0
+    assert [i.id for i in view.instances] == sorted(i["id"] for i in document["instances"])
+    # The same keys as one list make the same view.
+    other = Keyspace("test")
+    other.reset(items)
+    assert other.view()[0].instances == view.instances
 
 
 def test_a_keyspace_without_a_serial_is_not_a_view() -> None:
@@ -478,3 +502,34 @@ def test_publish_keeps_each_transaction_within_etcds_request_size(etcd) -> None:
         assert prepared is not None and len(prepared.view.instances) == 60
     finally:
         source.close()
+
+
+def test_a_full_read_is_paged_by_size_at_one_revision_and_fits_the_answer_cap(etcd) -> None:
+    # 60 instances of about 40 KB each (53 KB base64) under a 400 KB view.max_size: the answer cap
+    # (the base64 of max_size) holds a few of them, the first page of 1,000 keys does not.
+    document = generate_view(instances=60, networks=1, serial=1, user_data_bytes=30_000)
+    publish(encode(document), publisher(etcd.endpoint))
+    proxy = RecordingProxy(etcd.endpoint).start()
+    source = open_etcd_source(f"etcd://{proxy.endpoint}/{PREFIX}",
+                              ViewConfig(connect_timeout=1.0, read_timeout=3.0, max_size=400_000))
+    assert isinstance(source, EtcdKeyspaceSource)
+    try:
+        prepared = fetch(source)
+        assert prepared is not None and len(prepared.view.instances) == 60
+        assert [i.id for i in prepared.view.instances] == sorted(i["id"] for i in document["instances"])
+        ranges = [e for e in proxy.exchanges if e.path == "/v3/kv/range"]
+        revision = ranges[0].response["header"]["revision"]
+        # The first request is linearizable (no revision); every later one is pinned to its revision.
+        assert "revision" not in ranges[0].request
+        assert all(e.request.get("revision") == revision for e in ranges[1:])
+        instance_pages = [e for e in ranges if base64.b64decode(e.request["key"]).startswith(
+            (PREFIX + "instances/").encode())]
+        served = [e for e in instance_pages if len(json.dumps(e.response)) <= 400_000 * 4 // 3 + 65536]
+        assert len(served) >= 10, "pages sized to fit the cap"
+        assert sum(len(e.response.get("kvs", ())) for e in served) == 60
+        assert int(instance_pages[0].request["limit"]) > int(instance_pages[-1].request["limit"])
+        # Every key was read once: the serial, the cloud, the network and the 60 instances.
+        assert source.keyspace.problems == 0 and len(source.keyspace.keys) == 63
+    finally:
+        source.close()
+        proxy.close()
