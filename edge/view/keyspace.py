@@ -20,6 +20,12 @@ one view to the next, which lets the poller build each new serial as a delta of
 the served snapshot (:mod:`edge.view.delta`) in time proportional to the
 change.  Instances come in key order (their ids sorted), which is the order in
 which records of a name shared by several instances are served.
+
+The mirror keeps each instance as its checked value only, not the JSON text it
+came as (that text is most of an instance's size): the texts of the instances
+changed since the view last handed on are kept until the next one is (a
+journal record is made of them), and a whole document is encoded again from
+the values (:func:`instance_json`), which parse back to the very same values.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ class InstanceChanges:
     upserted: tuple[Instance, ...]
     """Instances added or replaced since ``base``, in id order."""
     texts: tuple[bytes, ...]
-    """The JSON text of each of ``upserted`` (what the last-good journal records)."""
+    """The JSON text of each of ``upserted``, as it arrived (what the last-good journal records)."""
     removed: tuple[str, ...]
     """Ids of the instances of ``base`` that are gone."""
 
@@ -67,7 +73,8 @@ class PreparedView:
 
     view: View
     document: Callable[[], bytes]
-    """The same view as an ``edge-view/1`` document (for the last-good-view file); costs O(view)."""
+    """The same view as an ``edge-view/1`` document (for the last-good-view file); costs O(view), its
+    instances encoded again from their values."""
     incremental: bool
     """Instances also in the previously delivered view are the very same objects (build it as a delta)."""
     changes: InstanceChanges | None = None
@@ -76,10 +83,25 @@ class PreparedView:
 
 @dataclass(frozen=True, slots=True)
 class _Part:
+    """The cloud or a network: the last good text (what a document is made of) and its checked value."""
+
     text: bytes
-    """The last good text of the part (what the view and the document are made of)."""
     value: Any
-    """Its decoded, checked form."""
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def instance_json(instance: Instance) -> bytes:
+    """``instance`` as an element of an ``edge-view/1`` document; it parses back to an equal Instance.
+
+    The model's fields are the schema's, under the same names (the model's builder is generated
+    from them and fails at import when one is missing), except the two mappings the model keeps
+    as pairs.
+    """
+    as_wire = msgspec.structs.replace(
+        instance, tags=dict(instance.tags), block_devices=dict(instance.block_devices))
+    return _ENCODER.encode(as_wire)
 
 
 class Keyspace:
@@ -92,11 +114,10 @@ class Keyspace:
         self.serial: int | None = None
         self.cloud: _Part | None = None
         self.networks: dict[str, _Part] = {}
-        self.instances: dict[str, _Part] = {}
+        self.instances: dict[str, Instance] = {}
         self.order: list[str] = []
-        """Instance ids, sorted; ``parts`` and ``values`` hold their parts and instances in the same order,
-        so a view's tuple of instances is one C-level copy rather than a loop over every instance."""
-        self.parts: list[_Part] = []
+        """Instance ids, sorted; ``values`` holds their instances in the same order, so a view's tuple
+        of instances is one C-level copy rather than a loop over every instance."""
         self.values: list[Instance] = []
         self.refused_instances: dict[str, bytes] = {}
         """Instance id -> its latest text, refused: tried again when the networks change (an instance written
@@ -121,6 +142,9 @@ class Keyspace:
         self._touched: set[str] | None = set()
         """Ids of the instances placed or removed since :meth:`prepared` last delivered a view; None when
         every instance may have changed (the networks changed, which checks each one again)."""
+        self._texts: dict[str, bytes] = {}
+        """The texts of the instances of ``_touched`` still present (once a view has been delivered:
+        they are what :class:`InstanceChanges` reports)."""
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -216,17 +240,18 @@ class Keyspace:
         finally:
             self._bulk = False
             self.order = sorted(self.instances)
-            self.parts = [self.instances[instance_id] for instance_id in self.order]
-            self.values = [part.value for part in self.parts]
+            held = self.instances
+            self.values = [held[instance_id] for instance_id in self.order]
 
     # -- the view -----------------------------------------------------------------------------
 
     def view(self) -> tuple[View, Callable[[], bytes]]:
         """The view the keys make now, and a function giving it as an ``edge-view/1`` document.
 
-        The document is made of the parts' last good texts when the function is called
-        (O(view), in another thread if need be): later changes to the keys do not alter it.
-        Raises ViewInvalid when a part every view needs is missing.
+        The document is made when the function is called (O(view), in another thread if need
+        be), of the cloud's and networks' last good texts and the view's instances encoded
+        again: later changes to the keys do not alter it.  Raises ViewInvalid when a part
+        every view needs is missing.
         """
         if not self.changed and self._view is not None:
             return self._view
@@ -235,15 +260,15 @@ class Keyspace:
         serial = self.serial
         cloud = self.cloud
         networks = [self.networks[key] for key in sorted(self.networks)]
-        parts = self.parts.copy()
+        instances = tuple(self.values)
         view = View(serial=serial, generated=None, cloud=cloud.value if cloud is not None else Cloud(),
-                    networks=tuple([part.value for part in networks]), instances=tuple(self.values))
+                    networks=tuple([part.value for part in networks]), instances=instances)
 
         def document() -> bytes:
             return b"".join((b'{"format":', json.dumps(FORMAT).encode(), b',"serial":', str(serial).encode(),
                              b',"cloud":', cloud.text if cloud is not None else b"{}",
                              b',"networks":[', b",".join([part.text for part in networks]),
-                             b'],"instances":[', b",".join([part.text for part in parts]), b"]}"))
+                             b'],"instances":[', b",".join([instance_json(i) for i in instances]), b"]}"))
 
         self._view = (view, document)
         self.changed = False
@@ -259,13 +284,14 @@ class Keyspace:
         changes = None
         touched, base = self._touched, self._delivered
         if touched is not None and base is not None:
-            present = self.instances
-            upserted = [present[i] for i in sorted(touched) if i in present]
+            present, texts = self.instances, self._texts
+            upserted = [i for i in sorted(touched) if i in present]
             removed = tuple(sorted(i for i in touched if i not in present))
-            changes = InstanceChanges(base, tuple([part.value for part in upserted]),
-                                      tuple([part.text for part in upserted]), removed)
+            changes = InstanceChanges(base, tuple([present[i] for i in upserted]),
+                                      tuple([texts.get(i) or instance_json(present[i]) for i in upserted]), removed)
         self._delivered = view
         self._touched = set()
+        self._texts = {}
         return PreparedView(view, document, incremental, changes)
 
     # -- each part ----------------------------------------------------------------------------
@@ -302,36 +328,36 @@ class Keyspace:
             self._networks_changed()
 
     def _put_instance(self, instance_id: str, text: bytes) -> None:
-        self._place(instance_id, _Part(text, self._instance(instance_id, text)))
+        self._place(self._instance(instance_id, text), text)
 
-    def _place(self, instance_id: str, part: _Part) -> None:
+    def _place(self, instance: Instance, text: bytes | None) -> None:
+        """Hold ``instance`` (its id: the key's, checked) from now on; ``text`` is what it arrived as."""
+        instance_id = instance.id  # the instance's own string: no second copy of each id
+        touched = self._touched
+        if touched is not None:
+            touched.add(instance_id)
+            if self._delivered is not None and text is not None:
+                self._texts[instance_id] = text
         if self._bulk:
-            self.instances[instance_id] = part  # ordered once, at the end of the fresh read
-            if self._touched is not None:
-                self._touched.add(instance_id)
+            self.instances[instance_id] = instance  # ordered once, at the end of the fresh read
             return
         index = bisect.bisect_left(self.order, instance_id)
         if instance_id in self.instances:
-            self.parts[index] = part
-            self.values[index] = part.value
+            self.values[index] = instance
         else:
             self.order.insert(index, instance_id)
-            self.parts.insert(index, part)
-            self.values.insert(index, part.value)
-        self.instances[instance_id] = part
-        if self._touched is not None:
-            self._touched.add(instance_id)
+            self.values.insert(index, instance)
+        self.instances[instance_id] = instance
 
     def _remove(self, instance_id: str) -> None:
-        if self._bulk:
-            del self.instances[instance_id]
-            if self._touched is not None:
-                self._touched.add(instance_id)
-            return
-        index = bisect.bisect_left(self.order, instance_id)
-        del self.order[index], self.parts[index], self.values[index], self.instances[instance_id]
         if self._touched is not None:
             self._touched.add(instance_id)
+            self._texts.pop(instance_id, None)
+        if self._bulk:
+            del self.instances[instance_id]
+            return
+        index = bisect.bisect_left(self.order, instance_id)
+        del self.order[index], self.values[index], self.instances[instance_id]
 
     def _instance(self, instance_id: str, text: bytes) -> Instance:
         cidrs = self._cidrs
@@ -357,13 +383,14 @@ class Keyspace:
         self._cidrs = None
         self._touched = None  # every instance is checked (and placed) again
         for instance_id in list(self.order):
-            part = self.instances[instance_id]
+            # Checked again from its text, encoded anew from the value (which it parses back to).
+            text = instance_json(self.instances[instance_id])
             try:
-                self._place(instance_id, _Part(part.text, self._instance(instance_id, part.text)))
+                self._place(self._instance(instance_id, text), None)
             except _Refused as refused:
                 name = INSTANCES + instance_id
                 self._remove(instance_id)
-                self.refused_instances[instance_id] = part.text
+                self.refused_instances[instance_id] = text
                 self._refuse(name, f"no longer valid with the networks now in the view: {refused}")
         for instance_id, text in list(self.refused_instances.items()):
             try:
@@ -372,7 +399,7 @@ class Keyspace:
                 continue  # still refused, as logged when it arrived
             del self.refused_instances[instance_id]
             self.rejected.pop(INSTANCES + instance_id, None)
-            self._place(instance_id, _Part(text, instance))
+            self._place(instance, text)
 
 
 class _Refused(Exception):
