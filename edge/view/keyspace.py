@@ -99,9 +99,11 @@ def instance_json(instance: Instance) -> bytes:
     from them and fails at import when one is missing), except the two mappings the model keeps
     as pairs.
     """
-    as_wire = msgspec.structs.replace(
-        instance, tags=dict(instance.tags), block_devices=dict(instance.block_devices))
-    return _ENCODER.encode(as_wire)
+    return _ENCODER.encode(_as_wire(instance))
+
+
+def _as_wire(instance: Instance) -> Instance:
+    return msgspec.structs.replace(instance, tags=dict(instance.tags), block_devices=dict(instance.block_devices))
 
 
 class Keyspace:
@@ -268,7 +270,8 @@ class Keyspace:
             return b"".join((b'{"format":', json.dumps(FORMAT).encode(), b',"serial":', str(serial).encode(),
                              b',"cloud":', cloud.text if cloud is not None else b"{}",
                              b',"networks":[', b",".join([part.text for part in networks]),
-                             b'],"instances":[', b",".join([instance_json(i) for i in instances]), b"]}"))
+                             # One array in one call: no small text per instance left to fragment the heap.
+                             b'],"instances":', _ENCODER.encode([_as_wire(i) for i in instances]), b"}"))
 
         self._view = (view, document)
         self.changed = False
