@@ -35,6 +35,9 @@ bytes of the state directory's files and how many of them the page cache holds
 (``fincore``): a file every process maps is held once by the kernel, and its
 pages that no process touched are in no process's PSS.
 
+``--set KEY=VALUE`` gives every gateway another configuration key (answer cache
+sizes, for one), to tell what the memory after a sweep is made of.
+
 Then, with the generated view served, it changes one instance's ``Name`` tag
 (as ``bench.view_propagation`` does; a new serial that the gateways build as a
 delta) while keep-alive connections from that instance's address, held by every
@@ -318,7 +321,8 @@ def write_config(path: Path, *, workers: int, source: str, state_dir: Path, meta
         f"[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nshutdown_delay = 0\nshutdown_grace = 2\n")
 
 
-def start_gateway(label: str, workers: int, source: str, workdir: Path, shared_view: bool | None) -> Gateway:
+def start_gateway(label: str, workers: int, source: str, workdir: Path, shared_view: bool | None,
+                  settings: dict[str, str] | None = None) -> Gateway:
     directory = workdir / label
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -327,8 +331,9 @@ def start_gateway(label: str, workers: int, source: str, workdir: Path, shared_v
     write_config(config, workers=workers, source=source, state_dir=directory / "state", metadata_port=metadata,
                  dns_port=dns, admin_port=admin, shared_view=shared_view)
     log_path = directory / "edge.log"
-    # The gateway's configuration is its file alone: no EDGE_* variable of the caller's leaks in.
+    # The gateway's configuration is its file and ``--set`` alone: no EDGE_* variable of the caller's leaks in.
     env = {name: value for name, value in os.environ.items() if not name.startswith("EDGE_")}
+    env.update({"EDGE_" + key.upper().replace(".", "_"): value for key, value in (settings or {}).items()})
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "edge", "serve", "--config", str(config),
                                     "--log-level", "warning"], env=env, stdout=log, stderr=log)
@@ -569,7 +574,7 @@ def configurations(worker_counts: list[int], known: bool) -> list[tuple[int, boo
 
 
 def measure_demo(workers: int, shared_view: bool | None, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    gateway = start_gateway(f"demo-{workers}-{shared_view}", workers, "demo", workdir, shared_view)
+    gateway = start_gateway(f"demo-{workers}-{shared_view}", workers, "demo", workdir, shared_view, args.settings)
     try:
         ready = gateway.wait_ready(1, args.start_timeout)
         probe = asyncio.run(exercise(gateway, list(DEMO_ADDRESSES), _connections(args, workers)))
@@ -585,7 +590,8 @@ def measure_view(workers: int, shared_view: bool | None, parts: ViewParts, chang
     old_name = parts.records[change.index]["tags"]["Name"]
     _write_atomically(view_path, parts.document(1))
     addresses = _probe_addresses(parts, _connections(args, workers))
-    gateway = start_gateway(f"view-{workers}-{shared_view}", workers, str(view_path), workdir, shared_view)
+    gateway = start_gateway(f"view-{workers}-{shared_view}", workers, str(view_path), workdir, shared_view,
+                            args.settings)
     try:
         ready = gateway.wait_ready(1, args.start_timeout)
         probe = asyncio.run(exercise(gateway, addresses, _connections(args, workers)))
@@ -656,7 +662,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     try:
         report: dict[str, Any] = {"instances": args.instances, "workers": worker_counts, "cpus": os.cpu_count(),
-                                  "shared_view_key": known, "load_average_start": load_average(), "runs": []}
+                                  "shared_view_key": known, "settings": args.settings,
+                                  "load_average_start": load_average(), "runs": []}
         parts = ViewParts.generate(args.instances)
         report["document_bytes"] = len(parts.document(1))
         change = plan_changes(parts, 1)[0]
@@ -686,7 +693,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"gateway memory against the worker count: {report['instances']:,} instances "
              f"(document {_mb(report['document_bytes'])}), view.shared_view "
              f"{'known' if report['shared_view_key'] else 'not in this edge (left out)'}; "
-             f"load average {report['load_average_start']} -> {report['load_average_end']} on {report['cpus']} cpus",
+             + "".join(f"{key} = {value}; " for key, value in report["settings"].items())
+             + f"load average {report['load_average_start']} -> {report['load_average_end']} on {report['cpus']} cpus",
              "",
              "| workers | shared_view | total PSS | demo baseline | above baseline | copies of the view | "
              + ("after the sweep: total / copies | " if swept else "")
@@ -746,8 +754,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-timeout", type=float, default=60.0,
                         help="seconds after the change for every connection to answer the new tag")
     parser.add_argument("--stop-timeout", type=float, default=20.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another configuration key for every gateway (dotted, as `edge config keys` lists "
+                             "it; passed as its EDGE_* variable); repeatable")
     parser.add_argument("--json", type=Path, help="also write the raw report here")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.set):
+        parser.error("--set: KEY=VALUE")
+    args.settings = dict(item.split("=", 1) for item in args.set)
     counts = [w for w in args.workers.split(",") if w.strip()]
     if not counts or any(not w.strip().isdigit() or int(w) < 1 for w in counts) or "1" not in [w.strip() for w in counts]:
         parser.error("--workers: positive counts, comma separated, including 1 (one copy is measured there)")

@@ -52,12 +52,14 @@ def _check_probe(probe: dict, workers: int) -> None:
 def test_every_process_measured_every_worker_asked_and_the_swap_atomic(tmp_path, capsys) -> None:
     report_path = tmp_path / "report.json"
     status = view_workers.main(["--instances", "200", "--workers", "1,2", "--settle", "0.2", "--sweep", "100",
+                                "--set", "dns.answer_memo_size=5000",
                                 "--start-timeout", "120", "--served-timeout", "30", "--json", str(report_path)])
     printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
 
     assert status == 0, printed
     assert report["instances"] == 200 and report["workers"] == [1, 2]
+    assert report["settings"] == {"dns.answer_memo_size": "5000"}
     known = _shared_view_listed()
     assert report["shared_view_key"] is known
     expected = [(1, None), (2, True), (2, False)] if known else [(1, None), (2, None)]
