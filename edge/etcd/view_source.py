@@ -368,7 +368,7 @@ class EtcdKeyspaceSource(ViewSource):
             self.revision = self._watch_revision = 0
             self._read_everything()
             return
-        if revision == self.revision and count == len(self.keyspace.keys):
+        if revision == self.revision and count == self.keyspace.key_count:
             return
         kvs: list[KeyValue] = []
         count = -1
@@ -384,7 +384,7 @@ class EtcdKeyspaceSource(ViewSource):
         self.revision = max(self.revision, revision)
         if kvs and self._watch is not None and awaiting is None:
             self._awaiting_watch = (max(kv.mod_revision for kv in kvs), time.monotonic())
-        if count != len(self.keyspace.keys):
+        if count != self.keyspace.key_count:
             # Keys were deleted and the watch has not said so: only a full read finds which.
             self._read_everything()
 

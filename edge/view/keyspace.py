@@ -112,7 +112,10 @@ class Keyspace:
     def __init__(self, where: str) -> None:
         self.where = where
         self.keys: dict[str, int] = {}
-        """Every key name present (good, bad or unknown) -> its mod revision: compared with the store's count."""
+        """Every key name present but the instances' (good, bad or unknown) -> its mod revision."""
+        self.instance_keys: dict[str, int] = {}
+        """Instance id -> the mod revision of its key ``instances/ID`` (good or bad); kept by id, under the
+        instance's own string once it is held, rather than one more string per instance."""
         self.serial: int | None = None
         self.cloud: _Part | None = None
         self.networks: dict[str, _Part] = {}
@@ -148,10 +151,24 @@ class Keyspace:
         """The texts of the instances of ``_touched`` still present (once a view has been delivered:
         they are what :class:`InstanceChanges` reports)."""
 
+    @property
+    def key_count(self) -> int:
+        """Keys present (good, bad or unknown): compared with the store's count."""
+        return len(self.keys) + len(self.instance_keys)
+
+    def revision_of(self, name: str) -> int | None:
+        """The mod revision of the key ``name`` held (None: not held)."""
+        if name.startswith(INSTANCES) and len(name) > len(INSTANCES):
+            return self.instance_keys.get(name[len(INSTANCES):])
+        return self.keys.get(name)
+
     # -- changes ------------------------------------------------------------------------------
 
     def put(self, name: str, text: bytes, revision: int) -> None:
-        self.keys[name] = revision
+        if name.startswith(INSTANCES) and len(name) > len(INSTANCES):
+            self.instance_keys[name[len(INSTANCES):]] = revision
+        else:
+            self.keys[name] = revision
         self.changed = True
         try:
             if name == SERIAL:
@@ -178,7 +195,10 @@ class Keyspace:
             self.refused_instances.pop(name[len(INSTANCES):], None)
 
     def delete(self, name: str) -> None:
-        if self.keys.pop(name, None) is None:
+        if name.startswith(INSTANCES) and len(name) > len(INSTANCES):
+            if self.instance_keys.pop(name[len(INSTANCES):], None) is None:
+                return
+        elif self.keys.pop(name, None) is None:
             return
         self.changed = True
         self.rejected.pop(name, None)
@@ -231,13 +251,16 @@ class Keyspace:
             for name, text, revision in items:
                 if not name.startswith(NETWORKS):
                     seen.add(name)
-                    if self.keys.get(name) != revision:
+                    if self.revision_of(name) != revision:
                         self.put(name, text, revision)
+            revision_of = self.revision_of
             for name, text, revision in instances:
                 seen.add(name)
-                if self.keys.get(name) != revision:
+                if revision_of(name) != revision:
                     self.put(name, text, revision)
-            for name in [name for name in self.keys if name not in seen]:
+            gone = [name for name in self.keys if name not in seen]
+            gone += [name for name in map(INSTANCES.__add__, self.instance_keys) if name not in seen]
+            for name in gone:
                 self.delete(name)
         finally:
             self._bulk = False
@@ -336,6 +359,10 @@ class Keyspace:
     def _place(self, instance: Instance, text: bytes | None) -> None:
         """Hold ``instance`` (its id: the key's, checked) from now on; ``text`` is what it arrived as."""
         instance_id = instance.id  # the instance's own string: no second copy of each id
+        revisions = self.instance_keys
+        revision = revisions.pop(instance_id, None)
+        if revision is not None:
+            revisions[instance_id] = revision  # now under the instance's string (a dict keeps a key's first)
         touched = self._touched
         if touched is not None:
             touched.add(instance_id)

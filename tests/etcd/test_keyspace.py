@@ -529,7 +529,7 @@ def test_a_full_read_is_paged_by_size_at_one_revision_and_fits_the_answer_cap(et
         assert sum(len(e.response.get("kvs", ())) for e in served) == 60
         assert int(instance_pages[0].request["limit"]) > int(instance_pages[-1].request["limit"])
         # Every key was read once: the serial, the cloud, the network and the 60 instances.
-        assert source.keyspace.problems == 0 and len(source.keyspace.keys) == 63
+        assert source.keyspace.problems == 0 and source.keyspace.key_count == 63
     finally:
         source.close()
         proxy.close()

@@ -65,6 +65,10 @@ def test_the_mirror_keeps_no_instance_text_beyond_the_changes_not_yet_handed_on(
     held = _reachable(keyspace)
     assert not [o for o in held if isinstance(o, bytes) and o in texts]
     assert any(isinstance(o, bytes) and o == items[0][1] for o in held), "the networks' texts are kept"
+    # Each instance's id is one string, whether it names the instance's key, value or place in the order.
+    assert keyspace.key_count == len(items)
+    assert {id(k) for k in keyspace.instance_keys} == {id(i.id) for i in first.view.instances} \
+        == {id(k) for k in keyspace.order}
     # A change: its text is kept until the view with it is handed on (a journal record is made of it),
     # exactly as it arrived; then it is dropped too.
     changed = dict(document["instances"][4], instance_type="m9.huge")
