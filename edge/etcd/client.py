@@ -53,7 +53,9 @@ PAGE_BYTES = 8 * 1024 * 1024
 left in the range for each page (1,000-key pages of a 100k-key range cost it more than the values), and
 it answers 8 MB in about a tenth of a second; far inside any answer cap and etcd's own limits."""
 FIRST_PAGE_KEYS = 1000
-"""Keys of a range's first page, before the size of its keys is known."""
+"""Most keys of a range's first page, before the size of its keys is known."""
+ASSUMED_KEY_BYTES = 1024
+"""What a key and its value are taken to weigh until a page says (a view's instance is one to a few KB)."""
 MAX_PAGE_KEYS = 50_000
 MAX_WATCH_MESSAGE = 64 * 1024 * 1024
 """Longest line of a watch stream kept in memory (one message; etcd splits large batches)."""
@@ -292,7 +294,7 @@ class EtcdClient:
         yielded, empty when the range is.
         """
         target = max(1, min(page_bytes, self.max_value // 2))
-        limit = FIRST_PAGE_KEYS
+        limit = max(1, min(FIRST_PAGE_KEYS, target // ASSUMED_KEY_BYTES))
         while True:
             try:
                 page = self.range_page(start, end, limit, revision, min_mod_revision)

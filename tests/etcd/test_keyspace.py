@@ -533,3 +533,33 @@ def test_a_full_read_is_paged_by_size_at_one_revision_and_fits_the_answer_cap(et
     finally:
         source.close()
         proxy.close()
+
+
+def test_a_read_whose_revision_is_compacted_between_pages_starts_again(etcd) -> None:
+    document = generate_view(instances=120, networks=2, serial=1)
+    publish(encode(document), publisher(etcd.endpoint))
+    source = keyspace_source(etcd.endpoint)
+    source.page_bytes = 20_000  # about 15 instances a page
+    original = source.client.range_page
+    calls: list[int] = []
+
+    def compacting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 4:
+            # Between two pages of the instances: a publication moves the cluster on, and the
+            # revision the read is pinned to is compacted away.
+            changed = dict(document["instances"][100], instance_type="m7.compacted")
+            etcd.put(PREFIX + "instances/" + changed["id"], json.dumps(changed))
+            revision = etcd.put(PREFIX + "serial", "2")
+            etcd.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return original(*args, **kwargs)
+
+    source.client.range_page = compacting  # type: ignore[method-assign]
+    try:
+        prepared = fetch(source)
+        assert prepared is not None and prepared.view.serial == 2 and len(prepared.view.instances) == 120
+        changed_id = document["instances"][100]["id"]
+        assert [i.instance_type for i in prepared.view.instances if i.id == changed_id] == ["m7.compacted"]
+        assert source.full_reads == 1 and source.keyspace.problems == 0 and len(calls) > 8
+    finally:
+        source.close()
