@@ -154,12 +154,10 @@ class _Compressor:
             if zdict else zlib.compressobj(1, zlib.DEFLATED, -ZDICT_WINDOW_BITS, 5)
 
     @classmethod
-    def sampled(cls, encoded: Sequence[bytes]) -> _Compressor:
-        if not encoded:
-            return cls(b"")
-        step = max(1, len(encoded) // ZDICT_SAMPLES)
-        # zlib prefers the most common strings last; the samples are alike, any order does.
-        return cls(b"".join(encoded[::step])[-ZDICT_SIZE:])
+    def sampled(cls, samples: Sequence[bytes]) -> _Compressor:
+        """A dictionary from encoded values spread over the index (zlib prefers the most common strings
+        last; the samples are alike, any order does)."""
+        return cls(b"".join(samples)[-ZDICT_SIZE:])
 
     def compress(self, data: bytes) -> bytes:
         deflate = self._primed.copy()
@@ -294,10 +292,14 @@ class SharedViewWriter:
         db = self.dbs[name]
         txn.drop(db, delete=False)
         if name in ("instances", "names"):
-            encoded = [(_key_bytes(name, key), _encoder.encode(value)) for key, value in index.items()]
-            compressor = self._compressors[name] = _Compressor.sampled([value for _, value in encoded])
+            # The samples first, then each value encoded and compressed in one go: never every encoded
+            # value at once (100k instances are 110 MB encoded, and the allocator keeps such peaks).
+            step = max(1, len(index) // ZDICT_SAMPLES)
+            samples = [_encoder.encode(value) for position, value in enumerate(index.values()) if position % step == 0]
+            compressor = self._compressors[name] = _Compressor.sampled(samples)
             txn.put(f"zdict:{name}".encode(), compressor.zdict, db=self.head_db)
-            rows = [(key, compressor.compress(value)) for key, value in encoded]
+            compress, encode = compressor.compress, _encoder.encode
+            rows = [(_key_bytes(name, key), compress(encode(value))) for key, value in index.items()]
         else:
             rows = [(_key_bytes(name, key), self._encode(name, value)) for key, value in index.items()]
         rows.sort()
