@@ -5,9 +5,15 @@ dictionary lookups: no path parsing, JSON encoding or formatting.  The memo is
 bounded (it is dropped whole when full, then refilled by what is asked for)
 and keyed by snapshot generation, so a swap invalidates it.  Each instance's rendered responses are one table (:meth:`Renderer.answers_of`),
 which a connection may hold to answer a plain GET with one lookup.
+
+The tree an answer is rendered from is kept for the instances asked most recently only
+(:data:`TREES_KEPT`): a booting instance asks for a few dozen paths within seconds, and a
+tree holds every value of its instance (some kilobytes), which the rendered answers do not.
 """
 
 from __future__ import annotations
+
+from cachetools import LRUCache
 
 from edge.metadata import responses
 from edge.metadata.identity import IdentitySigner
@@ -28,6 +34,11 @@ from edge.view.snapshot import Snapshot
 
 Answer = Response | CredentialsLeaf
 
+TREES_KEPT = 1024
+"""Instances whose rendered trees are kept (per process): more than boot at once on one gateway worker.
+A tree is about 12 KB (measured over the bench's generated instances) and takes about 100 us to render
+again; kept for every instance that ever asked, trees were most of what answering added to a process."""
+
 _ROOT = responses.text(VERSION_LISTING)
 _MISSING = CredentialsLeaf("")
 """Memoized "no such path" (404s are asked for repeatedly too: probes of absent items)."""
@@ -44,7 +55,7 @@ class Renderer:
         self._others: dict[str, dict[bytes, CredentialsLeaf]] = {}
         """instance id -> raw target -> what is not a rendered response: a credentials leaf, or _MISSING
         for a 404.  Both tables are read and written by :meth:`lookup` only."""
-        self._trees: dict[str, Directory] = {}
+        self._trees: LRUCache[str, Directory] = LRUCache(TREES_KEPT)
         self._shared: dict[tuple[bool, bytes], Response] = {}
         """One Response per distinct body: most leaves (region, "[]", listings) repeat across instances."""
         self._entries = 0
@@ -91,7 +102,7 @@ class Renderer:
         self._generation = generation
         self._answers = {}
         self._others = {}
-        self._trees = {}
+        self._trees = LRUCache(TREES_KEPT)
         self._shared = {}
         self._entries = 0
 

@@ -73,3 +73,23 @@ def test_split_path():
     assert split_path(b"HTTP://169.254.169.254") == []
     for bad in (b"latest", b"*", b"/latest/../x", b"/latest/%2e%2e/x", b"/\xff"):
         assert split_path(bad) is None
+
+
+def test_rendered_trees_are_kept_for_the_instances_asked_last(tmp_path, monkeypatch):
+    import edge.metadata.render as render
+
+    monkeypatch.setattr(render, "TREES_KEPT", 2)
+    renderer = Renderer(ensure_signer(tmp_path), max_entries=1000)
+    snapshot = snapshot_of(demo())
+    instances = [snapshot.instances[i] for i in sorted(snapshot.instances)]
+    assert len(instances) >= 3
+    for instance in instances:
+        renderer.lookup(snapshot, instance, b"/latest/meta-data/instance-id")
+    # Two trees kept, whatever the number of instances asked; every answer stays rendered.
+    assert sorted(renderer._trees) == sorted(i.id for i in instances[-2:])
+    first = instances[0]
+    assert renderer.lookup(snapshot, first, b"/latest/meta-data/instance-id").body == first.id.encode()  # type: ignore[union-attr]
+    # A path not rendered yet for an instance whose tree went is rendered from a new tree.
+    answer = renderer.lookup(snapshot, first, b"/latest/meta-data/local-ipv4")
+    assert isinstance(answer, Response) and answer.body == first.primary_interface.primary_ip.encode()
+    assert first.id in renderer._trees and len(renderer._trees) == 2
