@@ -413,13 +413,13 @@ class Poller:
         previous_memo = [self._memo] if self._memo is not None else []
         self._memo = pending if pending is not None and pending.generation == snapshot.generation else None
         loop = asyncio.get_running_loop()
+        replaced_by_delta = self._memo is not None and self._memo.delta
         if holder:
-            task = loop.create_task(asyncio.to_thread(release_gradually, holder, self._memo is not None
-                                                      and self._memo.delta))
+            task = loop.create_task(asyncio.to_thread(release_gradually, holder, replaced_by_delta))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
         if previous_memo:
-            memo_release = loop.create_task(asyncio.to_thread(release_memo, previous_memo))
+            memo_release = loop.create_task(asyncio.to_thread(release_memo, previous_memo, replaced_by_delta))
             self._releases.add(memo_release)
             memo_release.add_done_callback(self._releases.discard)
 

@@ -488,6 +488,46 @@ def test_delta_survives_release_of_the_replaced_snapshot() -> None:
     _assert_same(store.current, build_snapshot(decode_view(_encode(document, None))))
 
 
+def test_a_snapshot_replaced_by_a_delta_frees_what_it_alone_held_and_leaves_its_shards_to_the_next() -> None:
+    """Replaced by a delta, a snapshot's shards are the next one's: they are dropped, not emptied; its
+    protocol data (a DNS answer memo filled while it served) is emptied."""
+    from edge.dns.zonedata import EXTRAS_KEY, make_preparer
+
+    views = Views(random.Random(5))
+    document = views.document(60)
+    source = MemorySource()
+    store = ViewStore("memory")
+    poller = Poller(ViewConfig(state_dir="/nonexistent"), source, store, None, [make_preparer()])
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        source.pending = _encode(document, None)
+        await poller.poll_once()
+        replaced = store.current
+        assert replaced is not None
+        data = replaced.extras[EXTRAS_KEY]
+        data.memo_for("")[b"question"] = "rendered"
+        memo = data.memo
+        shards = list(replaced.instances.shards)
+        document["serial"] = 2
+        document["instances"][7]["tags"] = {"Name": "changed"}
+        source.pending = _encode(document, None)
+        await poller.poll_once()
+        assert poller.last_build_was_delta
+        del replaced
+        while poller._releases:
+            assert True in await asyncio.gather(*list(poller._releases))
+        return memo, shards
+
+    memo, shards = uvloop.run(scenario())
+    assert memo == {}
+    # Shared with the served snapshot, whole: untouched shards are the very same dictionaries.
+    served = store.current
+    assert served is not None
+    assert sum(1 for old, new in zip(shards, served.instances.shards) if old is new) >= len(shards) - 1
+    assert all(shard for shard in shards)
+    _assert_same(served, build_snapshot(decode_view(_encode(document, None))))
+
+
 @pytest.mark.parametrize("text", [b"{not json", b'{"format": "edge-view/1", "serial": 3, "instances": [}', b"[1, 2]",
                                   b'{"format": "edge-view/1", "serial": 3, "instances": {}}', b"\xff\xfe"])
 def test_broken_documents_after_a_served_view_are_reported_as_without_one(text: bytes) -> None:
