@@ -20,8 +20,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar, cast
 
 from edge.config import ViewConfig
 from edge.errors import SourceError, ViewInvalid, ViewTooLarge
@@ -125,19 +125,19 @@ core) while this process parses one, and at most this many wait in memory."""
 _Item = TypeVar("_Item")
 
 
-def read_ahead(produce: Iterator[_Item], depth: int) -> Iterator[_Item]:
+def read_ahead(produce: Iterator[_Item], depth: int) -> Generator[_Item, None, None]:
     """The items of ``produce``, made in a thread of their own up to ``depth`` ahead of the caller.
 
     An exception ``produce`` raises is raised here, in its place; closing this iterator (or
     leaving the loop over it) stops the thread at its next item.
     """
-    slots: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+    slots: queue.Queue[tuple[bool, _Item | None, BaseException | None]] = queue.Queue(depth)
     stop = threading.Event()
 
-    def offer(last: bool, item: object) -> bool:
+    def offer(last: bool, item: _Item | None, error: BaseException | None = None) -> bool:
         while not stop.is_set():
             try:
-                slots.put((last, item), timeout=0.1)
+                slots.put((last, item, error), timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -149,7 +149,7 @@ def read_ahead(produce: Iterator[_Item], depth: int) -> Iterator[_Item]:
                 if not offer(False, item):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
-            offer(True, exc)
+            offer(True, None, exc)
             return
         finally:
             close = getattr(produce, "close", None)
@@ -160,12 +160,12 @@ def read_ahead(produce: Iterator[_Item], depth: int) -> Iterator[_Item]:
     threading.Thread(target=run, name="etcd-read-ahead", daemon=True).start()
     try:
         while True:
-            last, item = slots.get()
+            last, item, error = slots.get()
+            if error is not None:
+                raise error
             if last:
-                if item is not None:
-                    raise item  # type: ignore[misc]
                 return
-            yield item  # type: ignore[misc]
+            yield cast("_Item", item)
     finally:
         stop.set()
 
@@ -323,7 +323,7 @@ class EtcdKeyspaceSource(ViewSource):
             self.keyspace.reset(head, instances())
             return revision
         finally:
-            pages.close()  # type: ignore[attr-defined]
+            pages.close()
 
     def _pages(self) -> Iterator[tuple[bool, RangePage]]:
         """(is it the instances' range, page): the prefix in three ranges, all at the first one's revision."""

@@ -554,7 +554,7 @@ def test_a_read_whose_revision_is_compacted_between_pages_starts_again(etcd) -> 
             etcd.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
         return original(*args, **kwargs)
 
-    source.client.range_page = compacting  # type: ignore[method-assign]
+    source.client.range_page = compacting  # type: ignore[method-assign]  # wrapped for this client alone
     try:
         prepared = fetch(source)
         assert prepared is not None and prepared.view.serial == 2 and len(prepared.view.instances) == 120

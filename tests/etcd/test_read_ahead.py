@@ -41,6 +41,6 @@ def test_the_producer_runs_at_most_depth_ahead_and_stops_when_the_reader_does() 
     # One handed over, two waiting, one made and waiting for room: never the whole range.
     wait_until(lambda: len(made) >= 3)
     assert len(made) <= 4
-    items.close()  # type: ignore[attr-defined]
+    items.close()
     wait_until(finished.is_set)
     assert len(made) <= 5
