@@ -28,7 +28,6 @@ configuration (callers hand it what it needs).
 from __future__ import annotations
 
 import base64
-import binascii
 import http.client
 import json
 import socket
@@ -165,13 +164,14 @@ class KeyValue(msgspec.Struct, frozen=True, gc=False):
     """One key as the gateway sends it (base64 decoded by msgspec, in C; other members ignored)."""
 
     key: bytes
+    mod_revision: int
     value: bytes = b""
-    """Absent from the JSON when empty (protobuf's JSON mapping leaves out zero values)."""
-    mod_revision: int = 0
+    """Absent from the JSON when empty (protobuf's JSON mapping leaves out zero values), as in a deletion."""
 
 
 class _Header(msgspec.Struct):
     revision: int = 0
+    """Left out when 0, as in the header of a watch's compaction notice."""
 
 
 class _RangeAnswer(msgspec.Struct):
@@ -185,7 +185,26 @@ class _TxnAnswer(msgspec.Struct):
     header: _Header
 
 
+class _WatchEventAnswer(msgspec.Struct):
+    kv: KeyValue
+    type: str = "PUT"
+
+
+class _WatchResult(msgspec.Struct):
+    header: _Header
+    events: tuple[_WatchEventAnswer, ...] = ()
+    canceled: bool = False
+    cancel_reason: str = ""
+    compact_revision: int = 0
+
+
+class _WatchMessage(msgspec.Struct):
+    result: _WatchResult | None = None
+    error: Any = None
+
+
 _ANY_ANSWER = msgspec.json.Decoder()
+_WATCH_MESSAGE = msgspec.json.Decoder(_WatchMessage, strict=False)
 # The gateway writes 64-bit integers as strings ("783"): strict=False reads them as the ints they are.
 _RANGE_ANSWER = msgspec.json.Decoder(_RangeAnswer, strict=False)
 _TXN_ANSWER = msgspec.json.Decoder(_TxnAnswer, strict=False)
@@ -592,33 +611,21 @@ class Watch:
 
     def _message(self, line: bytes) -> tuple[int, list[WatchEvent]]:
         try:
-            message = json.loads(line)
-            if "error" in message:
-                raise _answer_error(200, message["error"] if isinstance(message["error"], dict) else message)
-            result = message["result"]
-            if result.get("compact_revision") not in (None, "0", 0):
-                raise EtcdCompacted(f"watch start revision compacted (now {result['compact_revision']})")
-            if result.get("canceled"):
-                raise EtcdError(f"watch canceled: {result.get('cancel_reason') or 'no reason given'}")
-            revision = int(result["header"]["revision"])
-            events = []
-            for item in result.get("events") or ():
-                kv = item["kv"]
-                if item.get("type") == "DELETE":
-                    events.append(WatchEvent(True, KeyValue(base64.b64decode(kv["key"], validate=True), b"",
-                                                            int(kv["mod_revision"]))))
-                else:
-                    events.append(WatchEvent(False, _kv(kv)))
-        except EtcdError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise EtcdError(f"malformed watch message: {exc!r}") from None
-        return revision, events
-
-
-def _kv(item: dict) -> KeyValue:
-    return KeyValue(base64.b64decode(item["key"], validate=True),
-                    base64.b64decode(item.get("value", ""), validate=True), int(item["mod_revision"]))
+            message = _WATCH_MESSAGE.decode(line)
+        except msgspec.DecodeError as exc:
+            raise EtcdError(f"malformed watch message: {exc}") from None
+        if message.error is not None:
+            error = message.error
+            raise _answer_error(200, error if isinstance(error, dict) else {"error": error})
+        result = message.result
+        if result is None:
+            raise EtcdError("malformed watch message: neither a result nor an error")
+        if result.compact_revision:
+            raise EtcdCompacted(f"watch start revision compacted (now {result.compact_revision})")
+        if result.canceled:
+            raise EtcdError(f"watch canceled: {result.cancel_reason or 'no reason given'}")
+        # A deletion's kv has the key and the deletion's revision, no value.
+        return result.header.revision, [WatchEvent(item.type == "DELETE", item.kv) for item in result.events]
 
 
 def _b64(data: bytes) -> str:
