@@ -107,9 +107,9 @@ class ViewConfig:
     shared_view: bool = True
     """With several workers, the supervisor writes the served view into ``served-view/`` in the state directory and
     every worker answers from that one memory-mapped copy; false: each worker builds and holds a copy of its own."""
-    shared_view_memo: int = 10000
+    shared_view_memo: int = 2048
     """With ``shared_view``: decoded entries each worker keeps per index (instances, addresses, names), so repeat
-    askers skip the decode (about 10 us); when full it starts over.  About 3.5 KB per instance asked."""
+    askers skip the decode (about 10 us); when full it starts over.  About 3.5 KB per instance kept."""
     max_view_age: float = 0.0
     """Readiness fails when the source has not confirmed the view for this many seconds (0: never)."""
     journal_compact_ratio: float = 0.25

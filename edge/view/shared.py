@@ -468,7 +468,7 @@ class SharedViewReader:
     """
 
     def __init__(self, directory: str, extra_types: Mapping[str, Any] | None = None,
-                 memo_entries: int = 10_000, env: lmdb.Environment | None = None) -> None:
+                 memo_entries: int = 2048, env: lmdb.Environment | None = None) -> None:
         self.directory = directory
         self.extra_types = dict(extra_types or {})
         self.memo_entries = memo_entries
