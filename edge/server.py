@@ -27,9 +27,9 @@ from edge.ratelimit import RateTables
 from edge.supervisor import (
     SupervisedRefresh,
     Supervisor,
+    SharedViewGrant,
     control_socket_from_env,
     rate_tables_from_env,
-    shared_view_reader,
 )
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
@@ -99,8 +99,11 @@ class Gateway(GatewayProcess):
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
                  metrics: Metrics | None = None, control: socket.socket | None = None,
-                 rate_tables: RateTables | None = None, plugged: Adapters | None = None) -> None:
+                 rate_tables: RateTables | None = None, plugged: Adapters | None = None,
+                 shared_view: SharedViewGrant | None = None) -> None:
         self.config = config
+        self.shared_view = shared_view
+        """A worker's: where its supervisor publishes the view (none, or an empty directory: the state file)."""
         self.adapters = plugged or adapters()
         self.reload_config = reload_config
         self.metrics = metrics or Metrics()
@@ -160,9 +163,9 @@ class Gateway(GatewayProcess):
             # A worker reads what its supervisor accepted: the shared view it published, or the state file
             # it wrote (never writing either).
             follower: Poller | SharedViewFollower
-            if config.view.shared_view:
-                follower = SharedViewFollower(shared_view_reader(config), self.store, preparers,
-                                              config.view.poll_interval)
+            if self.shared_view is not None and self.shared_view.directory:
+                follower = SharedViewFollower(self.shared_view.reader(config.view.shared_view_memo), self.store,
+                                              preparers, config.view.poll_interval)
             else:
                 follower = Poller(config.view, StateFollower(state, config.view.max_size), self.store, None,
                                   preparers, decode=make_decoder(config, self.adapters.formats))
@@ -273,6 +276,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
     """Run a gateway: one process, or a supervisor with ``config.workers`` workers."""
     control = control_socket_from_env()
     rate_tables = rate_tables_from_env()
+    shared_view = SharedViewGrant.from_env()
     if control is None:
         # Said first, so nobody finds keys and views in a home directory without having been told.
         event(log, logging.INFO, "edge starting", state_dir=config.view.state_dir,
@@ -291,7 +295,7 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None,
                                     plugged.token_keys)
             asyncio.run(supervisor.run())
         else:
-            gateway = Gateway(config, reload_config, Metrics(), control, rate_tables)
+            gateway = Gateway(config, reload_config, Metrics(), control, rate_tables, shared_view=shared_view)
             asyncio.run(gateway.run_until_signalled())
     except EdgeError as exc:
         event(log, logging.ERROR, "edge cannot start", error=str(exc))

@@ -39,6 +39,7 @@ aggregates every worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import mmap
 import os
@@ -76,6 +77,8 @@ POLL_DONE = b"P"
 FREEZE = b"F"
 WORKER_FD_ENV = "EDGE_INTERNAL_CONTROL_FD"
 RATE_TABLE_FD_ENV = {"metadata": "EDGE_INTERNAL_RATE_TABLE_FD", "dns": "EDGE_INTERNAL_DNS_RATE_TABLE_FD"}
+SHARED_VIEW_ENV = "EDGE_INTERNAL_SHARED_VIEW"
+"""Where the supervisor publishes the shared view, if it does (a :class:`SharedViewGrant`)."""
 """Protocol -> the variable naming the descriptor of its shared rate-limit table."""
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
@@ -203,6 +206,9 @@ class Supervisor(GatewayProcess):
         for protocol, fd in self.rate_table_fds.items():
             env[RATE_TABLE_FD_ENV[protocol]] = str(fd)
             passed.append(fd)
+        writer = self.shared_view
+        env[SHARED_VIEW_ENV] = SharedViewGrant(writer.directory if writer is not None else "",
+                                               tuple(writer.extra_indexes) if writer is not None else ()).encode()
         process = subprocess.Popen([sys.executable, "-m", "edge", *self.worker_argv], env=env,
                                    pass_fds=passed)
         theirs.close()
@@ -377,24 +383,27 @@ ExtraIndex = tuple[Callable[[Snapshot], Any], Any]
 """How the supervisor finds a protocol's index in a prepared snapshot, and the type a worker reads it as."""
 
 
-def shared_extra_indexes(config: Config) -> dict[str, ExtraIndex]:
-    """Protocol data published with the shared view, because deriving it means walking every name.
-
-    Written once here for both sides: the supervisor publishes each, workers read each back.
-    """
-    if not config.dns.listen:
-        return {}
+def shared_extra_indexes() -> dict[str, ExtraIndex]:
+    """Protocol data that can be published with the shared view, because deriving it means walking every
+    name.  Written once here for both sides: the supervisor publishes each, workers read each back."""
     from edge.dns.zonedata import WALKS_INDEX, WalkCount, dns_data
 
     return {WALKS_INDEX: (lambda snapshot: dns_data(snapshot).walks.counts, WalkCount)}
 
 
+def published_extra_indexes(config: Config) -> list[str]:
+    """The extra indexes a supervisor with ``config`` publishes: the DNS walks when it serves DNS."""
+    from edge.dns.zonedata import WALKS_INDEX
+
+    return [WALKS_INDEX] if config.dns.listen else []
+
+
 def shared_view_publisher(config: Config) -> tuple[list[Preparer], SharedViewWriter]:
     """The supervisor's preparers with a shared view: the DNS data (so its name walks are updated
     from the changed names alone), then the writer, last."""
-    extra = shared_extra_indexes(config)
+    known = shared_extra_indexes()
     writer = SharedViewWriter(shared_view_directory(config.view.state_dir),
-                              {name: find for name, (find, _) in extra.items()})
+                              {name: known[name][0] for name in published_extra_indexes(config)})
     preparers: list[Preparer] = []
     if config.dns.listen:
         from edge.dns.zonedata import make_preparer
@@ -403,11 +412,31 @@ def shared_view_publisher(config: Config) -> tuple[list[Preparer], SharedViewWri
     return [*preparers, writer], writer
 
 
-def shared_view_reader(config: Config) -> SharedViewReader:
-    """A worker's reader of what :func:`shared_view_publisher` writes."""
-    return SharedViewReader(shared_view_directory(config.view.state_dir),
-                            {name: kind for name, (_, kind) in shared_extra_indexes(config).items()},
-                            config.view.shared_view_memo)
+@dataclass(frozen=True, slots=True)
+class SharedViewGrant:
+    """What a supervisor tells each worker it starts about the shared view: the worker follows the
+    supervisor, not its own reading of the configuration, which may have changed on disk since."""
+
+    directory: str
+    """Empty: the supervisor publishes no shared view; follow the state file."""
+    extra_indexes: tuple[str, ...] = ()
+
+    def encode(self) -> str:
+        return json.dumps({"directory": self.directory, "extra_indexes": list(self.extra_indexes)})
+
+    @classmethod
+    def from_env(cls) -> SharedViewGrant | None:
+        text = os.environ.pop(SHARED_VIEW_ENV, None)
+        if text is None:
+            return None
+        found = json.loads(text)
+        return cls(found["directory"], tuple(found["extra_indexes"]))
+
+    def reader(self, memo_entries: int) -> SharedViewReader:
+        """A worker's reader of what :func:`shared_view_publisher` writes."""
+        known = shared_extra_indexes()
+        return SharedViewReader(self.directory, {name: known[name][1] for name in self.extra_indexes if name in known},
+                                memo_entries)
 
 
 def prepare_shared_secrets(config: Config, token_keys: TokenKeyProvider | None = None) -> None:

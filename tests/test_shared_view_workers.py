@@ -20,14 +20,15 @@ TAG_PATH = "/latest/meta-data/tags/instance/Name"
 
 
 class SharedGateway:
-    def __init__(self, tmp_path: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, settings: dict[str, str] | None = None, config: Path | None = None) -> None:
         self.view_path = tmp_path / "view.json"
         self.state = tmp_path / "state"
         self.metadata_port, self.dns_port = free_port(), free_port()
         self.log_path = tmp_path / "edge.log"
         self.log = open(self.log_path, "w")
         argv = serve_argv(self.state, workers=2, metadata_port=self.metadata_port, dns_port=self.dns_port,
-                          admin_port=free_port(), view=str(self.view_path), extra=("--poll-interval", "0.3"))
+                          admin_port=free_port(), view=str(self.view_path),
+                          extra=("--poll-interval", "0.3", *(("--config", str(config)) if config else ())))
         self.process = subprocess.Popen(argv, stderr=self.log, env={**os.environ, **(settings or {})},
                                         start_new_session=True)
 
@@ -130,5 +131,33 @@ def test_without_the_shared_view_each_worker_builds_its_own(tmp_path, document):
         assert {gateway.tag(address) for _ in range(10)} == {(200, b"first")}
         assert not (gateway.state / "served-view").exists()
         assert not any(maps_shared_file(pid, gateway.state) for pid in gateway.workers())
+    finally:
+        gateway.stop()
+
+
+def test_a_replacement_worker_follows_its_supervisor_not_a_configuration_changed_since(tmp_path, document):
+    """The configuration file says shared_view = false by the time a worker is replaced: the supervisor
+    still publishes the shared view (it read the file at start), and the replacement must read it too,
+    not wait for a state file it is not told about, nor build a copy of its own."""
+    config = tmp_path / "edge.toml"
+    config.write_text("[view]\nshared_view = true\n")
+    gateway = SharedGateway(tmp_path, config=config)
+    publish(gateway.view_path, document)
+    try:
+        wait_until(lambda: gateway.serving_workers() == 2, timeout=60)
+        config.write_text("[view]\nshared_view = false\n")
+        workers = gateway.workers()
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(gateway.workers()) == 2 and victim not in gateway.workers(), timeout=30)
+        wait_until(lambda: gateway.serving_workers() == 3, timeout=60)
+        replacement = (set(gateway.workers()) - set(workers)).pop()
+        wait_until(lambda: maps_shared_file(replacement, gateway.state), timeout=10)
+        address = document["instances"][5]["interfaces"][0]["private_ips"][0]
+        assert {gateway.tag(address) for _ in range(20)} == {(200, b"first")}
+        document["serial"] = 2
+        document["instances"][5]["tags"] = {"Name": "second"}
+        publish(gateway.view_path, document)
+        wait_until(lambda: {gateway.tag(address) for _ in range(20)} == {(200, b"second")}, timeout=30)
     finally:
         gateway.stop()
