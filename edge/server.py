@@ -33,7 +33,7 @@ from edge.supervisor import (
 )
 from edge.view.formats import ViewFormats, make_decoder
 from edge.view.poller import Poller
-from edge.view.shared import SharedViewFollower
+from edge.view.shared import SHARED_DIR, SharedViewFollower
 from edge.view.sources import SourceKinds, builtin_source_kinds, configured_source
 from edge.view.statefile import LAST_GOOD_NAME, StateFile, StateFollower
 from edge.view.store import ViewStore
@@ -268,6 +268,8 @@ def state_dir_contents(config: Config) -> list[str]:
         contents.append("a generated instance identity key and certificate (identity-key.pem, identity-cert.pem)")
     if config.workers > 1:
         contents.append("the workers' metrics (metrics/)")
+        if config.view.shared_view:
+            contents.append(f"the view the workers share ({SHARED_DIR}/)")
     return contents
 
 

@@ -244,3 +244,14 @@ def test_config_show_never_prints_a_secret() -> None:
     assert "hunter2-secret" not in result.stdout
     assert "# etcd_password is set (secret, not shown)" in result.stdout.splitlines()
     assert tomllib.loads(result.stdout)["view"]["etcd_username"] == "edge"
+
+
+def test_the_first_log_line_names_what_workers_add_to_the_state_directory() -> None:
+    from edge.config import Config, ViewConfig
+    from edge.server import state_dir_contents
+
+    one = " ".join(state_dir_contents(Config(workers=1)))
+    assert "metrics/" not in one and "served-view/" not in one
+    several = " ".join(state_dir_contents(Config(workers=2)))
+    assert "metrics/" in several and "served-view/" in several
+    assert "served-view/" not in " ".join(state_dir_contents(Config(workers=2, view=ViewConfig(shared_view=False))))
