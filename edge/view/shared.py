@@ -221,7 +221,6 @@ class SharedViewWriter:
         self.generation = 0
         self._published: dict[str, Mapping[Any, Any]] = {}
         self._compressors: dict[str, _Compressor] = {}
-        self.last: PublishStats | None = None
 
     def __call__(self, snapshot: Snapshot) -> None:
         self.publish(snapshot)
@@ -247,10 +246,8 @@ class SharedViewWriter:
                 self.env.set_mapsize(size)
         self._published = indexes
         self.env.reader_check()  # slots of workers that died holding a transaction, so their pages come back
-        stats = PublishStats(self.generation, written, tuple(n for n, keys in changed.items() if keys is None),
-                             time.perf_counter() - started)
-        self.last = stats
-        return stats
+        return PublishStats(self.generation, written, tuple(n for n, keys in changed.items() if keys is None),
+                            time.perf_counter() - started)
 
     def _write(self, snapshot: Snapshot, indexes: Mapping[str, Mapping[Any, Any]]
                ) -> tuple[dict[str, list[bytes] | None], int]:
@@ -510,17 +507,6 @@ class SharedViewReader:
 
     def _db(self, name: str) -> Any:
         return self._dbs[name]
-
-    def head_generation(self) -> tuple[str, int] | None:
-        """(epoch, generation) of the newest publication, or None when there is none yet."""
-        txn = self._begin()
-        if txn is None:
-            return None
-        try:
-            head = self._head(txn)
-            return None if head is None else (head.epoch, head.generation)
-        finally:
-            txn.abort()
 
     def _begin(self) -> lmdb.Transaction | None:
         env = self._open()
