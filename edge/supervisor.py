@@ -77,9 +77,9 @@ POLL_DONE = b"P"
 FREEZE = b"F"
 WORKER_FD_ENV = "EDGE_INTERNAL_CONTROL_FD"
 RATE_TABLE_FD_ENV = {"metadata": "EDGE_INTERNAL_RATE_TABLE_FD", "dns": "EDGE_INTERNAL_DNS_RATE_TABLE_FD"}
+"""Protocol -> the variable naming the descriptor of its shared rate-limit table."""
 SHARED_VIEW_ENV = "EDGE_INTERNAL_SHARED_VIEW"
 """Where the supervisor publishes the shared view, if it does (a :class:`SharedViewGrant`)."""
-"""Protocol -> the variable naming the descriptor of its shared rate-limit table."""
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0
