@@ -50,21 +50,18 @@ def release_gradually(holder: list[Snapshot], replaced_by_delta: bool = False) -
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    # What only this snapshot's protocol data holds (answer memos) is emptied in batches either way.
+    for value in list(snapshot.extras.values()):
+        _empty(value, shared_shards=replaced_by_delta)
+    snapshot.extras.clear()
     if replaced_by_delta:
         # The next snapshot holds all but the few values this change replaced: its instances, and every
         # shard of its indexes the change did not touch.  Dropping this one frees only those few, so
         # nothing here is worth walking (a walk over 100k instances and every shard cost 3-4 ms of CPU
-        # per change).  What only this snapshot's protocol data holds (answer memos) is still emptied
-        # in batches.
-        for value in list(snapshot.extras.values()):
-            _empty(value, shared_shards=True)
-        snapshot.extras.clear()
+        # per change).
         del snapshot
         return True
     instances = list(snapshot.view.instances)
-    for value in list(snapshot.extras.values()):
-        _empty(value)
-    snapshot.extras.clear()
     for index in (snapshot.names, snapshot.by_private, snapshot.by_public, snapshot.by_mac, snapshot.instances):
         _empty(index)
     del snapshot
